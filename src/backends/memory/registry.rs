@@ -1,0 +1,270 @@
+//! In-memory [`Registry`]: a map of tasks plus per-status and lease indexes kept in the same
+//! critical section as each compare-and-set.
+
+use std::collections::{BTreeSet, HashMap};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::model::{Expected, Task, TaskId, TaskState, TaskStatus};
+use crate::registry::{
+    check_transition, conflict, Registry, Retention, StatusCounts, TaskFilter, TaskPage,
+};
+
+type IndexKey = (i64, TaskId);
+
+#[derive(Default)]
+struct State {
+    tasks: HashMap<TaskId, Task>,
+    /// Per status (in [`TaskStatus::ALL`] order): (updated_at in µs, id).
+    by_status: [BTreeSet<IndexKey>; 6],
+    /// RUNNING tasks by lease end (µs).
+    leases: BTreeSet<IndexKey>,
+    dependents: HashMap<TaskId, Vec<TaskId>>,
+}
+
+fn slot(s: TaskStatus) -> usize {
+    TaskStatus::ALL.iter().position(|x| *x == s).expect("listed")
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+impl State {
+    fn index(&mut self, t: &Task) {
+        self.by_status[slot(t.state.status)].insert((micros(t.state.updated_at), t.task_id.clone()));
+        if t.state.status == TaskStatus::Running {
+            let until = t.state.lease_until.map(micros).unwrap_or(i64::MIN);
+            self.leases.insert((until, t.task_id.clone()));
+        }
+    }
+
+    fn unindex(&mut self, t: &Task) {
+        self.by_status[slot(t.state.status)].remove(&(micros(t.state.updated_at), t.task_id.clone()));
+        if t.state.status == TaskStatus::Running {
+            let until = t.state.lease_until.map(micros).unwrap_or(i64::MIN);
+            self.leases.remove(&(until, t.task_id.clone()));
+        }
+    }
+
+    fn remove(&mut self, id: &TaskId) {
+        if let Some(t) = self.tasks.remove(id) {
+            self.unindex(&t);
+            for p in &t.depends_on {
+                if let Some(children) = self.dependents.get_mut(p) {
+                    children.retain(|c| c != id);
+                    if children.is_empty() {
+                        self.dependents.remove(p);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The in-memory registry.
+#[derive(Default)]
+pub struct MemoryRegistry {
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for MemoryRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryRegistry")
+            .field("tasks", &self.state.lock().tasks.len())
+            .finish()
+    }
+}
+
+impl MemoryRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn encode_cursor(status: usize, key: &IndexKey) -> String {
+    format!("{status}|{}|{}", key.0, key.1)
+}
+
+fn decode_cursor(c: &str) -> Result<(usize, IndexKey)> {
+    let bad = || Error::invalid("cursor", format!("{c:?} is not a cursor returned by list"));
+    let mut parts = c.splitn(3, '|');
+    let status: usize = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let at: i64 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let id = TaskId::parse(parts.next().ok_or_else(bad)?).map_err(|_| bad())?;
+    if status >= 6 {
+        return Err(bad());
+    }
+    Ok((status, (at, id)))
+}
+
+#[async_trait]
+impl Registry for MemoryRegistry {
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn create(&self, task: &Task) -> Result<()> {
+        let mut st = self.state.lock();
+        if st.tasks.contains_key(&task.task_id) {
+            return Err(Error::TaskExists(task.task_id.clone()));
+        }
+        st.index(task);
+        for p in &task.depends_on {
+            st.dependents
+                .entry(p.clone())
+                .or_default()
+                .push(task.task_id.clone());
+        }
+        st.tasks.insert(task.task_id.clone(), task.clone());
+        Ok(())
+    }
+
+    async fn create_many(&self, tasks: &[Task]) -> Result<Vec<Result<()>>> {
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(self.create(t).await);
+        }
+        Ok(out)
+    }
+
+    async fn get(&self, id: &TaskId) -> Result<Option<Task>> {
+        Ok(self.state.lock().tasks.get(id).cloned())
+    }
+
+    async fn transition(&self, id: &TaskId, expected: Expected, next: TaskState) -> Result<Task> {
+        check_transition(id, &expected, &next)?;
+        let mut st = self.state.lock();
+        let current = st
+            .tasks
+            .get(id)
+            .ok_or_else(|| Error::TaskNotFound(id.clone()))?;
+        if current.state.status != expected.status || current.state.attempt != expected.attempt {
+            return Err(conflict(id, &expected, &current.state));
+        }
+        let old = current.clone();
+        st.unindex(&old);
+        let task = st.tasks.get_mut(id).expect("present");
+        task.state = next;
+        let updated = task.clone();
+        st.index(&updated);
+        Ok(updated)
+    }
+
+    async fn list(
+        &self,
+        filter: &TaskFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<TaskPage> {
+        let after = cursor.map(decode_cursor).transpose()?;
+        let st = self.state.lock();
+        let slots: Vec<usize> = match filter.status {
+            Some(s) => vec![slot(s)],
+            None => (0..6).collect(),
+        };
+        let mut tasks = Vec::new();
+        let mut last: Option<(usize, IndexKey)> = None;
+        'outer: for s in slots {
+            if let Some((cs, _)) = &after {
+                if s < *cs {
+                    continue;
+                }
+            }
+            let range: Box<dyn Iterator<Item = &IndexKey>> = match &after {
+                Some((cs, key)) if *cs == s => Box::new(
+                    st.by_status[s].range((
+                        std::ops::Bound::Excluded(key.clone()),
+                        std::ops::Bound::Unbounded,
+                    )),
+                ),
+                _ => Box::new(st.by_status[s].iter()),
+            };
+            for key in range {
+                let Some(t) = st.tasks.get(&key.1) else { continue };
+                if filter.queue.as_ref().is_some_and(|q| *q != t.queue) {
+                    continue;
+                }
+                if tasks.len() == limit {
+                    break 'outer;
+                }
+                tasks.push(t.clone());
+                last = Some((s, key.clone()));
+            }
+            last = last.or(None);
+        }
+        let more = tasks.len() == limit && limit > 0;
+        Ok(TaskPage {
+            next_cursor: if more {
+                last.map(|(s, k)| encode_cursor(s, &k))
+            } else {
+                None
+            },
+            tasks,
+        })
+    }
+
+    async fn counts(&self) -> Result<StatusCounts> {
+        let st = self.state.lock();
+        Ok(StatusCounts(
+            TaskStatus::ALL
+                .iter()
+                .map(|s| (*s, st.by_status[slot(*s)].len() as u64))
+                .collect(),
+        ))
+    }
+
+    async fn stale_running(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Task>> {
+        let st = self.state.lock();
+        let cut = micros(before);
+        Ok(st
+            .leases
+            .iter()
+            .take_while(|(until, _)| *until < cut)
+            .take(limit)
+            .filter_map(|(_, id)| st.tasks.get(id).cloned())
+            .collect())
+    }
+
+    async fn dependents(&self, parent: &TaskId) -> Result<Vec<TaskId>> {
+        Ok(self
+            .state
+            .lock()
+            .dependents
+            .get(parent)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn purge_finished(&self, retention: &Retention) -> Result<u64> {
+        let mut st = self.state.lock();
+        let mut doomed: Vec<TaskId> = Vec::new();
+        for status in [TaskStatus::Completed, TaskStatus::Failed, TaskStatus::Cancelled] {
+            let index = &st.by_status[slot(status)];
+            let by_count = retention
+                .max_count
+                .map_or(0, |keep| index.len().saturating_sub(keep as usize));
+            let cut = retention
+                .max_age
+                .and_then(|age| chrono::Duration::from_std(age).ok())
+                .map(|age| micros(Utc::now() - age));
+            for (i, (at, id)) in index.iter().enumerate() {
+                let too_many = i < by_count;
+                let too_old = cut.is_some_and(|c| *at < c);
+                if too_many || too_old {
+                    doomed.push(id.clone());
+                } else {
+                    break;
+                }
+            }
+        }
+        for id in &doomed {
+            st.remove(id);
+        }
+        Ok(doomed.len() as u64)
+    }
+}

@@ -1,0 +1,260 @@
+//! Picking backends by URL.
+//!
+//! `memory://` is always compiled in; `redis://`/`rediss://`, `nats://`/`tls://`, and
+//! `amqp://`/`amqps://` need the cargo features `redis`, `nats` and `rabbitmq`. The bus, the
+//! registry and the locks may each come from a different URL (and so a different backend);
+//! roles that share a URL share one connection.
+
+use std::sync::Arc;
+
+use url::Url;
+
+use crate::bus::Bus;
+use crate::error::{Error, Result};
+use crate::lock::LockManager;
+use crate::registry::Registry;
+
+pub mod memory;
+
+#[cfg(feature = "redis")]
+#[path = "../../backends/redis/mod.rs"]
+pub mod redis;
+
+#[cfg(feature = "nats")]
+#[path = "../../backends/nats/mod.rs"]
+pub mod nats;
+
+#[cfg(feature = "rabbitmq")]
+#[path = "../../backends/rabbitmq/mod.rs"]
+pub mod rabbitmq;
+
+/// The three services the engine runs on.
+#[derive(Clone, Debug)]
+pub struct Backends {
+    /// Events and work queues.
+    pub bus: Arc<dyn Bus>,
+    /// Task storage.
+    pub registry: Arc<dyn Registry>,
+    /// Distributed locks.
+    pub locks: Arc<dyn LockManager>,
+}
+
+impl Backends {
+    /// A fresh, private in-memory bundle (the embedded default).
+    pub fn memory() -> Self {
+        let opts = ConnectOptions::default();
+        let parts = memory::open(&Roles::ALL, &opts);
+        parts.into_backends().expect("memory opens all roles")
+    }
+}
+
+/// Options every backend understands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// Namespace prepended to every key, stream, subject, queue and exchange the backend creates
+    /// (`""` by default, so the Redis registry uses the lab's `task_registry:{id}` keys).
+    pub prefix: String,
+    /// Deliveries after which a work-queue message is dead-lettered.
+    pub max_deliveries: u32,
+    /// How long to wait for a broker to answer a connection attempt.
+    pub connect_timeout: std::time::Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            prefix: String::new(),
+            max_deliveries: 10,
+            connect_timeout: std::time::Duration::from_secs(5),
+        }
+    }
+}
+
+/// Which roles to open from one URL.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Roles {
+    /// Open a [`Bus`].
+    pub bus: bool,
+    /// Open a [`Registry`].
+    pub registry: bool,
+    /// Open a [`LockManager`].
+    pub locks: bool,
+}
+
+impl Roles {
+    /// All three roles.
+    pub const ALL: Roles = Roles {
+        bus: true,
+        registry: true,
+        locks: true,
+    };
+}
+
+/// What a backend opened for the requested [`Roles`].
+#[derive(Default)]
+pub struct Parts {
+    /// The bus, if requested.
+    pub bus: Option<Arc<dyn Bus>>,
+    /// The registry, if requested.
+    pub registry: Option<Arc<dyn Registry>>,
+    /// The lock manager, if requested.
+    pub locks: Option<Arc<dyn LockManager>>,
+}
+
+impl Parts {
+    fn into_backends(self) -> Option<Backends> {
+        Some(Backends {
+            bus: self.bus?,
+            registry: self.registry?,
+            locks: self.locks?,
+        })
+    }
+}
+
+/// The URLs of the three roles.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendUrls {
+    /// URL of the bus.
+    pub bus: String,
+    /// URL of the registry.
+    pub registry: String,
+    /// URL of the lock manager.
+    pub locks: String,
+}
+
+impl BackendUrls {
+    /// The same URL for all three roles.
+    pub fn all(url: impl Into<String>) -> Self {
+        let url = url.into();
+        BackendUrls {
+            bus: url.clone(),
+            registry: url.clone(),
+            locks: url,
+        }
+    }
+}
+
+/// Connects the three roles, one connection per distinct URL.
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// use agent_orchestra::backends::{connect, BackendUrls, ConnectOptions};
+/// let b = connect(&BackendUrls::all("memory://"), &ConnectOptions::default()).await.unwrap();
+/// assert_eq!(b.bus.backend(), "memory");
+/// let err = connect(&BackendUrls::all("kafka://localhost"), &ConnectOptions::default()).await.unwrap_err();
+/// assert!(err.to_string().contains("kafka"));
+/// # });
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Runtime::new().unwrap().block_on(f)
+/// # }
+/// ```
+pub async fn connect(urls: &BackendUrls, opts: &ConnectOptions) -> Result<Backends> {
+    let mut groups: Vec<(String, Roles)> = Vec::new();
+    for (url, role) in [
+        (&urls.bus, 0usize),
+        (&urls.registry, 1),
+        (&urls.locks, 2),
+    ] {
+        let idx = match groups.iter().position(|(u, _)| u == url) {
+            Some(i) => i,
+            None => {
+                groups.push((url.clone(), Roles::default()));
+                groups.len() - 1
+            }
+        };
+        let roles = &mut groups[idx].1;
+        match role {
+            0 => roles.bus = true,
+            1 => roles.registry = true,
+            _ => roles.locks = true,
+        }
+    }
+    let mut all = Parts::default();
+    for (url, roles) in groups {
+        let parts = open(&url, &roles, opts).await?;
+        all.bus = all.bus.or(parts.bus);
+        all.registry = all.registry.or(parts.registry);
+        all.locks = all.locks.or(parts.locks);
+    }
+    all.into_backends().ok_or_else(|| Error::UnsupportedUrl {
+        url: redact_url(&urls.bus),
+        reason: "backend did not open every requested role".into(),
+    })
+}
+
+/// Opens the requested roles from one URL.
+pub async fn open(url: &str, roles: &Roles, opts: &ConnectOptions) -> Result<Parts> {
+    let parsed = Url::parse(url).map_err(|e| Error::UnsupportedUrl {
+        url: redact_url(url),
+        reason: format!("not a URL: {e}"),
+    })?;
+    match parsed.scheme() {
+        "memory" => Ok(memory::open(roles, opts)),
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" => redis::open(&parsed, roles, opts).await,
+        #[cfg(feature = "nats")]
+        "nats" | "tls" => nats::open(&parsed, roles, opts).await,
+        #[cfg(feature = "rabbitmq")]
+        "amqp" | "amqps" => rabbitmq::open(&parsed, roles, opts).await,
+        scheme => Err(match feature_for(scheme) {
+            Some(feature) => Error::FeatureDisabled {
+                scheme: scheme.to_string(),
+                feature,
+            },
+            None => Error::UnsupportedUrl {
+                url: redact_url(url),
+                reason: format!(
+                    "unknown scheme `{scheme}`; expected memory://, redis://, rediss://, nats://, tls://, amqp:// or amqps://"
+                ),
+            },
+        }),
+    }
+}
+
+fn feature_for(scheme: &str) -> Option<&'static str> {
+    match scheme {
+        "redis" | "rediss" => Some("redis"),
+        "nats" | "tls" => Some("nats"),
+        "amqp" | "amqps" => Some("rabbitmq"),
+        _ => None,
+    }
+}
+
+/// The URL with its password, and any `token`/`password`/`pass`/`secret` query value, replaced by
+/// `***`. Used in every log line and error message that shows a URL.
+///
+/// ```
+/// use agent_orchestra::backends::redact_url;
+/// assert_eq!(redact_url("redis://user:hunter2@host:6379/0"), "redis://user:***@host:6379/0");
+/// assert_eq!(redact_url("nats://host:4222?token=abc"), "nats://host:4222?token=***");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut parsed) = Url::parse(url) else {
+        // Not parseable: hide everything between "://" and the last '@', if any.
+        return match (url.find("://"), url.rfind('@')) {
+            (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+            _ => url.to_string(),
+        };
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    } else if !parsed.username().is_empty() && parsed.scheme().starts_with("nats") {
+        // nats://TOKEN@host carries a token in the user part.
+        let _ = parsed.set_username("***");
+    }
+    let pairs: Vec<(String, String)> = parsed
+        .query_pairs()
+        .map(|(k, v)| {
+            let secret = matches!(
+                k.to_ascii_lowercase().as_str(),
+                "token" | "password" | "pass" | "secret" | "nkey" | "jwt"
+            );
+            (k.into_owned(), if secret { "***".into() } else { v.into_owned() })
+        })
+        .collect();
+    if !pairs.is_empty() {
+        let q: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        parsed.set_query(Some(&q.join("&")));
+    }
+    parsed.to_string()
+}

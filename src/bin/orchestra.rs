@@ -1,0 +1,2 @@
+//! The `orchestra` command-line tool.
+fn main() {}

@@ -1,0 +1,26 @@
+//! # agent-orchestra
+//!
+//! Event-driven task orchestration for independent agents: a [`Dispatcher`](engine::Dispatcher)
+//! registers tasks in a [`Registry`] and announces them on a [`Bus`]; [`Worker`](engine::Worker)s
+//! serving a queue (their specialty) claim them by compare-and-set, run them under a lease and
+//! record the outcome; a [`Monitor`](engine::Monitor) counts tasks by status and recovers tasks
+//! whose worker died. The engine is written once against three traits — [`Bus`], [`Registry`],
+//! [`LockManager`] — implemented in memory (always), and for Redis, NATS JetStream and RabbitMQ
+//! behind the cargo features `redis`, `nats` and `rabbitmq`.
+#![warn(missing_docs)]
+
+pub mod backends;
+pub mod bus;
+pub mod config;
+pub mod error;
+pub mod lock;
+pub mod model;
+pub mod registry;
+
+
+pub use backends::{connect, BackendUrls, Backends, ConnectOptions};
+pub use bus::{Bus, DeadLetter, Delivery, FetchOptions, OutgoingMessage, QueueStats, Subscription};
+pub use error::{Error, Result};
+pub use lock::{Lease, LockHolder, LockManager};
+pub use model::{Expected, Limits, Priority, QueueName, Task, TaskId, TaskState, TaskStatus};
+pub use registry::{Registry, Retention, StatusCounts, TaskFilter, TaskPage};

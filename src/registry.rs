@@ -1,0 +1,155 @@
+//! The [`Registry`] trait: where tasks live, changed only by compare-and-set.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::{Expected, QueueName, Task, TaskId, TaskState, TaskStatus};
+
+/// Which tasks [`Registry::list`] returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFilter {
+    /// Only this status (required by some backends' indexes; `None` lists every status).
+    pub status: Option<TaskStatus>,
+    /// Only this queue.
+    pub queue: Option<QueueName>,
+}
+
+/// One page of [`Registry::list`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TaskPage {
+    /// The tasks, oldest status change first.
+    pub tasks: Vec<Task>,
+    /// Pass back as `cursor` to get the next page; `None` at the end.
+    pub next_cursor: Option<String>,
+}
+
+/// Number of tasks in each status. Statuses with no task may be absent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusCounts(pub BTreeMap<TaskStatus, u64>);
+
+impl StatusCounts {
+    /// The count for one status (0 when absent).
+    pub fn get(&self, status: TaskStatus) -> u64 {
+        self.0.get(&status).copied().unwrap_or(0)
+    }
+
+    /// Sum over all statuses.
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+}
+
+impl fmt::Display for StatusCounts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for s in TaskStatus::ALL {
+            if !first {
+                f.write_str(" ")?;
+            }
+            first = false;
+            write!(f, "{}={}", s, self.get(s))?;
+        }
+        Ok(())
+    }
+}
+
+/// How long finished (COMPLETED, FAILED, CANCELLED) tasks are kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Delete finished tasks that finished longer ago than this.
+    #[serde(default, with = "crate::config::duration_opt")]
+    pub max_age: Option<std::time::Duration>,
+    /// Keep at most this many finished tasks per status (the most recent).
+    #[serde(default)]
+    pub max_count: Option<u64>,
+}
+
+/// Where tasks live. The lab's `TaskRegistry`, made safe under concurrency.
+///
+/// Every change after creation is a compare-and-set on `(status, attempt)`: a worker whose lease
+/// was lost (its attempt number is no longer the task's) cannot overwrite the attempt that
+/// replaced it.
+#[async_trait]
+pub trait Registry: Send + Sync + fmt::Debug + 'static {
+    /// The backend's name.
+    fn backend(&self) -> &'static str;
+
+    /// Stores a new task. Fails with [`Error::TaskExists`] if the id is taken. Durable when it
+    /// returns `Ok` (as durable as the backend).
+    async fn create(&self, task: &Task) -> Result<()>;
+
+    /// Stores several new tasks (batched where the backend can). Not atomic as a whole: each
+    /// task is created or fails on its own; returns one result per task, in order.
+    async fn create_many(&self, tasks: &[Task]) -> Result<Vec<Result<()>>> {
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            match self.create(t).await {
+                Err(e) if e.is_temporary() => return Err(e),
+                r => out.push(r),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads a task; `None` if there is none with this id.
+    async fn get(&self, id: &TaskId) -> Result<Option<Task>>;
+
+    /// Atomically replaces the task's state with `next` if, and only if, its current status and
+    /// attempt equal `expected`. Errors: [`Error::TaskNotFound`]; [`Error::Conflict`] (with what
+    /// was found) when the precondition fails; [`Error::IllegalTransition`] when the model forbids
+    /// `expected.status → next.status`. Indexes (status, lease) change in the same atomic step.
+    /// Returns the task as stored after the change.
+    async fn transition(&self, id: &TaskId, expected: Expected, next: TaskState) -> Result<Task>;
+
+    /// Lists tasks matching `filter`, `limit` at a time, continuing after `cursor`. Served from a
+    /// per-status index when `filter.status` is set.
+    async fn list(
+        &self,
+        filter: &TaskFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<TaskPage>;
+
+    /// Number of tasks per status, from counters or index sizes: never by reading every task.
+    async fn counts(&self) -> Result<StatusCounts>;
+
+    /// RUNNING tasks whose lease ended before `before`, oldest lease first, at most `limit`.
+    /// Served from an index ordered by lease end: never by reading every task.
+    async fn stale_running(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Task>>;
+
+    /// The ids of tasks created with `parent` in their `depends_on`.
+    async fn dependents(&self, parent: &TaskId) -> Result<Vec<TaskId>>;
+
+    /// Deletes finished tasks beyond `retention`; returns how many were deleted.
+    async fn purge_finished(&self, retention: &Retention) -> Result<u64>;
+}
+
+/// Checks what every [`Registry::transition`] must check before touching storage: that the
+/// model allows `expected.status → next.status`. Backends call it first.
+pub fn check_transition(id: &TaskId, expected: &Expected, next: &TaskState) -> Result<()> {
+    if expected.status.can_transition_to(next.status) {
+        Ok(())
+    } else {
+        Err(Error::IllegalTransition {
+            task_id: id.clone(),
+            from: expected.status,
+            to: next.status,
+        })
+    }
+}
+
+/// Builds the [`Error::Conflict`] for a failed precondition.
+pub fn conflict(id: &TaskId, expected: &Expected, actual: &TaskState) -> Error {
+    Error::Conflict {
+        task_id: id.clone(),
+        expected_status: expected.status,
+        expected_attempt: expected.attempt,
+        actual_status: actual.status,
+        actual_attempt: actual.attempt,
+    }
+}
