@@ -16,6 +16,8 @@ pub mod error;
 pub mod lock;
 pub mod model;
 pub mod registry;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 
 
 pub use backends::{connect, BackendUrls, Backends, ConnectOptions};
