@@ -81,3 +81,20 @@ pub fn format_duration(d: std::time::Duration) -> String {
         format!("{}s", ms / 1000)
     }
 }
+
+/// Serde helpers for a `Duration` written as a humane string or a number of seconds.
+pub mod duration_serde {
+    use serde::{Deserializer, Serializer};
+    use std::time::Duration;
+
+    /// Serializes as a string like `"30s"` or `"250ms"`.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_duration(*d))
+    }
+
+    /// Accepts a duration string or a number of seconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        super::duration_opt::deserialize(d)?
+            .ok_or_else(|| serde::de::Error::custom("a duration is required"))
+    }
+}

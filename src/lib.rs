@@ -12,6 +12,7 @@
 pub mod backends;
 pub mod bus;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod lock;
 pub mod model;

@@ -1,0 +1,274 @@
+//! The [`Dispatcher`]: registers tasks and announces them; waits for outcomes; cancels and
+//! retries.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::Value;
+
+use crate::backends::Backends;
+use crate::error::{Error, Result};
+use crate::model::{Limits, Priority, QueueName, Task, TaskId, TaskState, TaskStatus};
+
+use super::events::{self, TaskEvent, EVENTS_TOPIC};
+use super::flow;
+
+/// Options of [`Dispatcher::dispatch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DispatchOptions {
+    /// Attempts before the task FAILS for good (default 3).
+    pub max_attempts: u32,
+    /// Tasks that must COMPLETE first; the task waits in WAITING until then, and FAILS if one
+    /// of them fails.
+    pub depends_on: Vec<TaskId>,
+    /// Run no earlier than this long from now.
+    pub delay: Duration,
+    /// Use this id instead of a generated one (fails with [`Error::TaskExists`] if taken).
+    pub task_id: Option<TaskId>,
+}
+
+impl Default for DispatchOptions {
+    fn default() -> Self {
+        DispatchOptions {
+            max_attempts: 3,
+            depends_on: Vec::new(),
+            delay: Duration::ZERO,
+            task_id: None,
+        }
+    }
+}
+
+impl DispatchOptions {
+    /// Sets `depends_on`.
+    pub fn after(mut self, parents: impl IntoIterator<Item = TaskId>) -> Self {
+        self.depends_on = parents.into_iter().collect();
+        self
+    }
+
+    /// Sets `max_attempts`.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// Sets `delay`.
+    pub fn delay(mut self, d: Duration) -> Self {
+        self.delay = d;
+        self
+    }
+}
+
+/// Registers tasks in the registry and announces them on their queue.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use agent_orchestra::{Backends, engine::{Dispatcher, DispatchOptions}};
+/// let d = Dispatcher::new(Backends::memory());
+/// let id = d.dispatch("research_tasks", serde_json::json!({"topic": "AI agents"}), 3, DispatchOptions::default())
+///     .await.unwrap();
+/// assert_eq!(d.get(&id).await.unwrap().status(), agent_orchestra::TaskStatus::Pending);
+/// assert!(d.dispatch("research_tasks", serde_json::json!({}), 11, DispatchOptions::default()).await.is_err());
+/// # });
+/// ```
+#[derive(Clone, Debug)]
+pub struct Dispatcher {
+    backends: Backends,
+    limits: Limits,
+}
+
+impl Dispatcher {
+    /// A dispatcher with default [`Limits`].
+    pub fn new(backends: Backends) -> Self {
+        Dispatcher {
+            backends,
+            limits: Limits::default(),
+        }
+    }
+
+    /// Replaces the input limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The backends this dispatcher uses.
+    pub fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
+    /// Validates and builds a task without storing it.
+    pub fn build(
+        &self,
+        queue: &str,
+        payload: Value,
+        priority: i64,
+        options: &DispatchOptions,
+    ) -> Result<Task> {
+        let queue = QueueName::parse(queue)?;
+        let priority = Priority::new(priority)?;
+        let mut task = Task::new(
+            queue,
+            payload,
+            priority,
+            options.max_attempts,
+            options.depends_on.clone(),
+            &self.limits,
+        )?;
+        if let Some(id) = &options.task_id {
+            task.task_id = id.clone();
+        }
+        if task.depends_on.contains(&task.task_id) {
+            return Err(Error::invalid("depends_on", "a task cannot depend on itself"));
+        }
+        Ok(task)
+    }
+
+    /// Registers a task and announces it (or parks it in WAITING until its dependencies
+    /// complete). Returns its id once it is durably registered and queued.
+    pub async fn dispatch(
+        &self,
+        queue: &str,
+        payload: Value,
+        priority: i64,
+        options: DispatchOptions,
+    ) -> Result<TaskId> {
+        let task = self.build(queue, payload, priority, &options)?;
+        for parent in &task.depends_on {
+            if self.backends.registry.get(parent).await?.is_none() {
+                return Err(Error::invalid(
+                    "depends_on",
+                    format!("dependency {parent} does not exist"),
+                ));
+            }
+        }
+        self.backends.registry.create(&task).await?;
+        events::publish(self.backends.bus.as_ref(), &task).await;
+        if task.depends_on.is_empty() {
+            flow::announce(&self.backends, &task, options.delay).await?;
+        } else {
+            // The parents may have finished before the edges existed: check once now.
+            flow::resolve_waiting(&self.backends, &task).await?;
+        }
+        tracing::debug!(task_id = %task.task_id, queue = %task.queue, priority = %task.priority, "dispatched");
+        Ok(task.task_id)
+    }
+
+    /// Registers and announces many ready tasks (no dependencies) in batches: one round trip
+    /// per batch where the backend allows. Returns one result per task.
+    pub async fn dispatch_many(&self, tasks: Vec<Task>) -> Result<Vec<Result<TaskId>>> {
+        let created = self.backends.registry.create_many(&tasks).await?;
+        let mut by_queue: std::collections::BTreeMap<QueueName, Vec<crate::bus::OutgoingMessage>> =
+            Default::default();
+        let mut out = Vec::with_capacity(tasks.len());
+        for (task, r) in tasks.iter().zip(created) {
+            match r {
+                Ok(()) if task.depends_on.is_empty() => {
+                    by_queue.entry(task.queue.clone()).or_default().push(
+                        crate::bus::OutgoingMessage::new(
+                            flow::TaskMessage::encode(&task.task_id),
+                            task.priority,
+                        ),
+                    );
+                    out.push(Ok(task.task_id.clone()));
+                }
+                Ok(()) => {
+                    flow::resolve_waiting(&self.backends, task).await?;
+                    out.push(Ok(task.task_id.clone()));
+                }
+                Err(e) => out.push(Err(e)),
+            }
+        }
+        for (queue, msgs) in by_queue {
+            self.backends.bus.enqueue_many(&queue, msgs).await?;
+        }
+        Ok(out)
+    }
+
+    /// Reads a task; [`Error::TaskNotFound`] if there is none.
+    pub async fn get(&self, id: &TaskId) -> Result<Task> {
+        self.backends
+            .registry
+            .get(id)
+            .await?
+            .ok_or_else(|| Error::TaskNotFound(id.clone()))
+    }
+
+    /// Waits until the task reaches a terminal status (COMPLETED, FAILED, CANCELLED) and returns
+    /// it; [`Error::Timeout`] after `timeout`.
+    ///
+    /// Reacts to the task's events: it subscribes first, then reads the registry once, then
+    /// re-reads only when an event for this task arrives. Because events are at-most-once, it
+    /// also re-reads after 5 s of silence (a safety net against a lost event, not a poll loop).
+    pub async fn wait(&self, id: &TaskId, timeout: Duration) -> Result<Task> {
+        let mut sub = self.backends.bus.subscribe(EVENTS_TOPIC).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let task = self.get(id).await?;
+            if task.state.status.is_terminal() {
+                return Ok(task);
+            }
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    return Err(Error::Timeout(format!(
+                        "task {id} still {} after {timeout:?}",
+                        task.state.status
+                    )));
+                }
+                match tokio::time::timeout(left.min(Duration::from_secs(5)), sub.recv()).await {
+                    Ok(Some(bytes)) => match TaskEvent::decode(&bytes) {
+                        Some(ev) if ev.task_id == *id && ev.status.is_terminal() => break,
+                        _ => continue,
+                    },
+                    Ok(None) => {
+                        sub = self.backends.bus.subscribe(EVENTS_TOPIC).await?;
+                        break;
+                    }
+                    Err(_) => break, // silence: re-read once
+                }
+            }
+        }
+    }
+
+    /// Cancels a WAITING or PENDING task. Its dependents fail. A RUNNING task cannot be
+    /// cancelled (its handler is already running): [`Error::IllegalTransition`].
+    pub async fn cancel(&self, id: &TaskId) -> Result<Task> {
+        let task = self.get(id).await?;
+        let now = Utc::now();
+        let next = TaskState {
+            status: TaskStatus::Cancelled,
+            error: Some("cancelled by an operator".into()),
+            finished_at: Some(now),
+            updated_at: now,
+            ..task.state.clone()
+        };
+        let updated = self.backends.registry.transition(id, task.expect(), next).await?;
+        events::publish(self.backends.bus.as_ref(), &updated).await;
+        flow::parent_finished(&self.backends, &updated).await?;
+        Ok(updated)
+    }
+
+    /// Puts a FAILED or CANCELLED task back to PENDING and announces it. The attempt counter
+    /// (the fencing token) keeps growing, so a task whose budget was spent gets one more
+    /// attempt; one that failed early (bad input) gets what is left of its budget.
+    pub async fn retry(&self, id: &TaskId) -> Result<Task> {
+        let task = self.get(id).await?;
+        if !matches!(task.state.status, TaskStatus::Failed | TaskStatus::Cancelled) {
+            return Err(Error::IllegalTransition {
+                task_id: id.clone(),
+                from: task.state.status,
+                to: TaskStatus::Pending,
+            });
+        }
+        let next = TaskState {
+            status: TaskStatus::Pending,
+            finished_at: None,
+            updated_at: Utc::now(),
+            ..task.state.clone()
+        };
+        let updated = self.backends.registry.transition(id, task.expect(), next).await?;
+        events::publish(self.backends.bus.as_ref(), &updated).await;
+        flow::announce(&self.backends, &updated, Duration::ZERO).await?;
+        Ok(updated)
+    }
+}

@@ -1,0 +1,107 @@
+//! Counters a worker keeps, readable at any time and printable in Prometheus' text format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A worker's counters (monotonic since start).
+#[derive(Debug, Default)]
+pub struct WorkerMetrics {
+    /// Messages fetched from the bus.
+    pub fetched: AtomicU64,
+    /// Tasks claimed (PENDING → RUNNING, or a stale RUNNING taken over).
+    pub claimed: AtomicU64,
+    /// Tasks this worker COMPLETED.
+    pub completed: AtomicU64,
+    /// Attempts that failed and were scheduled for another attempt.
+    pub retried: AtomicU64,
+    /// Tasks this worker marked FAILED.
+    pub failed: AtomicU64,
+    /// Handler panics caught.
+    pub panics: AtomicU64,
+    /// Messages dead-lettered (malformed, unknown task).
+    pub dead_lettered: AtomicU64,
+    /// Deliveries dropped because the task was not claimable (duplicate, already finished).
+    pub skipped: AtomicU64,
+    /// Attempts whose lease was lost to another attempt (their result was discarded).
+    pub lease_lost: AtomicU64,
+    /// Tasks handed back on shutdown.
+    pub handed_back: AtomicU64,
+    /// Temporary backend errors seen.
+    pub backend_errors: AtomicU64,
+    /// Total handler run time, in microseconds.
+    pub handler_micros: AtomicU64,
+}
+
+impl WorkerMetrics {
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A consistent-enough copy of the counters.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            fetched: g(&self.fetched),
+            claimed: g(&self.claimed),
+            completed: g(&self.completed),
+            retried: g(&self.retried),
+            failed: g(&self.failed),
+            panics: g(&self.panics),
+            dead_lettered: g(&self.dead_lettered),
+            skipped: g(&self.skipped),
+            lease_lost: g(&self.lease_lost),
+            handed_back: g(&self.handed_back),
+            backend_errors: g(&self.backend_errors),
+            handler_micros: g(&self.handler_micros),
+        }
+    }
+}
+
+/// Plain copy of [`WorkerMetrics`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[allow(missing_docs)]
+pub struct MetricsSnapshot {
+    pub fetched: u64,
+    pub claimed: u64,
+    pub completed: u64,
+    pub retried: u64,
+    pub failed: u64,
+    pub panics: u64,
+    pub dead_lettered: u64,
+    pub skipped: u64,
+    pub lease_lost: u64,
+    pub handed_back: u64,
+    pub backend_errors: u64,
+    pub handler_micros: u64,
+}
+
+impl MetricsSnapshot {
+    /// The counters in Prometheus' text exposition format, labelled with `worker`.
+    pub fn to_prometheus(&self, worker: &str) -> String {
+        let mut out = String::new();
+        let worker = worker.replace(['\\', '"'], "_");
+        for (name, v) in [
+            ("fetched", self.fetched),
+            ("claimed", self.claimed),
+            ("completed", self.completed),
+            ("retried", self.retried),
+            ("failed", self.failed),
+            ("panics", self.panics),
+            ("dead_lettered", self.dead_lettered),
+            ("skipped", self.skipped),
+            ("lease_lost", self.lease_lost),
+            ("handed_back", self.handed_back),
+            ("backend_errors", self.backend_errors),
+        ] {
+            let _ = writeln!(out, "# TYPE orchestra_worker_{name}_total counter");
+            let _ = writeln!(out, "orchestra_worker_{name}_total{{worker=\"{worker}\"}} {v}");
+        }
+        let _ = writeln!(out, "# TYPE orchestra_worker_handler_seconds_total counter");
+        let _ = writeln!(
+            out,
+            "orchestra_worker_handler_seconds_total{{worker=\"{worker}\"}} {}",
+            self.handler_micros as f64 / 1e6
+        );
+        out
+    }
+}

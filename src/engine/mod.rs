@@ -1,0 +1,19 @@
+//! The engine, written once against `Arc<dyn Bus>`, `Arc<dyn Registry>` and
+//! `Arc<dyn LockManager>`: the [`Dispatcher`], the [`Worker`] and the [`Monitor`].
+
+mod dispatcher;
+pub mod events;
+pub mod flow;
+mod handler;
+pub mod metrics;
+mod monitor;
+pub mod retry;
+mod worker;
+
+pub use dispatcher::{DispatchOptions, Dispatcher};
+pub use events::{TaskEvent, EVENTS_TOPIC};
+pub use handler::{handler_fn, typed, Handler, TaskContext, TaskError};
+pub use metrics::{MetricsSnapshot, WorkerMetrics};
+pub use monitor::{Monitor, MonitorConfig, MonitorHandle, MonitorReport};
+pub use retry::Backoff;
+pub use worker::{default_worker_id, Finished, ShutdownReport, Worker, WorkerConfig, WorkerHandle};

@@ -1,0 +1,303 @@
+//! The [`Monitor`]: the lab's SystemMonitor, made safe. It counts tasks by status, recovers
+//! RUNNING tasks whose lease ended, moves stuck WAITING tasks on, re-announces PENDING tasks
+//! that have waited too long (a dispatcher that died between registering and announcing), and
+//! enforces retention. Several monitors may run; only the holder of the `monitor` lock acts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::backends::Backends;
+use crate::error::{Error, Result};
+use crate::lock::Lease;
+use crate::model::{TaskState, TaskStatus};
+use crate::registry::{Retention, StatusCounts, TaskFilter};
+
+use super::events;
+use super::flow;
+
+/// How a monitor behaves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MonitorConfig {
+    /// This monitor's id (the lock owner name).
+    pub monitor_id: String,
+    /// Time between passes.
+    pub interval: Duration,
+    /// The lock that elects the acting monitor.
+    pub lock_key: String,
+    /// Re-announce PENDING tasks unchanged for longer than this (`None`: never).
+    pub reannounce_pending_after: Option<Duration>,
+    /// Retention of finished tasks (`None` fields: keep forever).
+    pub retention: Retention,
+    /// Most tasks handled per kind per pass.
+    pub batch: usize,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            monitor_id: format!("monitor-{}", std::process::id()),
+            interval: Duration::from_secs(5),
+            lock_key: "monitor".into(),
+            reannounce_pending_after: Some(Duration::from_secs(600)),
+            retention: Retention::default(),
+            batch: 500,
+        }
+    }
+}
+
+impl MonitorConfig {
+    /// Checks the numbers; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.interval < Duration::from_millis(10) {
+            return Err(Error::config("monitor.interval", "must be at least 10ms"));
+        }
+        if self.batch == 0 {
+            return Err(Error::config("monitor.batch", "must be at least 1"));
+        }
+        crate::lock::validate_lock_key(&self.lock_key)
+            .map_err(|e| Error::config("monitor.lock_key", e.to_string()))
+    }
+}
+
+/// What one pass saw and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MonitorReport {
+    /// Tasks per status.
+    pub counts: StatusCounts,
+    /// Whether this monitor held the lock and acted.
+    pub leader: bool,
+    /// Stale RUNNING tasks handed back for another attempt.
+    pub recovered: u64,
+    /// Stale RUNNING tasks failed because their attempts were spent.
+    pub timed_out: u64,
+    /// WAITING tasks moved on (queued or failed).
+    pub unblocked: u64,
+    /// PENDING tasks re-announced.
+    pub reannounced: u64,
+    /// Finished tasks deleted by retention.
+    pub purged: u64,
+}
+
+/// Watches the registry and repairs what crashed workers and dispatchers left behind.
+#[derive(Clone, Debug)]
+pub struct Monitor {
+    backends: Backends,
+    config: MonitorConfig,
+    lease: Arc<tokio::sync::Mutex<Option<Lease>>>,
+}
+
+impl Monitor {
+    /// A monitor over `backends`.
+    pub fn new(backends: Backends, config: MonitorConfig) -> Self {
+        Monitor {
+            backends,
+            config,
+            lease: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+
+    /// Counts by status (any monitor may report; no lock needed).
+    pub async fn snapshot(&self) -> Result<StatusCounts> {
+        self.backends.registry.counts().await
+    }
+
+    async fn lead(&self) -> Result<bool> {
+        let ttl = (self.config.interval * 3).max(Duration::from_secs(1));
+        let mut held = self.lease.lock().await;
+        if let Some(lease) = held.as_ref() {
+            match self.backends.locks.extend(lease, ttl).await {
+                Ok(l) => {
+                    *held = Some(l);
+                    return Ok(true);
+                }
+                Err(Error::NotLockOwner { .. }) => {
+                    tracing::warn!(monitor_id = %self.config.monitor_id, "lost the monitor lock");
+                    *held = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let got = self
+            .backends
+            .locks
+            .acquire(&self.config.lock_key, &self.config.monitor_id, ttl)
+            .await?;
+        let leader = got.is_some();
+        if let Some(l) = &got {
+            tracing::info!(monitor_id = %self.config.monitor_id, fencing_token = l.fencing_token, "acting monitor");
+        }
+        *held = got;
+        Ok(leader)
+    }
+
+    /// One pass: counts, and if this monitor holds the lock, recovery, unblocking,
+    /// re-announcing and retention.
+    pub async fn tick(&self) -> Result<MonitorReport> {
+        let mut report = MonitorReport {
+            leader: self.lead().await?,
+            ..Default::default()
+        };
+        if report.leader {
+            self.recover_stale(&mut report).await?;
+            self.unblock_waiting(&mut report).await?;
+            self.reannounce_pending(&mut report).await?;
+            let r = &self.config.retention;
+            if r.max_age.is_some() || r.max_count.is_some() {
+                report.purged = self.backends.registry.purge_finished(r).await?;
+            }
+        }
+        report.counts = self.snapshot().await?;
+        Ok(report)
+    }
+
+    async fn recover_stale(&self, report: &mut MonitorReport) -> Result<()> {
+        let b = &self.backends;
+        let stale = b.registry.stale_running(Utc::now(), self.config.batch).await?;
+        for task in stale {
+            let now = Utc::now();
+            let retry = task.attempts_left();
+            let who = task.state.worker_id.as_deref().unwrap_or("?");
+            let next = if retry {
+                TaskState {
+                    status: TaskStatus::Pending,
+                    error: Some(format!(
+                        "lease expired on attempt {} (worker {who} died or hung); handed back",
+                        task.state.attempt
+                    )),
+                    lease_until: None,
+                    updated_at: now,
+                    ..task.state.clone()
+                }
+            } else {
+                TaskState {
+                    status: TaskStatus::Failed,
+                    error: Some(format!(
+                        "timeout: lease expired on attempt {} of {} (worker {who} died or hung)",
+                        task.state.attempt, task.max_attempts
+                    )),
+                    lease_until: None,
+                    finished_at: Some(now),
+                    updated_at: now,
+                    ..task.state.clone()
+                }
+            };
+            let updated = match b.registry.transition(&task.task_id, task.expect(), next).await {
+                Ok(t) => t,
+                Err(Error::Conflict { .. }) => continue, // renewed or finished meanwhile
+                Err(e) => return Err(e),
+            };
+            events::publish(b.bus.as_ref(), &updated).await;
+            if retry {
+                tracing::warn!(task_id = %task.task_id, attempt = task.state.attempt, worker = who, "stale task recovered");
+                flow::announce(b, &updated, Duration::ZERO).await?;
+                report.recovered += 1;
+            } else {
+                tracing::warn!(task_id = %task.task_id, "stale task failed: attempts spent");
+                flow::parent_finished(b, &updated).await?;
+                report.timed_out += 1;
+            }
+        }
+        Ok(())
+    }
+
+    async fn unblock_waiting(&self, report: &mut MonitorReport) -> Result<()> {
+        let b = &self.backends;
+        let filter = TaskFilter {
+            status: Some(TaskStatus::Waiting),
+            queue: None,
+        };
+        let page = b.registry.list(&filter, None, self.config.batch).await?;
+        for task in page.tasks {
+            flow::resolve_waiting(b, &task).await?;
+            if let Some(t) = b.registry.get(&task.task_id).await? {
+                if t.state.status != TaskStatus::Waiting {
+                    report.unblocked += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn reannounce_pending(&self, report: &mut MonitorReport) -> Result<()> {
+        let Some(after) = self.config.reannounce_pending_after else {
+            return Ok(());
+        };
+        let b = &self.backends;
+        let cutoff = Utc::now() - chrono::Duration::from_std(after).unwrap_or_default();
+        let filter = TaskFilter {
+            status: Some(TaskStatus::Pending),
+            queue: None,
+        };
+        let page = b.registry.list(&filter, None, self.config.batch).await?;
+        for task in page.tasks {
+            if task.state.updated_at > cutoff {
+                break; // the index is ordered by last change: the rest are younger
+            }
+            let next = TaskState {
+                updated_at: Utc::now(),
+                ..task.state.clone()
+            };
+            match b.registry.transition(&task.task_id, task.expect(), next).await {
+                Ok(t) => {
+                    tracing::warn!(task_id = %t.task_id, "re-announcing a task pending for too long");
+                    flow::announce(b, &t, Duration::ZERO).await?;
+                    report.reannounced += 1;
+                }
+                Err(Error::Conflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs passes every `interval` until the handle is shut down; each report goes to
+    /// `on_report`.
+    pub fn start(
+        self,
+        on_report: impl Fn(&MonitorReport) + Send + Sync + 'static,
+    ) -> Result<MonitorHandle> {
+        self.config.validate()?;
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let monitor = self.clone();
+        let join = tokio::spawn(async move {
+            let mut every = tokio::time::interval(monitor.config.interval);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop_rx.changed() => break,
+                    _ = every.tick() => {}
+                }
+                match monitor.tick().await {
+                    Ok(r) => {
+                        tracing::info!(counts = %r.counts, leader = r.leader, recovered = r.recovered, timed_out = r.timed_out, "monitor pass");
+                        on_report(&r);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "monitor pass failed; trying again next interval"),
+                }
+            }
+            if let Some(lease) = monitor.lease.lock().await.take() {
+                let _ = monitor.backends.locks.release(&lease).await;
+            }
+        });
+        Ok(MonitorHandle { stop_tx, join })
+    }
+}
+
+/// A running monitor.
+#[derive(Debug)]
+pub struct MonitorHandle {
+    stop_tx: watch::Sender<bool>,
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl MonitorHandle {
+    /// Stops after the current pass and releases the lock.
+    pub async fn shutdown(self) {
+        let _ = self.stop_tx.send(true);
+        let _ = self.join.await;
+    }
+}

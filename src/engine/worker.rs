@@ -1,0 +1,765 @@
+//! The [`Worker`]: serves queues with N concurrent slots, claims by compare-and-set, keeps its
+//! lease alive, records outcomes, retries with backoff, and shuts down gracefully.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::FutureExt;
+use serde_json::Value;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::backends::Backends;
+use crate::bus::{Delivery, FetchOptions};
+use crate::error::{Error, Result};
+use crate::model::{QueueName, Task, TaskState, TaskStatus};
+
+use super::events;
+use super::flow::{self, TaskMessage};
+use super::handler::{Handler, TaskContext, TaskError};
+use super::metrics::{MetricsSnapshot, WorkerMetrics};
+use super::retry::{with_backend_retry, Backoff};
+
+/// How a worker behaves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerConfig {
+    /// This worker's id, recorded as `worker_id` on the tasks it claims.
+    pub worker_id: String,
+    /// Tasks run at once (slots), across all queues. Also the most messages fetched at once.
+    pub concurrency: usize,
+    /// How long a claim lasts without a heartbeat (bus lease and registry lease).
+    pub lease: Duration,
+    /// How often a running task renews its lease (default: a third of `lease`).
+    pub heartbeat: Option<Duration>,
+    /// How long one fetch waits for work before looking again.
+    pub fetch_wait: Duration,
+    /// Backoff between a task's attempts.
+    pub retry: Backoff,
+    /// Fails an attempt that runs longer than this (retryable), if set.
+    pub handler_timeout: Option<Duration>,
+    /// How long a graceful shutdown waits for running tasks before handing them back.
+    pub shutdown_timeout: Duration,
+    /// How long one backend call is retried through temporary errors before the worker gives
+    /// up on that step (the message is then redelivered when its lease ends).
+    pub backend_retry_budget: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            worker_id: default_worker_id(),
+            concurrency: 8,
+            lease: Duration::from_secs(30),
+            heartbeat: None,
+            fetch_wait: Duration::from_secs(1),
+            retry: Backoff::default(),
+            handler_timeout: None,
+            shutdown_timeout: Duration::from_secs(30),
+            backend_retry_budget: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `worker-<pid>-<4 hex>`.
+pub fn default_worker_id() -> String {
+    format!(
+        "worker-{}-{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..4]
+    )
+}
+
+impl WorkerConfig {
+    /// Checks the numbers; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.worker_id.trim().is_empty() {
+            return Err(Error::config("worker.id", "must not be empty"));
+        }
+        if self.concurrency == 0 || self.concurrency > 10_000 {
+            return Err(Error::config(
+                "worker.concurrency",
+                format!("must be between 1 and 10000, got {}", self.concurrency),
+            ));
+        }
+        if self.lease < Duration::from_millis(100) {
+            return Err(Error::config("worker.lease", "must be at least 100ms"));
+        }
+        if let Some(hb) = self.heartbeat {
+            if hb.is_zero() || hb >= self.lease {
+                return Err(Error::config(
+                    "worker.heartbeat",
+                    "must be greater than zero and shorter than worker.lease",
+                ));
+            }
+        }
+        self.retry.validate("worker.retry")
+    }
+
+    fn heartbeat_every(&self) -> Duration {
+        self.heartbeat.unwrap_or(self.lease / 3)
+    }
+}
+
+/// What happened to a task this worker finished or gave up on; passed to
+/// [`Worker::on_finished`] observers.
+#[derive(Clone, Debug)]
+pub struct Finished {
+    /// The task as stored after the change (COMPLETED, FAILED or PENDING for a retry).
+    pub task: Task,
+    /// When the worker saw the outcome.
+    pub at: Instant,
+}
+
+type Observer = Arc<dyn Fn(&Finished) + Send + Sync>;
+
+struct Inner {
+    backends: Backends,
+    config: WorkerConfig,
+    worker_id: Arc<str>,
+    handlers: HashMap<QueueName, Arc<dyn Handler>>,
+    metrics: Arc<WorkerMetrics>,
+    observer: Option<Observer>,
+}
+
+/// Serves one or more queues.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use agent_orchestra::{Backends, engine::{Dispatcher, DispatchOptions, Worker, WorkerConfig, handler_fn, TaskError}};
+/// let backends = Backends::memory();
+/// let worker = Worker::new(backends.clone(), WorkerConfig::default())
+///     .handle("echo", handler_fn(|ctx| async move { Ok::<_, TaskError>(ctx.task.payload) }))
+///     .unwrap()
+///     .start()
+///     .unwrap();
+/// let d = Dispatcher::new(backends);
+/// let id = d.dispatch("echo", serde_json::json!({"hi": 1}), 5, DispatchOptions::default()).await.unwrap();
+/// let done = d.wait(&id, Duration::from_secs(5)).await.unwrap();
+/// assert_eq!(done.state.result, Some(serde_json::json!({"hi": 1})));
+/// worker.shutdown().await;
+/// # });
+/// ```
+pub struct Worker {
+    inner: Inner,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("worker_id", &self.inner.worker_id)
+            .field("queues", &self.inner.handlers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Worker {
+    /// A worker with no queues yet.
+    pub fn new(backends: Backends, config: WorkerConfig) -> Self {
+        Worker {
+            inner: Inner {
+                backends,
+                worker_id: Arc::from(config.worker_id.as_str()),
+                config,
+                handlers: HashMap::new(),
+                metrics: Arc::new(WorkerMetrics::default()),
+                observer: None,
+            },
+        }
+    }
+
+    /// Serves `queue` with `handler`. Errors on a malformed queue name.
+    pub fn handle(mut self, queue: &str, handler: Arc<dyn Handler>) -> Result<Self> {
+        let q = QueueName::parse(queue)?;
+        self.inner.handlers.insert(q, handler);
+        Ok(self)
+    }
+
+    /// Calls `f` after each attempt this worker finished (COMPLETED, FAILED, or PENDING again
+    /// for a retry), once the outcome is recorded and the message acked or nacked.
+    pub fn on_finished(mut self, f: impl Fn(&Finished) + Send + Sync + 'static) -> Self {
+        self.inner.observer = Some(Arc::new(f));
+        self
+    }
+
+    /// Starts serving in background tasks of the current tokio runtime.
+    pub fn start(self) -> Result<WorkerHandle> {
+        self.inner.config.validate()?;
+        if self.inner.handlers.is_empty() {
+            return Err(Error::config(
+                "worker.queues",
+                "a worker needs at least one queue to serve",
+            ));
+        }
+        let inner = Arc::new(self.inner);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (abandon_tx, abandon_rx) = watch::channel(false);
+        let (kill_tx, kill_rx) = watch::channel(false);
+        let slots = Arc::new(Semaphore::new(inner.config.concurrency));
+        let mut loops = Vec::new();
+        for queue in inner.handlers.keys() {
+            loops.push(tokio::spawn(fetch_loop(
+                inner.clone(),
+                queue.clone(),
+                slots.clone(),
+                stop_rx.clone(),
+                abandon_rx.clone(),
+                kill_rx.clone(),
+            )));
+        }
+        tracing::info!(
+            worker_id = %inner.worker_id,
+            queues = ?inner.handlers.keys().map(|q| q.as_str()).collect::<Vec<_>>(),
+            concurrency = inner.config.concurrency,
+            "worker started"
+        );
+        Ok(WorkerHandle {
+            inner,
+            slots,
+            loops,
+            stop_tx,
+            abandon_tx,
+            kill_tx,
+        })
+    }
+}
+
+/// A running worker. Dropping it without [`WorkerHandle::shutdown`] kills it like a crash.
+pub struct WorkerHandle {
+    inner: Arc<Inner>,
+    slots: Arc<Semaphore>,
+    loops: Vec<tokio::task::JoinHandle<()>>,
+    stop_tx: watch::Sender<bool>,
+    abandon_tx: watch::Sender<bool>,
+    kill_tx: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for WorkerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerHandle")
+            .field("worker_id", &self.inner.worker_id)
+            .finish()
+    }
+}
+
+/// What a graceful shutdown did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Tasks that were still running at the deadline and were handed back to their queue.
+    pub handed_back: u64,
+    /// True if every running task finished or was handed back in time.
+    pub clean: bool,
+}
+
+impl WorkerHandle {
+    /// This worker's id.
+    pub fn worker_id(&self) -> &str {
+        &self.inner.worker_id
+    }
+
+    /// The worker's counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.inner.metrics.snapshot()
+    }
+
+    /// Tasks running right now.
+    pub fn running(&self) -> usize {
+        self.inner.config.concurrency - self.slots.available_permits()
+    }
+
+    /// Graceful shutdown: stops fetching at once, lets running tasks finish until
+    /// `shutdown_timeout`, then hands the rest back to their queues (RUNNING → PENDING, message
+    /// released) so that another worker runs them. Nothing is lost.
+    pub async fn shutdown(self) -> ShutdownReport {
+        let timeout = self.inner.config.shutdown_timeout;
+        self.shutdown_within(timeout).await
+    }
+
+    /// [`shutdown`](Self::shutdown) with an explicit deadline for running tasks.
+    pub async fn shutdown_within(self, timeout: Duration) -> ShutdownReport {
+        let _ = self.stop_tx.send(true);
+        let total = self.inner.config.concurrency as u32;
+        let before = self.inner.metrics.handed_back.load(std::sync::atomic::Ordering::Relaxed);
+        let mut clean = tokio::time::timeout(timeout, self.slots.acquire_many(total))
+            .await
+            .is_ok();
+        if !clean {
+            tracing::warn!(worker_id = %self.inner.worker_id, running = self.running(), "shutdown deadline reached; handing running tasks back");
+            let _ = self.abandon_tx.send(true);
+            clean = tokio::time::timeout(
+                self.inner.config.backend_retry_budget,
+                self.slots.acquire_many(total),
+            )
+            .await
+            .is_ok();
+        }
+        for l in self.loops.iter() {
+            l.abort();
+        }
+        let after = self.inner.metrics.handed_back.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(worker_id = %self.inner.worker_id, handed_back = after - before, clean, "worker stopped");
+        let report = ShutdownReport {
+            handed_back: after - before,
+            clean,
+        };
+        report
+    }
+
+    /// Stops everything at once without recording anything, as if the process had crashed:
+    /// running tasks stay RUNNING until their lease ends and the monitor (or a redelivery)
+    /// hands them to another worker. For tests and demonstrations.
+    pub fn kill(self) {
+        let _ = self.kill_tx.send(true);
+        for l in &self.loops {
+            l.abort();
+        }
+        tracing::warn!(worker_id = %self.inner.worker_id, "worker killed");
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        let _ = self.kill_tx.send(true);
+        for l in &self.loops {
+            l.abort();
+        }
+    }
+}
+
+async fn fetch_loop(
+    inner: Arc<Inner>,
+    queue: QueueName,
+    slots: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+    abandon: watch::Receiver<bool>,
+    kill: watch::Receiver<bool>,
+) {
+    let handler = inner.handlers[&queue].clone();
+    let wait = if inner.handlers.len() > 1 {
+        inner.config.fetch_wait.min(Duration::from_millis(100))
+    } else {
+        inner.config.fetch_wait
+    };
+    let mut errors = 0u32;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let first = tokio::select! {
+            _ = stop.changed() => return,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let mut permits = vec![first];
+        while let Ok(p) = slots.clone().try_acquire_owned() {
+            permits.push(p);
+        }
+        let options = FetchOptions {
+            max: permits.len(),
+            wait,
+            lease: inner.config.lease,
+        };
+        let fetched = tokio::select! {
+            _ = stop.changed() => return,
+            r = inner.backends.bus.fetch(&queue, options) => r,
+        };
+        let deliveries = match fetched {
+            Ok(d) => {
+                errors = 0;
+                d
+            }
+            Err(e) => {
+                errors += 1;
+                WorkerMetrics::inc(&inner.metrics.backend_errors);
+                let pause = Backoff::backend().delay(errors);
+                if e.is_temporary() {
+                    tracing::warn!(queue = %queue, error = %e, "fetch failed; retrying");
+                } else {
+                    tracing::error!(queue = %queue, error = %e, "fetch failed with a permanent error; retrying");
+                }
+                drop(permits);
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        };
+        inner
+            .metrics
+            .fetched
+            .fetch_add(deliveries.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        for (delivery, permit) in deliveries.into_iter().zip(permits.drain(..)) {
+            let inner = inner.clone();
+            let handler = handler.clone();
+            let abandon = abandon.clone();
+            let mut kill = kill.clone();
+            tokio::spawn(async move {
+                let _permit: OwnedSemaphorePermit = permit;
+                tokio::select! {
+                    _ = kill.changed() => {}
+                    _ = process(&inner, handler, delivery, abandon) => {}
+                }
+            });
+        }
+    }
+}
+
+/// Runs a backend step through temporary errors (bounded by the worker's budget).
+async fn step<T, F, Fut>(inner: &Inner, what: &str, op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let r = with_backend_retry(what, inner.config.backend_retry_budget, op).await;
+    if let Err(e) = &r {
+        if e.is_temporary() || matches!(e, Error::Timeout(_)) {
+            WorkerMetrics::inc(&inner.metrics.backend_errors);
+        }
+    }
+    r
+}
+
+async fn process(
+    inner: &Inner,
+    handler: Arc<dyn Handler>,
+    delivery: Delivery,
+    abandon: watch::Receiver<bool>,
+) {
+    if let Err(e) = process_inner(inner, handler, &delivery, abandon).await {
+        // The message was neither acked nor nacked: its lease will end and it will be
+        // delivered again; the registry lease likewise lets the monitor recover the task.
+        tracing::error!(
+            queue = %delivery.queue,
+            message_id = %delivery.message_id,
+            error = %e,
+            "giving up on a delivery for now; it will be redelivered when its lease ends"
+        );
+    }
+}
+
+async fn process_inner(
+    inner: &Inner,
+    handler: Arc<dyn Handler>,
+    d: &Delivery,
+    abandon: watch::Receiver<bool>,
+) -> Result<()> {
+    let bus = inner.backends.bus.as_ref();
+    let registry = inner.backends.registry.as_ref();
+    let msg = match TaskMessage::decode(&d.payload) {
+        Ok(m) => m,
+        Err(e) => {
+            WorkerMetrics::inc(&inner.metrics.dead_lettered);
+            let reason = e.to_string();
+            return step(inner, "dead-letter", || bus.dead_letter(d, &reason)).await;
+        }
+    };
+    let id = msg.task_id;
+    let Some(task) = step(inner, "get task", || registry.get(&id)).await? else {
+        WorkerMetrics::inc(&inner.metrics.dead_lettered);
+        let reason = format!("task {id} is not in the registry");
+        return step(inner, "dead-letter", || bus.dead_letter(d, &reason)).await;
+    };
+    let now = Utc::now();
+    let claimable = match task.state.status {
+        TaskStatus::Pending => true,
+        TaskStatus::Running if task.lease_expired(now) => {
+            if task.attempts_left() {
+                tracing::warn!(task_id = %id, attempt = task.state.attempt, "taking over a task whose lease expired");
+                true
+            } else {
+                let failed = fail_expired(inner, &task).await?;
+                step(inner, "ack", || bus.ack(d)).await?;
+                if let Some(t) = failed {
+                    finished(inner, t).await;
+                }
+                return Ok(());
+            }
+        }
+        _ => false,
+    };
+    if !claimable {
+        WorkerMetrics::inc(&inner.metrics.skipped);
+        tracing::debug!(task_id = %id, status = %task.state.status, "delivery for a task that is not claimable; dropping it");
+        return step(inner, "ack", || bus.ack(d)).await;
+    }
+
+    // Claim: a new attempt, fenced by its number.
+    let attempt = task.state.attempt + 1;
+    let lease_until = now + chrono::Duration::from_std(inner.config.lease).unwrap_or_default();
+    let claim = TaskState {
+        status: TaskStatus::Running,
+        attempt,
+        worker_id: Some(inner.worker_id.to_string()),
+        result: None,
+        error: task.state.error.clone(),
+        lease_until: Some(lease_until),
+        heartbeat_at: Some(now),
+        started_at: Some(now),
+        finished_at: None,
+        updated_at: now,
+    };
+    let running = match step(inner, "claim", || {
+        registry.transition(&id, task.expect(), claim.clone())
+    })
+    .await
+    {
+        Ok(t) => t,
+        Err(Error::Conflict { .. }) => {
+            WorkerMetrics::inc(&inner.metrics.skipped);
+            tracing::debug!(task_id = %id, "another worker claimed it first");
+            return step(inner, "ack", || bus.ack(d)).await;
+        }
+        Err(e) => return Err(e),
+    };
+    WorkerMetrics::inc(&inner.metrics.claimed);
+    events::publish(bus, &running).await;
+    tracing::debug!(task_id = %id, attempt, "claimed");
+
+    let started = Instant::now();
+    let outcome = run_with_lease(inner, handler, &running, d, abandon).await;
+    inner.metrics.handler_micros.fetch_add(
+        started.elapsed().as_micros() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let expected = running.expect();
+    let now = Utc::now();
+    match outcome {
+        Outcome::LeaseLost => {
+            WorkerMetrics::inc(&inner.metrics.lease_lost);
+            tracing::warn!(task_id = %id, attempt, "lease lost to a newer attempt; discarding this attempt");
+            step(inner, "ack", || bus.ack(d)).await
+        }
+        Outcome::Abandoned => {
+            let next = TaskState {
+                status: TaskStatus::Pending,
+                error: Some("handed back by a worker shutting down".into()),
+                lease_until: None,
+                updated_at: now,
+                ..running.state.clone()
+            };
+            match step(inner, "hand back", || registry.transition(&id, expected, next.clone())).await {
+                Ok(t) => {
+                    WorkerMetrics::inc(&inner.metrics.handed_back);
+                    step(inner, "nack", || bus.nack(d, Duration::ZERO)).await?;
+                    events::publish(bus, &t).await;
+                    tracing::info!(task_id = %id, "handed back on shutdown");
+                }
+                Err(Error::Conflict { .. }) => step(inner, "ack", || bus.ack(d)).await?,
+                Err(e) => return Err(e),
+            }
+            Ok(())
+        }
+        Outcome::Done(Ok(result)) => {
+            let next = TaskState {
+                status: TaskStatus::Completed,
+                result: Some(result),
+                error: None,
+                lease_until: None,
+                finished_at: Some(now),
+                updated_at: now,
+                ..running.state.clone()
+            };
+            record(inner, d, &id, expected, next, Duration::ZERO, true).await
+        }
+        Outcome::Done(Err(err)) => {
+            let retry = err.retryable && running.attempts_left();
+            let next = TaskState {
+                status: if retry {
+                    TaskStatus::Pending
+                } else {
+                    TaskStatus::Failed
+                },
+                error: Some(err.message.clone()),
+                lease_until: None,
+                finished_at: (!retry).then_some(now),
+                updated_at: now,
+                ..running.state.clone()
+            };
+            let delay = if retry {
+                inner.config.retry.delay(attempt)
+            } else {
+                Duration::ZERO
+            };
+            tracing::info!(task_id = %id, attempt, retry, error = %err.message, "attempt failed");
+            record(inner, d, &id, expected, next, delay, !retry).await
+        }
+    }
+}
+
+/// Records an outcome by compare-and-set, then acks (terminal) or nacks with `delay` (retry).
+async fn record(
+    inner: &Inner,
+    d: &Delivery,
+    id: &crate::model::TaskId,
+    expected: crate::model::Expected,
+    next: TaskState,
+    delay: Duration,
+    terminal: bool,
+) -> Result<()> {
+    let bus = inner.backends.bus.as_ref();
+    let registry = inner.backends.registry.as_ref();
+    let stored = match step(inner, "record outcome", || {
+        registry.transition(id, expected, next.clone())
+    })
+    .await
+    {
+        Ok(t) => t,
+        Err(Error::Conflict { .. }) => {
+            WorkerMetrics::inc(&inner.metrics.lease_lost);
+            tracing::warn!(task_id = %id, "the task changed while running (lease lost); outcome discarded");
+            return step(inner, "ack", || bus.ack(d)).await;
+        }
+        Err(e) => return Err(e),
+    };
+    if terminal {
+        step(inner, "ack", || bus.ack(d)).await?;
+    } else {
+        step(inner, "nack", || bus.nack(d, delay)).await?;
+    }
+    match stored.state.status {
+        TaskStatus::Completed => WorkerMetrics::inc(&inner.metrics.completed),
+        TaskStatus::Failed => WorkerMetrics::inc(&inner.metrics.failed),
+        _ => WorkerMetrics::inc(&inner.metrics.retried),
+    }
+    finished(inner, stored).await;
+    Ok(())
+}
+
+/// After an outcome is recorded: publish the event, notify the observer, move dependents on.
+async fn finished(inner: &Inner, task: Task) {
+    events::publish(inner.backends.bus.as_ref(), &task).await;
+    if task.state.status.is_terminal() {
+        if let Err(e) = flow::parent_finished(&inner.backends, &task).await {
+            tracing::warn!(task_id = %task.task_id, error = %e, "could not update dependents now; the monitor will");
+        }
+    }
+    if let Some(obs) = &inner.observer {
+        obs(&Finished {
+            task,
+            at: Instant::now(),
+        });
+    }
+}
+
+/// Fails a RUNNING task whose lease expired with no attempts left.
+async fn fail_expired(inner: &Inner, task: &Task) -> Result<Option<Task>> {
+    let now = Utc::now();
+    let next = TaskState {
+        status: TaskStatus::Failed,
+        error: Some(format!(
+            "lease expired on attempt {} of {} (worker {} died or hung)",
+            task.state.attempt,
+            task.max_attempts,
+            task.state.worker_id.as_deref().unwrap_or("?")
+        )),
+        lease_until: None,
+        finished_at: Some(now),
+        updated_at: now,
+        ..task.state.clone()
+    };
+    match step(inner, "fail expired", || {
+        inner
+            .backends
+            .registry
+            .transition(&task.task_id, task.expect(), next.clone())
+    })
+    .await
+    {
+        Ok(t) => {
+            WorkerMetrics::inc(&inner.metrics.failed);
+            Ok(Some(t))
+        }
+        Err(Error::Conflict { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+enum Outcome {
+    Done(std::result::Result<Value, TaskError>),
+    LeaseLost,
+    Abandoned,
+}
+
+/// Runs the handler while renewing both leases; stops early if the lease is lost or the
+/// worker abandons running tasks at its shutdown deadline.
+async fn run_with_lease(
+    inner: &Inner,
+    handler: Arc<dyn Handler>,
+    running: &Task,
+    d: &Delivery,
+    mut abandon: watch::Receiver<bool>,
+) -> Outcome {
+    let ctx = TaskContext::new(
+        running.clone(),
+        inner.worker_id.clone(),
+        inner.backends.registry.clone(),
+    );
+    let timeout = inner.config.handler_timeout;
+    let work = async move {
+        let fut = AssertUnwindSafe(handler.handle(ctx)).catch_unwind();
+        let r = match timeout {
+            Some(t) => match tokio::time::timeout(t, fut).await {
+                Ok(r) => r,
+                Err(_) => return Err(TaskError::retryable(format!("handler timed out after {t:?}"))),
+            },
+            None => fut.await,
+        };
+        r.unwrap_or_else(|panic| {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic payload".into());
+            Err(TaskError::retryable(format!("handler panicked: {msg}")))
+        })
+    };
+    tokio::pin!(work);
+    let every = inner.config.heartbeat_every();
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut current = running.clone();
+    if *abandon.borrow() {
+        return Outcome::Abandoned;
+    }
+    loop {
+        tokio::select! {
+            r = &mut work => {
+                if let Err(e) = &r {
+                    if e.message.starts_with("handler panicked") {
+                        WorkerMetrics::inc(&inner.metrics.panics);
+                    }
+                }
+                return Outcome::Done(r);
+            }
+            _ = abandon.changed() => return Outcome::Abandoned,
+            _ = beat.tick() => {
+                match heartbeat(inner, &current, d).await {
+                    Ok(t) => current = t,
+                    Err(Error::Conflict { .. }) | Err(Error::TaskNotFound(_)) => return Outcome::LeaseLost,
+                    Err(e) => {
+                        WorkerMetrics::inc(&inner.metrics.backend_errors);
+                        tracing::warn!(task_id = %running.task_id, error = %e, "heartbeat failed; will try again");
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn heartbeat(inner: &Inner, current: &Task, d: &Delivery) -> Result<Task> {
+    let now = Utc::now();
+    let lease = inner.config.lease;
+    let next = TaskState {
+        lease_until: Some(now + chrono::Duration::from_std(lease).unwrap_or_default()),
+        heartbeat_at: Some(now),
+        updated_at: now,
+        ..current.state.clone()
+    };
+    let t = inner
+        .backends
+        .registry
+        .transition(&current.task_id, current.expect(), next)
+        .await?;
+    if let Err(e) = inner.backends.bus.extend(d, lease).await {
+        tracing::warn!(task_id = %current.task_id, error = %e, "could not extend the message lease");
+    }
+    Ok(t)
+}
