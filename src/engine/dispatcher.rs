@@ -118,7 +118,10 @@ impl Dispatcher {
             task.task_id = id.clone();
         }
         if task.depends_on.contains(&task.task_id) {
-            return Err(Error::invalid("depends_on", "a task cannot depend on itself"));
+            return Err(Error::invalid(
+                "depends_on",
+                "a task cannot depend on itself",
+            ));
         }
         Ok(task)
     }
@@ -242,7 +245,11 @@ impl Dispatcher {
             updated_at: now,
             ..task.state.clone()
         };
-        let updated = self.backends.registry.transition(id, task.expect(), next).await?;
+        let updated = self
+            .backends
+            .registry
+            .transition(id, task.expect(), next)
+            .await?;
         events::publish(self.backends.bus.as_ref(), &updated).await;
         flow::parent_finished(&self.backends, &updated).await?;
         Ok(updated)
@@ -253,7 +260,10 @@ impl Dispatcher {
     /// attempt; one that failed early (bad input) gets what is left of its budget.
     pub async fn retry(&self, id: &TaskId) -> Result<Task> {
         let task = self.get(id).await?;
-        if !matches!(task.state.status, TaskStatus::Failed | TaskStatus::Cancelled) {
+        if !matches!(
+            task.state.status,
+            TaskStatus::Failed | TaskStatus::Cancelled
+        ) {
             return Err(Error::IllegalTransition {
                 task_id: id.clone(),
                 from: task.state.status,
@@ -266,7 +276,11 @@ impl Dispatcher {
             updated_at: Utc::now(),
             ..task.state.clone()
         };
-        let updated = self.backends.registry.transition(id, task.expect(), next).await?;
+        let updated = self
+            .backends
+            .registry
+            .transition(id, task.expect(), next)
+            .await?;
         events::publish(self.backends.bus.as_ref(), &updated).await;
         flow::announce(&self.backends, &updated, Duration::ZERO).await?;
         Ok(updated)

@@ -41,7 +41,8 @@ impl TaskMessage {
 
 /// Puts `task` on its queue, ready after `delay`.
 pub async fn announce(b: &Backends, task: &Task, delay: Duration) -> Result<String> {
-    let msg = OutgoingMessage::new(TaskMessage::encode(&task.task_id), task.priority).delayed(delay);
+    let msg =
+        OutgoingMessage::new(TaskMessage::encode(&task.task_id), task.priority).delayed(delay);
     b.bus.enqueue(&task.queue, msg).await
 }
 
@@ -56,7 +57,11 @@ async fn readiness(b: &Backends, task: &Task) -> Result<Readiness> {
     let mut blocked = false;
     for parent in &task.depends_on {
         match b.registry.get(parent).await? {
-            None => return Ok(Readiness::Doomed(format!("dependency {parent} does not exist"))),
+            None => {
+                return Ok(Readiness::Doomed(format!(
+                    "dependency {parent} does not exist"
+                )))
+            }
             Some(p) => match p.state.status {
                 TaskStatus::Completed => {}
                 TaskStatus::Failed | TaskStatus::Cancelled => {
@@ -102,7 +107,11 @@ pub async fn resolve_waiting(b: &Backends, task: &Task) -> Result<()> {
                 ..task.state.clone()
             },
         };
-        let updated = match b.registry.transition(&task.task_id, task.expect(), next).await {
+        let updated = match b
+            .registry
+            .transition(&task.task_id, task.expect(), next)
+            .await
+        {
             Ok(t) => t,
             Err(Error::Conflict { .. }) => continue, // someone else moved it on
             Err(e) => return Err(e),

@@ -94,7 +94,10 @@ impl MetricsSnapshot {
             ("backend_errors", self.backend_errors),
         ] {
             let _ = writeln!(out, "# TYPE orchestra_worker_{name}_total counter");
-            let _ = writeln!(out, "orchestra_worker_{name}_total{{worker=\"{worker}\"}} {v}");
+            let _ = writeln!(
+                out,
+                "orchestra_worker_{name}_total{{worker=\"{worker}\"}} {v}"
+            );
         }
         let _ = writeln!(out, "# TYPE orchestra_worker_handler_seconds_total counter");
         let _ = writeln!(

@@ -156,7 +156,10 @@ impl Monitor {
 
     async fn recover_stale(&self, report: &mut MonitorReport) -> Result<()> {
         let b = &self.backends;
-        let stale = b.registry.stale_running(Utc::now(), self.config.batch).await?;
+        let stale = b
+            .registry
+            .stale_running(Utc::now(), self.config.batch)
+            .await?;
         for task in stale {
             let now = Utc::now();
             let retry = task.attempts_left();
@@ -185,7 +188,11 @@ impl Monitor {
                     ..task.state.clone()
                 }
             };
-            let updated = match b.registry.transition(&task.task_id, task.expect(), next).await {
+            let updated = match b
+                .registry
+                .transition(&task.task_id, task.expect(), next)
+                .await
+            {
                 Ok(t) => t,
                 Err(Error::Conflict { .. }) => continue, // renewed or finished meanwhile
                 Err(e) => return Err(e),
@@ -241,7 +248,11 @@ impl Monitor {
                 updated_at: Utc::now(),
                 ..task.state.clone()
             };
-            match b.registry.transition(&task.task_id, task.expect(), next).await {
+            match b
+                .registry
+                .transition(&task.task_id, task.expect(), next)
+                .await
+            {
                 Ok(t) => {
                     tracing::warn!(task_id = %t.task_id, "re-announcing a task pending for too long");
                     flow::announce(b, &t, Duration::ZERO).await?;
@@ -276,7 +287,9 @@ impl Monitor {
                         tracing::info!(counts = %r.counts, leader = r.leader, recovered = r.recovered, timed_out = r.timed_out, "monitor pass");
                         on_report(&r);
                     }
-                    Err(e) => tracing::warn!(error = %e, "monitor pass failed; trying again next interval"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "monitor pass failed; trying again next interval")
+                    }
                 }
             }
             if let Some(lease) = monitor.lease.lock().await.take() {

@@ -281,7 +281,11 @@ impl WorkerHandle {
     pub async fn shutdown_within(self, timeout: Duration) -> ShutdownReport {
         let _ = self.stop_tx.send(true);
         let total = self.inner.config.concurrency as u32;
-        let before = self.inner.metrics.handed_back.load(std::sync::atomic::Ordering::Relaxed);
+        let before = self
+            .inner
+            .metrics
+            .handed_back
+            .load(std::sync::atomic::Ordering::Relaxed);
         let mut clean = tokio::time::timeout(timeout, self.slots.acquire_many(total))
             .await
             .is_ok();
@@ -298,13 +302,16 @@ impl WorkerHandle {
         for l in self.loops.iter() {
             l.abort();
         }
-        let after = self.inner.metrics.handed_back.load(std::sync::atomic::Ordering::Relaxed);
+        let after = self
+            .inner
+            .metrics
+            .handed_back
+            .load(std::sync::atomic::Ordering::Relaxed);
         tracing::info!(worker_id = %self.inner.worker_id, handed_back = after - before, clean, "worker stopped");
-        let report = ShutdownReport {
+        ShutdownReport {
             handed_back: after - before,
             clean,
-        };
-        report
+        }
     }
 
     /// Stops everything at once without recording anything, as if the process had crashed:
@@ -383,10 +390,10 @@ async fn fetch_loop(
                 continue;
             }
         };
-        inner
-            .metrics
-            .fetched
-            .fetch_add(deliveries.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        inner.metrics.fetched.fetch_add(
+            deliveries.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         for (delivery, permit) in deliveries.into_iter().zip(permits.drain(..)) {
             let inner = inner.clone();
             let handler = handler.clone();
@@ -536,7 +543,11 @@ async fn process_inner(
                 updated_at: now,
                 ..running.state.clone()
             };
-            match step(inner, "hand back", || registry.transition(&id, expected, next.clone())).await {
+            match step(inner, "hand back", || {
+                registry.transition(&id, expected, next.clone())
+            })
+            .await
+            {
                 Ok(t) => {
                     WorkerMetrics::inc(&inner.metrics.handed_back);
                     step(inner, "nack", || bus.nack(d, Duration::ZERO)).await?;
@@ -699,7 +710,11 @@ async fn run_with_lease(
         let r = match timeout {
             Some(t) => match tokio::time::timeout(t, fut).await {
                 Ok(r) => r,
-                Err(_) => return Err(TaskError::retryable(format!("handler timed out after {t:?}"))),
+                Err(_) => {
+                    return Err(TaskError::retryable(format!(
+                        "handler timed out after {t:?}"
+                    )))
+                }
             },
             None => fut.await,
         };
