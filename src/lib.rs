@@ -20,7 +20,6 @@ pub mod registry;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
-
 pub use backends::{connect, BackendUrls, Backends, ConnectOptions};
 pub use bus::{Bus, DeadLetter, Delivery, FetchOptions, OutgoingMessage, QueueStats, Subscription};
 pub use error::{Error, Result};

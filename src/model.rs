@@ -532,7 +532,10 @@ mod tests {
     fn status_round_trips_through_its_wire_name() {
         for s in TaskStatus::ALL {
             assert_eq!(s.as_str().parse::<TaskStatus>().unwrap(), s);
-            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.as_str()));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
         }
         assert!("DONE".parse::<TaskStatus>().is_err());
     }

@@ -150,11 +150,7 @@ impl BackendUrls {
 /// ```
 pub async fn connect(urls: &BackendUrls, opts: &ConnectOptions) -> Result<Backends> {
     let mut groups: Vec<(String, Roles)> = Vec::new();
-    for (url, role) in [
-        (&urls.bus, 0usize),
-        (&urls.registry, 1),
-        (&urls.locks, 2),
-    ] {
+    for (url, role) in [(&urls.bus, 0usize), (&urls.registry, 1), (&urls.locks, 2)] {
         let idx = match groups.iter().position(|(u, _)| u == url) {
             Some(i) => i,
             None => {
@@ -249,7 +245,10 @@ pub fn redact_url(url: &str) -> String {
                 k.to_ascii_lowercase().as_str(),
                 "token" | "password" | "pass" | "secret" | "nkey" | "jwt"
             );
-            (k.into_owned(), if secret { "***".into() } else { v.into_owned() })
+            (
+                k.into_owned(),
+                if secret { "***".into() } else { v.into_owned() },
+            )
         })
         .collect();
     if !pairs.is_empty() {

@@ -11,7 +11,9 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::bus::{Bus, DeadLetter, Delivery, FetchOptions, OutgoingMessage, QueueStats, Subscription};
+use crate::bus::{
+    Bus, DeadLetter, Delivery, FetchOptions, OutgoingMessage, QueueStats, Subscription,
+};
 use crate::error::{Error, Result};
 use crate::model::{Priority, QueueName};
 
@@ -161,7 +163,12 @@ impl MemoryBus {
     }
 
     fn parse_receipt(receipt: &str) -> Result<(u64, u64)> {
-        let bad = || Error::invalid("receipt", format!("{receipt:?} is not a memory bus receipt"));
+        let bad = || {
+            Error::invalid(
+                "receipt",
+                format!("{receipt:?} is not a memory bus receipt"),
+            )
+        };
         let (id, generation) = receipt.split_once(':').ok_or_else(bad)?;
         Ok((
             id.parse().map_err(|_| bad())?,
@@ -365,7 +372,9 @@ impl Bus for MemoryBus {
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()> {
         let q = self.queue(&delivery.queue);
         if let Some(l) = Self::take_lease(&q, &delivery.receipt)? {
-            q.state.lock().bury(&delivery.queue, l.message, reason.to_string());
+            q.state
+                .lock()
+                .bury(&delivery.queue, l.message, reason.to_string());
         }
         Ok(())
     }

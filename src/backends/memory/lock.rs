@@ -119,10 +119,14 @@ impl LockManager for MemoryLockManager {
         validate_lock_key(key)?;
         let now = Utc::now();
         let st = self.state.lock();
-        Ok(st.held.get(key).filter(|h| h.expires_at > now).map(|h| LockHolder {
-            owner: h.owner.clone(),
-            fencing_token: h.fencing_token,
-            expires_at: h.expires_at,
-        }))
+        Ok(st
+            .held
+            .get(key)
+            .filter(|h| h.expires_at > now)
+            .map(|h| LockHolder {
+                owner: h.owner.clone(),
+                fencing_token: h.fencing_token,
+                expires_at: h.expires_at,
+            }))
     }
 }

@@ -26,7 +26,10 @@ struct State {
 }
 
 fn slot(s: TaskStatus) -> usize {
-    TaskStatus::ALL.iter().position(|x| *x == s).expect("listed")
+    TaskStatus::ALL
+        .iter()
+        .position(|x| *x == s)
+        .expect("listed")
 }
 
 fn micros(t: DateTime<Utc>) -> i64 {
@@ -35,7 +38,8 @@ fn micros(t: DateTime<Utc>) -> i64 {
 
 impl State {
     fn index(&mut self, t: &Task) {
-        self.by_status[slot(t.state.status)].insert((micros(t.state.updated_at), t.task_id.clone()));
+        self.by_status[slot(t.state.status)]
+            .insert((micros(t.state.updated_at), t.task_id.clone()));
         if t.state.status == TaskStatus::Running {
             let until = t.state.lease_until.map(micros).unwrap_or(i64::MIN);
             self.leases.insert((until, t.task_id.clone()));
@@ -43,7 +47,8 @@ impl State {
     }
 
     fn unindex(&mut self, t: &Task) {
-        self.by_status[slot(t.state.status)].remove(&(micros(t.state.updated_at), t.task_id.clone()));
+        self.by_status[slot(t.state.status)]
+            .remove(&(micros(t.state.updated_at), t.task_id.clone()));
         if t.state.status == TaskStatus::Running {
             let until = t.state.lease_until.map(micros).unwrap_or(i64::MIN);
             self.leases.remove(&(until, t.task_id.clone()));
@@ -176,16 +181,16 @@ impl Registry for MemoryRegistry {
                 }
             }
             let range: Box<dyn Iterator<Item = &IndexKey>> = match &after {
-                Some((cs, key)) if *cs == s => Box::new(
-                    st.by_status[s].range((
-                        std::ops::Bound::Excluded(key.clone()),
-                        std::ops::Bound::Unbounded,
-                    )),
-                ),
+                Some((cs, key)) if *cs == s => Box::new(st.by_status[s].range((
+                    std::ops::Bound::Excluded(key.clone()),
+                    std::ops::Bound::Unbounded,
+                ))),
                 _ => Box::new(st.by_status[s].iter()),
             };
             for key in range {
-                let Some(t) = st.tasks.get(&key.1) else { continue };
+                let Some(t) = st.tasks.get(&key.1) else {
+                    continue;
+                };
                 if filter.queue.as_ref().is_some_and(|q| *q != t.queue) {
                     continue;
                 }
@@ -243,7 +248,11 @@ impl Registry for MemoryRegistry {
     async fn purge_finished(&self, retention: &Retention) -> Result<u64> {
         let mut st = self.state.lock();
         let mut doomed: Vec<TaskId> = Vec::new();
-        for status in [TaskStatus::Completed, TaskStatus::Failed, TaskStatus::Cancelled] {
+        for status in [
+            TaskStatus::Completed,
+            TaskStatus::Failed,
+            TaskStatus::Cancelled,
+        ] {
             let index = &st.by_status[slot(status)];
             let by_count = retention
                 .max_count
