@@ -1,0 +1,570 @@
+//! The engine's end-to-end suite: dispatcher, workers and monitor on a given set of backends.
+//!
+//! Each function takes fresh [`Backends`] (isolated by a prefix) and proves one behaviour of the
+//! whole engine; [`engine_suite!`](crate::engine_suite) turns them into `#[tokio::test]`s.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+
+use crate::backends::Backends;
+use crate::engine::{
+    handler_fn, typed, Backoff, DispatchOptions, Dispatcher, Monitor, MonitorConfig, TaskContext,
+    TaskError, Worker, WorkerConfig, WorkerHandle,
+};
+use crate::model::{QueueName, TaskId, TaskStatus};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn quick_config(id: &str, concurrency: usize) -> WorkerConfig {
+    WorkerConfig {
+        worker_id: id.to_string(),
+        concurrency,
+        lease: Duration::from_secs(5),
+        fetch_wait: Duration::from_millis(200),
+        retry: Backoff {
+            base: Duration::from_millis(50),
+            factor: 2.0,
+            max: Duration::from_millis(200),
+            jitter: 0.0,
+        },
+        shutdown_timeout: Duration::from_secs(10),
+        backend_retry_budget: Duration::from_secs(20),
+        ..WorkerConfig::default()
+    }
+}
+
+fn echo() -> Arc<dyn crate::engine::Handler> {
+    handler_fn(|ctx: TaskContext| async move { Ok::<_, TaskError>(ctx.task.payload) })
+}
+
+async fn wait_done(d: &Dispatcher, id: &TaskId) -> crate::Task {
+    d.wait(id, LIMIT)
+        .await
+        .unwrap_or_else(|e| panic!("task {id} did not finish: {e}"))
+}
+
+/// The lab's Researcher → Writer pipeline, without polling: the Writer's task waits in WAITING
+/// until the Researcher's completes, then builds on its result.
+pub async fn research_pipeline_runs_writer_after_researcher(b: &Backends) {
+    let researcher = handler_fn(|ctx: TaskContext| async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let topic = ctx.task.payload["topic"].as_str().unwrap_or("?").to_string();
+        Ok::<_, TaskError>(json!({"summary": format!("findings about {topic}")}))
+    });
+    let writer = handler_fn(|ctx: TaskContext| async move {
+        let parents = ctx
+            .parent_results()
+            .await
+            .map_err(|e| TaskError::retryable(e.to_string()))?;
+        let findings = parents[0].1["summary"].as_str().unwrap_or("").to_string();
+        Ok::<_, TaskError>(json!({"report": format!("## Report\n{findings}")}))
+    });
+    let w = Worker::new(b.clone(), quick_config("pipeline-worker", 4))
+        .handle("research_tasks", researcher)
+        .unwrap()
+        .handle("writing_tasks", writer)
+        .unwrap()
+        .start()
+        .unwrap();
+    let d = Dispatcher::new(b.clone());
+    let r = d
+        .dispatch("research_tasks", json!({"topic": "AI agents"}), 3, DispatchOptions::default())
+        .await
+        .unwrap();
+    let wr = d
+        .dispatch(
+            "writing_tasks",
+            json!({"style": "formal"}),
+            5,
+            DispatchOptions::default().after([r.clone()]),
+        )
+        .await
+        .unwrap();
+    let writer_task = d.get(&wr).await.unwrap();
+    assert!(
+        matches!(writer_task.status(), TaskStatus::Waiting | TaskStatus::Pending | TaskStatus::Running | TaskStatus::Completed),
+        "writer task in unexpected state {}",
+        writer_task.status()
+    );
+    let research_done = wait_done(&d, &r).await;
+    let writing_done = wait_done(&d, &wr).await;
+    assert_eq!(research_done.status(), TaskStatus::Completed);
+    assert_eq!(writing_done.status(), TaskStatus::Completed, "writer: {:?}", writing_done.state.error);
+    assert_eq!(
+        writing_done.state.result,
+        Some(json!({"report": "## Report\nfindings about AI agents"}))
+    );
+    assert!(
+        writing_done.state.started_at.unwrap() >= research_done.state.finished_at.unwrap(),
+        "the writer started before the researcher finished"
+    );
+    w.shutdown().await;
+}
+
+/// A parent that fails makes its WAITING dependents fail with a reason naming it.
+pub async fn failed_parent_fails_its_dependents(b: &Backends) {
+    let w = Worker::new(b.clone(), quick_config("failing-parent", 2))
+        .handle(
+            "parents",
+            handler_fn(|_ctx| async { Err::<Value, _>(TaskError::permanent("source unavailable")) }),
+        )
+        .unwrap()
+        .start()
+        .unwrap();
+    let d = Dispatcher::new(b.clone());
+    let p = d
+        .dispatch("parents", json!({}), 5, DispatchOptions::default())
+        .await
+        .unwrap();
+    let child = d
+        .dispatch("children", json!({}), 5, DispatchOptions::default().after([p.clone()]))
+        .await
+        .unwrap();
+    let grandchild = d
+        .dispatch("children", json!({}), 5, DispatchOptions::default().after([child.clone()]))
+        .await
+        .unwrap();
+    assert_eq!(wait_done(&d, &p).await.status(), TaskStatus::Failed);
+    let c = wait_done(&d, &child).await;
+    assert_eq!(c.status(), TaskStatus::Failed);
+    let why = c.state.error.unwrap_or_default();
+    assert!(why.contains(p.as_str()) && why.contains("FAILED"), "reason: {why}");
+    assert_eq!(wait_done(&d, &grandchild).await.status(), TaskStatus::Failed);
+    w.shutdown().await;
+}
+
+/// With a backlog of mixed priorities and one slot, urgent tasks finish first.
+pub async fn urgent_tasks_finish_first_under_a_backlog(b: &Backends) {
+    let d = Dispatcher::new(b.clone());
+    let priorities = [8, 3, 10, 1, 5, 7, 2, 9, 4, 6, 1, 10, 5, 3, 8, 2, 7, 4, 9, 6];
+    let mut ids = Vec::new();
+    for (i, p) in priorities.iter().enumerate() {
+        ids.push(
+            d.dispatch("backlog", json!({"i": i}), *p, DispatchOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let seen = order.clone();
+    let w = Worker::new(b.clone(), quick_config("backlog-worker", 1))
+        .handle("backlog", echo())
+        .unwrap()
+        .on_finished(move |f| seen.lock().push(f.task.priority.get()))
+        .start()
+        .unwrap();
+    for id in &ids {
+        assert_eq!(wait_done(&d, id).await.status(), TaskStatus::Completed);
+    }
+    w.shutdown().await;
+    let got = order.lock().clone();
+    let mut sorted = got.clone();
+    sorted.sort();
+    assert_eq!(got, sorted, "completion order by priority");
+    assert_eq!(got.len(), priorities.len());
+}
+
+/// A worker that dies mid-task leaves it RUNNING; when its lease ends the monitor hands it
+/// back and another worker completes it, exactly once.
+pub async fn killed_workers_task_is_recovered_and_completed_once(b: &Backends) {
+    let started = Arc::new(AtomicU32::new(0));
+    let completions = Arc::new(AtomicU32::new(0));
+    let s = started.clone();
+    let hang = handler_fn(move |_ctx| {
+        let s = s.clone();
+        async move {
+            s.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok::<_, TaskError>(json!("never"))
+        }
+    });
+    let mut cfg = quick_config("doomed-worker", 1);
+    cfg.lease = Duration::from_secs(1);
+    let doomed = Worker::new(b.clone(), cfg)
+        .handle("crashy", hang)
+        .unwrap()
+        .start()
+        .unwrap();
+    let d = Dispatcher::new(b.clone());
+    let id = d
+        .dispatch("crashy", json!({"job": "x"}), 5, DispatchOptions::default())
+        .await
+        .unwrap();
+    tokio::time::timeout(LIMIT, async {
+        while started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the first worker never started the task");
+    doomed.kill();
+    let t = d.get(&id).await.unwrap();
+    assert_eq!(t.status(), TaskStatus::Running);
+    assert_eq!(t.state.worker_id.as_deref(), Some("doomed-worker"));
+
+    let c = completions.clone();
+    let mut cfg = quick_config("rescuer", 2);
+    cfg.lease = Duration::from_secs(2);
+    let rescuer = Worker::new(b.clone(), cfg)
+        .handle(
+            "crashy",
+            handler_fn(move |_ctx| {
+                let c = c.clone();
+                async move {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, TaskError>(json!("done by rescuer"))
+                }
+            }),
+        )
+        .unwrap()
+        .start()
+        .unwrap();
+    let monitor = Monitor::new(
+        b.clone(),
+        MonitorConfig {
+            interval: Duration::from_millis(200),
+            ..MonitorConfig::default()
+        },
+    )
+    .start(|_| {})
+    .unwrap();
+    let done = wait_done(&d, &id).await;
+    assert_eq!(done.status(), TaskStatus::Completed);
+    assert_eq!(done.state.result, Some(json!("done by rescuer")));
+    assert_eq!(done.state.worker_id.as_deref(), Some("rescuer"));
+    assert_eq!(done.state.attempt, 2, "one attempt died, the second completed");
+    // Give any duplicate delivery time to show up, then check the handler ran once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(completions.load(Ordering::SeqCst), 1, "completed more than once");
+    monitor.shutdown().await;
+    rescuer.shutdown().await;
+}
+
+/// A handler that keeps failing is retried with backoff until its attempts are spent, then
+/// the task FAILS with the error kept.
+pub async fn failing_task_is_retried_then_failed(b: &Backends) {
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let w = Worker::new(b.clone(), quick_config("flaky", 2))
+        .handle(
+            "flaky",
+            handler_fn(move |ctx: TaskContext| {
+                let c = c.clone();
+                async move {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    Err::<Value, _>(TaskError::retryable(format!(
+                        "upstream 503 on attempt {}",
+                        ctx.task.state.attempt
+                    )))
+                }
+            }),
+        )
+        .unwrap()
+        .start()
+        .unwrap();
+    let d = Dispatcher::new(b.clone());
+    let id = d
+        .dispatch("flaky", json!({}), 5, DispatchOptions::default().max_attempts(3))
+        .await
+        .unwrap();
+    let t = wait_done(&d, &id).await;
+    assert_eq!(t.status(), TaskStatus::Failed);
+    assert_eq!(t.state.attempt, 3);
+    assert_eq!(t.state.error.as_deref(), Some("upstream 503 on attempt 3"));
+    assert!(t.state.finished_at.is_some());
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    let m = w.metrics();
+    assert_eq!((m.retried, m.failed, m.completed), (2, 1, 0), "{m:?}");
+    w.shutdown().await;
+}
+
+/// A panicking handler is an error like any other: the next attempt runs.
+pub async fn handler_panic_is_caught_and_retried(b: &Backends) {
+    let w = Worker::new(b.clone(), quick_config("panicky", 1))
+        .handle(
+            "panicky",
+            handler_fn(|ctx: TaskContext| async move {
+                if ctx.task.state.attempt == 1 {
+                    panic!("boom on the first attempt");
+                }
+                Ok::<_, TaskError>(json!("recovered"))
+            }),
+        )
+        .unwrap()
+        .start()
+        .unwrap();
+    let d = Dispatcher::new(b.clone());
+    let id = d
+        .dispatch("panicky", json!({}), 5, DispatchOptions::default())
+        .await
+        .unwrap();
+    let t = wait_done(&d, &id).await;
+    assert_eq!(t.status(), TaskStatus::Completed);
+    assert_eq!(t.state.attempt, 2);
+    assert_eq!(w.metrics().panics, 1);
+    w.shutdown().await;
+}
+
+/// A typed handler FAILS a task whose payload does not fit its input at once (no retry).
+pub async fn typed_handler_fails_bad_payload_without_retry(b: &Backends) {
+    #[derive(serde::Deserialize)]
+    struct Research {
+        topic: String,
+    }
+    let w = Worker::new(b.clone(), quick_config("typed", 1))
+        .handle(
+            "typed",
+            typed(|input: Research, _ctx: TaskContext| async move {
+                Ok::<_, TaskError>(json!({"topic": input.topic}))
+            }),
+        )
+        .unwrap()
+        .start()
+        .unwrap();
+    let d = Dispatcher::new(b.clone());
+    let good = d
+        .dispatch("typed", json!({"topic": "rust"}), 5, DispatchOptions::default())
+        .await
+        .unwrap();
+    let bad = d
+        .dispatch("typed", json!({"subject": 42}), 5, DispatchOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(wait_done(&d, &good).await.state.result, Some(json!({"topic": "rust"})));
+    let t = wait_done(&d, &bad).await;
+    assert_eq!(t.status(), TaskStatus::Failed);
+    assert_eq!(t.state.attempt, 1);
+    assert!(
+        t.state.error.as_deref().unwrap_or("").contains("payload does not match"),
+        "{:?}",
+        t.state.error
+    );
+    w.shutdown().await;
+}
+
+/// A malformed message on a queue is dead-lettered with a clear reason and the worker keeps
+/// serving the queue.
+pub async fn malformed_message_is_dead_lettered_and_worker_keeps_running(b: &Backends) {
+    let queue = QueueName::parse("mixed_input").unwrap();
+    b.bus
+        .enqueue(
+            &queue,
+            crate::bus::OutgoingMessage::new(b"this is not json".to_vec(), crate::Priority::HIGHEST),
+        )
+        .await
+        .unwrap();
+    b.bus
+        .enqueue(
+            &queue,
+            crate::bus::OutgoingMessage::new(
+                br#"{"task_id":"task_that_does_not_exist"}"#.to_vec(),
+                crate::Priority::HIGHEST,
+            ),
+        )
+        .await
+        .unwrap();
+    let w = Worker::new(b.clone(), quick_config("robust", 2))
+        .handle("mixed_input", echo())
+        .unwrap()
+        .start()
+        .unwrap();
+    let d = Dispatcher::new(b.clone());
+    let id = d
+        .dispatch("mixed_input", json!({"ok": true}), 5, DispatchOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(wait_done(&d, &id).await.status(), TaskStatus::Completed);
+    let dead = tokio::time::timeout(LIMIT, async {
+        loop {
+            let dl = b.bus.dead_letters(&queue, 10).await.unwrap();
+            if dl.len() >= 2 {
+                return dl;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the malformed messages were not dead-lettered");
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("malformed message")),
+        "reasons: {reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("not in the registry")),
+        "reasons: {reasons:?}"
+    );
+    assert!(dead.iter().any(|d| d.payload == b"this is not json"));
+    assert_eq!(w.metrics().dead_lettered, 2);
+    w.shutdown().await;
+}
+
+/// Graceful shutdown: a worker stopped with work running finishes or hands back everything;
+/// a second worker completes the rest; nothing is lost and nothing runs twice to completion.
+pub async fn graceful_shutdown_loses_nothing(b: &Backends) {
+    let completions: Arc<Mutex<HashMap<TaskId, u32>>> = Arc::default();
+    let make_handler = |completions: Arc<Mutex<HashMap<TaskId, u32>>>| {
+        handler_fn(move |ctx: TaskContext| {
+            let completions = completions.clone();
+            async move {
+                let ms = ctx.task.payload["ms"].as_u64().unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                *completions.lock().entry(ctx.task.task_id.clone()).or_default() += 1;
+                Ok::<_, TaskError>(json!("ok"))
+            }
+        })
+    };
+    let d = Dispatcher::new(b.clone());
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        // Some quick tasks, and some that outlive the shutdown deadline.
+        let ms = if i % 4 == 0 { 5_000 } else { 100 };
+        ids.push(
+            d.dispatch("shutdown_q", json!({"ms": ms}), 5, DispatchOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let first: WorkerHandle = Worker::new(b.clone(), quick_config("leaving", 4))
+        .handle("shutdown_q", make_handler(completions.clone()))
+        .unwrap()
+        .start()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = first.shutdown_within(Duration::from_millis(300)).await;
+    assert!(report.clean, "{report:?}");
+    let second = Worker::new(b.clone(), quick_config("staying", 8))
+        .handle("shutdown_q", make_handler(completions.clone()))
+        .unwrap()
+        .start()
+        .unwrap();
+    for id in &ids {
+        assert_eq!(wait_done(&d, id).await.status(), TaskStatus::Completed);
+    }
+    second.shutdown().await;
+    let c = completions.lock();
+    assert_eq!(c.len(), ids.len(), "every task ran to completion");
+    assert!(c.values().all(|n| *n == 1), "a task completed twice: {c:?}");
+}
+
+/// Cancelling a PENDING task stops it from running; a RUNNING one cannot be cancelled.
+pub async fn cancelled_task_never_runs(b: &Backends) {
+    let d = Dispatcher::new(b.clone());
+    let id = d
+        .dispatch("cancel_q", json!({}), 5, DispatchOptions::default())
+        .await
+        .unwrap();
+    let keep = d
+        .dispatch("cancel_q", json!({}), 5, DispatchOptions::default())
+        .await
+        .unwrap();
+    let c = d.cancel(&id).await.unwrap();
+    assert_eq!(c.status(), TaskStatus::Cancelled);
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let r = ran.clone();
+    let w = Worker::new(b.clone(), quick_config("canceller", 1))
+        .handle(
+            "cancel_q",
+            handler_fn(move |ctx: TaskContext| {
+                let r = r.clone();
+                async move {
+                    r.lock().push(ctx.task.task_id.clone());
+                    Ok::<_, TaskError>(json!(null))
+                }
+            }),
+        )
+        .unwrap()
+        .start()
+        .unwrap();
+    assert_eq!(wait_done(&d, &keep).await.status(), TaskStatus::Completed);
+    w.shutdown().await;
+    assert_eq!(*ran.lock(), vec![keep]);
+    assert_eq!(d.get(&id).await.unwrap().status(), TaskStatus::Cancelled);
+    let retried = d.retry(&id).await.unwrap();
+    assert_eq!(retried.status(), TaskStatus::Pending);
+}
+
+/// Bad input to the dispatcher is a typed error, never a panic.
+pub async fn dispatcher_rejects_bad_input_with_typed_errors(b: &Backends) {
+    let d = Dispatcher::new(b.clone());
+    let o = DispatchOptions::default;
+    let e = d.dispatch("q", json!({}), 0, o()).await.unwrap_err();
+    assert!(e.to_string().contains("priority"), "{e}");
+    let e = d.dispatch("bad queue!", json!({}), 5, o()).await.unwrap_err();
+    assert!(e.to_string().contains("queue"), "{e}");
+    let e = d.dispatch("", json!({}), 5, o()).await.unwrap_err();
+    assert!(e.to_string().contains("empty"), "{e}");
+    let e = d
+        .dispatch("q", json!({}), 5, o().max_attempts(0))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("max_attempts"), "{e}");
+    let ghost = TaskId::parse("task_ghost").unwrap();
+    let e = d
+        .dispatch("q", json!({}), 5, o().after([ghost]))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("does not exist"), "{e}");
+    let big = json!({"blob": "x".repeat(3 * 1024 * 1024)});
+    let e = d.dispatch("q", big, 5, o()).await.unwrap_err();
+    assert!(e.to_string().contains("limit"), "{e}");
+    let id = d.dispatch("q", json!({}), 5, o()).await.unwrap();
+    let dup = DispatchOptions {
+        task_id: Some(id.clone()),
+        ..o()
+    };
+    assert!(matches!(
+        d.dispatch("q", json!({}), 5, dup).await.unwrap_err(),
+        crate::Error::TaskExists(_)
+    ));
+    let missing = TaskId::parse("task_missing").unwrap();
+    assert!(matches!(
+        d.get(&missing).await.unwrap_err(),
+        crate::Error::TaskNotFound(_)
+    ));
+}
+
+/// Expands to one `#[tokio::test]` per function of this module, each on fresh backends made by
+/// `$make(prefix)` and cleaned by `$cleanup(prefix)` afterwards (also when the test fails).
+#[macro_export]
+macro_rules! engine_suite {
+    ($make:path, $cleanup:path) => {
+        $crate::__engine_case!($make, $cleanup, research_pipeline_runs_writer_after_researcher);
+        $crate::__engine_case!($make, $cleanup, failed_parent_fails_its_dependents);
+        $crate::__engine_case!($make, $cleanup, urgent_tasks_finish_first_under_a_backlog);
+        $crate::__engine_case!($make, $cleanup, killed_workers_task_is_recovered_and_completed_once);
+        $crate::__engine_case!($make, $cleanup, failing_task_is_retried_then_failed);
+        $crate::__engine_case!($make, $cleanup, handler_panic_is_caught_and_retried);
+        $crate::__engine_case!($make, $cleanup, typed_handler_fails_bad_payload_without_retry);
+        $crate::__engine_case!($make, $cleanup, malformed_message_is_dead_lettered_and_worker_keeps_running);
+        $crate::__engine_case!($make, $cleanup, graceful_shutdown_loses_nothing);
+        $crate::__engine_case!($make, $cleanup, cancelled_task_never_runs);
+        $crate::__engine_case!($make, $cleanup, dispatcher_rejects_bad_input_with_typed_errors);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __engine_case {
+    ($make:path, $cleanup:path, $name:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let prefix = $crate::testkit::harness::unique_prefix(stringify!($name));
+            let backends = $make(&prefix).await;
+            let outcome =
+                tokio::spawn(async move { $crate::testkit::engine::$name(&backends).await }).await;
+            $cleanup(&prefix).await;
+            if let Err(e) = outcome {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+                panic!("test task was cancelled: {e}");
+            }
+        }
+    };
+}
