@@ -1,4 +1,49 @@
-//! Configuration shared by the CLI and embedding services.
+//! Configuration shared by the `orchestra` CLI and embedding services.
+//!
+//! A [`Config`] is built in layers, each overriding the one before:
+//!
+//! 1. the defaults ([`Config::default`]: the in-memory backend, empty prefix, 8 worker slots,
+//!    a 30 s lease...);
+//! 2. a TOML file, given with `--config PATH` or the `ORCHESTRA_CONFIG` variable (unknown keys
+//!    are rejected, so a typo never goes unnoticed);
+//! 3. the environment ([`ENV_VARS`]: `ORCHESTRA_URL`, `ORCHESTRA_BUS_URL`,
+//!    `ORCHESTRA_REGISTRY_URL`, `ORCHESTRA_LOCKS_URL`, `ORCHESTRA_PREFIX` and a few timings);
+//! 4. the CLI's flags (applied by the CLI on the loaded value).
+//!
+//! Within one layer a role's own URL (`bus_url`, ...) beats the shared `url`; a later layer's
+//! `url` replaces every URL of the earlier layers (so `--url` alone always decides).
+//!
+//! Every mistake is an [`Error::Config`] naming the key (`worker.lease`, `ORCHESTRA_URL`, ...)
+//! and the reason. URLs are shown only through [`redact_url`]: the `Debug` and `Display` of a
+//! config never contain a password or token.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use agent_orchestra::config::Config;
+//! let config = Config::from_toml_str(r#"
+//!     url = "memory://"
+//!     prefix = "shop_"
+//!     [worker]
+//!     concurrency = 4
+//!     lease = "10s"
+//! "#).unwrap();
+//! assert_eq!(config.worker_config().concurrency, 4);
+//! let backends = config.connect().await.unwrap();
+//! assert_eq!(backends.bus.backend(), "memory");
+//! # });
+//! ```
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backends::{redact_url, BackendUrls, Backends, ConnectOptions};
+use crate::engine::{Backoff, MonitorConfig, WorkerConfig};
+use crate::error::{Error, Result};
+use crate::model::Limits;
+use crate::registry::Retention;
 
 /// Serde helpers for `Option<Duration>` written as humane strings (`"250ms"`, `"30s"`, `"5m"`,
 /// `"2h"`) or a number of seconds.
@@ -35,7 +80,7 @@ pub mod duration_opt {
     }
 }
 
-/// Parses `"250ms"`, `"30s"`, `"5m"`, `"2h"` or a bare number of seconds.
+/// Parses `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"` or a bare number of seconds.
 ///
 /// ```
 /// use agent_orchestra::config::parse_duration;
@@ -45,7 +90,6 @@ pub mod duration_opt {
 /// assert!(parse_duration("soon").is_err());
 /// ```
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    use std::time::Duration;
     let t = text.trim();
     let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
         Some(i) => (&t[..i], &t[i..]),
@@ -63,13 +107,14 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
+        "d" => n * 86_400.0,
         _ => {
             return Err(format!(
-                "{text:?} has unknown unit {unit:?} (use ms, s, m or h)"
+                "{text:?} has unknown unit {unit:?} (use ms, s, m, h or d)"
             ))
         }
     };
-    Ok(Duration::from_secs_f64(secs))
+    std::time::Duration::try_from_secs_f64(secs).map_err(|_| format!("{text:?} is too long"))
 }
 
 /// Formats a duration the way [`parse_duration`] reads it.
@@ -96,5 +141,885 @@ pub mod duration_serde {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         super::duration_opt::deserialize(d)?
             .ok_or_else(|| serde::de::Error::custom("a duration is required"))
+    }
+}
+
+/// Serde helpers for an optional duration where the word `"never"` (or `"off"`, `"none"`)
+/// means `None`, so that TOML, which has no null, can switch a default timer off.
+mod duration_or_never {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&super::format_duration(*d)),
+            None => s.serialize_str("never"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Text(t) if super::is_never(&t) => Ok(None),
+            Raw::Text(t) => super::parse_duration(&t)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            Raw::Secs(s) if s >= 0.0 && s.is_finite() => Ok(Some(Duration::from_secs_f64(s))),
+            Raw::Secs(s) => Err(serde::de::Error::custom(format!(
+                "duration must be a non-negative number of seconds, got {s}"
+            ))),
+        }
+    }
+}
+
+fn is_never(text: &str) -> bool {
+    matches!(
+        text.trim().to_ascii_lowercase().as_str(),
+        "never" | "off" | "none"
+    )
+}
+
+/// The environment variable naming a TOML configuration file.
+pub const ENV_CONFIG: &str = "ORCHESTRA_CONFIG";
+
+/// Every environment variable [`Config::apply_env`] reads, with the key it sets.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("ORCHESTRA_URL", "url"),
+    ("ORCHESTRA_BUS_URL", "bus_url"),
+    ("ORCHESTRA_REGISTRY_URL", "registry_url"),
+    ("ORCHESTRA_LOCKS_URL", "locks_url"),
+    ("ORCHESTRA_PREFIX", "prefix"),
+    ("ORCHESTRA_MAX_DELIVERIES", "max_deliveries"),
+    ("ORCHESTRA_CONNECT_TIMEOUT", "connect_timeout"),
+    ("ORCHESTRA_MAX_PAYLOAD_BYTES", "limits.max_payload_bytes"),
+    ("ORCHESTRA_CONCURRENCY", "worker.concurrency"),
+    ("ORCHESTRA_LEASE", "worker.lease"),
+    ("ORCHESTRA_HEARTBEAT", "worker.heartbeat"),
+    ("ORCHESTRA_HANDLER_TIMEOUT", "worker.handler_timeout"),
+    ("ORCHESTRA_SHUTDOWN_TIMEOUT", "worker.shutdown_timeout"),
+    ("ORCHESTRA_MONITOR_INTERVAL", "monitor.interval"),
+];
+
+/// The URL used for a role that no layer configured.
+pub const DEFAULT_URL: &str = "memory://";
+
+/// URL schemes the crate knows (whether or not their cargo feature is compiled in).
+const KNOWN_SCHEMES: &[&str] = &["memory", "redis", "rediss", "nats", "tls", "amqp", "amqps"];
+
+/// Everything agent-orchestra can be configured with. See the [module docs](self) for the
+/// loading order and an example.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// One URL for the bus, the registry and the locks (`memory://` when nothing is set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The bus's URL, if it differs from `url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bus_url: Option<String>,
+    /// The registry's URL, if it differs from `url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry_url: Option<String>,
+    /// The lock manager's URL, if it differs from `url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locks_url: Option<String>,
+    /// Namespace put in front of every key, stream, subject, queue and exchange (`""`).
+    pub prefix: String,
+    /// Deliveries of one queue message before it is dead-lettered (10).
+    pub max_deliveries: u32,
+    /// How long to wait for a broker to accept a connection (5 s).
+    #[serde(with = "duration_serde")]
+    pub connect_timeout: Duration,
+    /// Bounds on incoming tasks.
+    pub limits: LimitsSection,
+    /// How workers behave.
+    pub worker: WorkerSection,
+    /// How the monitor behaves.
+    pub monitor: MonitorSection,
+}
+
+/// The `[limits]` table: bounds on incoming tasks (see [`Limits`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Largest payload, in bytes of its JSON encoding (2 MiB).
+    pub max_payload_bytes: usize,
+    /// Largest `max_attempts` a task may ask for (100).
+    pub max_attempts_cap: u32,
+    /// Most dependencies one task may have (64).
+    pub max_dependencies: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let l = Limits::default();
+        LimitsSection {
+            max_payload_bytes: l.max_payload_bytes,
+            max_attempts_cap: l.max_attempts_cap,
+            max_dependencies: l.max_dependencies,
+        }
+    }
+}
+
+/// The `[worker]` table (see [`WorkerConfig`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSection {
+    /// The worker's id (default `worker-<pid>-<4 hex>`, unique per process).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Tasks run at once (8).
+    pub concurrency: usize,
+    /// How long a claim lasts without a heartbeat (30 s).
+    #[serde(with = "duration_serde")]
+    pub lease: Duration,
+    /// How often a running task renews its lease (default: a third of the lease).
+    #[serde(
+        with = "duration_opt",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub heartbeat: Option<Duration>,
+    /// How long one fetch waits for work (1 s).
+    #[serde(with = "duration_serde")]
+    pub fetch_wait: Duration,
+    /// Fails an attempt running longer than this (`"never"` by default).
+    #[serde(with = "duration_or_never")]
+    pub handler_timeout: Option<Duration>,
+    /// How long a graceful shutdown waits for running tasks (30 s).
+    #[serde(with = "duration_serde")]
+    pub shutdown_timeout: Duration,
+    /// How long a backend call is retried through temporary errors (60 s).
+    #[serde(with = "duration_serde")]
+    pub backend_retry_budget: Duration,
+    /// Backoff between a task's attempts.
+    pub retry: RetrySection,
+}
+
+impl Default for WorkerSection {
+    fn default() -> Self {
+        let w = WorkerConfig::default();
+        WorkerSection {
+            id: None,
+            concurrency: w.concurrency,
+            lease: w.lease,
+            heartbeat: w.heartbeat,
+            fetch_wait: w.fetch_wait,
+            handler_timeout: w.handler_timeout,
+            shutdown_timeout: w.shutdown_timeout,
+            backend_retry_budget: w.backend_retry_budget,
+            retry: RetrySection::from(w.retry),
+        }
+    }
+}
+
+/// The `[worker.retry]` table (see [`Backoff`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySection {
+    /// The first delay (1 s).
+    #[serde(with = "duration_serde")]
+    pub base: Duration,
+    /// Growth per attempt (2.0).
+    pub factor: f64,
+    /// The largest delay (5 min).
+    #[serde(with = "duration_serde")]
+    pub max: Duration,
+    /// Randomised fraction of each delay, 0..=1 (0.2).
+    pub jitter: f64,
+}
+
+impl Default for RetrySection {
+    fn default() -> Self {
+        RetrySection::from(Backoff::default())
+    }
+}
+
+impl From<Backoff> for RetrySection {
+    fn from(b: Backoff) -> Self {
+        RetrySection {
+            base: b.base,
+            factor: b.factor,
+            max: b.max,
+            jitter: b.jitter,
+        }
+    }
+}
+
+impl From<RetrySection> for Backoff {
+    fn from(r: RetrySection) -> Self {
+        Backoff {
+            base: r.base,
+            factor: r.factor,
+            max: r.max,
+            jitter: r.jitter,
+        }
+    }
+}
+
+/// The `[monitor]` table (see [`MonitorConfig`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MonitorSection {
+    /// The monitor's id (default `monitor-<pid>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Time between passes (5 s).
+    #[serde(with = "duration_serde")]
+    pub interval: Duration,
+    /// The lock that elects the acting monitor (`monitor`).
+    pub lock_key: String,
+    /// Re-announce PENDING tasks unchanged this long (10 min; `"never"` to switch off).
+    #[serde(with = "duration_or_never")]
+    pub reannounce_pending_after: Option<Duration>,
+    /// Most tasks handled per kind per pass (500).
+    pub batch: usize,
+    /// How long finished tasks are kept (forever by default).
+    pub retention: RetentionSection,
+}
+
+impl Default for MonitorSection {
+    fn default() -> Self {
+        let m = MonitorConfig::default();
+        MonitorSection {
+            id: None,
+            interval: m.interval,
+            lock_key: m.lock_key,
+            reannounce_pending_after: m.reannounce_pending_after,
+            batch: m.batch,
+            retention: RetentionSection::default(),
+        }
+    }
+}
+
+/// The `[monitor.retention]` table (see [`Retention`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionSection {
+    /// Delete finished tasks older than this (e.g. `"7d"`).
+    #[serde(
+        with = "duration_opt",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub max_age: Option<Duration>,
+    /// Keep at most this many finished tasks per status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_count: Option<u64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let c = ConnectOptions::default();
+        Config {
+            url: None,
+            bus_url: None,
+            registry_url: None,
+            locks_url: None,
+            prefix: c.prefix,
+            max_deliveries: c.max_deliveries,
+            connect_timeout: c.connect_timeout,
+            limits: LimitsSection::default(),
+            worker: WorkerSection::default(),
+            monitor: MonitorSection::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses a TOML document over the defaults (no environment, no validation of ranges yet:
+    /// see [`Config::validate`]). Errors name the offending key.
+    pub fn from_toml_str(text: &str) -> Result<Config> {
+        toml::from_str(text).map_err(|e| toml_error(text, &e, None))
+    }
+
+    /// Reads a TOML file over the defaults. Errors name the file and the key.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::config(
+                ENV_CONFIG,
+                format!("cannot read config file {}: {e}", path.display()),
+            )
+        })?;
+        toml::from_str(&text).map_err(|e| toml_error(&text, &e, Some(path)))
+    }
+
+    /// Loads defaults < the TOML file (`path`, else `$ORCHESTRA_CONFIG` if set) < the process
+    /// environment, then validates.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        Config::load_with(path, |k| std::env::var(k).ok())
+    }
+
+    /// [`Config::load`] with an explicit environment lookup (for tests and embedding services
+    /// that keep their settings elsewhere).
+    pub fn load_with(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let from_env = env(ENV_CONFIG).filter(|p| !p.trim().is_empty());
+        let mut config = match (path, from_env) {
+            (Some(p), _) => Config::from_file(p)?,
+            (None, Some(p)) => Config::from_file(Path::new(&p))?,
+            (None, None) => Config::default(),
+        };
+        config.apply_env_with(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies the process environment ([`ENV_VARS`]) over this config.
+    pub fn apply_env(&mut self) -> Result<()> {
+        self.apply_env_with(|k| std::env::var(k).ok())
+    }
+
+    /// Applies the variables of [`ENV_VARS`] found by `env` (empty values count as unset).
+    /// Errors name the variable.
+    pub fn apply_env_with(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<()> {
+        let get = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+        let duration = |k: &str| -> Result<Option<Duration>> {
+            get(k)
+                .map(|v| parse_duration(&v).map_err(|reason| Error::config(k, reason)))
+                .transpose()
+        };
+        let number = |k: &str| -> Result<Option<u64>> {
+            get(k)
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| {
+                        Error::config(k, format!("{v:?} is not a non-negative whole number"))
+                    })
+                })
+                .transpose()
+        };
+        self.set_urls(
+            get("ORCHESTRA_URL"),
+            get("ORCHESTRA_BUS_URL"),
+            get("ORCHESTRA_REGISTRY_URL"),
+            get("ORCHESTRA_LOCKS_URL"),
+        );
+        if let Some(p) = env("ORCHESTRA_PREFIX") {
+            // An empty prefix is a legitimate value (the lab's key names).
+            self.prefix = p.trim().to_string();
+        }
+        if let Some(n) = number("ORCHESTRA_MAX_DELIVERIES")? {
+            self.max_deliveries = to_u32("ORCHESTRA_MAX_DELIVERIES", n)?;
+        }
+        if let Some(d) = duration("ORCHESTRA_CONNECT_TIMEOUT")? {
+            self.connect_timeout = d;
+        }
+        if let Some(n) = number("ORCHESTRA_MAX_PAYLOAD_BYTES")? {
+            self.limits.max_payload_bytes = n as usize;
+        }
+        if let Some(n) = number("ORCHESTRA_CONCURRENCY")? {
+            self.worker.concurrency = n as usize;
+        }
+        if let Some(d) = duration("ORCHESTRA_LEASE")? {
+            self.worker.lease = d;
+        }
+        if let Some(d) = duration("ORCHESTRA_HEARTBEAT")? {
+            self.worker.heartbeat = Some(d);
+        }
+        if let Some(v) = get("ORCHESTRA_HANDLER_TIMEOUT") {
+            self.worker.handler_timeout = if is_never(&v) {
+                None
+            } else {
+                Some(
+                    parse_duration(&v)
+                        .map_err(|reason| Error::config("ORCHESTRA_HANDLER_TIMEOUT", reason))?,
+                )
+            };
+        }
+        if let Some(d) = duration("ORCHESTRA_SHUTDOWN_TIMEOUT")? {
+            self.worker.shutdown_timeout = d;
+        }
+        if let Some(d) = duration("ORCHESTRA_MONITOR_INTERVAL")? {
+            self.monitor.interval = d;
+        }
+        Ok(())
+    }
+
+    /// Applies one layer's URLs: a shared `url` replaces every URL set by earlier layers; a
+    /// role's own URL then overrides it for that role. `None` leaves things as they are.
+    pub fn set_urls(
+        &mut self,
+        url: Option<String>,
+        bus_url: Option<String>,
+        registry_url: Option<String>,
+        locks_url: Option<String>,
+    ) {
+        if let Some(u) = url {
+            self.url = Some(u);
+            self.bus_url = None;
+            self.registry_url = None;
+            self.locks_url = None;
+        }
+        if bus_url.is_some() {
+            self.bus_url = bus_url;
+        }
+        if registry_url.is_some() {
+            self.registry_url = registry_url;
+        }
+        if locks_url.is_some() {
+            self.locks_url = locks_url;
+        }
+    }
+
+    /// Checks every value; the error names the first bad key and says why.
+    pub fn validate(&self) -> Result<()> {
+        for (key, url) in [
+            ("url", &self.url),
+            ("bus_url", &self.bus_url),
+            ("registry_url", &self.registry_url),
+            ("locks_url", &self.locks_url),
+        ] {
+            if let Some(u) = url {
+                check_url(key, u)?;
+            }
+        }
+        if self.prefix.len() > 64 {
+            return Err(Error::config(
+                "prefix",
+                format!("must be at most 64 characters, is {}", self.prefix.len()),
+            ));
+        }
+        if let Some(bad) = self
+            .prefix
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')))
+        {
+            return Err(Error::config(
+                "prefix",
+                format!("contains {bad:?}; use ASCII letters, digits and _ - . :"),
+            ));
+        }
+        if self.max_deliveries == 0 {
+            return Err(Error::config("max_deliveries", "must be at least 1"));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(Error::config(
+                "connect_timeout",
+                "must be greater than zero",
+            ));
+        }
+        if self.limits.max_payload_bytes == 0 {
+            return Err(Error::config(
+                "limits.max_payload_bytes",
+                "must be at least 1",
+            ));
+        }
+        if self.limits.max_attempts_cap == 0 {
+            return Err(Error::config(
+                "limits.max_attempts_cap",
+                "must be at least 1",
+            ));
+        }
+        if self.worker.fetch_wait.is_zero() {
+            return Err(Error::config(
+                "worker.fetch_wait",
+                "must be greater than zero",
+            ));
+        }
+        if self.worker.handler_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Error::config(
+                "worker.handler_timeout",
+                "must be greater than zero (or \"never\")",
+            ));
+        }
+        if self.worker.backend_retry_budget.is_zero() {
+            return Err(Error::config(
+                "worker.backend_retry_budget",
+                "must be greater than zero",
+            ));
+        }
+        self.worker_config().validate()?;
+        self.monitor_config().validate()
+    }
+
+    /// The URL of each role (`memory://` for a role nothing configured).
+    pub fn backend_urls(&self) -> BackendUrls {
+        let shared = self.url.as_deref().unwrap_or(DEFAULT_URL);
+        let pick = |own: &Option<String>| own.as_deref().unwrap_or(shared).to_string();
+        BackendUrls {
+            bus: pick(&self.bus_url),
+            registry: pick(&self.registry_url),
+            locks: pick(&self.locks_url),
+        }
+    }
+
+    /// True when every role runs on the in-memory backend (state lives in this process only).
+    pub fn is_memory(&self) -> bool {
+        let u = self.backend_urls();
+        [u.bus, u.registry, u.locks]
+            .iter()
+            .all(|u| u.trim_start().to_ascii_lowercase().starts_with("memory:"))
+    }
+
+    /// The options every backend gets.
+    pub fn connect_options(&self) -> ConnectOptions {
+        ConnectOptions {
+            prefix: self.prefix.clone(),
+            max_deliveries: self.max_deliveries,
+            connect_timeout: self.connect_timeout,
+        }
+    }
+
+    /// The dispatcher's input limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_payload_bytes: self.limits.max_payload_bytes,
+            max_attempts_cap: self.limits.max_attempts_cap,
+            max_dependencies: self.limits.max_dependencies,
+        }
+    }
+
+    /// A worker's configuration.
+    pub fn worker_config(&self) -> WorkerConfig {
+        let w = &self.worker;
+        WorkerConfig {
+            worker_id: w
+                .id
+                .clone()
+                .unwrap_or_else(crate::engine::default_worker_id),
+            concurrency: w.concurrency,
+            lease: w.lease,
+            heartbeat: w.heartbeat,
+            fetch_wait: w.fetch_wait,
+            retry: w.retry.into(),
+            handler_timeout: w.handler_timeout,
+            shutdown_timeout: w.shutdown_timeout,
+            backend_retry_budget: w.backend_retry_budget,
+        }
+    }
+
+    /// The retention of finished tasks.
+    pub fn retention(&self) -> Retention {
+        Retention {
+            max_age: self.monitor.retention.max_age,
+            max_count: self.monitor.retention.max_count,
+        }
+    }
+
+    /// A monitor's configuration.
+    pub fn monitor_config(&self) -> MonitorConfig {
+        let m = &self.monitor;
+        let defaults = MonitorConfig::default();
+        MonitorConfig {
+            monitor_id: m.id.clone().unwrap_or(defaults.monitor_id),
+            interval: m.interval,
+            lock_key: m.lock_key.clone(),
+            reannounce_pending_after: m.reannounce_pending_after,
+            retention: self.retention(),
+            batch: m.batch,
+        }
+    }
+
+    /// Validates, then connects the three roles.
+    pub async fn connect(&self) -> Result<Backends> {
+        self.validate()?;
+        crate::backends::connect(&self.backend_urls(), &self.connect_options()).await
+    }
+
+    /// A copy whose URLs have their secrets replaced by `***` (safe to print or log).
+    pub fn redacted(&self) -> Config {
+        let r = |u: &Option<String>| u.as_deref().map(redact_url);
+        Config {
+            url: r(&self.url),
+            bus_url: r(&self.bus_url),
+            registry_url: r(&self.registry_url),
+            locks_url: r(&self.locks_url),
+            ..self.clone()
+        }
+    }
+
+    /// The config as TOML, with secrets redacted.
+    pub fn to_toml_redacted(&self) -> String {
+        toml::to_string(&self.redacted())
+            .unwrap_or_else(|e| format!("# the configuration could not be shown: {e}\n"))
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.redacted();
+        f.debug_struct("Config")
+            .field("url", &c.url)
+            .field("bus_url", &c.bus_url)
+            .field("registry_url", &c.registry_url)
+            .field("locks_url", &c.locks_url)
+            .field("prefix", &c.prefix)
+            .field("max_deliveries", &c.max_deliveries)
+            .field("connect_timeout", &c.connect_timeout)
+            .field("limits", &c.limits)
+            .field("worker", &c.worker)
+            .field("monitor", &c.monitor)
+            .finish()
+    }
+}
+
+/// The redacted TOML form.
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_toml_redacted())
+    }
+}
+
+fn to_u32(key: &str, n: u64) -> Result<u32> {
+    u32::try_from(n).map_err(|_| Error::config(key, format!("{n} is too large")))
+}
+
+fn check_url(key: &str, url: &str) -> Result<()> {
+    let parsed = url::Url::parse(url.trim())
+        .map_err(|e| Error::config(key, format!("{} is not a URL: {e}", redact_url(url))))?;
+    if !KNOWN_SCHEMES.contains(&parsed.scheme()) {
+        return Err(Error::config(
+            key,
+            format!(
+                "{} has unknown scheme `{}`; expected memory://, redis://, rediss://, nats://, tls://, amqp:// or amqps://",
+                redact_url(url),
+                parsed.scheme()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Turns a TOML error into [`Error::Config`] naming the key (`worker.lease`) it is about.
+fn toml_error(source: &str, err: &toml::de::Error, file: Option<&Path>) -> Error {
+    let key = err
+        .span()
+        .and_then(|span| key_at(source, span.start))
+        .unwrap_or_else(|| "config".to_string());
+    let mut reason = err.message().trim().to_string();
+    if let Some(span) = err.span() {
+        let line = source[..span.start.min(source.len())].matches('\n').count() + 1;
+        reason = match file {
+            Some(p) => format!("{reason} (at {}:{line})", p.display()),
+            None => format!("{reason} (at line {line})"),
+        };
+    }
+    Error::config(key, reason)
+}
+
+/// The dotted key at byte offset `at`: the innermost `[table]` header above it plus the key
+/// on its line (a best effort for error messages; values never appear in the key).
+fn key_at(source: &str, at: usize) -> Option<String> {
+    let at = at.min(source.len());
+    let line_start = source[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = source[at..].find('\n').map_or(source.len(), |i| at + i);
+    let line = source[line_start..line_end].trim();
+    let mut table = String::new();
+    for l in source[..line_start].lines().rev() {
+        let l = l.trim();
+        if l.starts_with('[') {
+            table = l.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            break;
+        }
+    }
+    let key = if line.starts_with('[') {
+        // The error is about a whole table (e.g. an unknown `[wokrer]`).
+        return Some(
+            line.trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string(),
+        );
+    } else {
+        line.split('=').next()?.trim().trim_matches('"').to_string()
+    };
+    if key.is_empty() {
+        return (!table.is_empty()).then_some(table);
+    }
+    Some(if table.is_empty() {
+        key
+    } else {
+        format!("{table}.{key}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    fn key_of(e: Error) -> String {
+        match e {
+            Error::Config { key, .. } => key,
+            other => panic!("expected a config error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn defaults_use_memory_and_validate() {
+        let c = Config::load_with(None, env(&[])).unwrap();
+        assert_eq!(c.backend_urls(), BackendUrls::all("memory://"));
+        assert!(c.is_memory());
+        assert_eq!(c.connect_options(), ConnectOptions::default());
+        assert_eq!(c.worker_config().concurrency, 8);
+        assert_eq!(c.monitor_config().interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_env_overrides_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orchestra.toml");
+        std::fs::write(
+            &path,
+            r#"
+url = "redis://file-host:6379"
+prefix = "from_file_"
+[worker]
+concurrency = 3
+lease = "12s"
+[monitor]
+interval = "2s"
+reannounce_pending_after = "never"
+[monitor.retention]
+max_age = "7d"
+"#,
+        )
+        .unwrap();
+        let c = Config::load_with(Some(&path), env(&[])).unwrap();
+        assert_eq!(c.backend_urls(), BackendUrls::all("redis://file-host:6379"));
+        assert_eq!(c.prefix, "from_file_");
+        assert_eq!(c.worker.concurrency, 3);
+        assert_eq!(c.worker_config().lease, Duration::from_secs(12));
+        assert_eq!(c.monitor_config().reannounce_pending_after, None);
+        assert_eq!(c.retention().max_age, Some(Duration::from_secs(7 * 86_400)));
+
+        let c = Config::load_with(
+            Some(&path),
+            env(&[
+                ("ORCHESTRA_PREFIX", "from_env_"),
+                ("ORCHESTRA_CONCURRENCY", "5"),
+                ("ORCHESTRA_BUS_URL", "nats://env-host:4222"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.prefix, "from_env_");
+        assert_eq!(c.worker.concurrency, 5);
+        assert_eq!(c.worker.lease, Duration::from_secs(12), "untouched by env");
+        let urls = c.backend_urls();
+        assert_eq!(urls.bus, "nats://env-host:4222");
+        assert_eq!(urls.registry, "redis://file-host:6379");
+    }
+
+    #[test]
+    fn config_file_can_come_from_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.toml");
+        std::fs::write(&path, "prefix = \"via_env_file_\"\n").unwrap();
+        let p = path.to_string_lossy().to_string();
+        let c = Config::load_with(None, env(&[("ORCHESTRA_CONFIG", &p)])).unwrap();
+        assert_eq!(c.prefix, "via_env_file_");
+    }
+
+    #[test]
+    fn a_later_shared_url_replaces_earlier_role_urls() {
+        let mut c = Config::from_toml_str(
+            "bus_url = \"nats://a:4222\"\nregistry_url = \"redis://b:6379\"\n",
+        )
+        .unwrap();
+        c.apply_env_with(env(&[("ORCHESTRA_URL", "amqp://c:5672")]))
+            .unwrap();
+        assert_eq!(c.backend_urls(), BackendUrls::all("amqp://c:5672"));
+        // Flags are one more layer.
+        c.set_urls(None, None, Some("redis://flag:6379".into()), None);
+        assert_eq!(c.backend_urls().registry, "redis://flag:6379");
+        assert_eq!(c.backend_urls().bus, "amqp://c:5672");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let e = Config::from_toml_str("[worker]\nconcurency = 3\n").unwrap_err();
+        let msg = e.to_string();
+        assert_eq!(key_of(e), "worker.concurency");
+        assert!(msg.contains("unknown field"), "{msg}");
+        let e = Config::from_toml_str("urll = \"memory://\"\n").unwrap_err();
+        assert_eq!(key_of(e), "urll");
+        let e = Config::from_toml_str("[wokrer]\nconcurrency = 3\n").unwrap_err();
+        assert_eq!(key_of(e), "wokrer");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = Config::from_toml_str("[worker]\nlease = \"soon\"\n").unwrap_err();
+        assert_eq!(key_of(e), "worker.lease");
+        let e = Config::from_toml_str("[monitor.retention]\nmax_count = -1\n").unwrap_err();
+        assert_eq!(key_of(e), "monitor.retention.max_count");
+        let e = Config::load_with(None, env(&[("ORCHESTRA_LEASE", "ten seconds")])).unwrap_err();
+        assert_eq!(key_of(e), "ORCHESTRA_LEASE");
+        let e = Config::load_with(None, env(&[("ORCHESTRA_CONCURRENCY", "many")])).unwrap_err();
+        assert_eq!(key_of(e), "ORCHESTRA_CONCURRENCY");
+        let e = Config::load_with(None, env(&[("ORCHESTRA_CONCURRENCY", "0")])).unwrap_err();
+        assert_eq!(key_of(e), "worker.concurrency");
+        let e = Config::load_with(None, env(&[("ORCHESTRA_URL", "kafka://x")])).unwrap_err();
+        assert_eq!(key_of(e), "url");
+        let e = Config::load_with(None, env(&[("ORCHESTRA_PREFIX", "a b")])).unwrap_err();
+        assert_eq!(key_of(e), "prefix");
+        let e = Config::from_toml_str("[worker]\nlease = \"1s\"\nheartbeat = \"2s\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(key_of(e), "worker.heartbeat");
+        let e = Config::from_toml_str("max_deliveries = 0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(key_of(e), "max_deliveries");
+        let e = Config::from_toml_str("[worker.retry]\nfactor = 0.5\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(key_of(e), "worker.retry.factor");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_display_or_errors() {
+        let mut c = Config::default();
+        c.set_urls(
+            Some("redis://user:hunter2@host:6379".into()),
+            Some("nats://host:4222?token=s3cret".into()),
+            None,
+            None,
+        );
+        for text in [format!("{c:?}"), c.to_string(), c.to_toml_redacted()] {
+            assert!(!text.contains("hunter2"), "{text}");
+            assert!(!text.contains("s3cret"), "{text}");
+            assert!(text.contains("***"), "{text}");
+        }
+        let e =
+            Config::load_with(None, env(&[("ORCHESTRA_URL", "kafka://u:hunter2@x")])).unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn redacted_toml_round_trips() {
+        let c =
+            Config::from_toml_str("prefix = \"p_\"\n[worker]\nhandler_timeout = \"5m\"\n").unwrap();
+        let again = Config::from_toml_str(&c.to_toml_redacted()).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[tokio::test]
+    async fn connect_reports_a_disabled_feature_or_opens_memory() {
+        let c = Config::default();
+        assert_eq!(c.connect().await.unwrap().registry.backend(), "memory");
+        #[cfg(not(feature = "redis"))]
+        {
+            let mut c = Config::default();
+            c.set_urls(Some("redis://127.0.0.1:1".into()), None, None, None);
+            assert!(matches!(
+                c.connect().await,
+                Err(Error::FeatureDisabled { .. })
+            ));
+        }
     }
 }
