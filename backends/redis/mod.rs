@@ -1,1 +1,56 @@
-//! placeholder
+//! The Redis backend (feature `redis`): [`RedisBus`], [`RedisRegistry`] and
+//! [`RedisLockManager`] over one self-reconnecting multiplexed connection, plus a dedicated
+//! pub/sub connection for subscriptions.
+//!
+//! URLs: `redis://[user][:password]@host[:port][/db]` and `rediss://...` (TLS), with optional
+//! query parameters `tls_ca_file` (PEM of the CAs to trust instead of the system's, e.g. for a
+//! self-signed server), `tls_cert_file` + `tls_key_file` (mutual TLS) and `protocol`
+//! (`resp2`/`resp3`). The key layout, the Lua scripts, what is atomic, the round trips per
+//! operation and how keys map to Redis Cluster slots are in docs/backends/redis.md.
+//!
+//! ```no_run
+//! # async fn demo() -> agent_orchestra::Result<()> {
+//! use agent_orchestra::backends::{connect, BackendUrls, ConnectOptions};
+//! let b = connect(&BackendUrls::all("redis://127.0.0.1:6379/0"), &ConnectOptions::default()).await?;
+//! assert_eq!(b.registry.backend(), "redis");
+//! # Ok(()) }
+//! ```
+
+mod bus;
+mod codec;
+mod conn;
+mod keys;
+mod lock;
+mod pubsub;
+mod registry;
+mod scripts;
+
+use std::sync::Arc;
+
+pub use bus::RedisBus;
+pub use lock::RedisLockManager;
+pub use registry::RedisRegistry;
+
+use crate::backends::{ConnectOptions, Parts, Roles};
+use crate::error::Result;
+
+/// Opens the requested roles on one shared connection to the Redis server named by `url`.
+///
+/// Fails fast with the real cause: a temporary error when the server does not answer or
+/// refuses the connection, a permanent one for a wrong password or a bad URL (the password is
+/// never shown). Every script is loaded once here.
+pub async fn open(url: &url::Url, roles: &Roles, opts: &ConnectOptions) -> Result<Parts> {
+    let target = conn::Target::parse(url)?;
+    let conn = conn::Conn::open(target, opts).await?;
+    Ok(Parts {
+        bus: roles
+            .bus
+            .then(|| Arc::new(RedisBus::new(conn.clone(), opts.max_deliveries)) as _),
+        registry: roles
+            .registry
+            .then(|| Arc::new(RedisRegistry::new(conn.clone())) as _),
+        locks: roles
+            .locks
+            .then(|| Arc::new(RedisLockManager::new(conn.clone())) as _),
+    })
+}

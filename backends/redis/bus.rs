@@ -1,0 +1,441 @@
+//! [`RedisBus`]: events over PUBLISH/SUBSCRIBE, work queues in sorted sets moved by Lua.
+//!
+//! Each queue is a ready ZSET (priority, then sequence), a delayed ZSET (due time), an
+//! in-flight ZSET (lease end) and one HASH per message, all under the queue's hash tag; every
+//! operation is one script, so one round trip (see docs/backends/redis.md).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use parking_lot::Mutex;
+use redis::Value;
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use super::codec::text;
+use super::conn::{Conn, BACKEND};
+use super::keys::{self, QueueKeys};
+use super::pubsub::PubSub;
+use super::scripts;
+use crate::bus::{
+    Bus, DeadLetter, Delivery, FetchOptions, OutgoingMessage, QueueStats, Subscription,
+};
+use crate::error::{Error, Result};
+use crate::model::{Priority, QueueName};
+
+/// Dead letters kept per queue; past this the oldest are deleted (as in the memory bus).
+pub(crate) const DEAD_LETTERS_KEPT: usize = 100_000;
+/// Most messages one fetch script takes (a larger `max` gets this many; callers loop).
+const FETCH_BATCH_MAX: usize = 1_000;
+/// Most messages per enqueue script, and most payload bytes, so one script stays short.
+const ENQUEUE_BATCH_MAX: usize = 500;
+const ENQUEUE_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// A waiting fetch looks again at least this often even without a wake-up (a safety net for
+/// a lost notification, and how a waiting consumer notices a lease that ended elsewhere).
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
+
+/// The Redis bus. Cheap to share; every clone of the `Arc` uses the same connections.
+pub struct RedisBus {
+    conn: Conn,
+    max_deliveries: u32,
+    queues: Mutex<HashMap<QueueName, Arc<QueueKeys>>>,
+    pubsub: OnceCell<Arc<PubSub>>,
+    dead_reason: String,
+}
+
+impl std::fmt::Debug for RedisBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBus")
+            .field("conn", &self.conn)
+            .field("max_deliveries", &self.max_deliveries)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A receipt: the message id and the delivery number it was handed out with.
+fn receipt(id: &str, delivery: u32) -> String {
+    format!("{id}:{delivery}")
+}
+
+fn parse_receipt(receipt: &str) -> Result<(&str, u32)> {
+    let bad = || Error::invalid("receipt", format!("{receipt:?} is not a redis bus receipt"));
+    let (id, n) = receipt.split_once(':').ok_or_else(bad)?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    Ok((id, n.parse::<u32>().map_err(|_| bad())?))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn ms_to_utc(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or_else(Utc::now)
+}
+
+fn int(v: Value) -> Result<i64> {
+    match v {
+        Value::Int(i) => Ok(i),
+        other => text(other)?
+            .parse()
+            .map_err(|_| Error::permanent(BACKEND, "a script returned a non-number", None)),
+    }
+}
+
+fn bulk(v: Value) -> Result<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Ok(b),
+        Value::SimpleString(s) => Ok(s.into_bytes()),
+        other => Err(Error::permanent(
+            BACKEND,
+            format!("unexpected reply {other:?} where bytes were expected"),
+            None,
+        )),
+    }
+}
+
+fn priority(v: Value) -> Result<Priority> {
+    Priority::new(int(v)?)
+}
+
+impl RedisBus {
+    pub(crate) fn new(conn: Conn, max_deliveries: u32) -> Self {
+        let max_deliveries = max_deliveries.max(1);
+        RedisBus {
+            conn,
+            max_deliveries,
+            queues: Mutex::new(HashMap::new()),
+            pubsub: OnceCell::new(),
+            dead_reason: format!(
+                "exceeded the maximum of {max_deliveries} deliveries without an ack"
+            ),
+        }
+    }
+
+    fn keys(&self, queue: &QueueName) -> Arc<QueueKeys> {
+        let mut queues = self.queues.lock();
+        if let Some(k) = queues.get(queue) {
+            return k.clone();
+        }
+        let k = Arc::new(QueueKeys::new(self.conn.prefix(), queue));
+        queues.insert(queue.clone(), k.clone());
+        k
+    }
+
+    async fn pubsub(&self) -> Result<&Arc<PubSub>> {
+        self.pubsub
+            .get_or_try_init(|| PubSub::open(&self.conn))
+            .await
+    }
+
+    /// One enqueue script for a batch (already sized by the caller).
+    async fn enqueue_batch(&self, k: &QueueKeys, batch: &[OutgoingMessage]) -> Result<Vec<String>> {
+        let mut inv = scripts::ENQUEUE.prepare();
+        inv.key(&k.ready)
+            .key(&k.delayed)
+            .key(&k.seq)
+            .arg(&k.msg_prefix)
+            .arg(&k.wake);
+        for m in batch {
+            inv.arg(millis(m.delay))
+                .arg(m.priority.get())
+                .arg(&m.payload);
+        }
+        let ids: Vec<i64> = self.conn.eval("enqueue", &inv).await?;
+        Ok(ids.into_iter().map(|i| i.to_string()).collect())
+    }
+
+    async fn fetch_once(
+        &self,
+        queue: &QueueName,
+        k: &QueueKeys,
+        max: usize,
+        lease: Duration,
+    ) -> Result<(Vec<Delivery>, Option<Duration>)> {
+        let mut inv = scripts::FETCH.prepare();
+        inv.key(&k.ready)
+            .key(&k.delayed)
+            .key(&k.inflight)
+            .key(&k.seq)
+            .key(&k.dead)
+            .arg(&k.msg_prefix)
+            .arg(max.min(FETCH_BATCH_MAX))
+            .arg(millis(lease).max(1))
+            .arg(self.max_deliveries)
+            .arg(&self.dead_reason)
+            .arg(DEAD_LETTERS_KEPT)
+            .arg(&k.wake);
+        let reply: Vec<Value> = self.conn.eval("fetch", &inv).await?;
+        let mut it = reply.into_iter();
+        let short = || Error::permanent(BACKEND, "fetch script returned a short reply", None);
+        let _now = int(it.next().ok_or_else(short)?)?;
+        let lease_until = ms_to_utc(int(it.next().ok_or_else(short)?)?);
+        let wait_ms = int(it.next().ok_or_else(short)?)?;
+        let mut out = Vec::new();
+        while let Some(id) = it.next() {
+            let id = text(id)?;
+            let payload = bulk(it.next().ok_or_else(short)?)?;
+            let priority = priority(it.next().ok_or_else(short)?)?;
+            let delivery_count =
+                u32::try_from(int(it.next().ok_or_else(short)?)?).unwrap_or(u32::MAX);
+            out.push(Delivery {
+                queue: queue.clone(),
+                receipt: receipt(&id, delivery_count),
+                message_id: id,
+                payload,
+                priority,
+                delivery_count,
+                lease_until,
+            });
+        }
+        let next = (wait_ms >= 0).then(|| Duration::from_millis(wait_ms as u64));
+        Ok((out, next))
+    }
+}
+
+#[async_trait]
+impl Bus for RedisBus {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn publish(&self, topic: &str, payload: &[u8]) -> Result<()> {
+        let channel = keys::events(self.conn.prefix(), topic);
+        let mut c = self.conn.manager();
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query_async::<i64>(&mut c)
+            .await
+            .map_err(|e| self.conn.error("PUBLISH", e))?;
+        Ok(())
+    }
+
+    async fn subscribe(&self, topic: &str) -> Result<Subscription> {
+        let channel = keys::events(self.conn.prefix(), topic);
+        self.pubsub().await?.subscribe(channel).await
+    }
+
+    async fn enqueue(&self, queue: &QueueName, message: OutgoingMessage) -> Result<String> {
+        let k = self.keys(queue);
+        let mut ids = self
+            .enqueue_batch(&k, std::slice::from_ref(&message))
+            .await?;
+        ids.pop()
+            .ok_or_else(|| Error::permanent(BACKEND, "enqueue script returned no id", None))
+    }
+
+    async fn enqueue_many(
+        &self,
+        queue: &QueueName,
+        messages: Vec<OutgoingMessage>,
+    ) -> Result<Vec<String>> {
+        let k = self.keys(queue);
+        let mut ids = Vec::with_capacity(messages.len());
+        let mut start = 0;
+        while start < messages.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < messages.len()
+                && end - start < ENQUEUE_BATCH_MAX
+                && (end == start || bytes + messages[end].payload.len() <= ENQUEUE_BATCH_BYTES)
+            {
+                bytes += messages[end].payload.len();
+                end += 1;
+            }
+            ids.extend(self.enqueue_batch(&k, &messages[start..end]).await?);
+            start = end;
+        }
+        Ok(ids)
+    }
+
+    async fn fetch(&self, queue: &QueueName, options: FetchOptions) -> Result<Vec<Delivery>> {
+        if options.max == 0 {
+            return Err(Error::invalid("fetch max", "must be at least 1"));
+        }
+        let k = self.keys(queue);
+        if options.wait.is_zero() {
+            return Ok(self
+                .fetch_once(queue, &k, options.max, options.lease)
+                .await?
+                .0);
+        }
+        let deadline = Instant::now() + options.wait;
+        let wake = self.pubsub().await?.wake(&k.wake).await?;
+        loop {
+            // Registered before the script runs: a wake-up published after the script saw an
+            // empty queue is never missed.
+            let notified = wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (got, next) = self
+                .fetch_once(queue, &k, options.max, options.lease)
+                .await?;
+            let now = Instant::now();
+            if !got.is_empty() || now >= deadline {
+                return Ok(got);
+            }
+            let mut until = deadline.min(now + IDLE_RECHECK);
+            if let Some(next) = next {
+                until = until.min(now + next);
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<()> {
+        let (id, n) = parse_receipt(&delivery.receipt)?;
+        let k = self.keys(&delivery.queue);
+        let mut inv = scripts::ACK.prepare();
+        inv.key(&k.ready)
+            .key(&k.inflight)
+            .key(k.message(id))
+            .arg(id)
+            .arg(n);
+        let done: i64 = self.conn.eval("ack", &inv).await?;
+        if done == 0 {
+            tracing::debug!(queue = %delivery.queue, message_id = id, "ack of a delivery that was already redelivered or settled");
+        }
+        Ok(())
+    }
+
+    async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()> {
+        let (id, n) = parse_receipt(&delivery.receipt)?;
+        let k = self.keys(&delivery.queue);
+        let mut inv = scripts::NACK.prepare();
+        inv.key(&k.ready)
+            .key(&k.delayed)
+            .key(&k.inflight)
+            .key(&k.seq)
+            .key(k.message(id))
+            .arg(id)
+            .arg(n)
+            .arg(millis(delay))
+            .arg(&k.wake);
+        let done: i64 = self.conn.eval("nack", &inv).await?;
+        if done == 0 {
+            tracing::debug!(queue = %delivery.queue, message_id = id, "nack of a delivery that was already redelivered or settled");
+        }
+        Ok(())
+    }
+
+    async fn extend(&self, delivery: &Delivery, lease: Duration) -> Result<DateTime<Utc>> {
+        let (id, n) = parse_receipt(&delivery.receipt)?;
+        let k = self.keys(&delivery.queue);
+        let mut inv = scripts::EXTEND.prepare();
+        inv.key(&k.inflight)
+            .key(k.message(id))
+            .arg(id)
+            .arg(n)
+            .arg(millis(lease).max(1));
+        let until: i64 = self.conn.eval("extend", &inv).await?;
+        if until < 0 {
+            return Err(Error::permanent(
+                BACKEND,
+                format!(
+                    "lease on message {} of queue {} already ended; it may have been redelivered",
+                    delivery.message_id, delivery.queue
+                ),
+                None,
+            ));
+        }
+        Ok(ms_to_utc(until))
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()> {
+        let (id, n) = parse_receipt(&delivery.receipt)?;
+        let k = self.keys(&delivery.queue);
+        let mut inv = scripts::DEAD_LETTER.prepare();
+        inv.key(&k.ready)
+            .key(&k.inflight)
+            .key(&k.dead)
+            .key(k.message(id))
+            .arg(id)
+            .arg(n)
+            .arg(reason)
+            .arg(DEAD_LETTERS_KEPT)
+            .arg(&k.msg_prefix);
+        let done: i64 = self.conn.eval("dead_letter", &inv).await?;
+        if done == 1 {
+            tracing::warn!(queue = %delivery.queue, message_id = id, reason, "message dead-lettered");
+        } else {
+            tracing::debug!(queue = %delivery.queue, message_id = id, "dead_letter of a delivery that was already redelivered or settled");
+        }
+        Ok(())
+    }
+
+    async fn dead_letters(&self, queue: &QueueName, limit: usize) -> Result<Vec<DeadLetter>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let k = self.keys(queue);
+        let mut inv = scripts::DEAD_LETTERS.prepare();
+        inv.key(&k.dead).arg(&k.msg_prefix).arg(limit);
+        let reply: Vec<Value> = self.conn.eval("dead_letters", &inv).await?;
+        let mut out = Vec::with_capacity(reply.len() / 6);
+        let mut it = reply.into_iter();
+        let short =
+            || Error::permanent(BACKEND, "dead_letters script returned a short reply", None);
+        while let Some(id) = it.next() {
+            let message_id = text(id)?;
+            let payload = bulk(it.next().ok_or_else(short)?)?;
+            let _priority = it.next().ok_or_else(short)?;
+            let delivery_count = u32::try_from(int(it.next().ok_or_else(short)?)?).unwrap_or(0);
+            let reason = text(it.next().ok_or_else(short)?)?;
+            let dead_at = ms_to_utc(int(it.next().ok_or_else(short)?)?);
+            out.push(DeadLetter {
+                queue: queue.clone(),
+                message_id,
+                payload,
+                reason,
+                delivery_count,
+                dead_at,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn stats(&self, queue: &QueueName) -> Result<QueueStats> {
+        let k = self.keys(queue);
+        let mut inv = scripts::STATS.prepare();
+        inv.key(&k.ready)
+            .key(&k.delayed)
+            .key(&k.inflight)
+            .key(&k.seq)
+            .key(&k.dead)
+            .arg(&k.msg_prefix);
+        let (waiting, in_flight, dead): (u64, u64, u64) = self.conn.eval("stats", &inv).await?;
+        Ok(QueueStats {
+            waiting,
+            in_flight,
+            dead,
+        })
+    }
+
+    fn max_deliveries(&self) -> u32 {
+        self.max_deliveries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receipts_round_trip_and_reject_garbage() {
+        let r = receipt("42", 3);
+        assert_eq!(parse_receipt(&r).unwrap(), ("42", 3));
+        for bad in ["", "42", "x:1", "42:x", ":1", "1:2:3"] {
+            assert!(parse_receipt(bad).is_err(), "{bad}");
+        }
+    }
+}

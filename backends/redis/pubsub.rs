@@ -1,0 +1,254 @@
+//! The dedicated pub/sub connection: event subscriptions and the wake-up channels of work
+//! queues.
+//!
+//! One RESP3 [`ConnectionManager`] per bus carries every SUBSCRIBE. Push messages are routed
+//! by channel straight from the connection's reader (no extra task): to each event subscriber's
+//! bounded channel (a full one misses the event, as the trait allows), or to a queue's
+//! [`Notify`]. The manager resubscribes by itself after a reconnect; when the connection drops,
+//! a watchdog task pings until it is back (the manager only reconnects when used), then wakes
+//! every waiting consumer, since wake-ups sent meanwhile were lost.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redis::aio::ConnectionManager;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::{mpsc, Notify};
+
+use super::conn::{manager_config, Conn, BACKEND};
+use crate::bus::Subscription;
+use crate::error::{Error, Result};
+
+/// Events buffered per subscriber before it starts missing them (as in the memory bus).
+const SUBSCRIBER_BUFFER: usize = 65_536;
+/// Pause between pings while the pub/sub connection is down.
+const RECONNECT_PING_EVERY: Duration = Duration::from_millis(250);
+
+type Subscribers = Vec<(u64, mpsc::Sender<Vec<u8>>)>;
+
+/// Routing tables shared with the push handler.
+#[derive(Default)]
+struct Routes {
+    events: Mutex<HashMap<Vec<u8>, Subscribers>>,
+    wakes: Mutex<HashMap<Vec<u8>, Arc<Notify>>>,
+    reconnecting: AtomicBool,
+    hub: OnceLock<Weak<PubSub>>,
+}
+
+impl Routes {
+    fn on_push(self: &Arc<Self>, push: PushInfo) {
+        match push.kind {
+            PushKind::Message => {
+                let mut data = push.data.into_iter();
+                let (Some(channel), Some(payload)) = (data.next(), data.next()) else {
+                    return;
+                };
+                let (Some(channel), Some(payload)) = (bytes(channel), bytes(payload)) else {
+                    return;
+                };
+                if let Some(n) = self.wakes.lock().get(&channel) {
+                    n.notify_waiters();
+                    return;
+                }
+                let mut events = self.events.lock();
+                if let Some(subs) = events.get_mut(&channel) {
+                    for (_, tx) in subs.iter() {
+                        if let Err(mpsc::error::TrySendError::Full(_)) =
+                            tx.try_send(payload.clone())
+                        {
+                            tracing::warn!(
+                                channel = %String::from_utf8_lossy(&channel),
+                                "slow subscriber missed an event"
+                            );
+                        }
+                    }
+                }
+            }
+            PushKind::Disconnection => {
+                tracing::warn!(backend = BACKEND, "pub/sub connection lost; reconnecting");
+                if !self.reconnecting.swap(true, Ordering::AcqRel) {
+                    let routes = self.clone();
+                    tokio::spawn(async move { routes.reconnect().await });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Pings through the manager until it has reconnected (and resubscribed), then wakes every
+    /// waiting consumer. Ends early when the bus is gone.
+    async fn reconnect(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(RECONNECT_PING_EVERY).await;
+            let Some(hub) = self.hub.get().and_then(Weak::upgrade) else {
+                break;
+            };
+            let mut conn = hub.manager.clone();
+            drop(hub);
+            if redis::cmd("PING")
+                .query_async::<Value>(&mut conn)
+                .await
+                .is_ok()
+            {
+                tracing::info!(
+                    backend = BACKEND,
+                    "pub/sub connection is back; resubscribed"
+                );
+                break;
+            }
+        }
+        self.reconnecting.store(false, Ordering::Release);
+        for n in self.wakes.lock().values() {
+            n.notify_waiters();
+        }
+    }
+}
+
+fn bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        _ => None,
+    }
+}
+
+/// The pub/sub side of one bus.
+pub(crate) struct PubSub {
+    manager: ConnectionManager,
+    routes: Arc<Routes>,
+    /// Serializes SUBSCRIBE/UNSUBSCRIBE with the routing-table changes around them.
+    changes: tokio::sync::Mutex<()>,
+    next_id: AtomicU64,
+    conn: Conn,
+}
+
+impl PubSub {
+    /// Opens the dedicated RESP3 connection of `conn`'s target.
+    pub async fn open(conn: &Conn) -> Result<Arc<PubSub>> {
+        let target = conn.target();
+        let client = target.client(true)?;
+        let routes = Arc::new(Routes::default());
+        let handler_routes = routes.clone();
+        let config = manager_config(conn.connect_timeout())
+            .set_push_sender(move |push: PushInfo| {
+                handler_routes.on_push(push);
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .set_automatic_resubscription();
+        let manager = tokio::time::timeout(
+            conn.connect_timeout(),
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| {
+            Error::temporary(
+                BACKEND,
+                format!(
+                    "open the pub/sub connection to {}: no answer within {:?}",
+                    target.redacted,
+                    conn.connect_timeout()
+                ),
+                None,
+            )
+        })?
+        .map_err(|e| conn.error("open the pub/sub connection", e))?;
+        let hub = Arc::new(PubSub {
+            manager,
+            routes: routes.clone(),
+            changes: tokio::sync::Mutex::new(()),
+            next_id: AtomicU64::new(1),
+            conn: conn.clone(),
+        });
+        let _ = routes.hub.set(Arc::downgrade(&hub));
+        Ok(hub)
+    }
+
+    /// Subscribes to an event channel. The returned subscription is live when this returns;
+    /// dropping it unsubscribes (once no other local subscriber listens to the channel).
+    pub async fn subscribe(self: &Arc<Self>, channel: String) -> Result<Subscription> {
+        let key = channel.clone().into_bytes();
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let _guard = self.changes.lock().await;
+            let first = {
+                let mut events = self.routes.events.lock();
+                let subs = events.entry(key.clone()).or_default();
+                subs.push((id, tx.clone()));
+                subs.len() == 1
+            };
+            if first {
+                let mut m = self.manager.clone();
+                if let Err(e) = m.subscribe(&channel).await {
+                    self.routes.events.lock().remove(&key);
+                    return Err(self.conn.error("SUBSCRIBE", e));
+                }
+            }
+        }
+        let hub = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tx.closed().await;
+            if let Some(hub) = hub.upgrade() {
+                hub.unsubscribe(key, id).await;
+            }
+        });
+        Ok(Subscription::new(rx))
+    }
+
+    async fn unsubscribe(&self, key: Vec<u8>, id: u64) {
+        let _guard = self.changes.lock().await;
+        let last = {
+            let mut events = self.routes.events.lock();
+            match events.get_mut(&key) {
+                Some(subs) => {
+                    subs.retain(|(i, _)| *i != id);
+                    if subs.is_empty() {
+                        events.remove(&key);
+                        true
+                    } else {
+                        false
+                    }
+                }
+                None => false,
+            }
+        };
+        if last {
+            let mut m = self.manager.clone();
+            if let Err(e) = m.unsubscribe(&key).await {
+                tracing::debug!(error = %self.conn.error("UNSUBSCRIBE", e), "unsubscribe failed");
+            }
+        }
+    }
+
+    /// The [`Notify`] fired when `channel` (a queue's wake channel) gets a message, after a
+    /// reconnect, subscribing on first use.
+    pub async fn wake(&self, channel: &str) -> Result<Arc<Notify>> {
+        let key = channel.as_bytes();
+        if let Some(n) = self.routes.wakes.lock().get(key) {
+            return Ok(n.clone());
+        }
+        let _guard = self.changes.lock().await;
+        if let Some(n) = self.routes.wakes.lock().get(key) {
+            return Ok(n.clone());
+        }
+        let mut m = self.manager.clone();
+        m.subscribe(channel)
+            .await
+            .map_err(|e| self.conn.error("SUBSCRIBE", e))?;
+        let n = Arc::new(Notify::new());
+        self.routes.wakes.lock().insert(key.to_vec(), n.clone());
+        Ok(n)
+    }
+}
+
+impl std::fmt::Debug for PubSub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PubSub")
+            .field("events", &self.routes.events.lock().len())
+            .field("wakes", &self.routes.wakes.lock().len())
+            .finish()
+    }
+}

@@ -1,0 +1,450 @@
+//! [`RedisRegistry`]: one HASH per task in the lab's format, per-status and lease indexes
+//! changed by the same Lua script as each compare-and-set.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use redis::{ScriptInvocation, Value};
+
+use super::codec::{self, hash_reply, micros, text};
+use super::conn::{Conn, BACKEND};
+use super::keys;
+use super::scripts;
+use crate::error::{Error, Result};
+use crate::model::{Expected, Task, TaskId, TaskState, TaskStatus};
+use crate::registry::{check_transition, Registry, Retention, StatusCounts, TaskFilter, TaskPage};
+
+/// Tasks deleted per purge script call (one call blocks Redis for about a millisecond).
+const PURGE_BATCH: usize = 500;
+
+/// The Redis registry.
+pub struct RedisRegistry {
+    conn: Conn,
+}
+
+impl std::fmt::Debug for RedisRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisRegistry")
+            .field("conn", &self.conn)
+            .finish()
+    }
+}
+
+fn status_slot(s: TaskStatus) -> usize {
+    TaskStatus::ALL
+        .iter()
+        .position(|x| *x == s)
+        .unwrap_or_default()
+}
+
+/// The lease index score of a task in `state` (only RUNNING tasks are in that index; one
+/// without a lease end counts as stale at once, as in the memory registry).
+fn lease_score(state: &TaskState) -> String {
+    if state.status == TaskStatus::Running {
+        state
+            .lease_until
+            .map(micros)
+            .unwrap_or_else(|| "-inf".to_string())
+    } else {
+        String::new()
+    }
+}
+
+fn encode_cursor(slot: usize, score: i64, id: &str) -> String {
+    format!("{slot}|{score}|{id}")
+}
+
+fn decode_cursor(c: &str) -> Result<(usize, i64, TaskId)> {
+    let bad = || Error::invalid("cursor", format!("{c:?} is not a cursor returned by list"));
+    let mut parts = c.splitn(3, '|');
+    let slot: usize = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let score: i64 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let id = TaskId::parse(parts.next().ok_or_else(bad)?).map_err(|_| bad())?;
+    if slot >= TaskStatus::ALL.len() {
+        return Err(bad());
+    }
+    Ok((slot, score, id))
+}
+
+impl RedisRegistry {
+    pub(crate) fn new(conn: Conn) -> Self {
+        RedisRegistry { conn }
+    }
+
+    fn prefix(&self) -> &str {
+        self.conn.prefix()
+    }
+
+    fn create_invocation(&self, task: &Task) -> ScriptInvocation<'static> {
+        let p = self.prefix();
+        let id = task.task_id.as_str();
+        let mut inv = scripts::TASK_CREATE.prepare();
+        inv.key(keys::task(p, &task.task_id))
+            .key(keys::status_index(p, task.state.status))
+            .key(keys::lease_index(p));
+        for parent in &task.depends_on {
+            inv.key(keys::dependents(p, parent));
+        }
+        inv.arg(id)
+            .arg(micros(task.state.updated_at))
+            .arg(lease_score(&task.state))
+            .arg(micros(task.created_at));
+        for (name, value) in codec::task_fields(task) {
+            inv.arg(name).arg(value);
+        }
+        inv
+    }
+
+    /// Reads several tasks in one pipelined round trip; `None` where a task is gone.
+    async fn get_many(&self, ids: &[TaskId]) -> Result<Vec<Option<Task>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HGETALL").arg(keys::task(self.prefix(), id));
+        }
+        let mut c = self.conn.manager();
+        let replies: Vec<Value> = pipe
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.conn.error("HGETALL", e))?;
+        ids.iter()
+            .zip(replies)
+            .map(|(id, v)| {
+                let fields = hash_reply(v)?;
+                if fields.is_empty() {
+                    Ok(None)
+                } else {
+                    codec::decode(id, fields).map(Some)
+                }
+            })
+            .collect()
+    }
+}
+
+fn ids_of(members: Vec<String>) -> Vec<TaskId> {
+    members
+        .into_iter()
+        .filter_map(|m| match TaskId::parse(&m) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::warn!(member = %m, error = %e, "ignoring a malformed id in a registry index");
+                None
+            }
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Registry for RedisRegistry {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn create(&self, task: &Task) -> Result<()> {
+        let inv = self.create_invocation(task);
+        let created: i64 = self.conn.eval("create task", &inv).await?;
+        if created == 1 {
+            Ok(())
+        } else {
+            Err(Error::TaskExists(task.task_id.clone()))
+        }
+    }
+
+    async fn create_many(&self, tasks: &[Task]) -> Result<Vec<Result<()>>> {
+        let invocations: Vec<ScriptInvocation<'static>> =
+            tasks.iter().map(|t| self.create_invocation(t)).collect();
+        let results = self
+            .conn
+            .pipeline_each(
+                "create tasks",
+                |pipe, i| {
+                    pipe.invoke_script(&invocations[i]);
+                },
+                invocations.len(),
+            )
+            .await?;
+        let mut out = Vec::with_capacity(tasks.len());
+        for (task, r) in tasks.iter().zip(results) {
+            match r {
+                Ok(Value::Int(1)) => out.push(Ok(())),
+                Ok(Value::Int(0)) => out.push(Err(Error::TaskExists(task.task_id.clone()))),
+                Ok(other) => out.push(Err(Error::permanent(
+                    BACKEND,
+                    format!("create script returned {other:?}"),
+                    None,
+                ))),
+                Err(e) => {
+                    let e = self.conn.error("create task", e);
+                    if e.is_temporary() {
+                        return Err(e);
+                    }
+                    out.push(Err(e));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn get(&self, id: &TaskId) -> Result<Option<Task>> {
+        let mut c = self.conn.manager();
+        let reply: Value = redis::cmd("HGETALL")
+            .arg(keys::task(self.prefix(), id))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.conn.error("HGETALL", e))?;
+        let fields = hash_reply(reply)?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        codec::decode(id, fields).map(Some)
+    }
+
+    async fn transition(&self, id: &TaskId, expected: Expected, next: TaskState) -> Result<Task> {
+        check_transition(id, &expected, &next)?;
+        let p = self.prefix();
+        let (set, del) = codec::state_fields(&next);
+        let mut inv = scripts::TASK_TRANSITION.prepare();
+        inv.key(keys::task(p, id))
+            .key(keys::lease_index(p))
+            .key(keys::status_index(p, expected.status))
+            .key(keys::status_index(p, next.status))
+            .arg(id.as_str())
+            .arg(expected.status.as_str())
+            .arg(expected.attempt)
+            .arg(micros(next.updated_at))
+            .arg(lease_score(&next))
+            .arg(set.len());
+        for (name, value) in set {
+            inv.arg(name).arg(value);
+        }
+        for name in del {
+            inv.arg(name);
+        }
+        let reply: Vec<Value> = self.conn.eval("transition", &inv).await?;
+        let mut it = reply.into_iter();
+        let tag = it.next().map(text).transpose()?.unwrap_or_default();
+        match tag.as_str() {
+            "ok" => codec::decode(id, codec::field_map(it.collect())?),
+            "missing" => Err(Error::TaskNotFound(id.clone())),
+            "conflict" => {
+                let status =
+                    codec::parse_status(&it.next().map(text).transpose()?.unwrap_or_default())?;
+                let attempt = it
+                    .next()
+                    .map(text)
+                    .transpose()?
+                    .and_then(|a| a.parse::<u32>().ok())
+                    .unwrap_or(0);
+                Err(Error::Conflict {
+                    task_id: id.clone(),
+                    expected_status: expected.status,
+                    expected_attempt: expected.attempt,
+                    actual_status: status,
+                    actual_attempt: attempt,
+                })
+            }
+            other => Err(Error::permanent(
+                BACKEND,
+                format!("transition script returned {other:?}"),
+                None,
+            )),
+        }
+    }
+
+    async fn list(
+        &self,
+        filter: &TaskFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<TaskPage> {
+        let after = cursor.map(decode_cursor).transpose()?;
+        let mut tasks: Vec<Task> = Vec::new();
+        let mut last: Option<(usize, i64, String)> = None;
+        if limit == 0 {
+            return Ok(TaskPage::default());
+        }
+        let statuses: Vec<TaskStatus> = match filter.status {
+            Some(s) => vec![s],
+            None => TaskStatus::ALL.to_vec(),
+        };
+        let batch = limit.clamp(16, 500);
+        let mut c = self.conn.manager();
+        'statuses: for status in statuses {
+            let slot = status_slot(status);
+            let from = match &after {
+                Some((cs, _, _)) if slot < *cs => continue,
+                Some((cs, score, id)) if slot == *cs => Some((*score, id.as_str().to_string())),
+                _ => None,
+            };
+            let min = from
+                .as_ref()
+                .map_or_else(|| "-inf".to_string(), |(s, _)| s.to_string());
+            let index = keys::status_index(self.prefix(), status);
+            let mut offset = 0usize;
+            loop {
+                let entries: Vec<(String, f64)> = redis::cmd("ZRANGEBYSCORE")
+                    .arg(&index)
+                    .arg(&min)
+                    .arg("+inf")
+                    .arg("WITHSCORES")
+                    .arg("LIMIT")
+                    .arg(offset)
+                    .arg(batch)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| self.conn.error("ZRANGEBYSCORE", e))?;
+                let fetched = entries.len();
+                offset += fetched;
+                let entries: Vec<(TaskId, i64)> = entries
+                    .into_iter()
+                    .map(|(m, s)| (m, s as i64))
+                    .filter(|(m, s)| match &from {
+                        Some((fs, fid)) => *s > *fs || (*s == *fs && m.as_str() > fid.as_str()),
+                        None => true,
+                    })
+                    .filter_map(|(m, s)| TaskId::parse(&m).ok().map(|id| (id, s)))
+                    .collect();
+                let ids: Vec<TaskId> = entries.iter().map(|(id, _)| id.clone()).collect();
+                let found = self.get_many(&ids).await?;
+                for ((id, score), task) in entries.into_iter().zip(found) {
+                    let Some(task) = task else { continue };
+                    if task.state.status != status {
+                        continue; // moved on since the index was read
+                    }
+                    if filter.queue.as_ref().is_some_and(|q| *q != task.queue) {
+                        continue;
+                    }
+                    tasks.push(task);
+                    last = Some((slot, score, id.as_str().to_string()));
+                    if tasks.len() == limit {
+                        break 'statuses;
+                    }
+                }
+                if fetched < batch {
+                    break;
+                }
+            }
+        }
+        let next_cursor = if tasks.len() == limit {
+            last.map(|(slot, score, id)| encode_cursor(slot, score, &id))
+        } else {
+            None
+        };
+        Ok(TaskPage { tasks, next_cursor })
+    }
+
+    async fn counts(&self) -> Result<StatusCounts> {
+        let mut pipe = redis::pipe();
+        for s in TaskStatus::ALL {
+            pipe.cmd("ZCARD").arg(keys::status_index(self.prefix(), s));
+        }
+        let mut c = self.conn.manager();
+        let n: Vec<u64> = pipe
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.conn.error("ZCARD", e))?;
+        Ok(StatusCounts(TaskStatus::ALL.into_iter().zip(n).collect()))
+    }
+
+    async fn stale_running(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Task>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn.manager();
+        let members: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(keys::lease_index(self.prefix()))
+            .arg("-inf")
+            .arg(format!("({}", before.timestamp_micros()))
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.conn.error("ZRANGEBYSCORE", e))?;
+        let ids = ids_of(members);
+        let found = self.get_many(&ids).await?;
+        // A task may have been renewed or finished between the two reads.
+        Ok(found
+            .into_iter()
+            .flatten()
+            .filter(|t| {
+                t.state.status == TaskStatus::Running
+                    && t.state.lease_until.is_none_or(|u| u < before)
+            })
+            .collect())
+    }
+
+    async fn dependents(&self, parent: &TaskId) -> Result<Vec<TaskId>> {
+        let mut c = self.conn.manager();
+        let members: Vec<String> = redis::cmd("ZRANGE")
+            .arg(keys::dependents(self.prefix(), parent))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.conn.error("ZRANGE", e))?;
+        Ok(ids_of(members))
+    }
+
+    async fn purge_finished(&self, retention: &Retention) -> Result<u64> {
+        if retention.max_age.is_none() && retention.max_count.is_none() {
+            return Ok(0);
+        }
+        let cut = match retention.max_age {
+            Some(age) => {
+                let age = chrono::Duration::from_std(age)
+                    .map_err(|_| Error::invalid("retention max_age", "is too large"))?;
+                micros(Utc::now() - age)
+            }
+            None => String::new(),
+        };
+        let keep = retention
+            .max_count
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        let mut total = 0u64;
+        for status in [
+            TaskStatus::Completed,
+            TaskStatus::Failed,
+            TaskStatus::Cancelled,
+        ] {
+            loop {
+                let mut inv = scripts::TASK_PURGE.prepare();
+                inv.key(keys::status_index(self.prefix(), status))
+                    .key(keys::lease_index(self.prefix()))
+                    .arg(self.prefix())
+                    .arg(&cut)
+                    .arg(&keep)
+                    .arg(PURGE_BATCH);
+                let n: u64 = self.conn.eval("purge finished tasks", &inv).await?;
+                total += n;
+                if n < PURGE_BATCH as u64 {
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(deleted = total, "purged finished tasks");
+        }
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let c = encode_cursor(3, 1_700_000_000_000_000, "task_1");
+        let (slot, score, id) = decode_cursor(&c).unwrap();
+        assert_eq!(
+            (slot, score, id.as_str()),
+            (3, 1_700_000_000_000_000, "task_1")
+        );
+        for bad in ["", "9|1|task", "x|1|task", "1|y|task", "1|2|bad id"] {
+            assert!(decode_cursor(bad).is_err(), "{bad}");
+        }
+    }
+}
