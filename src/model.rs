@@ -276,7 +276,8 @@ impl TaskStatus {
     /// The one table of legal transitions.
     ///
     /// * WAITING → PENDING (parents completed), FAILED (a parent failed), CANCELLED
-    /// * PENDING → RUNNING (claimed), CANCELLED, FAILED (e.g. attempts already spent)
+    /// * PENDING → RUNNING (claimed), CANCELLED, FAILED (e.g. attempts already spent),
+    ///   PENDING (re-announced by the monitor after its message was lost)
     /// * RUNNING → RUNNING (lease renewed, or a stale lease taken over with a new attempt),
     ///   COMPLETED, FAILED, PENDING (retry, lease lost, or handed back on shutdown)
     /// * FAILED, CANCELLED → PENDING (an operator's retry)
@@ -286,7 +287,7 @@ impl TaskStatus {
         matches!(
             (self, to),
             (Waiting, Pending | Failed | Cancelled)
-                | (Pending, Running | Cancelled | Failed)
+                | (Pending, Pending | Running | Cancelled | Failed)
                 | (Running, Running | Completed | Failed | Pending)
                 | (Failed | Cancelled, Pending)
         )

@@ -28,7 +28,8 @@ pub struct MonitorConfig {
     pub interval: Duration,
     /// The lock that elects the acting monitor.
     pub lock_key: String,
-    /// Re-announce PENDING tasks unchanged for longer than this (`None`: never).
+    /// Re-announce PENDING tasks unchanged for longer than this whose queue holds no message
+    /// at all (their message was lost) (`None`: never).
     pub reannounce_pending_after: Option<Duration>,
     /// Retention of finished tasks (`None` fields: keep forever).
     pub retention: Retention,
@@ -240,9 +241,26 @@ impl Monitor {
             queue: None,
         };
         let page = b.registry.list(&filter, None, self.config.batch).await?;
+        let mut idle_queues: std::collections::HashMap<crate::model::QueueName, bool> =
+            Default::default();
         for task in page.tasks {
             if task.state.updated_at > cutoff {
                 break; // the index is ordered by last change: the rest are younger
+            }
+            // A PENDING task is orphaned (its message was lost, e.g. the dispatcher died between
+            // registering and announcing) only if its queue holds no message at all: with
+            // messages waiting, delayed or in flight, one of them may be its own.
+            let idle = match idle_queues.get(&task.queue) {
+                Some(idle) => *idle,
+                None => {
+                    let s = b.bus.stats(&task.queue).await?;
+                    let idle = s.waiting == 0 && s.in_flight == 0;
+                    idle_queues.insert(task.queue.clone(), idle);
+                    idle
+                }
+            };
+            if !idle {
+                continue;
             }
             let next = TaskState {
                 updated_at: Utc::now(),
@@ -254,7 +272,7 @@ impl Monitor {
                 .await
             {
                 Ok(t) => {
-                    tracing::warn!(task_id = %t.task_id, "re-announcing a task pending for too long");
+                    tracing::warn!(task_id = %t.task_id, "re-announcing a PENDING task whose message was lost");
                     flow::announce(b, &t, Duration::ZERO).await?;
                     report.reannounced += 1;
                 }

@@ -731,9 +731,6 @@ async fn run_with_lease(
     let every = inner.config.heartbeat_every();
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut current = running.clone();
-    if *abandon.borrow() {
-        return Outcome::Abandoned;
-    }
     loop {
         tokio::select! {
             r = &mut work => {
@@ -744,7 +741,7 @@ async fn run_with_lease(
                 }
                 return Outcome::Done(r);
             }
-            _ = abandon.changed() => return Outcome::Abandoned,
+            _ = abandoned(&mut abandon) => return Outcome::Abandoned,
             _ = beat.tick() => {
                 match heartbeat(inner, &current, d).await {
                     Ok(t) => current = t,
@@ -755,6 +752,19 @@ async fn run_with_lease(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Resolves when the worker abandons running tasks; never when the signal's sender is gone
+/// (a dropped or killed worker must not hand anything back: it behaves like a crash).
+async fn abandoned(signal: &mut watch::Receiver<bool>) {
+    loop {
+        if *signal.borrow_and_update() {
+            return;
+        }
+        if signal.changed().await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 }

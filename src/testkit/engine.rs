@@ -53,7 +53,10 @@ async fn wait_done(d: &Dispatcher, id: &TaskId) -> crate::Task {
 pub async fn research_pipeline_runs_writer_after_researcher(b: &Backends) {
     let researcher = handler_fn(|ctx: TaskContext| async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let topic = ctx.task.payload["topic"].as_str().unwrap_or("?").to_string();
+        let topic = ctx.task.payload["topic"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string();
         Ok::<_, TaskError>(json!({"summary": format!("findings about {topic}")}))
     });
     let writer = handler_fn(|ctx: TaskContext| async move {
@@ -73,7 +76,12 @@ pub async fn research_pipeline_runs_writer_after_researcher(b: &Backends) {
         .unwrap();
     let d = Dispatcher::new(b.clone());
     let r = d
-        .dispatch("research_tasks", json!({"topic": "AI agents"}), 3, DispatchOptions::default())
+        .dispatch(
+            "research_tasks",
+            json!({"topic": "AI agents"}),
+            3,
+            DispatchOptions::default(),
+        )
         .await
         .unwrap();
     let wr = d
@@ -87,14 +95,22 @@ pub async fn research_pipeline_runs_writer_after_researcher(b: &Backends) {
         .unwrap();
     let writer_task = d.get(&wr).await.unwrap();
     assert!(
-        matches!(writer_task.status(), TaskStatus::Waiting | TaskStatus::Pending | TaskStatus::Running | TaskStatus::Completed),
+        matches!(
+            writer_task.status(),
+            TaskStatus::Waiting | TaskStatus::Pending | TaskStatus::Running | TaskStatus::Completed
+        ),
         "writer task in unexpected state {}",
         writer_task.status()
     );
     let research_done = wait_done(&d, &r).await;
     let writing_done = wait_done(&d, &wr).await;
     assert_eq!(research_done.status(), TaskStatus::Completed);
-    assert_eq!(writing_done.status(), TaskStatus::Completed, "writer: {:?}", writing_done.state.error);
+    assert_eq!(
+        writing_done.status(),
+        TaskStatus::Completed,
+        "writer: {:?}",
+        writing_done.state.error
+    );
     assert_eq!(
         writing_done.state.result,
         Some(json!({"report": "## Report\nfindings about AI agents"}))
@@ -111,7 +127,9 @@ pub async fn failed_parent_fails_its_dependents(b: &Backends) {
     let w = Worker::new(b.clone(), quick_config("failing-parent", 2))
         .handle(
             "parents",
-            handler_fn(|_ctx| async { Err::<Value, _>(TaskError::permanent("source unavailable")) }),
+            handler_fn(|_ctx| async {
+                Err::<Value, _>(TaskError::permanent("source unavailable"))
+            }),
         )
         .unwrap()
         .start()
@@ -122,19 +140,35 @@ pub async fn failed_parent_fails_its_dependents(b: &Backends) {
         .await
         .unwrap();
     let child = d
-        .dispatch("children", json!({}), 5, DispatchOptions::default().after([p.clone()]))
+        .dispatch(
+            "children",
+            json!({}),
+            5,
+            DispatchOptions::default().after([p.clone()]),
+        )
         .await
         .unwrap();
     let grandchild = d
-        .dispatch("children", json!({}), 5, DispatchOptions::default().after([child.clone()]))
+        .dispatch(
+            "children",
+            json!({}),
+            5,
+            DispatchOptions::default().after([child.clone()]),
+        )
         .await
         .unwrap();
     assert_eq!(wait_done(&d, &p).await.status(), TaskStatus::Failed);
     let c = wait_done(&d, &child).await;
     assert_eq!(c.status(), TaskStatus::Failed);
     let why = c.state.error.unwrap_or_default();
-    assert!(why.contains(p.as_str()) && why.contains("FAILED"), "reason: {why}");
-    assert_eq!(wait_done(&d, &grandchild).await.status(), TaskStatus::Failed);
+    assert!(
+        why.contains(p.as_str()) && why.contains("FAILED"),
+        "reason: {why}"
+    );
+    assert_eq!(
+        wait_done(&d, &grandchild).await.status(),
+        TaskStatus::Failed
+    );
     w.shutdown().await;
 }
 
@@ -237,10 +271,17 @@ pub async fn killed_workers_task_is_recovered_and_completed_once(b: &Backends) {
     assert_eq!(done.status(), TaskStatus::Completed);
     assert_eq!(done.state.result, Some(json!("done by rescuer")));
     assert_eq!(done.state.worker_id.as_deref(), Some("rescuer"));
-    assert_eq!(done.state.attempt, 2, "one attempt died, the second completed");
+    assert_eq!(
+        done.state.attempt, 2,
+        "one attempt died, the second completed"
+    );
     // Give any duplicate delivery time to show up, then check the handler ran once.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(completions.load(Ordering::SeqCst), 1, "completed more than once");
+    assert_eq!(
+        completions.load(Ordering::SeqCst),
+        1,
+        "completed more than once"
+    );
     monitor.shutdown().await;
     rescuer.shutdown().await;
 }
@@ -269,7 +310,12 @@ pub async fn failing_task_is_retried_then_failed(b: &Backends) {
         .unwrap();
     let d = Dispatcher::new(b.clone());
     let id = d
-        .dispatch("flaky", json!({}), 5, DispatchOptions::default().max_attempts(3))
+        .dispatch(
+            "flaky",
+            json!({}),
+            5,
+            DispatchOptions::default().max_attempts(3),
+        )
         .await
         .unwrap();
     let t = wait_done(&d, &id).await;
@@ -328,19 +374,36 @@ pub async fn typed_handler_fails_bad_payload_without_retry(b: &Backends) {
         .unwrap();
     let d = Dispatcher::new(b.clone());
     let good = d
-        .dispatch("typed", json!({"topic": "rust"}), 5, DispatchOptions::default())
+        .dispatch(
+            "typed",
+            json!({"topic": "rust"}),
+            5,
+            DispatchOptions::default(),
+        )
         .await
         .unwrap();
     let bad = d
-        .dispatch("typed", json!({"subject": 42}), 5, DispatchOptions::default())
+        .dispatch(
+            "typed",
+            json!({"subject": 42}),
+            5,
+            DispatchOptions::default(),
+        )
         .await
         .unwrap();
-    assert_eq!(wait_done(&d, &good).await.state.result, Some(json!({"topic": "rust"})));
+    assert_eq!(
+        wait_done(&d, &good).await.state.result,
+        Some(json!({"topic": "rust"}))
+    );
     let t = wait_done(&d, &bad).await;
     assert_eq!(t.status(), TaskStatus::Failed);
     assert_eq!(t.state.attempt, 1);
     assert!(
-        t.state.error.as_deref().unwrap_or("").contains("payload does not match"),
+        t.state
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("payload does not match"),
         "{:?}",
         t.state.error
     );
@@ -354,7 +417,10 @@ pub async fn malformed_message_is_dead_lettered_and_worker_keeps_running(b: &Bac
     b.bus
         .enqueue(
             &queue,
-            crate::bus::OutgoingMessage::new(b"this is not json".to_vec(), crate::Priority::HIGHEST),
+            crate::bus::OutgoingMessage::new(
+                b"this is not json".to_vec(),
+                crate::Priority::HIGHEST,
+            ),
         )
         .await
         .unwrap();
@@ -375,7 +441,12 @@ pub async fn malformed_message_is_dead_lettered_and_worker_keeps_running(b: &Bac
         .unwrap();
     let d = Dispatcher::new(b.clone());
     let id = d
-        .dispatch("mixed_input", json!({"ok": true}), 5, DispatchOptions::default())
+        .dispatch(
+            "mixed_input",
+            json!({"ok": true}),
+            5,
+            DispatchOptions::default(),
+        )
         .await
         .unwrap();
     assert_eq!(wait_done(&d, &id).await.status(), TaskStatus::Completed);
@@ -414,7 +485,10 @@ pub async fn graceful_shutdown_loses_nothing(b: &Backends) {
             async move {
                 let ms = ctx.task.payload["ms"].as_u64().unwrap_or(0);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
-                *completions.lock().entry(ctx.task.task_id.clone()).or_default() += 1;
+                *completions
+                    .lock()
+                    .entry(ctx.task.task_id.clone())
+                    .or_default() += 1;
                 Ok::<_, TaskError>(json!("ok"))
             }
         })
@@ -425,9 +499,14 @@ pub async fn graceful_shutdown_loses_nothing(b: &Backends) {
         // Some quick tasks, and some that outlive the shutdown deadline.
         let ms = if i % 4 == 0 { 5_000 } else { 100 };
         ids.push(
-            d.dispatch("shutdown_q", json!({"ms": ms}), 5, DispatchOptions::default())
-                .await
-                .unwrap(),
+            d.dispatch(
+                "shutdown_q",
+                json!({"ms": ms}),
+                5,
+                DispatchOptions::default(),
+            )
+            .await
+            .unwrap(),
         );
     }
     let first: WorkerHandle = Worker::new(b.clone(), quick_config("leaving", 4))
@@ -495,7 +574,10 @@ pub async fn dispatcher_rejects_bad_input_with_typed_errors(b: &Backends) {
     let o = DispatchOptions::default;
     let e = d.dispatch("q", json!({}), 0, o()).await.unwrap_err();
     assert!(e.to_string().contains("priority"), "{e}");
-    let e = d.dispatch("bad queue!", json!({}), 5, o()).await.unwrap_err();
+    let e = d
+        .dispatch("bad queue!", json!({}), 5, o())
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("queue"), "{e}");
     let e = d.dispatch("", json!({}), 5, o()).await.unwrap_err();
     assert!(e.to_string().contains("empty"), "{e}");
@@ -529,22 +611,148 @@ pub async fn dispatcher_rejects_bad_input_with_typed_errors(b: &Backends) {
     ));
 }
 
+/// A task registered but never announced (its dispatcher died in between) is re-announced by
+/// the monitor once its queue is idle, and then runs.
+pub async fn monitor_reannounces_a_pending_task_whose_message_was_lost(b: &Backends) {
+    let d = Dispatcher::new(b.clone());
+    let task = d
+        .build(
+            "orphans",
+            json!({"lost": true}),
+            5,
+            &DispatchOptions::default(),
+        )
+        .unwrap();
+    b.registry.create(&task).await.unwrap(); // registered, never enqueued
+    let w = Worker::new(b.clone(), quick_config("orphan-runner", 1))
+        .handle("orphans", echo())
+        .unwrap()
+        .start()
+        .unwrap();
+    let monitor = Monitor::new(
+        b.clone(),
+        MonitorConfig {
+            interval: Duration::from_millis(200),
+            reannounce_pending_after: Some(Duration::ZERO),
+            ..MonitorConfig::default()
+        },
+    );
+    let report = monitor.tick().await.unwrap();
+    assert!(report.leader);
+    assert_eq!(report.reannounced, 1, "{report:?}");
+    let t = wait_done(&d, &task.task_id).await;
+    assert_eq!(t.status(), TaskStatus::Completed);
+    assert_eq!(t.state.result, Some(json!({"lost": true})));
+    w.shutdown().await;
+}
+
+/// A task whose worker died on its last attempt is FAILED by the monitor with a timeout error.
+pub async fn monitor_fails_a_stale_task_with_no_attempts_left(b: &Backends) {
+    let started = Arc::new(AtomicU32::new(0));
+    let s = started.clone();
+    let mut cfg = quick_config("last-chance", 1);
+    cfg.lease = Duration::from_secs(1);
+    let doomed = Worker::new(b.clone(), cfg)
+        .handle(
+            "last_chance",
+            handler_fn(move |_ctx| {
+                let s = s.clone();
+                async move {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    Ok::<_, TaskError>(json!(null))
+                }
+            }),
+        )
+        .unwrap()
+        .start()
+        .unwrap();
+    let d = Dispatcher::new(b.clone());
+    let id = d
+        .dispatch(
+            "last_chance",
+            json!({}),
+            5,
+            DispatchOptions::default().max_attempts(1),
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(LIMIT, async {
+        while started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the task never started");
+    doomed.kill();
+    let monitor = Monitor::new(b.clone(), MonitorConfig::default());
+    let report = tokio::time::timeout(LIMIT, async {
+        loop {
+            let r = monitor.tick().await.unwrap();
+            if r.timed_out > 0 {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the monitor never failed the stale task");
+    assert_eq!(report.timed_out, 1);
+    let t = d.get(&id).await.unwrap();
+    assert_eq!(t.status(), TaskStatus::Failed);
+    assert!(
+        t.state.error.as_deref().unwrap_or("").contains("timeout"),
+        "{:?}",
+        t.state.error
+    );
+}
+
 /// Expands to one `#[tokio::test]` per function of this module, each on fresh backends made by
 /// `$make(prefix)` and cleaned by `$cleanup(prefix)` afterwards (also when the test fails).
 #[macro_export]
 macro_rules! engine_suite {
     ($make:path, $cleanup:path) => {
-        $crate::__engine_case!($make, $cleanup, research_pipeline_runs_writer_after_researcher);
+        $crate::__engine_case!(
+            $make,
+            $cleanup,
+            research_pipeline_runs_writer_after_researcher
+        );
         $crate::__engine_case!($make, $cleanup, failed_parent_fails_its_dependents);
         $crate::__engine_case!($make, $cleanup, urgent_tasks_finish_first_under_a_backlog);
-        $crate::__engine_case!($make, $cleanup, killed_workers_task_is_recovered_and_completed_once);
+        $crate::__engine_case!(
+            $make,
+            $cleanup,
+            killed_workers_task_is_recovered_and_completed_once
+        );
         $crate::__engine_case!($make, $cleanup, failing_task_is_retried_then_failed);
         $crate::__engine_case!($make, $cleanup, handler_panic_is_caught_and_retried);
-        $crate::__engine_case!($make, $cleanup, typed_handler_fails_bad_payload_without_retry);
-        $crate::__engine_case!($make, $cleanup, malformed_message_is_dead_lettered_and_worker_keeps_running);
+        $crate::__engine_case!(
+            $make,
+            $cleanup,
+            typed_handler_fails_bad_payload_without_retry
+        );
+        $crate::__engine_case!(
+            $make,
+            $cleanup,
+            malformed_message_is_dead_lettered_and_worker_keeps_running
+        );
         $crate::__engine_case!($make, $cleanup, graceful_shutdown_loses_nothing);
         $crate::__engine_case!($make, $cleanup, cancelled_task_never_runs);
-        $crate::__engine_case!($make, $cleanup, dispatcher_rejects_bad_input_with_typed_errors);
+        $crate::__engine_case!(
+            $make,
+            $cleanup,
+            dispatcher_rejects_bad_input_with_typed_errors
+        );
+        $crate::__engine_case!(
+            $make,
+            $cleanup,
+            monitor_reannounces_a_pending_task_whose_message_was_lost
+        );
+        $crate::__engine_case!(
+            $make,
+            $cleanup,
+            monitor_fails_a_stale_task_with_no_attempts_left
+        );
     };
 }
 
