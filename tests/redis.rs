@@ -1,1 +1,1097 @@
-//! placeholder (being written)
+//! The conformance and engine suites on Redis, plus what only the Redis backend promises: the
+//! lab's Python `TaskRegistry` reads our tasks and we read its tasks, a worker keeps consuming
+//! across a Redis restart, subscribers resubscribe, TLS with a self-signed CA, AUTH with an ACL
+//! user, and stale receipts.
+//!
+//! The shared server comes from `ORCHESTRA_TEST_REDIS_URL`, else testcontainers, else
+//! 127.0.0.1:6379 (see `agent_orchestra::testkit::harness`). Every test works under its own key
+//! prefix and deletes its keys with SCAN (never FLUSHALL). Tests that restart Redis, or need TLS
+//! or ACLs, start their own `redis-server` on a free port.
+//!
+//! Run: `cargo test --features redis,testkit --test redis`. The interop tests need Python 3
+//! with `redis` and `pydantic`: `python3 -m pip install -r tests/python/requirements.txt`.
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_orchestra::testkit::harness::{broker_url, unique_prefix, BrokerKind};
+use agent_orchestra::{
+    connect, BackendUrls, Backends, ConnectOptions, Error, Expected, FetchOptions, Limits,
+    OutgoingMessage, Priority, QueueName, Task, TaskId, TaskStatus,
+};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+
+// ---------------------------------------------------------------------------------------------
+// Opening and cleaning up
+
+fn options(prefix: &str) -> ConnectOptions {
+    ConnectOptions {
+        prefix: prefix.to_string(),
+        ..ConnectOptions::default()
+    }
+}
+
+async fn open_url(url: &str, prefix: &str) -> Backends {
+    connect(&BackendUrls::all(url), &options(prefix))
+        .await
+        .unwrap_or_else(|e| panic!("connect to the test Redis: {e}"))
+}
+
+/// Opens the three roles on the shared test server under `prefix`.
+async fn make_backends(prefix: &str) -> Backends {
+    open_url(&broker_url(BrokerKind::Redis).await, prefix).await
+}
+
+/// Deletes every key that starts with `prefix` (SCAN + UNLINK; never FLUSHALL).
+async fn cleanup(prefix: &str) {
+    cleanup_at(&broker_url(BrokerKind::Redis).await, prefix).await;
+}
+
+async fn raw_connection(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("test Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("raw connection to the test Redis")
+}
+
+fn glob_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| match c {
+            '*' | '?' | '[' | ']' | '\\' => vec!['\\', c],
+            c => vec![c],
+        })
+        .collect()
+}
+
+async fn cleanup_at(url: &str, prefix: &str) {
+    assert!(!prefix.is_empty(), "cleanup needs a prefix");
+    let mut con = raw_connection(url).await;
+    let pattern = format!("{}*", glob_escape(prefix));
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut con)
+            .await
+            .expect("SCAN");
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut con)
+                .await
+                .expect("UNLINK");
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+}
+
+agent_orchestra::conformance_suite!(make_backends, cleanup);
+
+mod engine {
+    use super::{cleanup, make_backends};
+    agent_orchestra::engine_suite!(make_backends, cleanup);
+}
+
+/// Runs a Redis-specific test on the shared server the way the suites do: fresh prefix,
+/// cleanup afterwards even when the test fails.
+fn on_shared_redis<F, Fut>(name: &str, test: F)
+where
+    F: FnOnce(Backends, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let prefix = unique_prefix(name);
+    let for_test = prefix.clone();
+    agent_orchestra::testkit::run_suite_test(
+        name,
+        async move {
+            let b = make_backends(&for_test).await;
+            test(b, for_test).await;
+        },
+        async move { cleanup(&prefix).await },
+    );
+}
+
+fn queue(name: &str) -> QueueName {
+    QueueName::parse(name).expect("valid queue name")
+}
+
+fn new_task(payload: Value, priority: u8) -> Task {
+    Task::new(
+        queue("research"),
+        payload,
+        Priority::new(priority.into()).expect("priority"),
+        3,
+        vec![],
+        &Limits::default(),
+    )
+    .expect("valid task")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The lab's Python TaskRegistry, run as a subprocess
+
+fn python_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python")
+}
+
+/// Runs tests/python/lab_registry.py and returns its `RESULT:` JSON. Fails (never skips) with
+/// the installation hint when Python or its modules are missing.
+fn lab(url: &str, prefix: &str, args: &[&str]) -> Value {
+    let script = python_dir().join("lab_registry.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(url)
+        .arg(prefix)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run python3 ({e}); the lab interop tests need Python 3 with the packages of \
+                 tests/python/requirements.txt: python3 -m pip install -r tests/python/requirements.txt"
+            )
+        });
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(3) {
+        panic!(
+            "the lab interop test needs Python packages: {stderr}\nInstall them with: \
+             python3 -m pip install -r tests/python/requirements.txt"
+        );
+    }
+    assert!(
+        out.status.success(),
+        "lab_registry.py {args:?} failed ({}): {stderr}",
+        out.status
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT:"))
+        .unwrap_or_else(|| panic!("lab_registry.py printed no result: {stdout} / {stderr}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("lab result {line:?} is not JSON: {e}"))
+}
+
+fn parse_iso(s: &Value) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(s.as_str().expect("a time string"))
+        .unwrap_or_else(|e| panic!("{s} is not ISO-8601: {e}"))
+        .with_timezone(&chrono::Utc)
+}
+
+#[test]
+fn lab_task_registry_reads_a_task_written_here() {
+    on_shared_redis("lab_reads_ours", |b, prefix| async move {
+        let url = broker_url(BrokerKind::Redis).await;
+        let mut task = new_task(
+            json!({"topic": "LangGraph와 CrewAI의 차이점", "user_id": "user_123"}),
+            3,
+        );
+        task.task_id = TaskId::parse("task_interop1").expect("id");
+        b.registry.create(&task).await.expect("create");
+
+        let seen = tokio::task::spawn_blocking({
+            let (url, prefix) = (url.clone(), prefix.clone());
+            move || lab(&url, &prefix, &["get", "task_interop1"])
+        })
+        .await
+        .expect("python");
+        assert_eq!(seen["task_id"], "task_interop1");
+        assert_eq!(seen["status"], "PENDING");
+        assert_eq!(seen["payload"], task.payload);
+        assert_eq!(seen["priority"], 3);
+        assert_eq!(seen["result"], Value::Null);
+        assert_eq!(seen["worker_id"], Value::Null);
+        assert_eq!(parse_iso(&seen["created_at"]), task.created_at);
+        assert_eq!(parse_iso(&seen["updated_at"]), task.state.updated_at);
+
+        // Claimed and completed here, with a non-string result: the lab reads a string.
+        let mut running = task.state.clone();
+        running.status = TaskStatus::Running;
+        running.attempt = 1;
+        running.worker_id = Some("crewai_worker_01".into());
+        running.lease_until = Some(chrono::Utc::now() + chrono::Duration::seconds(30));
+        running.updated_at = chrono::Utc::now();
+        let t = b
+            .registry
+            .transition(&task.task_id, task.expect(), running)
+            .await
+            .expect("claim");
+        let mut done = t.state.clone();
+        done.status = TaskStatus::Completed;
+        done.result = Some(json!({"summary": "LangGraph는 유연한 제어 흐름", "sources": 2}));
+        done.lease_until = None;
+        done.finished_at = Some(chrono::Utc::now());
+        done.updated_at = chrono::Utc::now();
+        let t = b
+            .registry
+            .transition(&task.task_id, t.expect(), done)
+            .await
+            .expect("complete");
+
+        let seen =
+            tokio::task::spawn_blocking(move || lab(&url, &prefix, &["get", "task_interop1"]))
+                .await
+                .expect("python");
+        assert_eq!(seen["status"], "COMPLETED");
+        assert_eq!(seen["worker_id"], "crewai_worker_01");
+        let result_text = seen["result"]
+            .as_str()
+            .expect("the lab reads the result as a string");
+        let result: Value = serde_json::from_str(result_text).expect("result text is its JSON");
+        assert_eq!(Some(result), t.state.result);
+    });
+}
+
+#[test]
+fn task_registered_by_the_lab_is_readable_and_claimable_here() {
+    on_shared_redis("ours_reads_lab", |b, prefix| async move {
+        let url = broker_url(BrokerKind::Redis).await;
+        let payload = json!({"topic": "LangGraph와 CrewAI의 차이점", "user_id": "user_123"});
+        let registered = tokio::task::spawn_blocking({
+            let (url, prefix, payload) = (url.clone(), prefix.clone(), payload.to_string());
+            move || lab(&url, &prefix, &["register", &payload, "3"])
+        })
+        .await
+        .expect("python");
+        let id = TaskId::parse(registered["task_id"].as_str().expect("task_id")).expect("lab id");
+
+        let t = b
+            .registry
+            .get(&id)
+            .await
+            .expect("get")
+            .expect("the lab's task is found");
+        assert_eq!(t.task_id, id);
+        assert_eq!(
+            t.status(),
+            TaskStatus::Pending,
+            "the lab stores TaskStatus.PENDING"
+        );
+        assert_eq!(t.payload, payload);
+        assert_eq!(t.priority.get(), 3);
+        assert_eq!(t.state.result, None, "the lab stores the string None");
+        assert_eq!(t.state.worker_id, None);
+        assert_eq!(t.created_at, parse_iso(&registered["created_at"]));
+        assert_eq!(t.state.attempt, 0);
+
+        // Our compare-and-set works on it, and the lab then reads what we wrote.
+        let mut running = t.state.clone();
+        running.status = TaskStatus::Running;
+        running.attempt = 1;
+        running.worker_id = Some("rust_worker".into());
+        running.lease_until = Some(chrono::Utc::now() + chrono::Duration::seconds(30));
+        running.updated_at = chrono::Utc::now();
+        b.registry
+            .transition(&id, t.expect(), running)
+            .await
+            .expect("claim the lab's task");
+
+        // The lab completes it with its own update_task_status; we read its result.
+        let seen = tokio::task::spawn_blocking({
+            let id = id.to_string();
+            move || {
+                lab(
+                    &url,
+                    &prefix,
+                    &["update", &id, "COMPLETED", "done by python"],
+                )
+            }
+        })
+        .await
+        .expect("python");
+        assert_eq!(seen["status"], "COMPLETED");
+        assert_eq!(seen["worker_id"], "rust_worker");
+        let t = b
+            .registry
+            .get(&id)
+            .await
+            .expect("get")
+            .expect("still there");
+        assert_eq!(t.status(), TaskStatus::Completed);
+        assert_eq!(t.state.result, Some(json!("done by python")));
+    });
+}
+
+#[test]
+fn task_hash_uses_the_lab_field_names_and_encodings() {
+    on_shared_redis("lab_fields", |b, prefix| async move {
+        let url = broker_url(BrokerKind::Redis).await;
+        let task = new_task(json!({"n": 1}), 7);
+        b.registry.create(&task).await.expect("create");
+        let mut con = raw_connection(&url).await;
+        let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(format!("{prefix}task_registry:{}", task.task_id))
+            .query_async(&mut con)
+            .await
+            .expect("HGETALL");
+        assert_eq!(fields["task_id"], task.task_id.as_str());
+        assert_eq!(fields["status"], "PENDING");
+        assert_eq!(
+            serde_json::from_str::<Value>(&fields["payload"]).unwrap(),
+            json!({"n": 1})
+        );
+        assert_eq!(fields["priority"], "7");
+        assert!(
+            fields["created_at"].ends_with("+00:00"),
+            "{}",
+            fields["created_at"]
+        );
+        assert!(
+            fields["updated_at"].ends_with("+00:00"),
+            "{}",
+            fields["updated_at"]
+        );
+        assert!(
+            !fields.contains_key("result"),
+            "no result yet: absent, not 'None'"
+        );
+        let pending: u64 = redis::cmd("ZCARD")
+            .arg(format!("{prefix}orchestra:status:PENDING"))
+            .query_async(&mut con)
+            .await
+            .expect("ZCARD");
+        assert_eq!(pending, 1, "the status index is written with the task");
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Receipts
+
+#[test]
+fn stale_ack_does_not_remove_the_redelivered_message() {
+    on_shared_redis("stale_ack", |b, _prefix| async move {
+        let q = queue("stale_ack");
+        b.bus
+            .enqueue(
+                &q,
+                OutgoingMessage::new(&b"{\"n\":1}"[..], Priority::DEFAULT),
+            )
+            .await
+            .expect("enqueue");
+        let short = FetchOptions {
+            max: 1,
+            wait: Duration::from_secs(5),
+            lease: Duration::from_millis(200),
+        };
+        let first = b
+            .bus
+            .fetch(&q, short)
+            .await
+            .expect("fetch")
+            .pop()
+            .expect("delivered");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let long = FetchOptions {
+            lease: Duration::from_secs(30),
+            ..short
+        };
+        let second = b
+            .bus
+            .fetch(&q, long)
+            .await
+            .expect("fetch")
+            .pop()
+            .expect("redelivered");
+        assert_eq!(second.message_id, first.message_id);
+        assert_eq!(second.delivery_count, 2);
+
+        b.bus
+            .ack(&first)
+            .await
+            .expect("a stale ack is not an error");
+        assert!(
+            b.bus.extend(&first, Duration::from_secs(5)).await.is_err(),
+            "stale extend"
+        );
+        b.bus
+            .nack(&first, Duration::ZERO)
+            .await
+            .expect("a stale nack is not an error");
+        let stats = b.bus.stats(&q).await.expect("stats");
+        assert_eq!(
+            (stats.waiting, stats.in_flight),
+            (0, 1),
+            "the new lease survived: {stats:?}"
+        );
+
+        b.bus.ack(&second).await.expect("ack");
+        let stats = b.bus.stats(&q).await.expect("stats");
+        assert_eq!((stats.waiting, stats.in_flight), (0, 0), "{stats:?}");
+    });
+}
+
+#[test]
+fn acking_after_the_lease_ended_but_before_redelivery_still_removes_the_message() {
+    on_shared_redis("late_ack", |b, _prefix| async move {
+        let q = queue("late_ack");
+        b.bus
+            .enqueue(&q, OutgoingMessage::new(&b"{}"[..], Priority::DEFAULT))
+            .await
+            .expect("enqueue");
+        let opts = FetchOptions {
+            max: 1,
+            wait: Duration::from_secs(5),
+            lease: Duration::from_millis(100),
+        };
+        let d = b
+            .bus
+            .fetch(&q, opts)
+            .await
+            .expect("fetch")
+            .pop()
+            .expect("delivered");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b.bus
+            .stats(&q)
+            .await
+            .expect("stats (promotes the expired lease)");
+        b.bus.ack(&d).await.expect("late ack");
+        let stats = b.bus.stats(&q).await.expect("stats");
+        assert_eq!((stats.waiting, stats.in_flight), (0, 0), "{stats:?}");
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// A redis-server of our own
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A `redis-server` this test started, on a free port, with its own directory; killed on drop.
+struct OwnRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    /// Starts `redis-server` with `args(port, dir)`.
+    async fn start(args: impl FnOnce(u16, &Path) -> Vec<String>) -> OwnRedis {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let args = args(port, dir.path());
+        let mut server = OwnRedis {
+            port,
+            dir,
+            args,
+            child: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("redis.log"))
+            .expect("log file");
+        let child = Command::new("redis-server")
+            .args(&self.args)
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server (is it installed?): {e}"));
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "redis-server did not listen on {}: {}",
+                    self.port,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown, no final save (what Redis kept is what it had fsynced).
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn plain_args(port: u16, dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        &dir.to_string_lossy(),
+        "--save",
+        "",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_keeps_consuming_across_a_redis_restart_and_loses_nothing() {
+    let mut server = OwnRedis::start(|port, dir| {
+        plain_args(
+            port,
+            dir,
+            &["--appendonly", "yes", "--appendfsync", "always"],
+        )
+    })
+    .await;
+    let url = format!("redis://127.0.0.1:{}/0", server.port);
+    let b = open_url(&url, "t_restart_").await;
+    let q = queue("restart");
+    let batch = |from: usize| -> Vec<OutgoingMessage> {
+        (from..from + 200)
+            .map(|i| OutgoingMessage::new(format!("{{\"n\":{i}}}").into_bytes(), Priority::DEFAULT))
+            .collect()
+    };
+    b.bus
+        .enqueue_many(&q, batch(0))
+        .await
+        .expect("enqueue before the restart");
+
+    let consumed: Arc<Mutex<HashSet<Vec<u8>>>> = Arc::default();
+    let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let worker = {
+        let (bus, q, consumed, errors) =
+            (b.bus.clone(), q.clone(), consumed.clone(), errors.clone());
+        tokio::spawn(async move {
+            let opts = FetchOptions {
+                max: 8,
+                wait: Duration::from_millis(500),
+                lease: Duration::from_secs(5),
+            };
+            loop {
+                let got = match bus.fetch(&q, opts).await {
+                    Ok(got) => got,
+                    Err(e) if e.is_temporary() => {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    Err(e) => panic!("fetch failed permanently: {e}"),
+                };
+                for d in got {
+                    // Slow enough that the restart happens mid-stream.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    match bus.ack(&d).await {
+                        Ok(()) => {
+                            consumed.lock().insert(d.payload.clone());
+                        }
+                        Err(e) if e.is_temporary() => {
+                            errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) => panic!("ack failed permanently: {e}"),
+                    }
+                }
+            }
+        })
+    };
+    let wait_for = |n: usize, what: &'static str| {
+        let consumed = consumed.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while consumed.lock().len() < n {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{what}: only {} of {n} messages consumed",
+                    consumed.lock().len()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for(20, "before the restart").await;
+    server.kill();
+    let at_kill = consumed.lock().len();
+    assert!(
+        at_kill < 200,
+        "the restart should come mid-stream ({at_kill} consumed)"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.spawn().await;
+
+    // Enqueue more once Redis is back (the first calls may see it still loading).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match b.bus.enqueue_many(&q, batch(200)).await {
+            Ok(_) => break,
+            Err(e) if e.is_temporary() && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("enqueue after the restart: {e}"),
+        }
+    }
+    wait_for(400, "after the restart").await;
+    worker.abort();
+    let all: HashSet<Vec<u8>> = (0..400)
+        .map(|i| format!("{{\"n\":{i}}}").into_bytes())
+        .collect();
+    assert_eq!(
+        *consumed.lock(),
+        all,
+        "every message Redis kept was consumed"
+    );
+    let stats = b.bus.stats(&q).await.expect("stats");
+    assert_eq!(stats.waiting + stats.in_flight, 0, "{stats:?}");
+    eprintln!(
+        "restart: {at_kill} consumed when Redis was killed, {} temporary errors seen by the worker",
+        errors.load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_resubscribes_after_a_redis_restart() {
+    let mut server = OwnRedis::start(|port, dir| plain_args(port, dir, &[])).await;
+    let url = format!("redis://127.0.0.1:{}", server.port);
+    let b = open_url(&url, "t_resub_").await;
+    let mut sub = b.bus.subscribe("events").await.expect("subscribe");
+    b.bus.publish("events", b"before").await.expect("publish");
+    let got = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .expect("event before the restart");
+    assert_eq!(got.as_deref(), Some(&b"before"[..]));
+
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.spawn().await;
+
+    // Events published while the subscription is down are lost (the contract); keep
+    // publishing until one arrives through the resubscribed connection.
+    let publisher = {
+        let bus = b.bus.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = bus.publish("events", b"after").await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let got = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match sub.recv().await {
+                Some(e) if e == b"after" => return Some(e),
+                Some(_) => continue,
+                None => return None,
+            }
+        }
+    })
+    .await;
+    publisher.abort();
+    assert_eq!(
+        got.expect("an event after the restart within 30 s")
+            .as_deref(),
+        Some(&b"after"[..]),
+        "the subscription was closed instead of resubscribed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_user_and_password_come_from_the_url_and_are_never_shown() {
+    let server = OwnRedis::start(|port, dir| {
+        plain_args(
+            port,
+            dir,
+            &[
+                "--requirepass",
+                "default-pass-9f3",
+                "--user",
+                "alice",
+                "on",
+                ">wonderland-7c1",
+                "~*",
+                "&*",
+                "+@all",
+            ],
+        )
+    })
+    .await;
+    let port = server.port;
+
+    let b = open_url(
+        &format!("redis://alice:wonderland-7c1@127.0.0.1:{port}/2"),
+        "t_acl_",
+    )
+    .await;
+    let t = new_task(json!({"who": "alice"}), 5);
+    b.registry.create(&t).await.expect("create as alice");
+    let mut con = raw_connection(&format!("redis://alice:wonderland-7c1@127.0.0.1:{port}/2")).await;
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(format!("t_acl_task_registry:{}", t.task_id))
+        .query_async(&mut con)
+        .await
+        .expect("EXISTS");
+    assert_eq!(exists, 1, "the database number came from the URL path");
+
+    let b = open_url(
+        &format!("redis://:default-pass-9f3@127.0.0.1:{port}"),
+        "t_acl_",
+    )
+    .await;
+    assert!(b
+        .locks
+        .acquire("k", "me", Duration::from_secs(5))
+        .await
+        .expect("acquire")
+        .is_some());
+
+    for url in [
+        format!("redis://alice:hunter2-wrong@127.0.0.1:{port}"),
+        format!("redis://:hunter2-wrong@127.0.0.1:{port}"),
+    ] {
+        let err = connect(&BackendUrls::all(&url), &options("t_acl_"))
+            .await
+            .expect_err("a wrong password is refused");
+        let shown = format!("{err} / {err:?}");
+        assert!(
+            !shown.contains("hunter2-wrong"),
+            "the password leaked: {shown}"
+        );
+        assert!(
+            !err.is_temporary(),
+            "a wrong password is permanent: {shown}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_refused_is_a_temporary_error() {
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    let opts = ConnectOptions {
+        connect_timeout: Duration::from_secs(2),
+        ..options("t_refused_")
+    };
+    let err = connect(&BackendUrls::all(&url), &opts)
+        .await
+        .expect_err("nothing listens there");
+    assert!(err.is_temporary(), "{err:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS against our own server with a self-signed CA
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run openssl (needed to make a test certificate): {e}"));
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 / localhost signed by it.
+fn make_certificates(dir: &Path) {
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("ext file");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=orchestra test CA",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_url_with_a_self_signed_ca_works_for_every_role() {
+    let certs = tempfile::tempdir().expect("temp dir");
+    make_certificates(certs.path());
+    let c = certs.path().to_path_buf();
+    let server = OwnRedis::start(move |port, dir| {
+        let f = |n: &str| c.join(n).to_string_lossy().into_owned();
+        vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--dir".into(),
+            dir.to_string_lossy().into_owned(),
+            "--save".into(),
+            "".into(),
+            "--tls-cert-file".into(),
+            f("server.crt"),
+            "--tls-key-file".into(),
+            f("server.key"),
+            "--tls-ca-cert-file".into(),
+            f("ca.crt"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+            "--requirepass".into(),
+            "tls-pass-51".into(),
+        ]
+    })
+    .await;
+    let ca = certs.path().join("ca.crt");
+    let url = format!(
+        "rediss://:tls-pass-51@127.0.0.1:{}/0?tls_ca_file={}",
+        server.port,
+        ca.display()
+    );
+    let b = open_url(&url, "t_tls_").await;
+
+    let q = queue("tls");
+    let mut sub = b.bus.subscribe("events").await.expect("subscribe over TLS");
+    b.bus
+        .enqueue(
+            &q,
+            OutgoingMessage::new(&b"{\"tls\":true}"[..], Priority::HIGHEST),
+        )
+        .await
+        .expect("enqueue over TLS");
+    let d = b
+        .bus
+        .fetch(
+            &q,
+            FetchOptions {
+                max: 1,
+                wait: Duration::from_secs(5),
+                lease: Duration::from_secs(5),
+            },
+        )
+        .await
+        .expect("fetch over TLS")
+        .pop()
+        .expect("delivered");
+    b.bus.ack(&d).await.expect("ack");
+    b.bus.publish("events", b"over tls").await.expect("publish");
+    let got = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .expect("event");
+    assert_eq!(got.as_deref(), Some(&b"over tls"[..]));
+    let t = new_task(json!({"secure": "✓"}), 2);
+    b.registry.create(&t).await.expect("create over TLS");
+    assert_eq!(
+        b.registry
+            .get(&t.task_id)
+            .await
+            .expect("get")
+            .expect("found"),
+        t
+    );
+    assert!(b
+        .locks
+        .acquire("tls", "me", Duration::from_secs(5))
+        .await
+        .expect("lock")
+        .is_some());
+
+    // Without the CA the server's certificate is not trusted: a permanent error.
+    let err = connect(
+        &BackendUrls::all(format!("rediss://:tls-pass-51@127.0.0.1:{}/0", server.port)),
+        &ConnectOptions {
+            connect_timeout: Duration::from_secs(3),
+            ..options("t_tls_")
+        },
+    )
+    .await
+    .expect_err("an untrusted certificate is refused");
+    assert!(!format!("{err:?}").contains("tls-pass-51"), "{err:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registry details beyond the suite
+
+#[test]
+fn purge_removes_the_hash_the_indexes_and_the_dependents_entries() {
+    on_shared_redis("purge_all_traces", |b, prefix| async move {
+        let url = broker_url(BrokerKind::Redis).await;
+        let parent = new_task(json!({"p": 1}), 5);
+        b.registry.create(&parent).await.expect("create parent");
+        let mut child = new_task(json!({"c": 1}), 5);
+        child.depends_on = vec![parent.task_id.clone()];
+        child.state.status = TaskStatus::Waiting;
+        b.registry.create(&child).await.expect("create child");
+        assert_eq!(
+            b.registry.dependents(&parent.task_id).await.expect("deps"),
+            vec![child.task_id.clone()]
+        );
+
+        // Child fails (parent failed) and is purged: the parent's dependents forget it.
+        let mut failed = child.state.clone();
+        failed.status = TaskStatus::Failed;
+        failed.error = Some("parent failed".into());
+        failed.updated_at = chrono::Utc::now();
+        b.registry
+            .transition(&child.task_id, child.expect(), failed)
+            .await
+            .expect("fail");
+        let purged = b
+            .registry
+            .purge_finished(&agent_orchestra::Retention {
+                max_age: None,
+                max_count: Some(0),
+            })
+            .await
+            .expect("purge");
+        assert_eq!(purged, 1);
+        assert!(b.registry.get(&child.task_id).await.expect("get").is_none());
+        assert!(b
+            .registry
+            .dependents(&parent.task_id)
+            .await
+            .expect("deps")
+            .is_empty());
+        let mut con = raw_connection(&url).await;
+        let failed_index: u64 = redis::cmd("ZCARD")
+            .arg(format!("{prefix}orchestra:status:FAILED"))
+            .query_async(&mut con)
+            .await
+            .expect("ZCARD");
+        assert_eq!(failed_index, 0);
+        assert_eq!(
+            b.registry
+                .counts()
+                .await
+                .expect("counts")
+                .get(TaskStatus::Pending),
+            1
+        );
+    });
+}
+
+#[test]
+fn create_many_reports_each_existing_task_on_its_own() {
+    on_shared_redis("create_many", |b, _prefix| async move {
+        let tasks: Vec<Task> = (0..50).map(|i| new_task(json!({"i": i}), 5)).collect();
+        b.registry
+            .create(&tasks[7])
+            .await
+            .expect("create one first");
+        let results = b.registry.create_many(&tasks).await.expect("create_many");
+        for (i, r) in results.iter().enumerate() {
+            if i == 7 {
+                assert!(matches!(r, Err(Error::TaskExists(_))), "{r:?}");
+            } else {
+                assert!(r.is_ok(), "task {i}: {r:?}");
+            }
+        }
+        assert_eq!(
+            b.registry
+                .counts()
+                .await
+                .expect("counts")
+                .get(TaskStatus::Pending),
+            50
+        );
+        let t = &tasks[3];
+        let got = b
+            .registry
+            .get(&t.task_id)
+            .await
+            .expect("get")
+            .expect("found");
+        assert_eq!(&got, t);
+        let conflict = b
+            .registry
+            .transition(
+                &t.task_id,
+                Expected {
+                    status: TaskStatus::Pending,
+                    attempt: 9,
+                },
+                t.state.clone(),
+            )
+            .await;
+        assert!(
+            matches!(
+                conflict,
+                Err(Error::Conflict {
+                    actual_attempt: 0,
+                    ..
+                })
+            ),
+            "{conflict:?}"
+        );
+    });
+}
