@@ -1,1 +1,583 @@
-//! placeholder (being written)
+//! The conformance suite on RabbitMQ, plus what only the RabbitMQ backend promises: reconnecting
+//! after the broker closes its connections, a registry view rebuilt from the log by another
+//! process, compare-and-set decided by log order across processes, locks freed when their
+//! holder's connection dies, and the broker requeueing what a dead consumer held.
+//!
+//! Needs a RabbitMQ (3.9+, streams) with `guest`/`guest`: `ORCHESTRA_TEST_AMQP_URL`, a container,
+//! or the local default port (see `agent_orchestra::testkit::harness::broker_url`). The tests that
+//! close connections server-side and the cleanup use `rabbitmqctl` on this machine.
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::Duration;
+
+use agent_orchestra::testkit::harness::{broker_url, unique_prefix, BrokerKind};
+use agent_orchestra::testkit::run_suite_test;
+use agent_orchestra::{
+    connect, BackendUrls, Backends, ConnectOptions, Error, Expected, FetchOptions, OutgoingMessage,
+    Priority, QueueName, Task, TaskId, TaskStatus,
+};
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::{Connection, ConnectionProperties};
+
+fn options(prefix: &str) -> ConnectOptions {
+    ConnectOptions {
+        prefix: prefix.to_string(),
+        ..ConnectOptions::default()
+    }
+}
+
+async fn make_backends(prefix: &str) -> Backends {
+    let url = broker_url(BrokerKind::Amqp).await;
+    connect(&BackendUrls::all(url), &options(prefix))
+        .await
+        .expect("connect to the test RabbitMQ")
+}
+
+/// Runs `rabbitmqctl` with `args` and returns its output lines (empty when it is unavailable).
+async fn rabbitmqctl(args: &[&str]) -> Vec<String> {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || Command::new("rabbitmqctl").args(&args).output())
+        .await
+        .expect("rabbitmqctl task");
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        Ok(o) => {
+            eprintln!("rabbitmqctl failed: {}", String::from_utf8_lossy(&o.stderr));
+            Vec::new()
+        }
+        Err(e) => {
+            eprintln!("rabbitmqctl unavailable: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// Deletes every queue (work, delay, dead-letter, stream, lock) and the events exchange the
+/// prefix created.
+async fn cleanup(prefix: &str) {
+    let names: Vec<String> = rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name"])
+        .await
+        .into_iter()
+        .map(|l| l.trim().to_string())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    let url = broker_url(BrokerKind::Amqp).await;
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect("cleanup connection");
+    for name in names.iter().map(String::as_str).chain([
+        format!("{prefix}registry").as_str(),
+        format!("{prefix}locks").as_str(),
+    ]) {
+        // One channel per delete: a refused delete closes its channel.
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .queue_delete(name.into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+    if let Ok(ch) = conn.create_channel().await {
+        let _ = ch
+            .exchange_delete(
+                format!("{prefix}events").as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+    }
+    let _ = conn.close(200, "cleaned up".into()).await;
+}
+
+agent_orchestra::conformance_suite!(make_backends, cleanup);
+
+/// Closes, from the broker's side, every connection whose name mentions `prefix` (each
+/// connection of this backend carries its prefix in its `connection_name`).
+async fn close_connections_of(prefix: &str) -> usize {
+    let lines = rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ])
+    .await;
+    let mut closed = 0;
+    for line in lines.iter().filter(|l| l.contains(prefix)) {
+        let Some(pid) = line.split_whitespace().next() else {
+            continue;
+        };
+        rabbitmqctl(&["close_connection", pid, "test closes the connection"]).await;
+        closed += 1;
+    }
+    closed
+}
+
+fn queue(name: &str) -> QueueName {
+    QueueName::parse(name).expect("queue name")
+}
+
+fn task(id: &str) -> Task {
+    let mut t = Task::new(
+        queue("rmq_tasks"),
+        serde_json::json!({"id": id}),
+        Priority::DEFAULT,
+        3,
+        vec![],
+        &Default::default(),
+    )
+    .expect("task");
+    t.task_id = TaskId::parse(id).expect("task id");
+    t
+}
+
+/// Retries a backend call on temporary errors (what the engine does), for at most 30 s.
+async fn retrying<T, F, Fut>(what: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = agent_orchestra::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match call().await {
+            Ok(v) => return v,
+            Err(e) if e.is_temporary() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+fn with_cleanup<F, Fut>(name: &str, test: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let prefix = unique_prefix(name);
+    let test = test(prefix.clone());
+    run_suite_test(name, test, async move { cleanup(&prefix).await });
+}
+
+/// The broker closes every connection of the backend mid-way: a fetch/ack loop keeps going
+/// (after temporary errors) and loses no message; the registry keeps accepting creates and
+/// transitions and its view resumes from where it was (nothing missed, nothing applied twice);
+/// subscribers are re-attached.
+#[test]
+fn reconnects_after_the_broker_closes_its_connections() {
+    with_cleanup("rmq_reconnect", |prefix| async move {
+        let b = make_backends(&prefix).await;
+        let q = queue("reconnect_work");
+        const N: usize = 300;
+        let messages = (0..N)
+            .map(|n| OutgoingMessage::new(format!("{{\"n\":{n}}}"), Priority::DEFAULT))
+            .collect();
+        b.bus
+            .enqueue_many(&q, messages)
+            .await
+            .expect("enqueue_many");
+        for i in 0..20 {
+            b.registry
+                .create(&task(&format!("before_{i}")))
+                .await
+                .expect("create before");
+        }
+        let mut events = b
+            .bus
+            .subscribe("reconnect_events")
+            .await
+            .expect("subscribe");
+
+        let mut seen = HashSet::new();
+        let mut killed = false;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while seen.len() < N {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {N} messages seen",
+                seen.len()
+            );
+            if !killed && seen.len() >= N / 3 {
+                let closed = close_connections_of(&prefix).await;
+                assert!(
+                    closed >= 1,
+                    "no connection of prefix {prefix} found to close"
+                );
+                killed = true;
+            }
+            let opts = FetchOptions {
+                max: 8,
+                wait: Duration::from_millis(500),
+                lease: Duration::from_secs(30),
+            };
+            let batch = match b.bus.fetch(&q, opts).await {
+                Ok(batch) => batch,
+                Err(e) if e.is_temporary() => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => panic!("fetch: {e}"),
+            };
+            for d in batch {
+                let v: serde_json::Value = serde_json::from_slice(&d.payload).expect("payload");
+                seen.insert(v["n"].as_u64().expect("n"));
+                // An ack that fails or lands after the connection died just means redelivery.
+                let _ = b.bus.ack(&d).await;
+            }
+        }
+        assert!(killed, "the connections were never closed");
+
+        // The registry works after the reconnect and its view kept everything.
+        for i in 0..20 {
+            let t = task(&format!("after_{i}"));
+            retrying("create after the reconnect", || b.registry.create(&t)).await;
+        }
+        for i in 0..20 {
+            for id in [format!("before_{i}"), format!("after_{i}")] {
+                let id = TaskId::parse(&id).expect("id");
+                let t = retrying("get", || b.registry.get(&id)).await;
+                assert!(t.is_some(), "task {id} lost across the reconnect");
+            }
+        }
+        let counts = retrying("counts", || b.registry.counts()).await;
+        assert_eq!(
+            counts.get(TaskStatus::Pending),
+            40,
+            "counts after the reconnect: {counts}"
+        );
+        let t = task("after_0");
+        let mut next = t.state.clone();
+        next.status = TaskStatus::Running;
+        next.attempt = 1;
+        let claimed = retrying("claim after the reconnect", || {
+            b.registry.transition(&t.task_id, t.expect(), next.clone())
+        })
+        .await;
+        assert_eq!(claimed.state.attempt, 1);
+
+        // The subscription was re-attached: an event published now arrives.
+        let got = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let _ = b.bus.publish("reconnect_events", b"{\"after\":true}").await;
+                if let Ok(Some(e)) =
+                    tokio::time::timeout(Duration::from_millis(300), events.recv()).await
+                {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("an event after the reconnect");
+        assert_eq!(got, b"{\"after\":true}");
+    });
+}
+
+/// A second process (its own connection) rebuilds the registry view from the log: it sees every
+/// task with its latest state, and counts agree.
+#[test]
+fn a_new_process_rebuilds_the_registry_view_from_the_log() {
+    with_cleanup("rmq_rebuild", |prefix| async move {
+        let first = make_backends(&prefix).await;
+        for i in 0..30 {
+            first
+                .registry
+                .create(&task(&format!("rebuild_{i}")))
+                .await
+                .expect("create");
+        }
+        for i in 0..10 {
+            let t = task(&format!("rebuild_{i}"));
+            let mut next = t.state.clone();
+            next.status = TaskStatus::Running;
+            next.attempt = 1;
+            next.worker_id = Some(format!("w{i}"));
+            first
+                .registry
+                .transition(&t.task_id, t.expect(), next)
+                .await
+                .expect("claim");
+        }
+        let second = make_backends(&prefix).await;
+        let counts = second.registry.counts().await.expect("counts");
+        assert_eq!(
+            (
+                counts.get(TaskStatus::Pending),
+                counts.get(TaskStatus::Running)
+            ),
+            (20, 10),
+            "the rebuilt view's counts: {counts}"
+        );
+        let t = second
+            .registry
+            .get(&TaskId::parse("rebuild_3").expect("id"))
+            .await
+            .expect("get")
+            .expect("task rebuild_3 in the rebuilt view");
+        assert_eq!(t.state.worker_id.as_deref(), Some("w3"));
+        // A write by the first process is visible to the second after a get miss or a sync.
+        first
+            .registry
+            .create(&task("rebuild_late"))
+            .await
+            .expect("late create");
+        let late = second
+            .registry
+            .get(&TaskId::parse("rebuild_late").expect("id"))
+            .await
+            .expect("get");
+        assert!(
+            late.is_some(),
+            "a task created by another process before get was not found"
+        );
+    });
+}
+
+/// Two processes race to claim the same tasks: for each task exactly one claim wins, and both
+/// views agree on the winner (compare-and-set decided by log order).
+#[test]
+fn cas_across_processes_is_decided_by_log_order() {
+    with_cleanup("rmq_cas_processes", |prefix| async move {
+        let a = make_backends(&prefix).await;
+        let b = make_backends(&prefix).await;
+        let ids: Vec<String> = (0..20).map(|i| format!("race_{i}")).collect();
+        for id in &ids {
+            a.registry.create(&task(id)).await.expect("create");
+        }
+        let mut handles = Vec::new();
+        for (who, backends) in [("a", a.clone()), ("b", b.clone())] {
+            let ids = ids.clone();
+            handles.push(tokio::spawn(async move {
+                let mut won = Vec::new();
+                for id in ids {
+                    let t = task(&id);
+                    let mut next = t.state.clone();
+                    next.status = TaskStatus::Running;
+                    next.attempt = 1;
+                    next.worker_id = Some(who.to_string());
+                    let expected = Expected {
+                        status: TaskStatus::Pending,
+                        attempt: 0,
+                    };
+                    match backends
+                        .registry
+                        .transition(&t.task_id, expected, next)
+                        .await
+                    {
+                        Ok(_) => won.push(id),
+                        Err(Error::Conflict { .. }) => {}
+                        Err(e) => panic!("{who}: {e}"),
+                    }
+                }
+                won
+            }));
+        }
+        let mut winners = Vec::new();
+        for h in handles {
+            winners.push(h.await.expect("claimer"));
+        }
+        let all: Vec<&String> = winners.iter().flatten().collect();
+        assert_eq!(
+            all.len(),
+            ids.len(),
+            "each task must have exactly one winner: {winners:?}"
+        );
+        for id in &ids {
+            let id = TaskId::parse(id).expect("id");
+            let in_a = a
+                .registry
+                .get(&id)
+                .await
+                .expect("get a")
+                .expect("task in a");
+            b.registry.counts().await.expect("sync b");
+            let in_b = b
+                .registry
+                .get(&id)
+                .await
+                .expect("get b")
+                .expect("task in b");
+            assert_eq!(
+                in_a.state.worker_id, in_b.state.worker_id,
+                "the views disagree on {id}"
+            );
+        }
+    });
+}
+
+/// A lock held by one connection is refused to another connection; `holder` there names the
+/// owner; when the holder's connection dies, the broker frees the lock and the next acquisition
+/// gets a larger fencing token.
+#[test]
+fn lock_is_freed_when_its_holders_connection_dies() {
+    with_cleanup("rmq_lock_conn_dies", |prefix| async move {
+        let a = make_backends(&prefix).await;
+        let b = make_backends(&prefix).await;
+        let lease = a
+            .locks
+            .acquire("leader", "process-a", Duration::from_secs(60))
+            .await
+            .expect("acquire")
+            .expect("free lock");
+        assert!(
+            b.locks
+                .acquire("leader", "process-b", Duration::from_secs(60))
+                .await
+                .expect("acquire b")
+                .is_none(),
+            "another connection acquired a held lock"
+        );
+        let seen = b
+            .locks
+            .holder("leader")
+            .await
+            .expect("holder")
+            .expect("a holder");
+        assert_eq!(
+            (seen.owner.as_str(), seen.fencing_token),
+            ("process-a", lease.fencing_token)
+        );
+
+        // The broker closes a's connections (all of the prefix's: b is dropped first and reopened).
+        drop(b);
+        close_connections_of(&prefix).await;
+        let b = make_backends(&prefix).await;
+        let taken = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match b
+                    .locks
+                    .acquire("leader", "process-b", Duration::from_secs(60))
+                    .await
+                {
+                    Ok(Some(l)) => return l,
+                    Ok(None) | Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        })
+        .await
+        .expect("the lock was not freed after its holder's connection died");
+        assert!(
+            taken.fencing_token > lease.fencing_token,
+            "fencing token did not grow"
+        );
+        assert!(
+            !a.locks.release(&lease).await.expect("release"),
+            "the dead holder released a lock it lost"
+        );
+        match a.locks.extend(&lease, Duration::from_secs(5)).await {
+            Err(Error::NotLockOwner { .. }) => {}
+            other => {
+                panic!("extend by the dead holder should fail with NotLockOwner, got {other:?}")
+            }
+        }
+    });
+}
+
+/// A message held by a consumer whose connection dies is requeued by the broker and counted as a
+/// delivery (the broker's redelivered flag).
+#[test]
+fn a_dead_consumers_message_is_requeued_by_the_broker() {
+    with_cleanup("rmq_dead_consumer", |prefix| async move {
+        let q = queue("dead_consumer");
+        let id = {
+            let a = make_backends(&prefix).await;
+            let id = a
+                .bus
+                .enqueue(
+                    &q,
+                    OutgoingMessage::new(&b"{\"x\":1}"[..], Priority::DEFAULT),
+                )
+                .await
+                .expect("enqueue");
+            let got = a
+                .bus
+                .fetch(
+                    &q,
+                    FetchOptions {
+                        max: 1,
+                        wait: Duration::from_secs(5),
+                        lease: Duration::from_secs(600),
+                    },
+                )
+                .await
+                .expect("fetch");
+            assert_eq!(got.len(), 1);
+            id
+            // `a` is dropped here: its connection closes with the message unacked.
+        };
+        let b = make_backends(&prefix).await;
+        let got = b
+            .bus
+            .fetch(
+                &q,
+                FetchOptions {
+                    max: 1,
+                    wait: Duration::from_secs(10),
+                    lease: Duration::from_secs(30),
+                },
+            )
+            .await
+            .expect("fetch");
+        assert_eq!(got.len(), 1, "the dead consumer's message was not requeued");
+        assert_eq!(got[0].message_id, id);
+        assert_eq!(
+            got[0].delivery_count, 2,
+            "a requeue by the broker counts as a delivery"
+        );
+        b.bus.ack(&got[0]).await.expect("ack");
+    });
+}
+
+/// Wrong credentials fail with an error that does not show the password.
+#[test]
+fn bad_credentials_fail_without_leaking_the_password() {
+    run_suite_test(
+        "rmq_bad_credentials",
+        async {
+            let url = broker_url(BrokerKind::Amqp).await;
+            let mut parsed = url::Url::parse(&url).expect("url");
+            parsed.set_username("orchestra_nobody").expect("user");
+            parsed
+                .set_password(Some("hunter2-secret"))
+                .expect("password");
+            let err = connect(&BackendUrls::all(parsed.as_str()), &options("t_badcred_"))
+                .await
+                .expect_err("connecting with a wrong password must fail");
+            let text = err.to_string();
+            assert!(
+                !text.contains("hunter2-secret"),
+                "the password leaked: {text}"
+            );
+        },
+        async {},
+    );
+}
+
+/// There is no TLS listener here: `amqps://` to the plain port fails cleanly (an error, no
+/// hang, no panic). URL parsing of `amqps://` is unit-tested in the backend.
+#[test]
+fn amqps_to_a_plain_listener_fails_cleanly() {
+    run_suite_test(
+        "rmq_amqps_plain",
+        async {
+            let url = broker_url(BrokerKind::Amqp).await;
+            let mut parsed = url::Url::parse(&url).expect("url");
+            parsed.set_scheme("amqps").expect("scheme");
+            if parsed.port().is_none() {
+                parsed.set_port(Some(5672)).expect("port");
+            }
+            let opts = ConnectOptions {
+                connect_timeout: Duration::from_secs(3),
+                ..options("t_amqps_")
+            };
+            let result = connect(&BackendUrls::all(parsed.as_str()), &opts).await;
+            let err = result.expect_err("TLS to a plain AMQP port cannot succeed");
+            assert!(
+                err.is_temporary() || err.to_string().contains("rabbitmq"),
+                "{err}"
+            );
+        },
+        async {},
+    );
+}

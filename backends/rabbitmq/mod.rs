@@ -1,1 +1,261 @@
-//! placeholder
+//! The RabbitMQ backend (feature `rabbitmq`, lapin on tokio): `amqp://` and `amqps://` URLs.
+//!
+//! * [`RabbitBus`]: durable classic queues with `x-max-priority` 10, persistent messages,
+//!   publisher confirms, `basic.get` batches for exact priority order, per-delay TTL queues that
+//!   dead-letter back, a dead-letter queue per work queue, events on a direct exchange.
+//! * [`RabbitRegistry`]: an append-only log of task changes in a stream queue, replayed into an
+//!   in-process view; compare-and-set is decided by log order.
+//! * [`RabbitLockManager`]: exclusive queues held by a dedicated connection, with fencing
+//!   tokens and holder records in a lock log stream.
+//!
+//! All state lives in RabbitMQ. docs/backends/rabbitmq.md explains the design, its guarantees
+//! and its costs.
+
+mod bus;
+mod events;
+mod leases;
+mod link;
+mod lock;
+mod log;
+mod names;
+mod registry;
+mod view;
+
+use std::sync::Arc;
+
+use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
+use url::Url;
+
+pub use bus::RabbitBus;
+pub use lock::RabbitLockManager;
+pub use registry::RabbitRegistry;
+
+use self::link::Link;
+use self::names::Names;
+use super::{redact_url, ConnectOptions, Parts, Roles};
+use crate::error::{Error, Result};
+
+/// Heartbeat asked for when the URL does not say (`?heartbeat=N` seconds): a peer that stops
+/// answering is noticed within about twice this, and its deliveries and locks are released.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+
+/// Opens the requested roles on one shared connection (plus a dedicated connection for the
+/// exclusive lock queues when `roles.locks` is set).
+///
+/// The URL gives the user, password, host, port and vhost (`amqp://user:pass@host:5672/vhost`,
+/// `%2f` for `/`; an empty path means `/`), and optionally `heartbeat`, `frame_max`,
+/// `channel_max`, `connection_timeout` (ms) and `auth_mechanism` query parameters. `amqps://`
+/// connects with TLS (rustls, the platform's trust store).
+pub async fn open(url: &Url, roles: &Roles, opts: &ConnectOptions) -> Result<Parts> {
+    let uri = parse_url(url)?;
+    let redacted = redact_url(url.as_str());
+    let names = Names::new(&opts.prefix)?;
+    let connection_name = |role: &str| {
+        format!(
+            "agent-orchestra {role} prefix={} pid={}",
+            names.prefix(),
+            std::process::id()
+        )
+    };
+    let link = Link::new(
+        uri.clone(),
+        redacted.clone(),
+        connection_name("main"),
+        opts.connect_timeout,
+    );
+    link.session().await?;
+    let mut parts = Parts::default();
+    if roles.bus {
+        parts.bus = Some(Arc::new(RabbitBus::new(
+            link.clone(),
+            names.clone(),
+            opts.max_deliveries,
+        )?) as _);
+    }
+    if roles.registry {
+        parts.registry = Some(Arc::new(RabbitRegistry::open(link.clone(), &names).await?) as _);
+    }
+    if roles.locks {
+        let holder_link = Link::new(
+            uri,
+            redacted,
+            connection_name("locks"),
+            opts.connect_timeout,
+        );
+        holder_link.session().await?;
+        parts.locks =
+            Some(Arc::new(RabbitLockManager::open(link.clone(), holder_link, &names).await?) as _);
+    }
+    Ok(parts)
+}
+
+/// Turns an `amqp://` / `amqps://` URL into lapin's connection parameters.
+fn parse_url(url: &Url) -> Result<AMQPUri> {
+    let redacted = || redact_url(url.as_str());
+    let bad = |reason: String| Error::UnsupportedUrl {
+        url: redacted(),
+        reason,
+    };
+    let scheme = match url.scheme() {
+        "amqp" => AMQPScheme::AMQP,
+        "amqps" => AMQPScheme::AMQPS,
+        other => return Err(bad(format!("scheme `{other}` is not amqp or amqps"))),
+    };
+    let host = url
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| bad("no host".into()))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = url.port().unwrap_or(match scheme {
+        AMQPScheme::AMQP => 5672,
+        AMQPScheme::AMQPS => 5671,
+    });
+    let defaults = AMQPUserInfo::default();
+    let username = match url.username() {
+        "" => defaults.username,
+        u => percent_decode(u).map_err(|e| bad(format!("user name: {e}")))?,
+    };
+    let password = match url.password() {
+        None => defaults.password,
+        Some(p) => percent_decode(p).map_err(|e| bad(format!("password: {e}")))?,
+    };
+    let path = url.path();
+    let vhost = match path.strip_prefix('/').unwrap_or(path) {
+        "" => "/".to_string(),
+        v if v.contains('/') => {
+            return Err(bad(format!(
+                "the vhost must be one path segment (write `/` as %2f), got {path:?}"
+            )))
+        }
+        v => percent_decode(v).map_err(|e| bad(format!("vhost: {e}")))?,
+    };
+    let mut query = AMQPQueryString {
+        heartbeat: Some(DEFAULT_HEARTBEAT_SECS),
+        ..AMQPQueryString::default()
+    };
+    for (key, value) in url.query_pairs() {
+        let int = |what: &str| -> Result<u64> {
+            value
+                .parse::<u64>()
+                .map_err(|_| bad(format!("{what} must be a whole number, got {value:?}")))
+        };
+        match key.as_ref() {
+            "heartbeat" => {
+                query.heartbeat = Some(
+                    u16::try_from(int("heartbeat")?)
+                        .map_err(|_| bad("heartbeat is too large".into()))?,
+                )
+            }
+            "frame_max" => {
+                query.frame_max = Some(
+                    u32::try_from(int("frame_max")?)
+                        .map_err(|_| bad("frame_max is too large".into()))?,
+                )
+            }
+            "channel_max" => {
+                query.channel_max = Some(
+                    u16::try_from(int("channel_max")?)
+                        .map_err(|_| bad("channel_max is too large".into()))?,
+                )
+            }
+            "connection_timeout" => query.connection_timeout = Some(int("connection_timeout")?),
+            "auth_mechanism" => {
+                query.auth_mechanism = Some(value.parse().map_err(bad)?);
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown query parameter `{other}`; supported: heartbeat, frame_max, channel_max, connection_timeout, auth_mechanism"
+                )))
+            }
+        }
+    }
+    Ok(AMQPUri {
+        scheme,
+        authority: AMQPAuthority {
+            userinfo: AMQPUserInfo { username, password },
+            host,
+            port,
+        },
+        vhost,
+        query,
+    })
+}
+
+fn percent_decode(s: &str) -> std::result::Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent-escape in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} does not decode to UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<AMQPUri> {
+        parse_url(&Url::parse(s).expect("url"))
+    }
+
+    #[test]
+    fn url_gives_user_password_host_port_and_vhost() {
+        let u = parse("amqp://alice:s%40cret@10.1.2.3:5673/prod").unwrap();
+        assert_eq!(u.scheme, AMQPScheme::AMQP);
+        assert_eq!(u.authority.userinfo.username, "alice");
+        assert_eq!(u.authority.userinfo.password, "s@cret");
+        assert_eq!(u.authority.host, "10.1.2.3");
+        assert_eq!(u.authority.port, 5673);
+        assert_eq!(u.vhost, "prod");
+        assert_eq!(u.query.heartbeat, Some(DEFAULT_HEARTBEAT_SECS));
+    }
+
+    #[test]
+    fn default_vhost_is_slash_written_plain_or_escaped() {
+        assert_eq!(parse("amqp://127.0.0.1:5672/%2f").unwrap().vhost, "/");
+        assert_eq!(parse("amqp://127.0.0.1:5672").unwrap().vhost, "/");
+        assert_eq!(parse("amqp://127.0.0.1:5672/").unwrap().vhost, "/");
+        let u = parse("amqp://h").unwrap();
+        assert_eq!(u.authority.userinfo.username, "guest");
+        assert_eq!(u.authority.port, 5672);
+    }
+
+    #[test]
+    fn amqps_selects_tls_and_its_default_port() {
+        let u = parse("amqps://u:p@broker.example.com/v?heartbeat=30").unwrap();
+        assert_eq!(u.scheme, AMQPScheme::AMQPS);
+        assert_eq!(u.authority.port, 5671);
+        assert_eq!(u.authority.host, "broker.example.com");
+        assert_eq!(u.query.heartbeat, Some(30));
+        let v6 = parse("amqps://[::1]:5671/%2f").unwrap();
+        assert_eq!(v6.authority.host, "::1");
+    }
+
+    #[test]
+    fn bad_urls_are_rejected_with_the_password_redacted() {
+        let err = parse("amqp://u:hunter2@h/v?tls_cert=x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown query parameter `tls_cert`"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = parse("amqp://u:hunter2@h/a/b").unwrap_err().to_string();
+        assert!(err.contains("one path segment"), "{err}");
+        assert!(parse("amqp://h/v?heartbeat=soon").is_err());
+        assert!(parse("amqp://h/%zz").is_err());
+    }
+}

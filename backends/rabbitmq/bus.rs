@@ -1,0 +1,913 @@
+//! [`RabbitBus`]: durable, prioritised work queues and fan-out events on RabbitMQ.
+//!
+//! * Work queue `{prefix}q.{queue}`: classic, durable, `x-max-priority` 10 (our priority 1 is
+//!   AMQP priority 10). Messages are persistent and published with `mandatory` under publisher
+//!   confirms, so `enqueue` returns only once the broker has the message on disk.
+//! * Fetch takes exactly the head of the queue: `max` pipelined `basic.get`s on one channel
+//!   (one round trip for the batch), which RabbitMQ answers in priority order at that moment.
+//!   Nothing is prefetched, so no less urgent message can wait in this process while a more
+//!   urgent one arrives. An empty queue is waited on with a short-lived consumer whose prefetch is
+//!   1 (the first message to arrive is, by then, the only ready one), cancelled as soon as it
+//!   fires or the wait ends.
+//! * Leases are kept by this process ([`LeaseTable`]); an expired lease is handed back by
+//!   republishing the message with its delivery count and acking the original. A dead channel or
+//!   connection makes the broker requeue what it held.
+//! * Delivery counting: header `x-orchestra-deliveries` (deliveries before this copy) plus one,
+//!   plus one more when the broker flags the copy as redelivered (a consumer died holding it).
+//! * Delays: per-delay TTL queues `{prefix}q.{queue}.delay.{ms}` that dead-letter back into the
+//!   work queue through the default exchange; delays are rounded up to two significant digits.
+//! * Dead letters: `{prefix}q.{queue}.dead`, reason, count and time in headers.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery as AmqpDelivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicPublishOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel};
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::events::Events;
+use super::leases::{HeldMessage, LeaseEntry, LeaseTable};
+use super::link::{amqp_error, short, CachedChannel, Link, BACKEND};
+use super::names::{delay_bucket_ms, Names};
+use crate::bus::{
+    Bus, DeadLetter, Delivery, FetchOptions, OutgoingMessage, QueueStats, Subscription,
+};
+use crate::error::{Error, Result};
+use crate::model::{Priority, QueueName};
+
+/// Deliveries of this message before the copy that carries the header.
+const H_DELIVERIES: &str = "x-orchestra-deliveries";
+/// Why a dead letter died.
+const H_REASON: &str = "x-orchestra-reason";
+/// When a dead letter died (Unix milliseconds).
+const H_DEAD_AT: &str = "x-orchestra-dead-at-ms";
+
+/// Confirm-mode channels that publishes are spread over.
+const PUBLISHERS: usize = 4;
+/// Channels that fetch (and hold the leased deliveries until they are acked).
+const GETTERS: usize = 4;
+/// Most dead letters `dead_letters` scans (it reads a queue from its oldest end).
+const DEAD_SCAN_MAX: u64 = 10_000;
+/// A delay queue lives this long after its last declaration, beyond its TTL.
+const DELAY_QUEUE_SPARE: Duration = Duration::from_secs(120);
+/// Delay queues are declared again before use when their last declaration is older than this.
+const DELAY_REDECLARE: Duration = Duration::from_secs(30);
+
+/// Which queue a message is published to (each knows its own declaration).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Target {
+    Work(QueueName),
+    Delay(QueueName, u64),
+    Dead(QueueName),
+}
+
+/// A message to publish and where.
+struct Outgoing<'a> {
+    target: Target,
+    payload: &'a [u8],
+    properties: BasicProperties,
+}
+
+#[derive(Default)]
+struct Declared {
+    generation: u64,
+    /// Work and dead-letter queues declared on `generation`.
+    queues: HashSet<String>,
+    /// Delay queues and when they were last declared (any generation: they are durable).
+    delays: HashMap<String, Instant>,
+    /// Delay buckets this process has used, per work queue (counted by `stats`).
+    buckets: HashMap<QueueName, BTreeSet<u64>>,
+}
+
+struct BusInner {
+    link: Arc<Link>,
+    names: Names,
+    max_deliveries: u32,
+    instance: String,
+    publishers: Vec<CachedChannel>,
+    getters: Vec<CachedChannel>,
+    topology: CachedChannel,
+    round_robin: AtomicUsize,
+    consumer_tags: AtomicU64,
+    declared: Mutex<Declared>,
+    leases: LeaseTable,
+    events: Events,
+}
+
+/// The RabbitMQ [`Bus`]. See the module documentation and docs/backends/rabbitmq.md.
+pub struct RabbitBus {
+    inner: Arc<BusInner>,
+    reaper: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for RabbitBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitBus")
+            .field("link", &self.inner.link)
+            .field("prefix", &self.inner.names.prefix())
+            .field("max_deliveries", &self.inner.max_deliveries)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for RabbitBus {
+    fn drop(&mut self) {
+        self.reaper.abort();
+    }
+}
+
+impl RabbitBus {
+    /// A bus on `link` (connected lazily), dead-lettering after `max_deliveries` deliveries.
+    /// Must be called inside a Tokio runtime (it starts the lease reaper).
+    pub(crate) fn new(link: Arc<Link>, names: Names, max_deliveries: u32) -> Result<Self> {
+        let inner = Arc::new(BusInner {
+            publishers: (0..PUBLISHERS)
+                .map(|_| CachedChannel::new(link.clone(), true, None))
+                .collect(),
+            getters: (0..GETTERS)
+                .map(|_| CachedChannel::new(link.clone(), false, Some(1)))
+                .collect(),
+            topology: CachedChannel::new(link.clone(), false, None),
+            events: Events::new(link.clone(), names.events())?,
+            link,
+            names,
+            max_deliveries: max_deliveries.max(1),
+            instance: uuid::Uuid::new_v4().simple().to_string(),
+            round_robin: AtomicUsize::new(0),
+            consumer_tags: AtomicU64::new(0),
+            declared: Mutex::new(Declared::default()),
+            leases: LeaseTable::default(),
+        });
+        let reaper = tokio::spawn(reap_expired_leases(inner.clone()));
+        Ok(RabbitBus { inner, reaper })
+    }
+}
+
+/// Hands back every message whose lease ended without an ack, for as long as the bus lives.
+async fn reap_expired_leases(inner: Arc<BusInner>) {
+    loop {
+        for entry in inner.leases.take_expired(Instant::now()) {
+            tracing::debug!(queue = %entry.queue, message_id = %entry.message.message_id, "lease ended without an ack; handing the message back");
+            inner.hand_back(entry).await;
+        }
+        inner.leases.wait_for_expiry(Duration::from_secs(1)).await;
+    }
+}
+
+fn amqp_priority(p: Priority) -> u8 {
+    11 - p.get()
+}
+
+fn our_priority(amqp: Option<u8>) -> Priority {
+    amqp.and_then(|a| Priority::new(11 - i64::from(a.clamp(1, 10))).ok())
+        .unwrap_or_default()
+}
+
+fn header_u64(headers: Option<&FieldTable>, key: &str) -> Option<u64> {
+    match headers?.inner().get(key)? {
+        AMQPValue::ShortShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(u64::from(*v)),
+        AMQPValue::ShortShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::Timestamp(v) => Some(*v),
+        _ => None,
+    }
+}
+
+fn header_text(headers: Option<&FieldTable>, key: &str) -> Option<String> {
+    match headers?.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+fn long(v: u64) -> AMQPValue {
+    AMQPValue::LongLongInt(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+/// Properties of a work message carrying `deliveries` past deliveries.
+fn work_properties(
+    message_id: &str,
+    priority: Priority,
+    deliveries: u32,
+) -> Result<BasicProperties> {
+    let mut headers = FieldTable::default();
+    headers.insert(H_DELIVERIES.into(), long(u64::from(deliveries)));
+    Ok(BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_priority(amqp_priority(priority))
+        .with_message_id(short(message_id)?)
+        .with_headers(headers))
+}
+
+fn to_utc(at: Instant) -> DateTime<Utc> {
+    let ahead = at.saturating_duration_since(Instant::now());
+    Utc::now() + chrono::Duration::from_std(ahead).unwrap_or_default()
+}
+
+impl BusInner {
+    fn queue_name(&self, target: &Target) -> String {
+        match target {
+            Target::Work(q) => self.names.work(q),
+            Target::Delay(q, ms) => self.names.delay(q, *ms),
+            Target::Dead(q) => self.names.dead(q),
+        }
+    }
+
+    fn queue_arguments(&self, target: &Target) -> FieldTable {
+        let mut args = FieldTable::default();
+        match target {
+            Target::Work(_) => {
+                args.insert("x-max-priority".into(), AMQPValue::LongLongInt(10));
+            }
+            Target::Delay(q, ms) => {
+                args.insert("x-message-ttl".into(), long(*ms));
+                args.insert(
+                    "x-expires".into(),
+                    long(*ms + DELAY_QUEUE_SPARE.as_millis() as u64),
+                );
+                args.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString("".into()),
+                );
+                args.insert(
+                    "x-dead-letter-routing-key".into(),
+                    AMQPValue::LongString(self.names.work(q).into()),
+                );
+            }
+            Target::Dead(_) => {}
+        }
+        args
+    }
+
+    /// Declares `target` (durable, with its arguments) and returns its ready-message count.
+    async fn declare(&self, ch: &Channel, target: &Target) -> Result<u64> {
+        let name = self.queue_name(target);
+        let q = ch
+            .queue_declare(
+                short(name.clone())?,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                self.queue_arguments(target),
+            )
+            .await
+            .map_err(|e| amqp_error(&format!("declare queue {name}"), e))?;
+        Ok(u64::from(q.message_count()))
+    }
+
+    /// Declares `target` unless this connection already did (`force` declares anyway). A delay
+    /// queue dead-letters into its work queue, which is declared first.
+    async fn ensure(&self, target: &Target, force: bool) -> Result<()> {
+        if let Target::Delay(q, _) = target {
+            self.ensure_one(&Target::Work(q.clone()), force).await?;
+        }
+        self.ensure_one(target, force).await
+    }
+
+    async fn ensure_one(&self, target: &Target, force: bool) -> Result<()> {
+        let name = self.queue_name(target);
+        if !force {
+            let d = self.declared.lock();
+            let fresh = match target {
+                Target::Delay(..) => d
+                    .delays
+                    .get(&name)
+                    .is_some_and(|at| at.elapsed() < DELAY_REDECLARE),
+                _ => d.generation == self.link.generation() && d.queues.contains(&name),
+            };
+            if fresh {
+                return Ok(());
+            }
+        }
+        let (ch, generation, _) = self.topology.get().await?;
+        self.declare(&ch, target).await?;
+        let mut d = self.declared.lock();
+        match target {
+            Target::Delay(q, ms) => {
+                d.delays.insert(name, Instant::now());
+                d.buckets.entry(q.clone()).or_default().insert(*ms);
+            }
+            _ => {
+                if d.generation != generation {
+                    d.generation = generation;
+                    d.queues.clear();
+                }
+                d.queues.insert(name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes `items` in order on one confirm channel and waits for every confirm. A message
+    /// the broker returns as unroutable (its queue was deleted) is published again once after
+    /// declaring the queue.
+    async fn send(&self, items: Vec<Outgoing<'_>>) -> Result<()> {
+        let mut targets: Vec<&Target> = Vec::new();
+        for item in &items {
+            if !targets.contains(&&item.target) {
+                targets.push(&item.target);
+            }
+        }
+        for t in targets {
+            self.ensure(t, false).await?;
+        }
+        let mut pending: Vec<usize> = (0..items.len()).collect();
+        for attempt in 0..2 {
+            let slot = self.round_robin.fetch_add(1, Ordering::Relaxed) % PUBLISHERS;
+            let (ch, _, _) = self.publishers[slot].get().await?;
+            let mut confirms = Vec::with_capacity(pending.len());
+            for &i in &pending {
+                let item = &items[i];
+                let confirm = ch
+                    .basic_publish(
+                        ShortString::default(),
+                        short(self.queue_name(&item.target))?,
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        item.payload,
+                        item.properties.clone(),
+                    )
+                    .await
+                    .map_err(|e| amqp_error("publish", e))?;
+                confirms.push(confirm);
+            }
+            let outcomes = futures::future::join_all(confirms).await;
+            let mut returned = Vec::new();
+            for (&i, outcome) in pending.iter().zip(outcomes) {
+                let confirmation =
+                    outcome.map_err(|e| amqp_error("wait for a publisher confirm", e))?;
+                let nacked = confirmation.is_nack();
+                if confirmation.take_message().is_some() {
+                    returned.push(i);
+                } else if nacked {
+                    return Err(Error::temporary(
+                        BACKEND,
+                        "the broker refused (nacked) a published message",
+                        None,
+                    ));
+                }
+            }
+            if returned.is_empty() {
+                return Ok(());
+            }
+            tracing::info!(
+                attempt,
+                count = returned.len(),
+                "published messages were unroutable; declaring their queues again"
+            );
+            let mut again: Vec<&Target> = Vec::new();
+            for &i in &returned {
+                if !again.contains(&&items[i].target) {
+                    again.push(&items[i].target);
+                }
+            }
+            for t in again {
+                self.ensure(t, true).await?;
+            }
+            pending = returned;
+        }
+        Err(Error::temporary(
+            BACKEND,
+            "messages stayed unroutable: their queue keeps disappearing",
+            None,
+        ))
+    }
+
+    fn target_for(queue: &QueueName, delay: Duration) -> Target {
+        if delay.is_zero() {
+            Target::Work(queue.clone())
+        } else {
+            Target::Delay(queue.clone(), delay_bucket_ms(delay))
+        }
+    }
+
+    fn receipt(&self, lease: u64) -> String {
+        format!("{}:{lease}", self.instance)
+    }
+
+    /// The lease id of a receipt issued by this bus; `None` for another bus's receipt (its
+    /// lease cannot be acted on from here: it ends by itself).
+    fn lease_of(&self, receipt: &str) -> Result<Option<u64>> {
+        let bad = || {
+            Error::invalid(
+                "receipt",
+                format!("{receipt:?} is not a RabbitMQ bus receipt"),
+            )
+        };
+        let (instance, id) = receipt.split_once(':').ok_or_else(bad)?;
+        let id: u64 = id.parse().map_err(|_| bad())?;
+        Ok((instance == self.instance).then_some(id))
+    }
+
+    fn take_lease(&self, delivery: &Delivery) -> Result<Option<LeaseEntry>> {
+        Ok(match self.lease_of(&delivery.receipt)? {
+            Some(id) => self.leases.take(id),
+            None => {
+                tracing::debug!(message_id = %delivery.message_id, "receipt from another bus instance; its lease ends by itself");
+                None
+            }
+        })
+    }
+
+    /// Publishes a copy of a held message (with its delivery count) to `target`, then acks the
+    /// original. If publishing fails the entry is returned so the caller can keep the lease.
+    async fn move_message(
+        &self,
+        entry: LeaseEntry,
+        target: Target,
+    ) -> std::result::Result<(), (LeaseEntry, Error)> {
+        let m = &entry.message;
+        let properties = match work_properties(&m.message_id, m.priority, m.deliveries) {
+            Ok(p) => p,
+            Err(e) => return Err((entry, e)),
+        };
+        let sent = self
+            .send(vec![Outgoing {
+                target,
+                payload: &m.payload,
+                properties,
+            }])
+            .await;
+        match sent {
+            Ok(()) => {
+                ack_quietly(&entry).await;
+                Ok(())
+            }
+            Err(e) => Err((entry, e)),
+        }
+    }
+
+    /// Moves a held message to its queue's dead letters with `reason`, then acks the original.
+    async fn bury(
+        &self,
+        entry: LeaseEntry,
+        reason: &str,
+    ) -> std::result::Result<(), (LeaseEntry, Error)> {
+        tracing::warn!(queue = %entry.queue, message_id = %entry.message.message_id, %reason, "message dead-lettered");
+        let m = &entry.message;
+        let mut headers = FieldTable::default();
+        headers.insert(H_DELIVERIES.into(), long(u64::from(m.deliveries)));
+        headers.insert(H_REASON.into(), AMQPValue::LongString(reason.into()));
+        headers.insert(
+            H_DEAD_AT.into(),
+            long(u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)),
+        );
+        let properties = match short(m.message_id.clone()) {
+            Ok(id) => BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(id)
+                .with_headers(headers),
+            Err(e) => return Err((entry, e)),
+        };
+        let sent = self
+            .send(vec![Outgoing {
+                target: Target::Dead(entry.queue.clone()),
+                payload: &m.payload,
+                properties,
+            }])
+            .await;
+        match sent {
+            Ok(()) => {
+                ack_quietly(&entry).await;
+                Ok(())
+            }
+            Err(e) => Err((entry, e)),
+        }
+    }
+
+    /// Returns a message whose lease ended: republished with its count, or (if that fails while
+    /// the channel lives) requeued by the broker.
+    async fn hand_back(&self, entry: LeaseEntry) {
+        if !entry.acker.usable() {
+            return; // Its channel died: the broker already requeued it.
+        }
+        let queue = entry.queue.clone();
+        if let Err((entry, e)) = self.move_message(entry, Target::Work(queue)).await {
+            tracing::warn!(error = %e, message_id = %entry.message.message_id, "cannot republish an expired lease; asking the broker to requeue it");
+            let _ = entry
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await;
+        }
+    }
+
+    /// Turns fetched deliveries into leases; buries those past the delivery limit.
+    async fn admit(
+        &self,
+        queue: &QueueName,
+        got: Vec<AmqpDelivery>,
+        lease: Duration,
+    ) -> Vec<Delivery> {
+        let mut out = Vec::with_capacity(got.len());
+        let deadline = Instant::now() + lease;
+        for d in got {
+            let props = &d.properties;
+            let before = header_u64(props.headers().as_ref(), H_DELIVERIES).unwrap_or(0);
+            let deliveries =
+                u32::try_from(before + 1 + u64::from(d.redelivered)).unwrap_or(u32::MAX);
+            let message_id = props
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_else(|| format!("amqp-{}", uuid::Uuid::new_v4().simple()));
+            let entry = LeaseEntry {
+                queue: queue.clone(),
+                acker: d.acker,
+                deadline,
+                message: HeldMessage {
+                    message_id,
+                    payload: d.data,
+                    priority: our_priority(*props.priority()),
+                    deliveries,
+                },
+            };
+            if deliveries > self.max_deliveries {
+                let reason = format!(
+                    "exceeded the maximum of {} deliveries without an ack",
+                    self.max_deliveries
+                );
+                if let Err((entry, e)) = self.bury(entry, &reason).await {
+                    tracing::warn!(error = %e, "cannot dead-letter a message; the broker will offer it again");
+                    let _ = entry
+                        .acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        })
+                        .await;
+                }
+                continue;
+            }
+            let m = entry.message.clone();
+            let id = self.leases.insert(entry);
+            out.push(Delivery {
+                queue: queue.clone(),
+                message_id: m.message_id,
+                payload: m.payload,
+                priority: m.priority,
+                delivery_count: m.deliveries,
+                receipt: self.receipt(id),
+                lease_until: to_utc(deadline),
+            });
+        }
+        // Within a batch, most urgent first (stable: FIFO within a priority).
+        out.sort_by_key(|d| d.priority);
+        out
+    }
+
+    /// Waits (up to `deadline`) for the first message to arrive in an empty queue, with a
+    /// consumer whose prefetch is 1, cancelled before returning.
+    async fn wait_for_first(
+        &self,
+        ch: &Channel,
+        queue: &ShortString,
+        deadline: Instant,
+    ) -> Result<Vec<AmqpDelivery>> {
+        let tag = short(format!(
+            "orchestra-wait-{}-{}",
+            self.instance,
+            self.consumer_tags.fetch_add(1, Ordering::Relaxed)
+        ))?;
+        let mut consumer = ch
+            .basic_consume(
+                queue.clone(),
+                tag.clone(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error("wait for a message", e))?;
+        let first = tokio::time::timeout_at(deadline, consumer.next()).await;
+        let cancelled = ch.basic_cancel(tag, BasicCancelOptions::default()).await;
+        let mut got = Vec::new();
+        let mut failure = None;
+        match first {
+            Ok(Some(Ok(d))) => got.push(d),
+            Ok(Some(Err(e))) => failure = Some(amqp_error("wait for a message", e)),
+            Ok(None) | Err(_) => {}
+        }
+        // A delivery that raced the cancel is buffered before the stream ends: take it too,
+        // or it would stay unacked on the channel with nobody to ack it.
+        while let Some(Some(next)) = consumer.next().now_or_never() {
+            match next {
+                Ok(d) => got.push(d),
+                Err(e) => failure = failure.or(Some(amqp_error("wait for a message", e))),
+            }
+        }
+        if let Err(e) = cancelled {
+            failure = failure.or(Some(amqp_error("stop waiting for messages", e)));
+        }
+        if let Some(e) = failure {
+            release(got).await;
+            return Err(e);
+        }
+        Ok(got)
+    }
+}
+
+/// Acks a held delivery; a poisoned acker (dead channel) means the broker requeued it already.
+async fn ack_quietly(entry: &LeaseEntry) {
+    match entry.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::debug!(message_id = %entry.message.message_id, "ack after the channel closed; the broker requeued the message")
+        }
+        Err(e) => {
+            tracing::warn!(message_id = %entry.message.message_id, error = %e, "ack failed; the message will be delivered again")
+        }
+    }
+}
+
+/// Gives deliveries that will not be leased back to the broker.
+async fn release(deliveries: Vec<AmqpDelivery>) {
+    for d in deliveries {
+        let _ = d
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await;
+    }
+}
+
+/// `n` pipelined `basic.get`s on one channel: one round trip, answered in queue order.
+async fn get_batch(ch: &Channel, queue: &ShortString, n: usize) -> Result<Vec<AmqpDelivery>> {
+    let gets = (0..n).map(|_| ch.basic_get(queue.clone(), BasicGetOptions::default()));
+    let mut got = Vec::with_capacity(n);
+    let mut failure = None;
+    for r in futures::future::join_all(gets).await {
+        match r {
+            Ok(Some(m)) => got.push(m.delivery),
+            Ok(None) => {}
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    if let Some(e) = failure {
+        release(got).await;
+        return Err(amqp_error("get messages", e));
+    }
+    Ok(got)
+}
+
+#[async_trait]
+impl Bus for RabbitBus {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn publish(&self, topic: &str, payload: &[u8]) -> Result<()> {
+        self.inner.events.publish(topic, payload).await
+    }
+
+    async fn subscribe(&self, topic: &str) -> Result<Subscription> {
+        self.inner.events.subscribe(topic).await
+    }
+
+    async fn enqueue(&self, queue: &QueueName, message: OutgoingMessage) -> Result<String> {
+        let mut ids = self.enqueue_many(queue, vec![message]).await?;
+        ids.pop()
+            .ok_or_else(|| Error::permanent(BACKEND, "enqueue produced no message id", None))
+    }
+
+    async fn enqueue_many(
+        &self,
+        queue: &QueueName,
+        messages: Vec<OutgoingMessage>,
+    ) -> Result<Vec<String>> {
+        let ids: Vec<String> = messages
+            .iter()
+            .map(|_| uuid::Uuid::new_v4().simple().to_string())
+            .collect();
+        let mut items = Vec::with_capacity(messages.len());
+        for (m, id) in messages.iter().zip(&ids) {
+            items.push(Outgoing {
+                target: BusInner::target_for(queue, m.delay),
+                payload: &m.payload,
+                properties: work_properties(id, m.priority, 0)?,
+            });
+        }
+        self.inner.send(items).await?;
+        Ok(ids)
+    }
+
+    async fn fetch(&self, queue: &QueueName, options: FetchOptions) -> Result<Vec<Delivery>> {
+        if options.max == 0 {
+            return Err(Error::invalid("fetch max", "must be at least 1"));
+        }
+        let inner = &self.inner;
+        inner.ensure(&Target::Work(queue.clone()), false).await?;
+        let name = short(inner.names.work(queue))?;
+        let deadline = Instant::now() + options.wait;
+        loop {
+            let slot = inner.round_robin.fetch_add(1, Ordering::Relaxed) % GETTERS;
+            let (ch, _, _) = inner.getters[slot].get().await?;
+            let got = get_batch(&ch, &name, options.max).await?;
+            let fetched_any = !got.is_empty();
+            let out = inner.admit(queue, got, options.lease).await;
+            if !out.is_empty() {
+                return Ok(out);
+            }
+            if fetched_any {
+                continue; // everything fetched was dead-lettered: look again
+            }
+            if Instant::now() >= deadline {
+                return Ok(Vec::new());
+            }
+            let mut got = inner.wait_for_first(&ch, &name, deadline).await?;
+            if got.is_empty() {
+                return Ok(Vec::new());
+            }
+            if options.max > got.len() {
+                match get_batch(&ch, &name, options.max - got.len()).await {
+                    Ok(more) => got.extend(more),
+                    Err(e) => {
+                        release(got).await;
+                        return Err(e);
+                    }
+                }
+            }
+            let out = inner.admit(queue, got, options.lease).await;
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<()> {
+        match self.inner.take_lease(delivery)? {
+            Some(entry) => ack_quietly(&entry).await,
+            None => {
+                tracing::debug!(message_id = %delivery.message_id, "ack of a lease that already ended")
+            }
+        }
+        Ok(())
+    }
+
+    async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()> {
+        let Some(entry) = self.inner.take_lease(delivery)? else {
+            tracing::debug!(message_id = %delivery.message_id, "nack of a lease that already ended");
+            return Ok(());
+        };
+        if !entry.acker.usable() {
+            return Ok(()); // its channel died: the broker requeued it already
+        }
+        let target = BusInner::target_for(&delivery.queue, delay);
+        match self.inner.move_message(entry, target).await {
+            Ok(()) => Ok(()),
+            Err((entry, e)) => {
+                self.inner.leases.restore(entry);
+                Err(e)
+            }
+        }
+    }
+
+    async fn extend(&self, delivery: &Delivery, lease: Duration) -> Result<DateTime<Utc>> {
+        let deadline = Instant::now() + lease;
+        let extended = match self.inner.lease_of(&delivery.receipt)? {
+            Some(id) => self.inner.leases.extend(id, deadline),
+            None => false,
+        };
+        if extended {
+            Ok(to_utc(deadline))
+        } else {
+            Err(Error::permanent(
+                BACKEND,
+                format!(
+                    "lease on message {} already ended; it may have been redelivered",
+                    delivery.message_id
+                ),
+                None,
+            ))
+        }
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()> {
+        let Some(entry) = self.inner.take_lease(delivery)? else {
+            tracing::debug!(message_id = %delivery.message_id, "dead_letter of a lease that already ended");
+            return Ok(());
+        };
+        if !entry.acker.usable() {
+            tracing::warn!(message_id = %delivery.message_id, "cannot dead-letter: the connection holding the message was lost and the broker requeued it");
+            return Ok(());
+        }
+        match self.inner.bury(entry, reason).await {
+            Ok(()) => Ok(()),
+            Err((entry, e)) => {
+                self.inner.leases.restore(entry);
+                Err(e)
+            }
+        }
+    }
+
+    async fn dead_letters(&self, queue: &QueueName, limit: usize) -> Result<Vec<DeadLetter>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let inner = &self.inner;
+        let target = Target::Dead(queue.clone());
+        inner.ensure(&target, false).await?;
+        // A private channel: closing it puts every message read back in its place.
+        let session = inner.link.session().await?;
+        let ch = session.channel(false).await?;
+        let count = inner.declare(&ch, &target).await?.min(DEAD_SCAN_MAX);
+        let name = short(inner.names.dead(queue))?;
+        let mut newest: VecDeque<DeadLetter> = VecDeque::with_capacity(limit.min(1024));
+        let mut read = 0u64;
+        while read < count {
+            let n = (count - read).min(256) as usize;
+            let got = get_batch(&ch, &name, n).await?;
+            if got.is_empty() {
+                break;
+            }
+            read += got.len() as u64;
+            for d in got {
+                let headers = d.properties.headers().as_ref();
+                let dead_at = header_u64(headers, H_DEAD_AT)
+                    .and_then(|ms| {
+                        Utc.timestamp_millis_opt(i64::try_from(ms).unwrap_or(0))
+                            .single()
+                    })
+                    .unwrap_or_else(Utc::now);
+                newest.push_back(DeadLetter {
+                    queue: queue.clone(),
+                    message_id: d
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or_default(),
+                    reason: header_text(headers, H_REASON).unwrap_or_default(),
+                    delivery_count: u32::try_from(header_u64(headers, H_DELIVERIES).unwrap_or(0))
+                        .unwrap_or(u32::MAX),
+                    dead_at,
+                    payload: d.data,
+                });
+                if newest.len() > limit {
+                    newest.pop_front();
+                }
+            }
+        }
+        if let Err(e) = ch.close(200, "dead letters read".into()).await {
+            tracing::debug!(error = %e, "closing the dead-letter reading channel");
+        }
+        Ok(newest.into_iter().rev().collect())
+    }
+
+    async fn stats(&self, queue: &QueueName) -> Result<QueueStats> {
+        let inner = &self.inner;
+        let buckets: Vec<u64> = inner
+            .declared
+            .lock()
+            .buckets
+            .get(queue)
+            .map(|b| b.iter().copied().collect())
+            .unwrap_or_default();
+        let (ch, _, _) = inner.topology.get().await?;
+        let mut targets = vec![Target::Work(queue.clone()), Target::Dead(queue.clone())];
+        targets.extend(
+            buckets
+                .into_iter()
+                .map(|ms| Target::Delay(queue.clone(), ms)),
+        );
+        let counts = futures::future::join_all(targets.iter().map(|t| inner.declare(&ch, t))).await;
+        let mut counts = counts.into_iter();
+        let ready = counts.next().unwrap_or(Ok(0))?;
+        let dead = counts.next().unwrap_or(Ok(0))?;
+        let mut delayed = 0;
+        for c in counts {
+            delayed += c?;
+        }
+        Ok(QueueStats {
+            waiting: ready + delayed,
+            in_flight: inner.leases.in_flight(queue),
+            dead,
+        })
+    }
+
+    fn max_deliveries(&self) -> u32 {
+        self.inner.max_deliveries
+    }
+}

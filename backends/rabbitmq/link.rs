@@ -1,0 +1,263 @@
+//! One AMQP connection that comes back: [`Link`] hands out the live connection, reconnecting
+//! (once, for all callers) when the broker or the network dropped it.
+//!
+//! lapin does not reconnect by itself (its experimental auto-recovery would silently re-declare
+//! exclusive lock queues, which must not survive a lost connection). Everything in this backend
+//! that holds broker state therefore keys it by the connection's *generation*: when the
+//! generation changes, channels are reopened, topology is declared again and consumers are
+//! resumed by their owners.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::ShortString;
+use lapin::{Channel, Connection, ConnectionProperties, ErrorKind};
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+
+pub(crate) const BACKEND: &str = "rabbitmq";
+
+/// A live connection and the generation it belongs to.
+pub(crate) struct Session {
+    pub(crate) conn: Connection,
+    pub(crate) generation: u64,
+}
+
+impl Session {
+    /// True while the broker has not closed the connection.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.conn.status().connected()
+    }
+
+    /// Opens a channel, optionally in publisher-confirm mode.
+    pub(crate) async fn channel(&self, confirms: bool) -> Result<Channel> {
+        let ch = self
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| amqp_error("open a channel", e))?;
+        if confirms {
+            ch.confirm_select(Default::default())
+                .await
+                .map_err(|e| amqp_error("enable publisher confirms", e))?;
+        }
+        Ok(ch)
+    }
+}
+
+/// A self-healing connection to one broker URL.
+pub(crate) struct Link {
+    uri: lapin::uri::AMQPUri,
+    redacted: String,
+    name: String,
+    connect_timeout: Duration,
+    current: Mutex<Option<Arc<Session>>>,
+    reconnect: tokio::sync::Mutex<()>,
+    generations: AtomicU64,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("url", &self.redacted)
+            .field("name", &self.name)
+            .field("generation", &self.generations.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Link {
+    /// A link that connects lazily (call [`Link::session`] once to connect eagerly).
+    pub(crate) fn new(
+        uri: lapin::uri::AMQPUri,
+        redacted: String,
+        name: String,
+        connect_timeout: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Link {
+            uri,
+            redacted,
+            name,
+            connect_timeout,
+            current: Mutex::new(None),
+            reconnect: tokio::sync::Mutex::new(()),
+            generations: AtomicU64::new(0),
+        })
+    }
+
+    fn live(&self) -> Option<Arc<Session>> {
+        self.current
+            .lock()
+            .as_ref()
+            .filter(|s| s.is_alive())
+            .cloned()
+    }
+
+    /// The live connection, reconnecting if it was lost. Concurrent callers share one attempt.
+    pub(crate) async fn session(&self) -> Result<Arc<Session>> {
+        if let Some(s) = self.live() {
+            return Ok(s);
+        }
+        let _one_at_a_time = self.reconnect.lock().await;
+        if let Some(s) = self.live() {
+            return Ok(s);
+        }
+        let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
+        let attempt = Connection::connect_uri(self.uri.clone(), props);
+        let conn = match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(classify(format!("cannot connect to {}", self.redacted), e)),
+            Err(_) => {
+                return Err(Error::temporary(
+                    BACKEND,
+                    format!(
+                        "cannot connect to {}: no answer within {:?}",
+                        self.redacted, self.connect_timeout
+                    ),
+                    None,
+                ))
+            }
+        };
+        let generation = self.generations.fetch_add(1, Ordering::SeqCst) + 1;
+        if generation > 1 {
+            tracing::info!(url = %self.redacted, name = %self.name, generation, "reconnected to RabbitMQ");
+        } else {
+            tracing::debug!(url = %self.redacted, name = %self.name, "connected to RabbitMQ");
+        }
+        let session = Arc::new(Session { conn, generation });
+        *self.current.lock() = Some(session.clone());
+        Ok(session)
+    }
+
+    /// Like [`Link::session`], but keeps trying (with backoff) until it succeeds or `give_up`
+    /// says stop. Used by background consumers.
+    pub(crate) async fn session_retrying(
+        &self,
+        give_up: impl Fn() -> bool,
+    ) -> Option<Arc<Session>> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if give_up() {
+                return None;
+            }
+            match self.session().await {
+                Ok(s) => return Some(s),
+                Err(e) => {
+                    tracing::warn!(name = %self.name, error = %e, "RabbitMQ unavailable; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// True while the current connection is up.
+    pub(crate) fn is_connected(&self) -> bool {
+        self.live().is_some()
+    }
+
+    /// The current generation (0 before the first connection).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generations.load(Ordering::SeqCst)
+    }
+}
+
+/// A channel kept open and reopened on demand (after a reconnect or a channel error).
+pub(crate) struct CachedChannel {
+    link: Arc<Link>,
+    confirms: bool,
+    prefetch: Option<u16>,
+    slot: tokio::sync::Mutex<Option<(u64, Channel)>>,
+}
+
+impl CachedChannel {
+    /// A channel opened on first use, in confirm mode if `confirms`, with a per-consumer
+    /// prefetch if `prefetch` is set.
+    pub(crate) fn new(link: Arc<Link>, confirms: bool, prefetch: Option<u16>) -> Self {
+        CachedChannel {
+            link,
+            confirms,
+            prefetch,
+            slot: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The channel and the generation of the connection it lives on. The bool is true when it
+    /// was (re)opened by this call, so the caller re-declares what it needs.
+    pub(crate) async fn get(&self) -> Result<(Channel, u64, bool)> {
+        let mut slot = self.slot.lock().await;
+        if let Some((generation, ch)) = slot.as_ref() {
+            if ch.status().connected() {
+                return Ok((ch.clone(), *generation, false));
+            }
+        }
+        let session = self.link.session().await?;
+        let ch = session.channel(self.confirms).await?;
+        if let Some(prefetch) = self.prefetch {
+            ch.basic_qos(prefetch, Default::default())
+                .await
+                .map_err(|e| amqp_error("set the prefetch", e))?;
+        }
+        *slot = Some((session.generation, ch.clone()));
+        Ok((ch, session.generation, true))
+    }
+}
+
+/// A short string for the wire; names longer than 255 bytes are a caller error.
+pub(crate) fn short(s: impl Into<String>) -> Result<ShortString> {
+    let s = s.into();
+    ShortString::try_new(s.clone()).map_err(|_| {
+        Error::invalid(
+            "name",
+            format!("{s:?} is longer than the 255 bytes AMQP allows for a name"),
+        )
+    })
+}
+
+/// The AMQP reply code of a channel-level (soft) error, if that is what `e` is.
+pub(crate) fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
+    match e.kind() {
+        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(soft) => Some(soft.clone()),
+            AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
+}
+
+/// Converts a lapin error into ours: connection and channel trouble is temporary (retrying on a
+/// fresh channel or connection may succeed); refused access and mismatched declarations are
+/// permanent.
+pub(crate) fn amqp_error(context: &str, e: lapin::Error) -> Error {
+    classify(context.to_string(), e)
+}
+
+fn classify(context: String, e: lapin::Error) -> Error {
+    let permanent = match e.kind() {
+        ErrorKind::ProtocolError(amqp) => {
+            matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                    | AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+                    | AMQPErrorKind::Soft(AMQPSoftError::CONTENTTOOLARGE)
+            ) || matches!(
+                amqp.kind(),
+                AMQPErrorKind::Hard(lapin::protocol::AMQPHardError::NOTALLOWED)
+            )
+        }
+        ErrorKind::InvalidProtocolVersion(_)
+        | ErrorKind::AuthProviderError(_)
+        | ErrorKind::SerialisationError(_)
+        | ErrorKind::NoDefaultRuntime => true,
+        _ => false,
+    };
+    let message = format!("{context}: {e}");
+    if permanent {
+        Error::permanent(BACKEND, message, Some(Box::new(e) as _))
+    } else {
+        Error::temporary(BACKEND, message, Some(Box::new(e) as _))
+    }
+}

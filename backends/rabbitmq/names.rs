@@ -1,0 +1,162 @@
+//! Every queue, stream and exchange name this backend creates, in one place, all under the
+//! configured prefix.
+//!
+//! | what | name |
+//! |---|---|
+//! | work queue (classic, durable, `x-max-priority` 10) | `{prefix}q.{queue}` |
+//! | its delay buckets (TTL, dead-letter back) | `{prefix}q.{queue}.delay.{ms}` |
+//! | its dead letters (classic, durable) | `{prefix}q.{queue}.dead` |
+//! | events exchange (direct) | `{prefix}events` |
+//! | registry log (stream) | `{prefix}registry` |
+//! | lock log (stream) | `{prefix}locks` |
+//! | a held lock (exclusive queue) | `{prefix}lock.{key}` |
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::model::QueueName;
+
+/// Longest prefix accepted: leaves room for the longest suffix under AMQP's 255-byte limit.
+pub(crate) const MAX_PREFIX_BYTES: usize = 120;
+
+/// Name builder for one prefix.
+#[derive(Clone, Debug)]
+pub(crate) struct Names {
+    prefix: String,
+}
+
+impl Names {
+    /// Sanitizes `prefix` deterministically: control characters and whitespace become `_`, and a
+    /// prefix starting with `amq.` (reserved by the broker) gets a leading `_`.
+    pub(crate) fn new(prefix: &str) -> Result<Self> {
+        let mut clean: String = prefix
+            .chars()
+            .map(|c| {
+                if c.is_control() || c.is_whitespace() {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        if clean.starts_with("amq.") {
+            clean.insert(0, '_');
+        }
+        if clean.len() > MAX_PREFIX_BYTES {
+            return Err(Error::invalid(
+                "prefix",
+                format!(
+                    "is {} bytes; RabbitMQ names are limited to 255 bytes, so the prefix may have at most {MAX_PREFIX_BYTES}",
+                    clean.len()
+                ),
+            ));
+        }
+        Ok(Names { prefix: clean })
+    }
+
+    /// The sanitized prefix.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub(crate) fn work(&self, queue: &QueueName) -> String {
+        format!("{}q.{}", self.prefix, queue)
+    }
+
+    pub(crate) fn dead(&self, queue: &QueueName) -> String {
+        format!("{}q.{}.dead", self.prefix, queue)
+    }
+
+    pub(crate) fn delay(&self, queue: &QueueName, ms: u64) -> String {
+        format!("{}q.{}.delay.{}", self.prefix, queue, ms)
+    }
+
+    pub(crate) fn events(&self) -> String {
+        format!("{}events", self.prefix)
+    }
+
+    pub(crate) fn registry_log(&self) -> String {
+        format!("{}registry", self.prefix)
+    }
+
+    pub(crate) fn lock_log(&self) -> String {
+        format!("{}locks", self.prefix)
+    }
+
+    /// The exclusive queue of a lock. Keys are ASCII (validated by the caller); a key too long
+    /// to fit AMQP's 255 bytes with the prefix is cut and suffixed with a hash of the whole key.
+    pub(crate) fn lock(&self, key: &str) -> String {
+        let name = format!("{}lock.{}", self.prefix, key);
+        if name.len() <= 255 {
+            return name;
+        }
+        let keep = 255 - self.prefix.len() - "lock.".len() - 17;
+        let cut = key.get(..keep).unwrap_or(key);
+        format!("{}lock.{cut}~{:016x}", self.prefix, fnv1a(key.as_bytes()))
+    }
+}
+
+/// FNV-1a, 64 bits: a stable hash (the same in every process and version).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Rounds a delay up to two significant digits of milliseconds (at most 10% later than asked,
+/// never earlier), so that retries with many different backoffs share a bounded number of
+/// delay queues: at most 90 per decade.
+pub(crate) fn delay_bucket_ms(delay: std::time::Duration) -> u64 {
+    let ms = delay.as_millis().min(u128::from(u32::MAX)) as u64;
+    let ms = if Duration::from_millis(ms) < delay {
+        ms + 1
+    } else {
+        ms
+    }
+    .max(1);
+    let mut scale = 1u64;
+    while ms / scale >= 100 {
+        scale *= 10;
+    }
+    ms.div_ceil(scale) * scale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delay_buckets_round_up_to_two_significant_digits() {
+        assert_eq!(delay_bucket_ms(Duration::ZERO), 1);
+        assert_eq!(delay_bucket_ms(Duration::from_micros(1)), 1);
+        assert_eq!(delay_bucket_ms(Duration::from_millis(99)), 99);
+        assert_eq!(delay_bucket_ms(Duration::from_millis(101)), 110);
+        assert_eq!(delay_bucket_ms(Duration::from_millis(1234)), 1300);
+        assert_eq!(delay_bucket_ms(Duration::from_secs(60)), 60_000);
+        assert_eq!(delay_bucket_ms(Duration::from_micros(1_500)), 2);
+        for ms in 1..5000u64 {
+            let b = delay_bucket_ms(Duration::from_millis(ms));
+            assert!(b >= ms && b * 10 <= ms * 11 + 10, "{ms} -> {b}");
+        }
+    }
+
+    #[test]
+    fn prefixes_are_sanitized_deterministically() {
+        assert_eq!(Names::new("t 1\n").unwrap().prefix(), "t_1_");
+        assert_eq!(Names::new("amq.x").unwrap().prefix(), "_amq.x");
+        assert!(Names::new(&"p".repeat(121)).is_err());
+        let q = QueueName::parse("research").unwrap();
+        let n = Names::new("pre.").unwrap();
+        assert_eq!(n.work(&q), "pre.q.research");
+        assert_eq!(n.delay(&q, 1300), "pre.q.research.delay.1300");
+        assert_eq!(n.lock("leader"), "pre.lock.leader");
+        let long = Names::new(&"p".repeat(120)).unwrap();
+        let a = long.lock(&"k".repeat(200));
+        let b = long.lock(&format!("{}x", "k".repeat(199)));
+        assert_eq!(a.len(), 255);
+        assert_ne!(a, b, "long keys stay distinct");
+    }
+}

@@ -1,0 +1,295 @@
+//! [`RabbitRegistry`]: tasks as an append-only log in the stream `{prefix}registry`, replayed
+//! into an in-process view ([`TaskView`]); compare-and-set decided by log order.
+//!
+//! * `create` and `transition` append a record and wait until this process's view applies it:
+//!   the first valid record wins, later ones get `TaskExists` / `Conflict`, on every replica
+//!   alike. One append (publish + confirm) and its delivery back per call.
+//! * `get` reads the view; when the view does not know the id it first waits for the view to
+//!   reach the log's tail ([`RabbitRegistry::sync`]) and looks again, so a task created by another
+//!   process before this call is found.
+//! * `counts`, `list`, `stale_running` and `purge_finished` first [`sync`](RabbitRegistry::sync),
+//!   then read the view's indexes (never every task).
+//! * A new process rebuilds the view by reading the stream from its first record.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::link::{Link, BACKEND};
+use super::log::{stream_arguments, Log};
+use super::names::Names;
+use super::view::{micros, slot, IndexKey, RegistryOp, RegistryOutcome, TaskView, Victim};
+use crate::error::{Error, Result};
+use crate::model::{Expected, Task, TaskId, TaskState, TaskStatus};
+use crate::registry::{check_transition, Registry, Retention, StatusCounts, TaskFilter, TaskPage};
+
+/// Tombstones per purge record.
+const PURGE_BATCH: usize = 500;
+
+/// The RabbitMQ [`Registry`]. See the module documentation and docs/backends/rabbitmq.md.
+pub struct RabbitRegistry {
+    log: Log<TaskView>,
+}
+
+impl std::fmt::Debug for RabbitRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (tasks, records) = self.log.read(|v| (v.tasks.len(), v.records));
+        f.debug_struct("RabbitRegistry")
+            .field("log", &self.log)
+            .field("tasks", &tasks)
+            .field("records_applied", &records)
+            .finish()
+    }
+}
+
+impl RabbitRegistry {
+    /// Opens the registry log and replays it; returns once the view is complete.
+    pub(crate) async fn open(link: Arc<Link>, names: &Names) -> Result<Self> {
+        let log = Log::open(
+            link,
+            names.registry_log(),
+            stream_arguments(&[]),
+            TaskView::default(),
+        )
+        .await?;
+        Ok(RabbitRegistry { log })
+    }
+
+    /// Waits until this process's view contains every change appended to the registry log
+    /// (by any process) before the call: after it, `get` is as fresh as a read from the log's
+    /// tail. Costs one marker append and its delivery.
+    pub async fn sync(&self) -> Result<()> {
+        self.log.sync().await
+    }
+
+    fn created(id: &TaskId, outcome: Result<RegistryOutcome>) -> Result<()> {
+        match outcome? {
+            RegistryOutcome::Created => Ok(()),
+            RegistryOutcome::Exists => Err(Error::TaskExists(id.clone())),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(outcome: RegistryOutcome) -> Error {
+    Error::permanent(
+        BACKEND,
+        format!("unexpected registry log outcome {outcome:?}"),
+        None,
+    )
+}
+
+fn encode_cursor(status: usize, key: &IndexKey) -> String {
+    format!("{status}|{}|{}", key.0, key.1)
+}
+
+fn decode_cursor(c: &str) -> Result<(usize, IndexKey)> {
+    let bad = || Error::invalid("cursor", format!("{c:?} is not a cursor returned by list"));
+    let mut parts = c.splitn(3, '|');
+    let status: usize = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let at: i64 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let id = TaskId::parse(parts.next().ok_or_else(bad)?).map_err(|_| bad())?;
+    if status >= TaskStatus::ALL.len() {
+        return Err(bad());
+    }
+    Ok((status, (at, id)))
+}
+
+#[async_trait]
+impl Registry for RabbitRegistry {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn create(&self, task: &Task) -> Result<()> {
+        let op = RegistryOp::Create { task: task.clone() };
+        Self::created(&task.task_id, self.log.submit(&op).await)
+    }
+
+    async fn create_many(&self, tasks: &[Task]) -> Result<Vec<Result<()>>> {
+        let ops: Vec<RegistryOp> = tasks
+            .iter()
+            .map(|t| RegistryOp::Create { task: t.clone() })
+            .collect();
+        let outcomes = self.log.submit_many(&ops).await?;
+        Ok(tasks
+            .iter()
+            .zip(outcomes)
+            .map(|(t, o)| Self::created(&t.task_id, o))
+            .collect())
+    }
+
+    async fn get(&self, id: &TaskId) -> Result<Option<Task>> {
+        if let Some(t) = self.log.read(|v| v.tasks.get(id).cloned()) {
+            return Ok(Some(t));
+        }
+        // Unknown here: perhaps created by another process and not delivered yet.
+        self.log.sync().await?;
+        Ok(self.log.read(|v| v.tasks.get(id).cloned()))
+    }
+
+    async fn transition(&self, id: &TaskId, expected: Expected, next: TaskState) -> Result<Task> {
+        check_transition(id, &expected, &next)?;
+        let to = next.status;
+        let op = RegistryOp::Transition {
+            id: id.clone(),
+            expected,
+            next,
+        };
+        match self.log.submit(&op).await? {
+            RegistryOutcome::Transitioned(task) => Ok(*task),
+            RegistryOutcome::NotFound => Err(Error::TaskNotFound(id.clone())),
+            RegistryOutcome::Conflict { status, attempt } => Err(Error::Conflict {
+                task_id: id.clone(),
+                expected_status: expected.status,
+                expected_attempt: expected.attempt,
+                actual_status: status,
+                actual_attempt: attempt,
+            }),
+            RegistryOutcome::Illegal { from } => Err(Error::IllegalTransition {
+                task_id: id.clone(),
+                from,
+                to,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn list(
+        &self,
+        filter: &TaskFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<TaskPage> {
+        let after = cursor.map(decode_cursor).transpose()?;
+        self.log.sync().await?;
+        Ok(self.log.read(|view| {
+            let slots: Vec<usize> = match filter.status {
+                Some(s) => vec![slot(s)],
+                None => (0..TaskStatus::ALL.len()).collect(),
+            };
+            let mut tasks = Vec::new();
+            let mut last: Option<(usize, IndexKey)> = None;
+            'outer: for s in slots {
+                if let Some((cs, _)) = &after {
+                    if s < *cs {
+                        continue;
+                    }
+                }
+                let range: Box<dyn Iterator<Item = &IndexKey>> = match &after {
+                    Some((cs, key)) if *cs == s => Box::new(view.by_status[s].range((
+                        std::ops::Bound::Excluded(key.clone()),
+                        std::ops::Bound::Unbounded,
+                    ))),
+                    _ => Box::new(view.by_status[s].iter()),
+                };
+                for key in range {
+                    let Some(t) = view.tasks.get(&key.1) else {
+                        continue;
+                    };
+                    if filter.queue.as_ref().is_some_and(|q| *q != t.queue) {
+                        continue;
+                    }
+                    if tasks.len() == limit {
+                        break 'outer;
+                    }
+                    tasks.push(t.clone());
+                    last = Some((s, key.clone()));
+                }
+            }
+            let more = tasks.len() == limit && limit > 0;
+            TaskPage {
+                next_cursor: if more {
+                    last.map(|(s, k)| encode_cursor(s, &k))
+                } else {
+                    None
+                },
+                tasks,
+            }
+        }))
+    }
+
+    async fn counts(&self) -> Result<StatusCounts> {
+        self.log.sync().await?;
+        Ok(self.log.read(|view| {
+            StatusCounts(
+                TaskStatus::ALL
+                    .iter()
+                    .map(|s| (*s, view.by_status[slot(*s)].len() as u64))
+                    .collect(),
+            )
+        }))
+    }
+
+    async fn stale_running(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Task>> {
+        self.log.sync().await?;
+        let cut = micros(before);
+        Ok(self.log.read(|view| {
+            view.leases
+                .iter()
+                .take_while(|(until, _)| *until < cut)
+                .take(limit)
+                .filter_map(|(_, id)| view.tasks.get(id).cloned())
+                .collect()
+        }))
+    }
+
+    async fn dependents(&self, parent: &TaskId) -> Result<Vec<TaskId>> {
+        Ok(self
+            .log
+            .read(|view| view.dependents.get(parent).cloned().unwrap_or_default()))
+    }
+
+    async fn purge_finished(&self, retention: &Retention) -> Result<u64> {
+        self.log.sync().await?;
+        let now = Utc::now();
+        let victims: Vec<Victim> = self.log.read(|view| {
+            let mut doomed = Vec::new();
+            for status in [
+                TaskStatus::Completed,
+                TaskStatus::Failed,
+                TaskStatus::Cancelled,
+            ] {
+                let index = &view.by_status[slot(status)];
+                let by_count = retention
+                    .max_count
+                    .map_or(0, |keep| index.len().saturating_sub(keep as usize));
+                let cut = retention
+                    .max_age
+                    .and_then(|age| chrono::Duration::from_std(age).ok())
+                    .map(|age| micros(now - age));
+                for (i, (at, id)) in index.iter().enumerate() {
+                    let too_many = i < by_count;
+                    let too_old = cut.is_some_and(|c| *at < c);
+                    if !(too_many || too_old) {
+                        break;
+                    }
+                    if let Some(t) = view.tasks.get(id) {
+                        doomed.push(Victim {
+                            id: id.clone(),
+                            status: t.state.status,
+                            attempt: t.state.attempt,
+                            updated_at: t.state.updated_at,
+                        });
+                    }
+                }
+            }
+            doomed
+        });
+        let ops: Vec<RegistryOp> = victims
+            .chunks(PURGE_BATCH)
+            .map(|c| RegistryOp::Purge {
+                victims: c.to_vec(),
+            })
+            .collect();
+        let mut purged = 0;
+        for outcome in self.log.submit_many(&ops).await? {
+            match outcome? {
+                RegistryOutcome::Purged(n) => purged += n,
+                other => return Err(unexpected(other)),
+            }
+        }
+        Ok(purged)
+    }
+}
