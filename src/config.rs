@@ -458,6 +458,18 @@ impl Config {
     /// [`Config::load`] with an explicit environment lookup (for tests and embedding services
     /// that keep their settings elsewhere).
     pub fn load_with(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let config = Config::from_layers(path, env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Defaults < the TOML file (`path`, else `$ORCHESTRA_CONFIG` as found by `env`) < the
+    /// variables found by `env`, without [`Config::validate`]: for callers (like the CLI) that
+    /// apply one more layer of their own before validating.
+    pub fn from_layers(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config> {
         let from_env = env(ENV_CONFIG).filter(|p| !p.trim().is_empty());
         let mut config = match (path, from_env) {
             (Some(p), _) => Config::from_file(p)?,
@@ -465,7 +477,6 @@ impl Config {
             (None, None) => Config::default(),
         };
         config.apply_env_with(env)?;
-        config.validate()?;
         Ok(config)
     }
 

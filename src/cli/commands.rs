@@ -1,0 +1,402 @@
+//! The task operations: dispatch, task get, tasks list, stats, cancel, retry, dead-letters,
+//! and the monitor.
+
+use std::time::Duration;
+
+use agent_orchestra::engine::{DispatchOptions, Dispatcher, Monitor, MonitorReport};
+use agent_orchestra::model::parse_payload;
+use agent_orchestra::{Priority, QueueName, Task, TaskFilter, TaskId, TaskStatus};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::output::{short_json, task_block, task_row, TASK_HEADER};
+use super::{duration_arg, shutdown_signal, CliError, Ctx};
+
+/// `orchestra dispatch`.
+#[derive(Args)]
+pub struct DispatchArgs {
+    /// The queue (the agent's specialty), e.g. research_tasks.
+    queue: String,
+    /// The task's input as JSON, e.g. '{"topic": "AI agents"}'.
+    payload: String,
+    /// 1 (most urgent) ..= 10.
+    #[arg(long, short, default_value_t = 5, allow_negative_numbers = true)]
+    priority: i64,
+    /// Attempts before the task fails for good.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: u32,
+    /// A task that must complete first (repeatable).
+    #[arg(long = "depends-on", value_name = "ID")]
+    depends_on: Vec<String>,
+    /// Run no earlier than this from now (e.g. 5s).
+    #[arg(long, value_parser = duration_arg, default_value = "0s")]
+    delay: Duration,
+    /// Use this id instead of a generated one.
+    #[arg(long)]
+    id: Option<String>,
+    /// Wait for the outcome and print it (exit 1 if the task fails).
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, value_parser = duration_arg, default_value = "30s")]
+    timeout: Duration,
+}
+
+/// `orchestra task ...`.
+#[derive(Subcommand)]
+pub enum TaskCommand {
+    /// Prints one task.
+    Get {
+        /// The task's id.
+        id: String,
+    },
+}
+
+/// `orchestra tasks ...`.
+#[derive(Subcommand)]
+pub enum TasksCommand {
+    /// Lists tasks, oldest change first, one page at a time.
+    List(ListArgs),
+}
+
+/// `orchestra tasks list`.
+#[derive(Args)]
+pub struct ListArgs {
+    /// Only this status (WAITING, PENDING, RUNNING, COMPLETED, FAILED, CANCELLED).
+    #[arg(long)]
+    status: Option<String>,
+    /// Only this queue.
+    #[arg(long)]
+    queue: Option<String>,
+    /// Tasks per page.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// Continue after this cursor (printed with the previous page).
+    #[arg(long)]
+    cursor: Option<String>,
+}
+
+/// `orchestra stats`.
+#[derive(Args)]
+pub struct StatsArgs {
+    /// Also show the sizes of this queue (repeatable).
+    #[arg(long = "queue", short)]
+    queues: Vec<String>,
+}
+
+/// `orchestra monitor`.
+#[derive(Args)]
+pub struct MonitorArgs {
+    /// Run one pass, print it and exit.
+    #[arg(long)]
+    once: bool,
+    /// Time between passes (default: monitor.interval from the configuration).
+    #[arg(long, value_parser = duration_arg)]
+    interval: Option<Duration>,
+}
+
+/// `orchestra dead-letters`.
+#[derive(Args)]
+pub struct DeadLettersArgs {
+    /// The queue.
+    queue: String,
+    /// How many, most recent first.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+}
+
+fn dispatcher(ctx: &Ctx, backends: agent_orchestra::Backends) -> Dispatcher {
+    Dispatcher::new(backends).with_limits(ctx.config.limits())
+}
+
+pub async fn dispatch(ctx: &Ctx, a: DispatchArgs) -> Result<(), CliError> {
+    // Check the input before connecting, so that bad input is a usage error even when the
+    // broker is down.
+    let queue = QueueName::parse(&a.queue)?;
+    let priority = Priority::new(a.priority)?;
+    let payload = parse_payload(&a.payload)?;
+    let depends_on = a
+        .depends_on
+        .iter()
+        .map(|d| TaskId::parse(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let task_id = a.id.as_deref().map(TaskId::parse).transpose()?;
+    Task::new(
+        queue.clone(),
+        payload.clone(),
+        priority,
+        a.max_attempts,
+        depends_on.clone(),
+        &ctx.config.limits(),
+    )?;
+    let d = dispatcher(ctx, ctx.connect_shared().await?);
+    let options = DispatchOptions {
+        max_attempts: a.max_attempts,
+        depends_on,
+        delay: a.delay,
+        task_id,
+    };
+    let id = d
+        .dispatch(queue.as_str(), payload, priority.get().into(), options)
+        .await?;
+    if !a.wait {
+        if ctx.out.json {
+            ctx.out.json(&json!({"task_id": id}));
+        } else {
+            println!("dispatched {id} to {queue} (priority {priority})");
+        }
+        return Ok(());
+    }
+    if !ctx.out.json {
+        eprintln!(
+            "dispatched {id} to {queue} (priority {priority}); waiting up to {}",
+            agent_orchestra::config::format_duration(a.timeout)
+        );
+    }
+    let task = match d.wait(&id, a.timeout).await {
+        Ok(t) => t,
+        Err(agent_orchestra::Error::Timeout(m)) => return Err(CliError::Failed(m)),
+        Err(e) => return Err(e.into()),
+    };
+    print_task(ctx, &task);
+    outcome(&task)
+}
+
+/// Exit 1 for a task that ended without completing.
+fn outcome(task: &Task) -> Result<(), CliError> {
+    match task.state.status {
+        TaskStatus::Failed | TaskStatus::Cancelled => Err(CliError::Failed(format!(
+            "task {} {}: {}",
+            task.task_id,
+            task.state.status,
+            task.state.error.as_deref().unwrap_or("no reason recorded")
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn print_task(ctx: &Ctx, task: &Task) {
+    if ctx.out.json {
+        ctx.out.json(task);
+    } else {
+        println!("{}", task_block(task));
+    }
+}
+
+pub async fn task(ctx: &Ctx, command: TaskCommand) -> Result<(), CliError> {
+    match command {
+        TaskCommand::Get { id } => {
+            let id = TaskId::parse(&id)?;
+            let d = dispatcher(ctx, ctx.connect_shared().await?);
+            let task = d.get(&id).await?;
+            print_task(ctx, &task);
+            Ok(())
+        }
+    }
+}
+
+pub async fn tasks(ctx: &Ctx, command: TasksCommand) -> Result<(), CliError> {
+    let TasksCommand::List(a) = command;
+    let filter = TaskFilter {
+        status: a.status.as_deref().map(str::parse).transpose()?,
+        queue: a.queue.as_deref().map(QueueName::parse).transpose()?,
+    };
+    if a.limit == 0 || a.limit > 10_000 {
+        return Err(CliError::Usage(format!(
+            "--limit must be between 1 and 10000, got {}",
+            a.limit
+        )));
+    }
+    let backends = ctx.connect_shared().await?;
+    let page = backends
+        .registry
+        .list(&filter, a.cursor.as_deref(), a.limit)
+        .await?;
+    if ctx.out.json {
+        ctx.out
+            .json(&json!({"tasks": page.tasks, "next_cursor": page.next_cursor}));
+        return Ok(());
+    }
+    if page.tasks.is_empty() {
+        println!("no tasks");
+    } else {
+        println!("{TASK_HEADER}");
+        for t in &page.tasks {
+            println!("{}", task_row(t));
+        }
+    }
+    if let Some(c) = page.next_cursor {
+        println!("more: --cursor {c}");
+    }
+    Ok(())
+}
+
+pub async fn stats(ctx: &Ctx, a: StatsArgs) -> Result<(), CliError> {
+    let queues = a
+        .queues
+        .iter()
+        .map(|q| QueueName::parse(q))
+        .collect::<Result<Vec<_>, _>>()?;
+    let backends = ctx.connect_shared().await?;
+    let counts = backends.registry.counts().await?;
+    let mut queue_stats = serde_json::Map::new();
+    for q in &queues {
+        let s = backends.bus.stats(q).await?;
+        queue_stats.insert(q.to_string(), serde_json::to_value(s).unwrap_or_default());
+    }
+    if ctx.out.json {
+        ctx.out.json(&json!({
+            "counts": counts,
+            "total": counts.total(),
+            "queues": queue_stats,
+        }));
+        return Ok(());
+    }
+    println!("tasks by status:");
+    for s in TaskStatus::ALL {
+        println!("  {:<10} {}", s.as_str(), counts.get(s));
+    }
+    println!("  {:<10} {}", "total", counts.total());
+    for q in &queues {
+        let s = backends.bus.stats(q).await?;
+        println!(
+            "queue {q}: waiting {}, in flight {}, dead letters {}",
+            s.waiting, s.in_flight, s.dead
+        );
+    }
+    Ok(())
+}
+
+pub async fn cancel(ctx: &Ctx, id: &str) -> Result<(), CliError> {
+    let id = TaskId::parse(id)?;
+    let d = dispatcher(ctx, ctx.connect_shared().await?);
+    let task = d.cancel(&id).await?;
+    if ctx.out.json {
+        ctx.out.json(&task);
+    } else {
+        println!("task {id} is now {}", task.state.status);
+    }
+    Ok(())
+}
+
+pub async fn retry(ctx: &Ctx, id: &str) -> Result<(), CliError> {
+    let id = TaskId::parse(id)?;
+    let d = dispatcher(ctx, ctx.connect_shared().await?);
+    let task = d.retry(&id).await?;
+    if ctx.out.json {
+        ctx.out.json(&task);
+    } else {
+        println!(
+            "task {id} is {} again on {} (attempts used so far: {})",
+            task.state.status, task.queue, task.state.attempt
+        );
+    }
+    Ok(())
+}
+
+pub async fn dead_letters(ctx: &Ctx, a: DeadLettersArgs) -> Result<(), CliError> {
+    let queue = QueueName::parse(&a.queue)?;
+    if a.limit == 0 {
+        return Err(CliError::Usage("--limit must be at least 1".into()));
+    }
+    let backends = ctx.connect_shared().await?;
+    let letters = backends.bus.dead_letters(&queue, a.limit).await?;
+    if ctx.out.json {
+        let list: Vec<_> = letters
+            .iter()
+            .map(|l| {
+                json!({
+                    "queue": l.queue,
+                    "message_id": l.message_id,
+                    "payload": String::from_utf8_lossy(&l.payload),
+                    "reason": l.reason,
+                    "delivery_count": l.delivery_count,
+                    "dead_at": l.dead_at,
+                })
+            })
+            .collect();
+        ctx.out.json(&json!({"queue": queue, "dead_letters": list}));
+        return Ok(());
+    }
+    if letters.is_empty() {
+        println!("no dead letters on {queue}");
+    }
+    for l in &letters {
+        let payload = String::from_utf8_lossy(&l.payload);
+        let preview = short_json(&serde_json::Value::String(payload.into_owned()), 80);
+        println!(
+            "{}  {}  deliveries {}  {}\n  reason   {}\n  payload  {}",
+            l.message_id,
+            l.dead_at.format("%Y-%m-%d %H:%M:%S%.3fZ"),
+            l.delivery_count,
+            l.queue,
+            l.reason,
+            preview
+        );
+    }
+    Ok(())
+}
+
+fn print_report(ctx: &Ctx, r: &MonitorReport) {
+    if ctx.out.json {
+        ctx.out.json(r);
+        return;
+    }
+    let mut line = format!(
+        "[{}] {}  {}",
+        chrono::Utc::now().format("%H:%M:%S"),
+        if r.leader { "acting " } else { "standby" },
+        r.counts
+    );
+    for (name, n) in [
+        ("recovered", r.recovered),
+        ("timed_out", r.timed_out),
+        ("unblocked", r.unblocked),
+        ("reannounced", r.reannounced),
+        ("purged", r.purged),
+    ] {
+        if n > 0 {
+            line.push_str(&format!("  {name}={n}"));
+        }
+    }
+    println!("{line}");
+}
+
+pub async fn monitor(ctx: &Ctx, a: MonitorArgs) -> Result<(), CliError> {
+    let mut config = ctx.config.monitor_config();
+    if let Some(i) = a.interval {
+        config.interval = i;
+    }
+    config.validate()?;
+    let backends = ctx.connect_shared().await?;
+    let monitor = Monitor::new(backends, config.clone());
+    if a.once {
+        let r = monitor.tick().await?;
+        print_report(ctx, &r);
+        return Ok(());
+    }
+    if !ctx.out.json {
+        eprintln!(
+            "monitor {} every {}; Ctrl-C to stop",
+            config.monitor_id,
+            agent_orchestra::config::format_duration(config.interval)
+        );
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<MonitorReport>();
+    let handle = monitor.start(move |r| {
+        let _ = tx.send(r.clone());
+    })?;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            r = rx.recv() => match r {
+                Some(r) => print_report(ctx, &r),
+                None => break,
+            },
+        }
+    }
+    handle.shutdown().await;
+    Ok(())
+}

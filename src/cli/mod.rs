@@ -1,0 +1,341 @@
+//! The `orchestra` CLI: argument parsing, configuration layering, logging and exit codes.
+//!
+//! Exit codes: 0 success; 1 a task failed, was not found, or the operation failed at run time
+//! (a broker unreachable, a timeout); 2 a usage or configuration error (bad flag, bad value,
+//! bad URL, a backend whose cargo feature is off).
+
+mod agents;
+mod bench;
+mod commands;
+mod demo;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agent_orchestra::backends::redact_url;
+use agent_orchestra::config::{parse_duration, Config};
+use agent_orchestra::{Backends, Error};
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+pub use output::Output;
+
+/// Event-driven task orchestration for independent agents over Redis, NATS JetStream,
+/// RabbitMQ or memory.
+#[derive(Parser)]
+#[command(name = "orchestra", version, propagate_version = true)]
+#[command(
+    after_help = "Configuration: defaults < TOML file (--config or ORCHESTRA_CONFIG) < environment (ORCHESTRA_URL, ...) < flags.\nExit codes: 0 success, 1 task failed / not found / runtime error, 2 usage or configuration error."
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags every subcommand accepts.
+#[derive(Args)]
+struct GlobalArgs {
+    /// One URL for bus, registry and locks: memory://, redis://, nats://, amqp:// ...
+    #[arg(long, global = true, value_name = "URL")]
+    url: Option<String>,
+    /// The bus's URL (overrides --url for the bus).
+    #[arg(long, global = true, value_name = "URL")]
+    bus_url: Option<String>,
+    /// The registry's URL (overrides --url for the registry).
+    #[arg(long, global = true, value_name = "URL")]
+    registry_url: Option<String>,
+    /// The lock manager's URL (overrides --url for the locks).
+    #[arg(long, global = true, value_name = "URL")]
+    locks_url: Option<String>,
+    /// Namespace for every key, stream, subject and queue.
+    #[arg(long, global = true)]
+    prefix: Option<String>,
+    /// A TOML configuration file (else $ORCHESTRA_CONFIG).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More logs on stderr (-v info, -vv debug, -vvv trace); RUST_LOG also works.
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The lab end to end: pub/sub, a task's life, Researcher -> Writer, priorities, recovery.
+    Demo,
+    /// Registers a task and announces it on its queue.
+    Dispatch(commands::DispatchArgs),
+    /// One task.
+    Task {
+        #[command(subcommand)]
+        command: commands::TaskCommand,
+    },
+    /// Many tasks.
+    Tasks {
+        #[command(subcommand)]
+        command: commands::TasksCommand,
+    },
+    /// Task counts by status, and queue sizes for the queues named with --queue.
+    Stats(commands::StatsArgs),
+    /// Runs the monitor (recovery of crashed workers' tasks) and prints its snapshots.
+    Monitor(commands::MonitorArgs),
+    /// Runs built-in agents (echo, sleep, fail) on named queues until Ctrl-C.
+    Worker(agents::WorkerArgs),
+    /// Cancels a WAITING or PENDING task.
+    Cancel {
+        /// The task's id.
+        id: String,
+    },
+    /// Puts a FAILED or CANCELLED task back on its queue.
+    Retry {
+        /// The task's id.
+        id: String,
+    },
+    /// The dead letters of a queue.
+    DeadLetters(commands::DeadLettersArgs),
+    /// Throughput and latency of the full task lifecycle, producer and workers in one process.
+    Bench(bench::BenchArgs),
+    /// Prints the effective configuration (secrets redacted).
+    Config,
+}
+
+/// What a command needs: the effective configuration and the output mode.
+pub struct Ctx {
+    /// The configuration after every layer.
+    pub config: Config,
+    /// Human or JSON output.
+    pub out: Output,
+}
+
+impl Ctx {
+    /// Connects the backends; on memory, notes on stderr that state ends with this process.
+    pub async fn connect_shared(&self) -> Result<Backends, CliError> {
+        if self.config.is_memory() {
+            eprintln!(
+                "note: memory:// keeps tasks inside this process only; pass --url (or set ORCHESTRA_URL) to use a broker"
+            );
+        }
+        Ok(self.config.connect().await?)
+    }
+}
+
+/// Why a command did not succeed.
+#[derive(Debug)]
+pub enum CliError {
+    /// An error from the library (mapped to exit 1 or 2 by its kind).
+    Lib(Error),
+    /// Bad usage (exit 2).
+    Usage(String),
+    /// A task failed, or an operation did not succeed (exit 1).
+    Failed(String),
+}
+
+impl From<Error> for CliError {
+    fn from(e: Error) -> Self {
+        CliError::Lib(e)
+    }
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::Failed(_) => 1,
+            CliError::Lib(e) => match e {
+                Error::Config { .. }
+                | Error::InvalidInput { .. }
+                | Error::UnsupportedUrl { .. }
+                | Error::FeatureDisabled { .. } => 2,
+                _ => 1,
+            },
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            CliError::Lib(e) => e.to_string(),
+            CliError::Usage(m) | CliError::Failed(m) => m.clone(),
+        }
+    }
+}
+
+/// Parses a duration argument (`250ms`, `30s`, `5m`).
+pub fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+/// Runs the CLI and returns its exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => e.exit(), // 2 for usage errors, 0 for --help / --version
+    };
+    let out = Output {
+        json: cli.global.json,
+    };
+    let quiet_default = matches!(cli.command, Command::Demo);
+    init_logging(cli.global.verbose, quiet_default);
+    let config = match load_config(&cli.global) {
+        Ok(c) => c,
+        Err(e) => return report(out, &e),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return report(out, &CliError::Failed(format!("cannot start tokio: {e}"))),
+    };
+    let ctx = Ctx { config, out };
+    let result = runtime.block_on(run(&ctx, cli.command));
+    // Background tasks of brokers' clients must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report(out, &e),
+    }
+}
+
+fn report(out: Output, e: &CliError) -> ExitCode {
+    let code = e.exit_code();
+    if out.json {
+        eprintln!(
+            "{}",
+            serde_json::json!({"error": e.message(), "exit_code": code})
+        );
+    } else {
+        eprintln!("error: {}", e.message());
+    }
+    ExitCode::from(code)
+}
+
+fn init_logging(verbose: u8, quiet_default: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match verbose {
+        0 => EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            // The demo narrates warnings (a killed worker, a recovered task) itself.
+            EnvFilter::new(if quiet_default { "error" } else { "warn" })
+        }),
+        1 => EnvFilter::new("info"),
+        2 => EnvFilter::new("debug"),
+        _ => EnvFilter::new("trace"),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Defaults < file < environment < flags, then validation.
+fn load_config(g: &GlobalArgs) -> Result<Config, CliError> {
+    let mut config = Config::from_layers(g.config.as_deref(), |k| std::env::var(k).ok())?;
+    config.set_urls(
+        g.url.clone(),
+        g.bus_url.clone(),
+        g.registry_url.clone(),
+        g.locks_url.clone(),
+    );
+    if let Some(p) = &g.prefix {
+        config.prefix = p.clone();
+    }
+    config.validate()?;
+    tracing::debug!(
+        bus = %redact_url(&config.backend_urls().bus),
+        registry = %redact_url(&config.backend_urls().registry),
+        locks = %redact_url(&config.backend_urls().locks),
+        prefix = %config.prefix,
+        "configuration loaded"
+    );
+    Ok(config)
+}
+
+async fn run(ctx: &Ctx, command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Demo => demo::run(ctx).await,
+        Command::Dispatch(a) => commands::dispatch(ctx, a).await,
+        Command::Task { command } => commands::task(ctx, command).await,
+        Command::Tasks { command } => commands::tasks(ctx, command).await,
+        Command::Stats(a) => commands::stats(ctx, a).await,
+        Command::Monitor(a) => commands::monitor(ctx, a).await,
+        Command::Worker(a) => agents::run(ctx, a).await,
+        Command::Cancel { id } => commands::cancel(ctx, &id).await,
+        Command::Retry { id } => commands::retry(ctx, &id).await,
+        Command::DeadLetters(a) => commands::dead_letters(ctx, a).await,
+        Command::Bench(a) => bench::run(ctx, a).await,
+        Command::Config => {
+            if ctx.out.json {
+                ctx.out.json(&ctx.config.redacted());
+            } else {
+                print!("{}", ctx.config.to_toml_redacted());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn library_errors_map_to_the_documented_exit_codes() {
+        let usage = [
+            Error::config("worker.lease", "bad"),
+            Error::invalid("priority", "bad"),
+            Error::FeatureDisabled {
+                scheme: "redis".into(),
+                feature: "redis",
+            },
+            Error::UnsupportedUrl {
+                url: "x".into(),
+                reason: "bad".into(),
+            },
+        ];
+        for e in usage {
+            assert_eq!(CliError::Lib(e).exit_code(), 2);
+        }
+        let id = agent_orchestra::TaskId::parse("task_1").unwrap();
+        assert_eq!(CliError::Lib(Error::TaskNotFound(id)).exit_code(), 1);
+        assert_eq!(
+            CliError::Lib(Error::temporary("redis", "down", None)).exit_code(),
+            1
+        );
+    }
+}

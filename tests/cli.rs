@@ -1,0 +1,398 @@
+//! Behaviour of the `orchestra` binary: exit codes, output formats, secrets, the demo and the
+//! bench, all on the in-memory backend (no broker needed).
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_orchestra");
+
+/// What a finished run printed.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs the binary with `args` and extra environment, killing it after two minutes (a hang is
+/// a failure, not a stuck test run).
+fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // The tests decide the configuration: nothing from the caller's environment.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("ORCHESTRA_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("the orchestra binary starts");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let reader_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let reader_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("orchestra {args:?} did not finish within 2 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: reader_out.join().expect("stdout reader"),
+        stderr: reader_err.join().expect("stderr reader"),
+    }
+}
+
+fn run(args: &[&str]) -> Run {
+    run_env(args, &[])
+}
+
+#[test]
+fn bad_priority_is_a_usage_error_with_the_reason_on_stderr() {
+    let r = run(&["dispatch", "research_tasks", "{}", "--priority", "11"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("priority"), "{}", r.stderr);
+    let r = run(&["dispatch", "research_tasks", "{}", "--priority", "urgent"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+}
+
+#[test]
+fn non_json_payload_is_a_usage_error() {
+    let r = run(&["dispatch", "research_tasks", "{not json"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("not JSON"), "{}", r.stderr);
+}
+
+#[test]
+fn malformed_queue_and_task_id_are_usage_errors() {
+    let r = run(&["dispatch", "bad queue", "{}"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("queue"), "{}", r.stderr);
+    let r = run(&["task", "get", "has space"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("task_id"), "{}", r.stderr);
+}
+
+#[test]
+fn missing_arguments_are_a_usage_error() {
+    let r = run(&["dispatch"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    let r = run(&["no-such-command"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+}
+
+#[test]
+fn unknown_url_scheme_is_a_usage_error() {
+    let r = run(&["--url", "kafka://localhost:9092", "stats"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("kafka"), "{}", r.stderr);
+    assert!(r.stderr.contains("url"), "{}", r.stderr);
+}
+
+#[test]
+fn a_backend_whose_feature_is_off_is_a_usage_error_naming_the_feature() {
+    let backends = [
+        ("redis://127.0.0.1:1", "redis", cfg!(feature = "redis")),
+        ("nats://127.0.0.1:1", "nats", cfg!(feature = "nats")),
+        ("amqp://127.0.0.1:1", "rabbitmq", cfg!(feature = "rabbitmq")),
+    ];
+    for (url, feature, compiled) in backends {
+        if compiled {
+            continue;
+        }
+        let r = run(&["--url", url, "stats"]);
+        assert_eq!(r.code, 2, "{url}: {}", r.all());
+        assert!(
+            r.stderr.contains(&format!("feature `{feature}`")),
+            "{url}: {}",
+            r.stderr
+        );
+    }
+}
+
+#[test]
+fn unknown_config_keys_and_bad_values_name_the_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("orchestra.toml");
+    std::fs::write(&path, "[worker]\nconcurency = 4\n").expect("write config");
+    let p = path.to_string_lossy().to_string();
+    let r = run(&["--config", &p, "config"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("worker.concurency"), "{}", r.stderr);
+
+    let r = run_env(&["config"], &[("ORCHESTRA_LEASE", "forever")]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("ORCHESTRA_LEASE"), "{}", r.stderr);
+}
+
+#[test]
+fn flags_override_the_environment_which_overrides_the_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("orchestra.toml");
+    std::fs::write(&path, "prefix = \"file_\"\n[worker]\nconcurrency = 3\n").expect("write");
+    let p = path.to_string_lossy().to_string();
+    let prefix_of = |r: &Run| -> (String, u64) {
+        assert_eq!(r.code, 0, "{}", r.all());
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("JSON config");
+        (
+            v["prefix"].as_str().expect("prefix").to_string(),
+            v["worker"]["concurrency"].as_u64().expect("concurrency"),
+        )
+    };
+    let r = run_env(&["--json", "config"], &[("ORCHESTRA_CONFIG", &p)]);
+    assert_eq!(prefix_of(&r), ("file_".into(), 3));
+    let r = run_env(
+        &["--json", "config"],
+        &[("ORCHESTRA_CONFIG", &p), ("ORCHESTRA_PREFIX", "env_")],
+    );
+    assert_eq!(prefix_of(&r), ("env_".into(), 3));
+    let r = run_env(
+        &["--json", "--prefix", "flag_", "config"],
+        &[("ORCHESTRA_CONFIG", &p), ("ORCHESTRA_PREFIX", "env_")],
+    );
+    assert_eq!(prefix_of(&r), ("flag_".into(), 3));
+}
+
+#[test]
+fn secrets_in_urls_never_appear_in_any_output() {
+    let secret_url = "redis://u:hunter2@127.0.0.1:1";
+    let runs = [
+        run(&["--url", secret_url, "-vvv", "stats"]),
+        run(&["--url", secret_url, "--json", "stats"]),
+        run(&["--url", secret_url, "config"]),
+        run(&["--url", secret_url, "--json", "config"]),
+        run(&["--bus-url", secret_url, "-vv", "task", "get", "task_1"]),
+        run_env(&["-vvv", "stats"], &[("ORCHESTRA_URL", secret_url)]),
+        run_env(
+            &["stats"],
+            &[("ORCHESTRA_URL", "kafka://u:hunter2@127.0.0.1:1")],
+        ),
+    ];
+    for r in &runs {
+        assert!(!r.all().contains("hunter2"), "secret leaked:\n{}", r.all());
+    }
+    // The failing ones failed, the config ones showed a redacted URL.
+    assert_ne!(runs[0].code, 0, "{}", runs[0].all());
+    assert_eq!(runs[2].code, 0, "{}", runs[2].all());
+    assert!(
+        runs[2].stdout.contains("u:***@127.0.0.1"),
+        "{}",
+        runs[2].stdout
+    );
+}
+
+#[test]
+fn json_output_is_parseable() {
+    let r = run(&["--json", "stats"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("stats JSON");
+    assert_eq!(v["total"], 0);
+
+    let r = run(&["--json", "dispatch", "research_tasks", r#"{"topic": "AI"}"#]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("dispatch JSON");
+    assert!(v["task_id"].as_str().expect("task_id").starts_with("task_"));
+
+    let r = run(&["--json", "task", "get", "task_missing"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let v: serde_json::Value = serde_json::from_str(r.stderr.trim().lines().last().unwrap_or(""))
+        .expect("error JSON on stderr");
+    assert_eq!(v["exit_code"], 1);
+
+    let r = run(&["--json", "monitor", "--once"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("monitor JSON");
+    assert_eq!(v["leader"], true);
+}
+
+#[test]
+fn a_missing_task_exits_1() {
+    let r = run(&["task", "get", "task_does_not_exist"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("not found"), "{}", r.stderr);
+}
+
+#[test]
+fn waiting_for_a_task_nobody_runs_times_out_with_exit_1() {
+    let r = run(&[
+        "dispatch",
+        "nobody_listens",
+        "{}",
+        "--wait",
+        "--timeout",
+        "300ms",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("PENDING"), "{}", r.stderr);
+}
+
+#[test]
+fn worker_stops_gracefully_and_reports() {
+    let r = run(&[
+        "worker",
+        "--queue",
+        "research_tasks=echo",
+        "--queue",
+        "slow=sleep",
+        "--for",
+        "300ms",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(
+        r.stdout
+            .contains("serving research_tasks (echo), slow (sleep)"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("stopped (clean)"), "{}", r.stdout);
+    let r = run(&["worker", "--queue", "q=dance"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+}
+
+#[cfg(unix)]
+#[test]
+fn worker_shuts_down_on_sigterm() {
+    let mut child = Command::new(BIN)
+        .args(["--json", "worker", "--queue", "research_tasks"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start worker");
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(killed.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the worker ignored SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read stdout");
+    assert_eq!(status.code(), Some(0), "{out}");
+    let last: serde_json::Value =
+        serde_json::from_str(out.trim().lines().last().unwrap_or("")).expect("JSON lines");
+    assert_eq!(last["event"], "stopped");
+    assert_eq!(last["clean"], true);
+}
+
+#[test]
+fn demo_runs_the_lab_end_to_end_on_memory() {
+    let r = run(&["demo"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    for needle in [
+        "1. Pub/sub fan-out",
+        "subscriber A got: task_001, task_002, task_003",
+        "subscriber B got: task_001, task_002, task_003",
+        "PENDING    0",
+        "RUNNING    1",
+        "COMPLETED  1",
+        "the writer is WAITING",
+        "ctx.parent_results()",
+        "1. p1 production outage",
+        "8. p10 archive cleanup",
+        "urgent first",
+        "recovered 1 task",
+        "COMPLETED on attempt 2 by demo-rescuer",
+        "completed exactly once",
+        "demo finished",
+    ] {
+        assert!(
+            r.stdout.contains(needle),
+            "missing {needle:?} in:\n{}",
+            r.stdout
+        );
+    }
+}
+
+#[test]
+fn demo_json_summarises_every_part() {
+    let r = run(&["--json", "demo"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("one JSON document");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["priorities"][0]["priority"], 1);
+    assert_eq!(v["recovery"]["handler_runs"], 1);
+}
+
+/// Parses `tasks_per_s=<float> p50_ms=<float> p99_ms=<float>`.
+fn parse_bench_line(line: &str) -> [f64; 3] {
+    let parts: Vec<&str> = line.split(' ').collect();
+    assert_eq!(parts.len(), 3, "{line:?}");
+    let mut out = [0.0; 3];
+    for (i, (part, key)) in parts
+        .iter()
+        .zip(["tasks_per_s", "p50_ms", "p99_ms"])
+        .enumerate()
+    {
+        let (k, v) = part.split_once('=').expect("key=value");
+        assert_eq!(k, key, "{line:?}");
+        out[i] = v.parse::<f64>().expect("a float");
+        assert!(out[i].is_finite() && out[i] >= 0.0, "{line:?}");
+    }
+    out
+}
+
+#[test]
+fn bench_prints_its_result_as_the_last_line_in_the_exact_format() {
+    let r = run(&["bench", "-n", "2000", "-c", "4"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let last = r.stdout.trim_end().lines().last().expect("a last line");
+    let [tps, p50, p99] = parse_bench_line(last);
+    assert!(tps > 0.0 && p50 <= p99, "{last}");
+    assert!(r.stderr.contains("2000 no-op tasks"), "{}", r.stderr);
+
+    let r = run(&["--json", "bench", "-n", "300", "-c", "2", "--rate", "1000"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let lines: Vec<&str> = r.stdout.trim_end().lines().collect();
+    parse_bench_line(lines[lines.len() - 1]);
+    let v: serde_json::Value = serde_json::from_str(lines[lines.len() - 2]).expect("JSON");
+    assert_eq!(v["tasks"], 300);
+}
+
+#[test]
+fn bench_rejects_nonsense_numbers() {
+    let r = run(&["bench", "-n", "0"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    let r = run(&["bench", "--rate", "-5"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+}
