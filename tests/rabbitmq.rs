@@ -93,6 +93,11 @@ async fn cleanup(prefix: &str) {
 
 agent_orchestra::conformance_suite!(make_backends, cleanup);
 
+mod engine {
+    use super::{cleanup, make_backends};
+    agent_orchestra::engine_suite!(make_backends, cleanup);
+}
+
 /// Closes, from the broker's side, every connection whose name mentions `prefix` (each
 /// connection of this backend carries its prefix in its `connection_name`).
 async fn close_connections_of(prefix: &str) -> usize {
