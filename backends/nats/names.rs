@@ -1,0 +1,152 @@
+//! Deterministic names for everything the backend creates, derived from the prefix.
+//!
+//! Stream and bucket names may not contain `.`, `*`, `>`, whitespace or path separators, and
+//! subjects are `.`-separated tokens without wildcards or whitespace. The prefix is mapped
+//! character by character (anything outside `[A-Za-z0-9_-]`, and `.` for names, becomes `_`),
+//! queue names are already `[A-Za-z0-9_-]`, and task ids / lock keys are mapped one-to-one onto
+//! key-value keys (`.` → `/`, `:` → `=`; neither `/` nor `=` can occur in an id).
+
+use crate::model::QueueName;
+
+/// The names of one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Names {
+    /// Prepended to stream and bucket names.
+    name: String,
+    /// Prepended to subjects (`""` or ends where the caller's prefix ends).
+    subject: String,
+}
+
+fn map_chars(s: &str, keep_dot: bool) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' || (keep_dot && c == '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl Names {
+    pub(crate) fn new(prefix: &str) -> Self {
+        let name = map_chars(prefix, false);
+        // Subjects keep dots as token separators but may not have empty tokens.
+        let mut subject = String::with_capacity(prefix.len());
+        for c in map_chars(prefix, true).chars() {
+            if c == '.' && (subject.is_empty() || subject.ends_with('.')) {
+                subject.push('_');
+            }
+            subject.push(c);
+        }
+        Names { name, subject }
+    }
+
+    /// `{prefix}events.<topic>`, the topic's tokens sanitized.
+    pub(crate) fn event_subject(&self, topic: &str) -> String {
+        let mut tokens: Vec<String> = Vec::new();
+        for t in topic.split('.') {
+            let t = map_chars(t, false);
+            tokens.push(if t.is_empty() { "_".into() } else { t });
+        }
+        format!("{}events.{}", self.subject, tokens.join("."))
+    }
+
+    /// The work stream of a queue.
+    pub(crate) fn work_stream(&self, q: &QueueName) -> String {
+        format!("{}ORCH_Q_{}", self.name, q)
+    }
+
+    /// The dead-letter stream of a queue.
+    pub(crate) fn dead_stream(&self, q: &QueueName) -> String {
+        format!("{}ORCH_DLQ_{}", self.name, q)
+    }
+
+    /// The stream holding chunks of payloads too large for one message.
+    pub(crate) fn blob_stream(&self) -> String {
+        format!("{}ORCH_BLOBS", self.name)
+    }
+
+    /// `{prefix}orch.q.<queue>` — levels are `.1` ..= `.10`, delayed messages `.delayed`.
+    pub(crate) fn work_subject_base(&self, q: &QueueName) -> String {
+        format!("{}orch.q.{}", self.subject, q)
+    }
+
+    /// Where the work stream republishes the headers of each stored message.
+    pub(crate) fn wake_subject_base(&self, q: &QueueName) -> String {
+        format!("{}orch.wake.{}", self.subject, q)
+    }
+
+    /// The dead-letter subject of a queue.
+    pub(crate) fn dead_subject(&self, q: &QueueName) -> String {
+        format!("{}orch.dlq.{}", self.subject, q)
+    }
+
+    /// `{prefix}orch.blob` — chunk `i` of blob `id` is `.<id>.<i>`.
+    pub(crate) fn blob_subject_base(&self) -> String {
+        format!("{}orch.blob", self.subject)
+    }
+
+    /// The task bucket.
+    pub(crate) fn task_bucket(&self) -> String {
+        format!("{}orch_tasks", self.name)
+    }
+
+    /// The lock bucket.
+    pub(crate) fn lock_bucket(&self) -> String {
+        format!("{}orch_locks", self.name)
+    }
+}
+
+/// A task id or lock key (`[A-Za-z0-9_.:-]`) as one key-value key token.
+pub(crate) fn encode_key(id: &str) -> String {
+    id.chars()
+        .map(|c| match c {
+            '.' => '/',
+            ':' => '=',
+            c => c,
+        })
+        .collect()
+}
+
+/// The inverse of [`encode_key`].
+pub(crate) fn decode_key(key: &str) -> String {
+    key.chars()
+        .map(|c| match c {
+            '/' => '.',
+            '=' => ':',
+            c => c,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_valid_and_deterministic() {
+        let n = Names::new("test:a.b c*");
+        let q = QueueName::parse("research_tasks").unwrap();
+        assert_eq!(n.work_stream(&q), "test_a_b_c_ORCH_Q_research_tasks");
+        assert_eq!(n.event_subject("events"), "test_a.b_c_events.events");
+        assert_eq!(n.event_subject("a..b *"), "test_a.b_c_events.a._.b__");
+        assert_eq!(Names::new("").event_subject("events"), "events.events");
+        assert_eq!(Names::new(".x").event_subject("t"), "_.xevents.t");
+        assert_eq!(
+            Names::new("orch.").work_subject_base(&q),
+            "orch.orch.q.research_tasks"
+        );
+        assert_eq!(n, Names::new("test:a.b c*"));
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        for id in ["task_1", "a.b:c-d", "x..y.", "9"] {
+            let k = encode_key(id);
+            assert!(!k.contains('.') && !k.contains(':'));
+            assert_eq!(decode_key(&k), id);
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! One work queue on NATS: its stream, its consumers and the wake-up state of its levels.
+//!
+//! Stream `{prefix}ORCH_Q_<queue>` (work-queue retention, file storage) holds subjects
+//! `{prefix}orch.q.<queue>.1` ..= `.10` (one per priority level) and `.delayed`. Each has one
+//! durable pull consumer with explicit acks (`p1` ..= `p10`, `delayed`); work-queue streams allow
+//! only one consumer per subject, and competing workers share it. The stream republishes the
+//! headers of every stored message to `{prefix}orch.wake.<queue>.<level>`; each process
+//! subscribes once per queue and keeps one "may have ready messages" bit per level, so a fetch
+//! only asks the server about levels that may have something.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::stream;
+use futures::future::try_join_all;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, OnceCell};
+use tokio::time::Instant;
+
+use super::errors::nats_err;
+use super::leases::ACK_WAIT;
+use super::Shared;
+use crate::error::Result;
+use crate::model::QueueName;
+
+/// Priority levels.
+pub(crate) const LEVELS: usize = 10;
+/// Bit index of the delayed subject in the wake mask.
+pub(crate) const DELAYED: usize = LEVELS;
+const ALL: u16 = (1 << (LEVELS + 1)) - 1;
+/// Every level is re-checked at least this often: covers messages that become ready without a
+/// wake-up (a lease that ended in another process, a nack with delay in another process).
+pub(crate) const RESCAN: Duration = Duration::from_millis(250);
+/// Timers are rounded up to this, so a burst of deliveries makes few timer entries.
+const TIMER_GRAIN: Duration = Duration::from_millis(10);
+/// Slack added to timers so the server has made the message available when they fire.
+pub(crate) const TIMER_SLACK: Duration = Duration::from_millis(15);
+/// Acknowledgement wait of the consumer that moves delayed messages.
+const DELAYED_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Header with the message id (stable across redeliveries and moves).
+pub(crate) const ID_HEADER: &str = "Orch-Id";
+/// Header with the priority (on delayed and dead messages; levels are in the subject).
+pub(crate) const PRIORITY_HEADER: &str = "Orch-Priority";
+/// Header with the due time of a delayed message, in Unix milliseconds.
+pub(crate) const DUE_HEADER: &str = "Orch-Due";
+
+/// Which levels may have ready messages.
+#[derive(Debug)]
+pub(crate) struct WakeState {
+    maybe: u16,
+    gens: [u64; LEVELS + 1],
+    timers: BTreeMap<Instant, u16>,
+    next_rescan: Instant,
+}
+
+impl WakeState {
+    fn new() -> Self {
+        WakeState {
+            maybe: ALL,
+            gens: [0; LEVELS + 1],
+            timers: BTreeMap::new(),
+            next_rescan: Instant::now() + RESCAN,
+        }
+    }
+
+    /// Applies due timers and the periodic rescan; returns the levels to look at and the
+    /// generation of each (to clear a bit only if no wake-up came in between).
+    pub(crate) fn poll(&mut self, now: Instant) -> (u16, [u64; LEVELS + 1]) {
+        while let Some(entry) = self.timers.first_entry() {
+            if *entry.key() > now {
+                break;
+            }
+            let bits = entry.remove();
+            self.mark_bits(bits);
+        }
+        if now >= self.next_rescan {
+            self.mark_bits(ALL);
+            self.next_rescan = now + RESCAN;
+        }
+        (self.maybe, self.gens)
+    }
+
+    pub(crate) fn mark_bits(&mut self, bits: u16) {
+        self.maybe |= bits;
+        for (i, g) in self.gens.iter_mut().enumerate() {
+            if bits & (1 << i) != 0 {
+                *g += 1;
+            }
+        }
+    }
+
+    /// Forgets a level's bit unless a wake-up for it arrived since `gen` was read.
+    pub(crate) fn clear_if(&mut self, level: usize, gen: u64) {
+        if self.gens[level] == gen {
+            self.maybe &= !(1 << level);
+        }
+    }
+
+    /// Marks `level` at `at` (rounded up to the timer grain).
+    pub(crate) fn add_timer(&mut self, at: Instant, level: usize) {
+        let grain = TIMER_GRAIN.as_millis() as u64;
+        let base = self.next_rescan - RESCAN;
+        let offset = at.saturating_duration_since(base).as_millis() as u64;
+        let rounded = base + Duration::from_millis(offset.div_ceil(grain) * grain);
+        *self.timers.entry(rounded).or_insert(0) |= 1 << level;
+    }
+
+    /// When the next timer or rescan is due.
+    pub(crate) fn next_wake(&self) -> Instant {
+        self.timers
+            .keys()
+            .next()
+            .map_or(self.next_rescan, |t| (*t).min(self.next_rescan))
+    }
+}
+
+/// Aborts a task when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The consumers of a queue, created on its first fetch.
+#[derive(Debug)]
+pub(crate) struct Consumers {
+    pub(crate) levels: Vec<PullConsumer>,
+    pub(crate) delayed: PullConsumer,
+    _wake: AbortOnDrop,
+}
+
+/// A queue's handles, cached by the bus.
+#[derive(Debug)]
+pub(crate) struct QueueHandle {
+    pub(crate) name: QueueName,
+    shared: Shared,
+    subject_base: String,
+    stream: OnceCell<stream::Stream>,
+    dead: OnceCell<stream::Stream>,
+    consumers: OnceCell<Consumers>,
+    pub(crate) wake: Mutex<WakeState>,
+    pub(crate) notify: Notify,
+}
+
+impl QueueHandle {
+    pub(crate) fn new(shared: Shared, name: QueueName) -> Arc<Self> {
+        Arc::new(QueueHandle {
+            subject_base: shared.names.work_subject_base(&name),
+            name,
+            shared,
+            stream: OnceCell::new(),
+            dead: OnceCell::new(),
+            consumers: OnceCell::new(),
+            wake: Mutex::new(WakeState::new()),
+            notify: Notify::new(),
+        })
+    }
+
+    /// The subject of a level (0-based) or of the delayed messages.
+    pub(crate) fn subject(&self, level: usize) -> String {
+        if level == DELAYED {
+            format!("{}.delayed", self.subject_base)
+        } else {
+            format!("{}.{}", self.subject_base, level + 1)
+        }
+    }
+
+    /// The work stream, created if missing.
+    pub(crate) async fn stream(&self) -> Result<&stream::Stream> {
+        self.stream
+            .get_or_try_init(|| async {
+                let names = &self.shared.names;
+                let config = stream::Config {
+                    name: names.work_stream(&self.name),
+                    subjects: vec![format!("{}.>", self.subject_base)],
+                    retention: stream::RetentionPolicy::WorkQueue,
+                    storage: stream::StorageType::File,
+                    republish: Some(stream::Republish {
+                        source: format!("{}.>", self.subject_base),
+                        destination: format!("{}.>", names.wake_subject_base(&self.name)),
+                        headers_only: true,
+                    }),
+                    ..Default::default()
+                };
+                self.shared
+                    .js
+                    .get_or_create_stream(config)
+                    .await
+                    .map_err(|e| {
+                        nats_err(&format!("cannot open the stream of queue {}", self.name), e)
+                    })
+            })
+            .await
+    }
+
+    /// The dead-letter stream, created if missing (limits retention, newest 100,000 kept).
+    pub(crate) async fn dead_stream(&self) -> Result<&stream::Stream> {
+        self.dead
+            .get_or_try_init(|| async {
+                let names = &self.shared.names;
+                let config = stream::Config {
+                    name: names.dead_stream(&self.name),
+                    subjects: vec![names.dead_subject(&self.name)],
+                    retention: stream::RetentionPolicy::Limits,
+                    storage: stream::StorageType::File,
+                    max_messages: 100_000,
+                    discard: stream::DiscardPolicy::Old,
+                    allow_direct: true,
+                    ..Default::default()
+                };
+                self.shared
+                    .js
+                    .get_or_create_stream(config)
+                    .await
+                    .map_err(|e| {
+                        nats_err(
+                            &format!("cannot open the dead-letter stream of queue {}", self.name),
+                            e,
+                        )
+                    })
+            })
+            .await
+    }
+
+    fn level_config(&self, level: usize, ack_wait: Duration) -> pull::Config {
+        pull::Config {
+            durable_name: Some(if level == DELAYED {
+                "delayed".to_string()
+            } else {
+                format!("p{}", level + 1)
+            }),
+            filter_subject: self.subject(level),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::All,
+            ack_wait,
+            // Never give up: the bus moves a message to the dead letters itself when it sees
+            // one delivery too many, so the server never drops anything silently.
+            max_deliver: -1,
+            max_ack_pending: -1,
+            ..Default::default()
+        }
+    }
+
+    /// The consumers, created (and the wake-up subscription started) on first use. Existing
+    /// consumers with another configuration are updated to this one.
+    pub(crate) async fn consumers(self: &Arc<Self>) -> Result<&Consumers> {
+        let me = self.clone();
+        self.consumers
+            .get_or_try_init(|| async move {
+                let stream = me.stream().await?;
+                let wake_subject = format!("{}.>", me.shared.names.wake_subject_base(&me.name));
+                let mut sub = me
+                    .shared
+                    .client
+                    .subscribe(wake_subject)
+                    .await
+                    .map_err(|e| nats_err("cannot subscribe to wake-ups", e))?;
+                let levels = try_join_all((0..LEVELS).map(|l| {
+                    let config = me.level_config(l, ACK_WAIT);
+                    async move {
+                        stream
+                            .create_consumer(config)
+                            .await
+                            .map_err(|e| nats_err("cannot create a consumer", e))
+                    }
+                }))
+                .await?;
+                let delayed = stream
+                    .create_consumer(me.level_config(DELAYED, DELAYED_ACK_WAIT))
+                    .await
+                    .map_err(|e| nats_err("cannot create the delayed consumer", e))?;
+                let weak: Weak<QueueHandle> = Arc::downgrade(&me);
+                let task = tokio::spawn(async move {
+                    while let Some(msg) = sub.next().await {
+                        let Some(q) = weak.upgrade() else { break };
+                        q.on_wake(&msg);
+                    }
+                });
+                Ok(Consumers {
+                    levels,
+                    delayed,
+                    _wake: AbortOnDrop(task),
+                })
+            })
+            .await
+    }
+
+    fn on_wake(&self, msg: &async_nats::Message) {
+        let Some(token) = msg.subject.as_str().rsplit('.').next() else {
+            return;
+        };
+        if token == "delayed" {
+            let due = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(DUE_HEADER))
+                .and_then(|v| v.as_str().parse::<i64>().ok());
+            if let Some(due) = due {
+                let at = instant_at_unix_ms(due) + TIMER_SLACK;
+                self.wake.lock().add_timer(at, DELAYED);
+                // Waiters recompute their sleep to include the new timer.
+                self.notify.notify_waiters();
+            }
+            return;
+        }
+        if let Ok(level) = token.parse::<usize>() {
+            if (1..=LEVELS).contains(&level) {
+                self.wake.lock().mark_bits(1 << (level - 1));
+                self.notify.notify_waiters();
+            }
+        }
+    }
+}
+
+/// The local instant matching a Unix time in milliseconds.
+pub(crate) fn instant_at_unix_ms(ms: i64) -> Instant {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let now = Instant::now();
+    if ms <= now_ms {
+        now
+    } else {
+        now + Duration::from_millis((ms - now_ms) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_level_bit_survives_a_wake_up_that_raced_with_its_poll() {
+        let mut w = WakeState::new();
+        let (mask, gens) = w.poll(Instant::now());
+        assert_eq!(mask, ALL);
+        w.mark_bits(1 << 3);
+        w.clear_if(3, gens[3]);
+        w.clear_if(4, gens[4]);
+        let (mask, _) = w.poll(Instant::now());
+        assert!(mask & (1 << 3) != 0);
+        assert!(mask & (1 << 4) == 0);
+    }
+
+    #[tokio::test]
+    async fn timers_mark_their_level_when_due() {
+        tokio::time::pause();
+        let mut w = WakeState::new();
+        let now = Instant::now();
+        let (_, gens) = w.poll(now);
+        for (l, g) in gens.iter().enumerate() {
+            w.clear_if(l, *g);
+        }
+        w.add_timer(now + Duration::from_millis(30), 2);
+        assert!(w.next_wake() >= now + Duration::from_millis(30));
+        assert_eq!(w.poll(now + Duration::from_millis(5)).0, 0);
+        assert_eq!(w.poll(now + Duration::from_millis(40)).0, 1 << 2);
+    }
+}

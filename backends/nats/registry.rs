@@ -1,0 +1,541 @@
+//! [`NatsRegistry`]: tasks in a JetStream key-value bucket, changed by compare-and-set on the
+//! revision.
+//!
+//! * `{prefix}orch_tasks`: one key per task (the id, `.`→`/`, `:`→`=`), the task as JSON, plus
+//!   index headers (status, time of the last change, lease end, queue) on every revision. A task
+//!   whose JSON does not fit in one message keeps its payload in the blob stream.
+//! * `{prefix}orch_deps`: one key per parent with the JSON list of its dependents, appended by
+//!   compare-and-set when a child is created (before the child itself, so a crash in between
+//!   leaves at worst an edge to a task that does not exist, never a child nobody will release).
+//!
+//! A transition is one compare-and-set write when this process knows the task's current
+//! revision (it read or wrote the task last, which is the engine's pattern: get, claim,
+//! heartbeat, complete), else a direct get plus the write. Counts, lists and the stale-RUNNING
+//! query are answered by the [`View`] (an index that follows the bucket), never by reading every
+//! task.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_nats::HeaderMap;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::future::{join_all, try_join_all};
+use parking_lot::Mutex;
+use tokio::sync::OnceCell;
+
+use super::blob::{BlobRef, Blobs, BLOB_HEADER};
+use super::kv::{Bucket, Write};
+use super::view::{
+    slot, IndexKey, View, LEASE_HEADER, QUEUE_HEADER, STATUS_HEADER, UPDATED_HEADER,
+};
+use super::{Shared, BACKEND};
+use crate::error::{Error, Result};
+use crate::model::{Expected, Task, TaskId, TaskState, TaskStatus};
+use crate::registry::{
+    check_transition, conflict, Registry, Retention, StatusCounts, TaskFilter, TaskPage,
+};
+
+/// Revisions remembered for the one-round-trip transition; cleared when full.
+const CACHE_LIMIT: usize = 100_000;
+/// Compare-and-set attempts before giving up on a task that keeps changing.
+const CAS_ATTEMPTS: usize = 16;
+
+/// What this process last read or wrote of a task.
+#[derive(Clone)]
+struct Cached {
+    revision: u64,
+    task: Task,
+    blob: Option<BlobRef>,
+}
+
+/// The NATS registry.
+pub struct NatsRegistry {
+    shared: Shared,
+    tasks: Bucket,
+    deps: Bucket,
+    blobs: Arc<Blobs>,
+    cache: Mutex<HashMap<TaskId, Cached>>,
+    view: OnceCell<View>,
+}
+
+impl std::fmt::Debug for NatsRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsRegistry")
+            .field("bucket", &self.tasks.bucket)
+            .field("cached", &self.cache.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn corrupt(id: &str, e: impl std::fmt::Display) -> Error {
+    Error::permanent(BACKEND, format!("stored task {id} is not valid: {e}"), None)
+}
+
+/// The index headers and the JSON body of one revision of a task.
+fn encode(task: &Task) -> Result<(HeaderMap, Vec<u8>)> {
+    let mut h = HeaderMap::new();
+    h.insert(STATUS_HEADER, task.state.status.as_str());
+    h.insert(
+        UPDATED_HEADER,
+        task.state
+            .updated_at
+            .timestamp_micros()
+            .to_string()
+            .as_str(),
+    );
+    if task.state.status == TaskStatus::Running {
+        if let Some(l) = task.state.lease_until {
+            h.insert(LEASE_HEADER, l.timestamp_micros().to_string().as_str());
+        }
+    }
+    h.insert(QUEUE_HEADER, task.queue.as_str());
+    let body = serde_json::to_vec(task)
+        .map_err(|e| Error::permanent(BACKEND, format!("cannot encode task: {e}"), None))?;
+    Ok((h, body))
+}
+
+fn encode_cursor(status: usize, key: &IndexKey) -> String {
+    format!("{status}|{}|{}", key.0, key.1)
+}
+
+fn decode_cursor(c: &str) -> Result<(usize, IndexKey)> {
+    let bad = || Error::invalid("cursor", format!("{c:?} is not a cursor returned by list"));
+    let mut parts = c.splitn(3, '|');
+    let status: usize = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let at: i64 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let id = TaskId::parse(parts.next().ok_or_else(bad)?).map_err(|_| bad())?;
+    if status >= TaskStatus::ALL.len() {
+        return Err(bad());
+    }
+    Ok((status, (at, id)))
+}
+
+impl NatsRegistry {
+    pub(crate) async fn open(shared: Shared) -> Result<Self> {
+        let names = shared.names.clone();
+        let (tasks, deps) = futures::try_join!(
+            Bucket::open(shared.clone(), names.task_bucket(), None),
+            Bucket::open(
+                shared.clone(),
+                format!("{}_deps", names.task_bucket()),
+                None
+            ),
+        )?;
+        Ok(NatsRegistry {
+            blobs: Blobs::new(shared.clone()),
+            shared,
+            tasks,
+            deps,
+            cache: Mutex::new(HashMap::new()),
+            view: OnceCell::new(),
+        })
+    }
+
+    async fn view(&self) -> Result<&View> {
+        let view = self
+            .view
+            .get_or_init(|| async { View::start(self.tasks.clone(), self.shared.client.clone()) })
+            .await;
+        view.sync().await?;
+        Ok(view)
+    }
+
+    fn remember(&self, id: &TaskId, c: Option<Cached>) {
+        let mut cache = self.cache.lock();
+        match c {
+            Some(c) if !c.task.state.status.is_terminal() => {
+                if cache.len() >= CACHE_LIMIT && !cache.contains_key(id) {
+                    cache.clear();
+                }
+                cache.insert(id.clone(), c);
+            }
+            _ => {
+                cache.remove(id);
+            }
+        }
+    }
+
+    /// Reads a task with its revision.
+    async fn load(&self, id: &TaskId) -> Result<Option<Cached>> {
+        let Some(entry) = self.tasks.get(id.as_str()).await? else {
+            return Ok(None);
+        };
+        if !entry.live {
+            return Ok(None);
+        }
+        let blob = BlobRef::from_headers(Some(entry.headers()))?;
+        let task: Task = match &blob {
+            Some(b) => serde_json::from_slice(&self.blobs.get(b).await?),
+            None => serde_json::from_slice(entry.value()),
+        }
+        .map_err(|e| corrupt(id.as_str(), e))?;
+        Ok(Some(Cached {
+            revision: entry.revision(),
+            task,
+            blob,
+        }))
+    }
+
+    /// Adds `child` to the dependents of `parent` (compare-and-set, retried on contention).
+    async fn add_dependent(&self, parent: &TaskId, child: &TaskId) -> Result<()> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (mut list, expected) = match self.deps.get(parent.as_str()).await? {
+                Some(e) if e.live => (
+                    serde_json::from_slice::<Vec<TaskId>>(e.value())
+                        .map_err(|err| corrupt(parent.as_str(), err))?,
+                    e.revision(),
+                ),
+                Some(e) => (Vec::new(), e.revision()),
+                None => (Vec::new(), 0),
+            };
+            if list.contains(child) {
+                return Ok(());
+            }
+            list.push(child.clone());
+            let body = serde_json::to_vec(&list).map_err(|e| {
+                Error::permanent(BACKEND, format!("cannot encode dependents: {e}"), None)
+            })?;
+            if let Write::Done(_) = self
+                .deps
+                .put(parent.as_str(), HeaderMap::new(), body, expected)
+                .await?
+            {
+                return Ok(());
+            }
+        }
+        Err(Error::temporary(
+            BACKEND,
+            format!("too much contention on the dependents of {parent}"),
+            None,
+        ))
+    }
+
+    /// The stored form of a task: inline JSON, or (when it does not fit in one message) an
+    /// empty body and a blob with the whole JSON.
+    async fn stored_form(&self, task: &Task) -> Result<(HeaderMap, Vec<u8>, Option<BlobRef>)> {
+        let (mut h, body) = encode(task)?;
+        if !self.blobs.too_large(body.len()) {
+            return Ok((h, body, None));
+        }
+        let blob = self.blobs.put(&body).await?;
+        h.insert(BLOB_HEADER, blob.header_value().as_str());
+        Ok((h, Vec::new(), Some(blob)))
+    }
+
+    /// Deletes a blob that is no longer referenced, logging (not failing) on error.
+    async fn drop_blob(&self, blob: Option<&BlobRef>) {
+        if let Some(b) = blob {
+            if let Err(e) = self.blobs.delete(b).await {
+                tracing::warn!(blob = %b.id, error = %e, "cannot delete an unreferenced task blob");
+            }
+        }
+    }
+
+    async fn created(&self, task: &Task, write: Write, blob: Option<BlobRef>) -> Result<()> {
+        match write {
+            Write::Done(revision) => {
+                self.remember(
+                    &task.task_id,
+                    Some(Cached {
+                        revision,
+                        task: task.clone(),
+                        blob,
+                    }),
+                );
+                Ok(())
+            }
+            Write::Stale => {
+                self.drop_blob(blob.as_ref()).await;
+                Err(Error::TaskExists(task.task_id.clone()))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Registry for NatsRegistry {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn create(&self, task: &Task) -> Result<()> {
+        for parent in &task.depends_on {
+            self.add_dependent(parent, &task.task_id).await?;
+        }
+        let (h, body, blob) = self.stored_form(task).await?;
+        let write = self.tasks.create(task.task_id.as_str(), h, body).await?;
+        self.created(task, write, blob).await
+    }
+
+    async fn create_many(&self, tasks: &[Task]) -> Result<Vec<Result<()>>> {
+        // Plain tasks: every create in flight at once. Tasks with dependencies or large
+        // payloads take the one-by-one path.
+        let mut out: Vec<Option<Result<()>>> = (0..tasks.len()).map(|_| None).collect();
+        let mut pending = Vec::new();
+        for (i, t) in tasks.iter().enumerate() {
+            if !t.depends_on.is_empty() {
+                continue;
+            }
+            let (h, body) = encode(t)?;
+            if self.blobs.too_large(body.len()) {
+                continue;
+            }
+            pending.push((i, self.tasks.send(t.task_id.as_str(), h, body, 0).await?));
+        }
+        let settled = join_all(pending.into_iter().map(|(i, ack)| async move {
+            (i, self.tasks.settle(tasks[i].task_id.as_str(), ack).await)
+        }))
+        .await;
+        for (i, r) in settled {
+            match r? {
+                Write::Done(rev) => {
+                    self.created(&tasks[i], Write::Done(rev), None).await?;
+                    out[i] = Some(Ok(()));
+                }
+                // Exists, or a deleted key: the one-by-one path tells which.
+                Write::Stale => {}
+            }
+        }
+        let mut results = Vec::with_capacity(tasks.len());
+        for (i, r) in out.into_iter().enumerate() {
+            match r {
+                Some(r) => results.push(r),
+                None => match self.create(&tasks[i]).await {
+                    Err(e) if e.is_temporary() => return Err(e),
+                    r => results.push(r),
+                },
+            }
+        }
+        Ok(results)
+    }
+
+    async fn get(&self, id: &TaskId) -> Result<Option<Task>> {
+        let loaded = self.load(id).await?;
+        let task = loaded.as_ref().map(|c| c.task.clone());
+        self.remember(id, loaded);
+        Ok(task)
+    }
+
+    async fn transition(&self, id: &TaskId, expected: Expected, next: TaskState) -> Result<Task> {
+        check_transition(id, &expected, &next)?;
+        let mut cached = self.cache.lock().get(id).cloned();
+        for _ in 0..CAS_ATTEMPTS {
+            let from_cache = cached.is_some();
+            let current = match cached.take() {
+                Some(c) => c,
+                None => self
+                    .load(id)
+                    .await?
+                    .ok_or_else(|| Error::TaskNotFound(id.clone()))?,
+            };
+            if current.task.state.status != expected.status
+                || current.task.state.attempt != expected.attempt
+            {
+                if from_cache {
+                    continue; // our copy may be old: read the real one
+                }
+                self.remember(id, Some(current.clone()));
+                return Err(conflict(id, &expected, &current.task.state));
+            }
+            let mut task = current.task;
+            task.state = next.clone();
+            let (h, body, blob) = self.stored_form(&task).await?;
+            match self
+                .tasks
+                .put(id.as_str(), h, body, current.revision)
+                .await?
+            {
+                Write::Done(revision) => {
+                    self.drop_blob(current.blob.as_ref()).await;
+                    self.remember(
+                        id,
+                        Some(Cached {
+                            revision,
+                            task: task.clone(),
+                            blob,
+                        }),
+                    );
+                    return Ok(task);
+                }
+                Write::Stale => {
+                    self.drop_blob(blob.as_ref()).await;
+                    continue;
+                }
+            }
+        }
+        Err(Error::temporary(
+            BACKEND,
+            format!("task {id} kept changing during {CAS_ATTEMPTS} compare-and-set attempts"),
+            None,
+        ))
+    }
+
+    async fn list(
+        &self,
+        filter: &TaskFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<TaskPage> {
+        let after = cursor.map(decode_cursor).transpose()?;
+        let view = self.view().await?;
+        let (ids, next_cursor) = view.read(|idx| {
+            let slots: Vec<usize> = match filter.status {
+                Some(s) => vec![slot(s)],
+                None => (0..TaskStatus::ALL.len()).collect(),
+            };
+            let mut ids: Vec<TaskId> = Vec::new();
+            let mut last: Option<(usize, IndexKey)> = None;
+            'outer: for s in slots {
+                if let Some((cs, _)) = &after {
+                    if s < *cs {
+                        continue;
+                    }
+                }
+                let range: Box<dyn Iterator<Item = &IndexKey>> = match &after {
+                    Some((cs, key)) if *cs == s => Box::new(idx.by_status[s].range((
+                        std::ops::Bound::Excluded(key.clone()),
+                        std::ops::Bound::Unbounded,
+                    ))),
+                    _ => Box::new(idx.by_status[s].iter()),
+                };
+                for key in range {
+                    let Some(t) = idx.tasks.get(&key.1) else {
+                        continue;
+                    };
+                    if filter.queue.as_ref().is_some_and(|q| *q != t.queue) {
+                        continue;
+                    }
+                    if ids.len() == limit {
+                        break 'outer;
+                    }
+                    ids.push(key.1.clone());
+                    last = Some((s, key.clone()));
+                }
+            }
+            let more = ids.len() == limit && limit > 0;
+            let next = if more {
+                last.map(|(s, k)| encode_cursor(s, &k))
+            } else {
+                None
+            };
+            (ids, next)
+        });
+        let loaded = try_join_all(ids.iter().map(|id| self.load(id))).await?;
+        let tasks = loaded
+            .into_iter()
+            .flatten()
+            .map(|c| c.task)
+            .filter(|t| filter.status.is_none_or(|s| s == t.state.status))
+            .collect();
+        Ok(TaskPage { tasks, next_cursor })
+    }
+
+    async fn counts(&self) -> Result<StatusCounts> {
+        let view = self.view().await?;
+        Ok(view.read(|idx| {
+            StatusCounts(
+                TaskStatus::ALL
+                    .iter()
+                    .map(|s| (*s, idx.by_status[slot(*s)].len() as u64))
+                    .collect(),
+            )
+        }))
+    }
+
+    async fn stale_running(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Task>> {
+        let cut = before.timestamp_micros();
+        let view = self.view().await?;
+        let ids: Vec<TaskId> = view.read(|idx| {
+            idx.leases
+                .iter()
+                .take_while(|(until, _)| *until < cut)
+                .take(limit)
+                .map(|(_, id)| id.clone())
+                .collect()
+        });
+        let loaded = try_join_all(ids.iter().map(|id| self.load(id))).await?;
+        Ok(loaded
+            .into_iter()
+            .flatten()
+            .map(|c| c.task)
+            .filter(|t| {
+                t.state.status == TaskStatus::Running
+                    && t.state.lease_until.is_none_or(|l| l < before)
+            })
+            .collect())
+    }
+
+    async fn dependents(&self, parent: &TaskId) -> Result<Vec<TaskId>> {
+        match self.deps.get(parent.as_str()).await? {
+            Some(e) if e.live => {
+                serde_json::from_slice(e.value()).map_err(|err| corrupt(parent.as_str(), err))
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    async fn purge_finished(&self, retention: &Retention) -> Result<u64> {
+        let view = self.view().await?;
+        let now = Utc::now();
+        let doomed: Vec<(TaskId, u64, Option<String>)> = view.read(|idx| {
+            let mut doomed = Vec::new();
+            for status in [
+                TaskStatus::Completed,
+                TaskStatus::Failed,
+                TaskStatus::Cancelled,
+            ] {
+                let index = &idx.by_status[slot(status)];
+                let by_count = retention
+                    .max_count
+                    .map_or(0, |keep| index.len().saturating_sub(keep as usize));
+                let cut = retention
+                    .max_age
+                    .and_then(|age| chrono::Duration::from_std(age).ok())
+                    .map(|age| (now - age).timestamp_micros());
+                for (i, (at, id)) in index.iter().enumerate() {
+                    let too_many = i < by_count;
+                    let too_old = cut.is_some_and(|c| *at < c);
+                    if !(too_many || too_old) {
+                        break;
+                    }
+                    if let Some(t) = idx.tasks.get(id) {
+                        doomed.push((id.clone(), t.revision, t.blob.clone()));
+                    }
+                }
+            }
+            doomed
+        });
+        let mut acks = Vec::with_capacity(doomed.len());
+        for (id, revision, _) in &doomed {
+            // Expecting the revision the index saw: a task retried meanwhile is kept.
+            acks.push(self.tasks.send_delete(id.as_str(), *revision).await?);
+        }
+        let settled = join_all(
+            doomed
+                .iter()
+                .zip(acks)
+                .map(|((id, _, _), ack)| self.tasks.settle(id.as_str(), ack)),
+        )
+        .await;
+        let mut purged = 0;
+        for ((id, _, blob), r) in doomed.iter().zip(settled) {
+            if let Write::Done(_) = r? {
+                purged += 1;
+                self.cache.lock().remove(id);
+                if let Some(b) = blob {
+                    if let Err(e) = async { self.blobs.delete(&BlobRef::parse(b)?).await }.await {
+                        tracing::warn!(task_id = %id, error = %e, "cannot delete a purged task's payload");
+                    }
+                }
+                if let Some(e) = self.deps.get(id.as_str()).await? {
+                    if e.live {
+                        let ack = self.deps.send_delete(id.as_str(), e.revision()).await?;
+                        self.deps.settle(id.as_str(), ack).await?;
+                    }
+                }
+            }
+        }
+        Ok(purged)
+    }
+}

@@ -1,0 +1,258 @@
+//! The registry's in-process index: per-status sets ordered by the time of the last change, the
+//! RUNNING tasks ordered by lease end, and the revision of each task.
+//!
+//! It follows the task bucket's stream with an ordered push consumer that delivers headers only
+//! (the index fields travel as headers on every write, so no payload is ever shipped), starting
+//! from the last revision of every key. Reads first ask the stream for its last sequence and
+//! wait until the index has applied it, so a read sees every write that was acknowledged before
+//! it started. Cost: one stream-info round trip per query, plus each write's headers delivered
+//! once to each process that holds a view (only processes that count, list or look for stale
+//! tasks: the monitor and the CLI).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{push, DeliverPolicy};
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use super::kv::{is_marker, Bucket};
+use super::names::decode_key;
+use super::BACKEND;
+use crate::error::{Error, Result};
+use crate::model::{QueueName, TaskId, TaskStatus};
+
+/// Header with the task's status.
+pub(crate) const STATUS_HEADER: &str = "Orch-Status";
+/// Header with the time of the last change, in microseconds since the epoch.
+pub(crate) const UPDATED_HEADER: &str = "Orch-Updated";
+/// Header with the end of the lease of a RUNNING task, in microseconds since the epoch.
+pub(crate) const LEASE_HEADER: &str = "Orch-Lease";
+/// Header with the task's queue.
+pub(crate) const QUEUE_HEADER: &str = "Orch-Queue";
+/// How long a query waits for the index to catch up before giving up (temporarily).
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Index key: (time in µs, id).
+pub(crate) type IndexKey = (i64, TaskId);
+
+/// What the index knows of one task.
+#[derive(Debug, Clone)]
+pub(crate) struct Indexed {
+    pub(crate) status: TaskStatus,
+    pub(crate) updated: i64,
+    pub(crate) lease: Option<i64>,
+    pub(crate) queue: QueueName,
+    pub(crate) revision: u64,
+    pub(crate) blob: Option<String>,
+}
+
+/// The index itself.
+#[derive(Debug, Default)]
+pub(crate) struct Index {
+    pub(crate) tasks: HashMap<TaskId, Indexed>,
+    pub(crate) by_status: [BTreeSet<IndexKey>; 6],
+    pub(crate) leases: BTreeSet<IndexKey>,
+    /// The last stream sequence applied.
+    seen: u64,
+}
+
+pub(crate) fn slot(s: TaskStatus) -> usize {
+    TaskStatus::ALL.iter().position(|x| *x == s).unwrap_or(0)
+}
+
+impl Index {
+    fn remove(&mut self, id: &TaskId) {
+        if let Some(old) = self.tasks.remove(id) {
+            self.by_status[slot(old.status)].remove(&(old.updated, id.clone()));
+            if let Some(l) = old.lease {
+                self.leases.remove(&(l, id.clone()));
+            }
+        }
+    }
+
+    fn upsert(&mut self, id: TaskId, entry: Indexed) {
+        self.remove(&id);
+        self.by_status[slot(entry.status)].insert((entry.updated, id.clone()));
+        if entry.status == TaskStatus::Running {
+            let l = entry.lease.unwrap_or(i64::MIN);
+            self.leases.insert((l, id.clone()));
+        }
+        let entry = Indexed {
+            lease: if entry.status == TaskStatus::Running {
+                Some(entry.lease.unwrap_or(i64::MIN))
+            } else {
+                None
+            },
+            ..entry
+        };
+        self.tasks.insert(id, entry);
+    }
+
+    /// Applies one write of the bucket.
+    fn apply(&mut self, key: &str, seq: u64, headers: Option<&HeaderMap>) {
+        self.seen = self.seen.max(seq);
+        let id = match TaskId::parse(&decode_key(key)) {
+            Ok(id) => id,
+            Err(_) => return,
+        };
+        if is_marker(headers) {
+            self.remove(&id);
+            return;
+        }
+        match parse_indexed(headers, seq) {
+            Some(entry) => self.upsert(id, entry),
+            None => {
+                tracing::debug!(key, "task write without index headers; not indexed");
+                self.remove(&id);
+            }
+        }
+    }
+}
+
+fn parse_indexed(headers: Option<&HeaderMap>, revision: u64) -> Option<Indexed> {
+    let h = headers?;
+    let get = |name: &str| h.get(name).map(|v| v.as_str());
+    Some(Indexed {
+        status: get(STATUS_HEADER)?.parse().ok()?,
+        updated: get(UPDATED_HEADER)?.parse().ok()?,
+        lease: get(LEASE_HEADER).and_then(|v| v.parse().ok()),
+        queue: QueueName::parse(get(QUEUE_HEADER)?).ok()?,
+        revision,
+        blob: get(super::blob::BLOB_HEADER).map(str::to_string),
+    })
+}
+
+/// Aborts the follower when the view is dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A followed index of one task bucket.
+#[derive(Debug)]
+pub(crate) struct View {
+    index: Arc<Mutex<Index>>,
+    seen: watch::Receiver<u64>,
+    bucket: Bucket,
+    _follower: AbortOnDrop,
+}
+
+impl View {
+    /// Starts following `bucket`.
+    pub(crate) fn start(bucket: Bucket, client: async_nats::Client) -> View {
+        let index = Arc::new(Mutex::new(Index::default()));
+        let (tx, rx) = watch::channel(0u64);
+        let follower = tokio::spawn(follow(bucket.clone(), client, index.clone(), tx));
+        View {
+            index,
+            seen: rx,
+            bucket,
+            _follower: AbortOnDrop(follower),
+        }
+    }
+
+    /// Waits until the index has applied every write acknowledged before this call.
+    pub(crate) async fn sync(&self) -> Result<()> {
+        let target = self.bucket.last_sequence().await?;
+        let mut rx = self.seen.clone();
+        let waited = tokio::time::timeout(SYNC_TIMEOUT, async {
+            rx.wait_for(|seen| *seen >= target).await.map(|_| ())
+        })
+        .await;
+        match waited {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Error::temporary(
+                BACKEND,
+                "the registry index stopped",
+                None,
+            )),
+            Err(_) => Err(Error::temporary(
+                BACKEND,
+                format!(
+                    "the registry index is still catching up (at {}, stream at {target})",
+                    *self.seen.borrow()
+                ),
+                None,
+            )),
+        }
+    }
+
+    /// Reads the index.
+    pub(crate) fn read<R>(&self, f: impl FnOnce(&Index) -> R) -> R {
+        f(&self.index.lock())
+    }
+}
+
+async fn follow(
+    bucket: Bucket,
+    client: async_nats::Client,
+    index: Arc<Mutex<Index>>,
+    tx: watch::Sender<u64>,
+) {
+    let mut first = true;
+    loop {
+        let seen = index.lock().seen;
+        let deliver_policy = if first {
+            DeliverPolicy::LastPerSubject
+        } else {
+            DeliverPolicy::ByStartSequence {
+                start_sequence: seen + 1,
+            }
+        };
+        let config = push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            filter_subject: bucket.all_keys(),
+            deliver_policy,
+            headers_only: true,
+            ..Default::default()
+        };
+        let consumer = match bucket.stream().create_consumer(config).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(bucket = %bucket.bucket, error = %e, "cannot start following the task bucket; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(bucket = %bucket.bucket, error = %e, "cannot follow the task bucket; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        first = false;
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(m) => {
+                    let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
+                        continue;
+                    };
+                    let Some(key) = bucket.key_of(m.subject.as_str()) else {
+                        continue;
+                    };
+                    let seen = {
+                        let mut idx = index.lock();
+                        idx.apply(key, seq, m.headers.as_ref());
+                        idx.seen
+                    };
+                    tx.send_replace(seen);
+                }
+                Err(e) => {
+                    tracing::warn!(bucket = %bucket.bucket, error = %e, "error while following the task bucket");
+                }
+            }
+        }
+        tracing::warn!(bucket = %bucket.bucket, "task bucket follower ended; restarting");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
