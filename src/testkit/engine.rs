@@ -707,72 +707,29 @@ pub async fn monitor_fails_a_stale_task_with_no_attempts_left(b: &Backends) {
     );
 }
 
-/// Expands to one `#[tokio::test]` per function of this module, each on fresh backends made by
-/// `$make(prefix)` and cleaned by `$cleanup(prefix)` afterwards (also when the test fails).
+/// Expands to one test per function of this module, each on fresh backends made by
+/// `$make(prefix)` and cleaned by `$cleanup(prefix)` afterwards (also when the test fails), like
+/// [`conformance_suite!`](crate::conformance_suite).
 #[macro_export]
 macro_rules! engine_suite {
-    ($make:path, $cleanup:path) => {
-        $crate::__engine_case!(
-            $make,
-            $cleanup,
-            research_pipeline_runs_writer_after_researcher
-        );
-        $crate::__engine_case!($make, $cleanup, failed_parent_fails_its_dependents);
-        $crate::__engine_case!($make, $cleanup, urgent_tasks_finish_first_under_a_backlog);
-        $crate::__engine_case!(
-            $make,
-            $cleanup,
-            killed_workers_task_is_recovered_and_completed_once
-        );
-        $crate::__engine_case!($make, $cleanup, failing_task_is_retried_then_failed);
-        $crate::__engine_case!($make, $cleanup, handler_panic_is_caught_and_retried);
-        $crate::__engine_case!(
-            $make,
-            $cleanup,
-            typed_handler_fails_bad_payload_without_retry
-        );
-        $crate::__engine_case!(
-            $make,
-            $cleanup,
-            malformed_message_is_dead_lettered_and_worker_keeps_running
-        );
-        $crate::__engine_case!($make, $cleanup, graceful_shutdown_loses_nothing);
-        $crate::__engine_case!($make, $cleanup, cancelled_task_never_runs);
-        $crate::__engine_case!(
-            $make,
-            $cleanup,
-            dispatcher_rejects_bad_input_with_typed_errors
-        );
-        $crate::__engine_case!(
-            $make,
-            $cleanup,
-            monitor_reannounces_a_pending_task_whose_message_was_lost
-        );
-        $crate::__engine_case!(
-            $make,
-            $cleanup,
-            monitor_fails_a_stale_task_with_no_attempts_left
-        );
-    };
-}
-
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __engine_case {
-    ($make:path, $cleanup:path, $name:ident) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            let prefix = $crate::testkit::harness::unique_prefix(stringify!($name));
-            let backends = $make(&prefix).await;
-            let outcome =
-                tokio::spawn(async move { $crate::testkit::engine::$name(&backends).await }).await;
-            $cleanup(&prefix).await;
-            if let Err(e) = outcome {
-                if e.is_panic() {
-                    std::panic::resume_unwind(e.into_panic());
-                }
-                panic!("test task was cancelled: {e}");
-            }
+    ($make:path, $cleanup:path $(,)?) => {
+        $crate::__suite_tests! {
+            $make, $cleanup;
+            engine: [
+                research_pipeline_runs_writer_after_researcher,
+                failed_parent_fails_its_dependents,
+                urgent_tasks_finish_first_under_a_backlog,
+                killed_workers_task_is_recovered_and_completed_once,
+                failing_task_is_retried_then_failed,
+                handler_panic_is_caught_and_retried,
+                typed_handler_fails_bad_payload_without_retry,
+                malformed_message_is_dead_lettered_and_worker_keeps_running,
+                graceful_shutdown_loses_nothing,
+                cancelled_task_never_runs,
+                dispatcher_rejects_bad_input_with_typed_errors,
+                monitor_reannounces_a_pending_task_whose_message_was_lost,
+                monitor_fails_a_stale_task_with_no_attempts_left,
+            ];
         }
     };
 }
