@@ -105,6 +105,17 @@ pub struct DeadLettersArgs {
     limit: usize,
 }
 
+/// `orchestra purge`.
+#[derive(Args)]
+pub struct PurgeArgs {
+    /// Delete finished tasks that finished longer ago than this (e.g. 7d).
+    #[arg(long, value_parser = duration_arg, value_name = "DURATION")]
+    older_than: Option<Duration>,
+    /// Keep at most this many finished tasks per status, the most recent (0 deletes all).
+    #[arg(long, value_name = "N")]
+    keep: Option<u64>,
+}
+
 fn dispatcher(ctx: &Ctx, backends: agent_orchestra::Backends) -> Dispatcher {
     Dispatcher::new(backends).with_limits(ctx.config.limits())
 }
@@ -398,5 +409,25 @@ pub async fn monitor(ctx: &Ctx, a: MonitorArgs) -> Result<(), CliError> {
         }
     }
     handle.shutdown().await;
+    Ok(())
+}
+
+pub async fn purge(ctx: &Ctx, a: PurgeArgs) -> Result<(), CliError> {
+    if a.older_than.is_none() && a.keep.is_none() {
+        return Err(CliError::Usage(
+            "say what to delete: --older-than DURATION and/or --keep N".into(),
+        ));
+    }
+    let retention = agent_orchestra::Retention {
+        max_age: a.older_than,
+        max_count: a.keep,
+    };
+    let backends = ctx.connect_shared().await?;
+    let n = backends.registry.purge_finished(&retention).await?;
+    if ctx.out.json {
+        ctx.out.json(&json!({"purged": n}));
+    } else {
+        println!("deleted {n} finished task(s)");
+    }
     Ok(())
 }

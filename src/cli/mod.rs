@@ -98,6 +98,8 @@ enum Command {
     },
     /// The dead letters of a queue.
     DeadLetters(commands::DeadLettersArgs),
+    /// Deletes finished (COMPLETED, FAILED, CANCELLED) tasks beyond a retention.
+    Purge(commands::PurgeArgs),
     /// Throughput and latency of the full task lifecycle, producer and workers in one process.
     Bench(bench::BenchArgs),
     /// Prints the effective configuration (secrets redacted).
@@ -267,6 +269,7 @@ async fn run(ctx: &Ctx, command: Command) -> Result<(), CliError> {
         Command::Cancel { id } => commands::cancel(ctx, &id).await,
         Command::Retry { id } => commands::retry(ctx, &id).await,
         Command::DeadLetters(a) => commands::dead_letters(ctx, a).await,
+        Command::Purge(a) => commands::purge(ctx, a).await,
         Command::Bench(a) => bench::run(ctx, a).await,
         Command::Config => {
             if ctx.out.json {
