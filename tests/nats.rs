@@ -6,7 +6,6 @@
 //! `agent_orchestra::testkit::harness`). Tests that stop a server start their own `nats-server`
 //! on a free port.
 
-
 use agent_orchestra::testkit::harness::{broker_url, BrokerKind};
 use agent_orchestra::{connect, BackendUrls, Backends, ConnectOptions};
 use futures::StreamExt;
@@ -67,3 +66,500 @@ async fn delete_prefixed_streams(url: &str, prefix: &str) {
 
 agent_orchestra::conformance_suite!(make_backends, cleanup);
 agent_orchestra::engine_suite!(make_backends, cleanup);
+
+// ---- NATS-only behaviour, against nats-server processes these tests start themselves ----
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agent_orchestra::backends::{Parts, Roles};
+
+use agent_orchestra::{Error, FetchOptions, Limits, OutgoingMessage, Priority, QueueName, Task};
+
+/// The error of an `open` that must fail (`Parts` is not `Debug`).
+fn open_error(r: agent_orchestra::Result<Parts>, why: &str) -> Error {
+    match r {
+        Ok(_) => panic!("{why}"),
+        Err(e) => e,
+    }
+}
+
+/// A `nats-server` child process, killed when dropped.
+struct OwnServer {
+    child: Child,
+    port: u16,
+    args: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free local port")
+}
+
+impl OwnServer {
+    /// Starts `nats-server -a 127.0.0.1 -p <port> <args>` and waits until it accepts.
+    fn start(port: u16, args: &[String]) -> OwnServer {
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start nats-server: is it installed (apt-get install nats-server)?");
+        let server = OwnServer {
+            child,
+            port,
+            args: args.to_vec(),
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server on port {port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    /// A JetStream server storing under `store`.
+    fn jetstream(port: u16, store: &Path) -> OwnServer {
+        OwnServer::start(
+            port,
+            &[
+                "-js".to_string(),
+                "-sd".to_string(),
+                store.display().to_string(),
+            ],
+        )
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills the server and starts it again with the same port and arguments (same store).
+    fn restart(&mut self) {
+        self.kill();
+        *self = OwnServer::start(self.port, &self.args.clone());
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn opts(prefix: &str) -> ConnectOptions {
+    ConnectOptions {
+        prefix: prefix.to_string(),
+        connect_timeout: Duration::from_secs(3),
+        ..ConnectOptions::default()
+    }
+}
+
+/// Retries `f` while it fails with a temporary error (the broker is restarting), for up to 30 s.
+async fn retry_temporary<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = agent_orchestra::Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if e.is_temporary() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what}: {e} (temporary: {})", e.is_temporary()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumption_resumes_after_the_server_restarts_and_nothing_is_lost() {
+    let store = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let mut server = OwnServer::jetstream(port, store.path());
+    let url = format!("nats://127.0.0.1:{port}");
+    let b = connect(&BackendUrls::all(url.as_str()), &opts("restart_"))
+        .await
+        .expect("connect to our own nats-server");
+    let q = QueueName::parse("survivors").expect("queue name");
+    let mut ids = Vec::new();
+    for i in 0..20u8 {
+        let p = Priority::new(i64::from(i % 10) + 1).expect("priority");
+        let id = b
+            .bus
+            .enqueue(&q, OutgoingMessage::new(format!("{{\"i\":{i}}}"), p))
+            .await
+            .expect("enqueue before the restart");
+        ids.push(id);
+    }
+    let task = Task::new(
+        q.clone(),
+        serde_json::json!({"keep": "me"}),
+        Priority::DEFAULT,
+        3,
+        vec![],
+        &Limits::default(),
+    )
+    .expect("task");
+    b.registry
+        .create(&task)
+        .await
+        .expect("create before the restart");
+    let lease = Duration::from_secs(20);
+    let first = b
+        .bus
+        .fetch(
+            &q,
+            FetchOptions {
+                max: 5,
+                wait: Duration::from_secs(2),
+                lease,
+            },
+        )
+        .await
+        .expect("fetch before the restart");
+    assert_eq!(first.len(), 5);
+    for d in &first {
+        b.bus.ack(d).await.expect("ack before the restart");
+    }
+
+    server.restart();
+
+    let mut got: Vec<String> = first.iter().map(|d| d.message_id.clone()).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < ids.len() {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} messages came back after the restart",
+            got.len(),
+            ids.len()
+        );
+        match b
+            .bus
+            .fetch(
+                &q,
+                FetchOptions {
+                    max: 4,
+                    wait: Duration::from_millis(500),
+                    lease,
+                },
+            )
+            .await
+        {
+            Ok(batch) => {
+                for d in batch {
+                    retry_temporary("ack after the restart", || b.bus.ack(&d)).await;
+                    got.push(d.message_id);
+                }
+            }
+            Err(e) => {
+                assert!(e.is_temporary(), "a restart must look temporary: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    got.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(got, want, "every message once, none lost, none invented");
+    let stored = retry_temporary("get after the restart", || b.registry.get(&task.task_id))
+        .await
+        .expect("the task survived the restart");
+    assert_eq!(stored.payload, task.payload);
+    // And new work flows again.
+    retry_temporary("enqueue after the restart", || {
+        b.bus
+            .enqueue(&q, OutgoingMessage::new(&b"{}"[..], Priority::HIGHEST))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password_come_from_the_url_and_stay_secret() {
+    let port = free_port();
+    let _server = OwnServer::start(
+        port,
+        &[
+            "--user".into(),
+            "alice".into(),
+            "--pass".into(),
+            "s3cret-pw".into(),
+        ],
+    );
+    let events_only = Roles {
+        bus: true,
+        registry: false,
+        locks: false,
+    };
+    let good = format!("nats://alice:s3cret-pw@127.0.0.1:{port}");
+    let parts = agent_orchestra::backends::open(&good, &events_only, &opts("auth_"))
+        .await
+        .expect("right password connects");
+    let bus = parts.bus.expect("bus opened");
+    let mut sub = bus.subscribe("hello").await.expect("subscribe");
+    bus.publish("hello", b"hi").await.expect("publish");
+    let got = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+        .await
+        .expect("event within 5 s");
+    assert_eq!(got.as_deref(), Some(&b"hi"[..]));
+
+    let bad = format!("nats://alice:wrong-pw@127.0.0.1:{port}");
+    let err = open_error(
+        agent_orchestra::backends::open(&bad, &events_only, &opts("auth_")).await,
+        "a wrong password must not connect",
+    );
+    let text = err.to_string();
+    assert!(!text.contains("wrong-pw"), "password leaked: {text}");
+    assert!(
+        !err.is_temporary(),
+        "bad credentials are permanent: {err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_comes_from_the_user_part_or_the_query() {
+    let port = free_port();
+    let _server = OwnServer::start(port, &["--auth".into(), "T0K3N".into()]);
+    let events_only = Roles {
+        bus: true,
+        registry: false,
+        locks: false,
+    };
+    for url in [
+        format!("nats://T0K3N@127.0.0.1:{port}"),
+        format!("nats://127.0.0.1:{port}?token=T0K3N"),
+    ] {
+        agent_orchestra::backends::open(&url, &events_only, &opts("token_"))
+            .await
+            .unwrap_or_else(|e| panic!("{url} should connect: {e}"));
+    }
+    let err = open_error(
+        agent_orchestra::backends::open(
+            &format!("nats://nope@127.0.0.1:{port}"),
+            &events_only,
+            &opts("token_"),
+        )
+        .await,
+        "a wrong token must not connect",
+    );
+    assert!(!err.to_string().contains("nope"), "token leaked: {err}");
+}
+
+/// A CA and a server certificate for 127.0.0.1, made with the openssl tool.
+fn make_certificates(dir: &Path) {
+    let run = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("the TLS test needs the openssl tool (apt-get install openssl)");
+        assert!(status.success(), "openssl {args:?} failed");
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write ext.cnf");
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=orchestra-test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_by_scheme_or_option_with_a_private_ca() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    make_certificates(dir.path());
+    let store = dir.path().join("js");
+    let port = free_port();
+    let _server = OwnServer::start(
+        port,
+        &[
+            "-js".into(),
+            "-sd".into(),
+            store.display().to_string(),
+            "--tls".into(),
+            "--tlscert".into(),
+            dir.path().join("server.pem").display().to_string(),
+            "--tlskey".into(),
+            dir.path().join("server.key").display().to_string(),
+        ],
+    );
+    let ca = dir.path().join("ca.pem").display().to_string();
+    for url in [
+        format!("tls://127.0.0.1:{port}?tls_ca={ca}"),
+        format!("nats://127.0.0.1:{port}?tls=true&tls_ca={ca}"),
+    ] {
+        let b = connect(&BackendUrls::all(url.as_str()), &opts("tls_"))
+            .await
+            .unwrap_or_else(|e| panic!("{url} should connect over TLS: {e}"));
+        let q = QueueName::parse("over_tls").expect("queue name");
+        b.bus
+            .enqueue(&q, OutgoingMessage::new(&b"{}"[..], Priority::DEFAULT))
+            .await
+            .expect("enqueue over TLS");
+        let got = b
+            .bus
+            .fetch(
+                &q,
+                FetchOptions {
+                    max: 1,
+                    wait: Duration::from_secs(2),
+                    lease: Duration::from_secs(5),
+                },
+            )
+            .await
+            .expect("fetch over TLS");
+        assert_eq!(got.len(), 1);
+        b.bus.ack(&got[0]).await.expect("ack over TLS");
+    }
+    // Without the CA the server's certificate is not trusted.
+    let err = open_error(
+        agent_orchestra::backends::open(
+            &format!("tls://127.0.0.1:{port}"),
+            &Roles::ALL,
+            &opts("tls_"),
+        )
+        .await,
+        "an unknown CA must be refused",
+    );
+    assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_missing_credentials_file_is_a_configuration_error() {
+    let err = open_error(
+        agent_orchestra::backends::open(
+            "nats://127.0.0.1:4222?creds=/nonexistent/orchestra.creds",
+            &Roles::ALL,
+            &ConnectOptions::default(),
+        )
+        .await,
+        "a missing creds file must fail",
+    );
+    assert!(
+        matches!(&err, Error::Config { key, .. } if key == "creds"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_travel_on_prefixed_core_subjects() {
+    let url = broker_url(BrokerKind::Nats).await;
+    let prefix = agent_orchestra::testkit::harness::unique_prefix("events_subject");
+    let b = make_backends(&prefix).await;
+    let client = async_nats::connect(url.trim_start_matches("nats://"))
+        .await
+        .expect("raw client");
+    let mut raw = client
+        .subscribe(format!("{prefix}events.task_events"))
+        .await
+        .expect("raw subscribe");
+    client.flush().await.expect("flush");
+    b.bus
+        .publish("task_events", br#"{"e":1}"#)
+        .await
+        .expect("publish");
+    let m = tokio::time::timeout(Duration::from_secs(5), raw.next())
+        .await
+        .expect("event within 5 s")
+        .expect("subscription open");
+    assert_eq!(&m.payload[..], br#"{"e":1}"#);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_queue_is_a_work_queue_stream_with_one_consumer_per_level() {
+    let url = broker_url(BrokerKind::Nats).await;
+    let prefix = agent_orchestra::testkit::harness::unique_prefix("stream_layout");
+    let b = make_backends(&prefix).await;
+    let q = QueueName::parse("layout").expect("queue name");
+    b.bus
+        .enqueue(&q, OutgoingMessage::new(&b"{}"[..], Priority::DEFAULT))
+        .await
+        .expect("enqueue");
+    let got = b
+        .bus
+        .fetch(
+            &q,
+            FetchOptions {
+                max: 1,
+                wait: Duration::from_secs(2),
+                lease: Duration::from_secs(5),
+            },
+        )
+        .await
+        .expect("fetch");
+    b.bus.ack(&got[0]).await.expect("ack");
+    let client = async_nats::connect(url.trim_start_matches("nats://"))
+        .await
+        .expect("raw client");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream(format!("{prefix}ORCH_Q_layout"))
+        .await
+        .expect("the queue's stream exists");
+    let info = stream.info().await.expect("stream info").clone();
+    assert_eq!(
+        info.config.retention,
+        async_nats::jetstream::stream::RetentionPolicy::WorkQueue
+    );
+    assert_eq!(
+        info.config.storage,
+        async_nats::jetstream::stream::StorageType::File
+    );
+    assert_eq!(info.state.consumer_count, 11, "p1..p10 and delayed");
+    cleanup(&prefix).await;
+}
