@@ -300,6 +300,8 @@ async fn produce_batches(
                 r?;
             }
             state.dispatched.fetch_add(size as u64, Ordering::Relaxed);
+            // On memory nothing above waits: let the workers run between batches.
+            tokio::task::yield_now().await;
             Ok(())
         })
         .buffer_unordered(producers)
