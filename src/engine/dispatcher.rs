@@ -166,6 +166,7 @@ impl Dispatcher {
         for (task, r) in tasks.iter().zip(created) {
             match r {
                 Ok(()) if task.depends_on.is_empty() => {
+                    events::publish(self.backends.bus.as_ref(), task).await;
                     by_queue.entry(task.queue.clone()).or_default().push(
                         crate::bus::OutgoingMessage::new(
                             flow::TaskMessage::encode(&task.task_id),
@@ -175,6 +176,7 @@ impl Dispatcher {
                     out.push(Ok(task.task_id.clone()));
                 }
                 Ok(()) => {
+                    events::publish(self.backends.bus.as_ref(), task).await;
                     flow::resolve_waiting(&self.backends, task).await?;
                     out.push(Ok(task.task_id.clone()));
                 }

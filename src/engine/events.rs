@@ -40,6 +40,18 @@ impl TaskEvent {
         }
     }
 
+    /// Encodes the event as JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        encode_parts(
+            &self.task_id,
+            &self.queue,
+            self.status,
+            self.attempt,
+            self.worker_id.as_deref(),
+            self.at,
+        )
+    }
+
     /// Decodes an event; `None` (and a debug log) for bytes that are not an event.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         match serde_json::from_slice(bytes) {
@@ -52,18 +64,70 @@ impl TaskEvent {
     }
 }
 
+/// Hand-written JSON, because it runs for every state change: ids, queue names and statuses
+/// hold no character that needs escaping; the worker id may, and goes through serde.
+fn encode_parts(
+    task_id: &TaskId,
+    queue: &QueueName,
+    status: TaskStatus,
+    attempt: u32,
+    worker_id: Option<&str>,
+    at: DateTime<Utc>,
+) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut out = Vec::with_capacity(160);
+    let _ = write!(
+        out,
+        "{{\"task_id\":\"{task_id}\",\"queue\":\"{queue}\",\"status\":\"{status}\",\"attempt\":{attempt}"
+    );
+    if let Some(w) = worker_id {
+        out.extend_from_slice(b",\"worker_id\":");
+        let _ = serde_json::to_writer(&mut out, w);
+    }
+    let _ = write!(
+        out,
+        ",\"at\":\"{}\"}}",
+        at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+    );
+    out
+}
+
 /// Publishes `task`'s new state. Events are at-most-once by design: a failure is logged, not
 /// returned, because the registry (not the event) is the source of truth.
 pub async fn publish(bus: &dyn Bus, task: &Task) {
-    let event = TaskEvent::of(task);
-    let bytes = match serde_json::to_vec(&event) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!(error = %e, "could not encode a task event");
-            return;
-        }
-    };
+    let s = &task.state;
+    let bytes = encode_parts(
+        &task.task_id,
+        &task.queue,
+        s.status,
+        s.attempt,
+        s.worker_id.as_deref(),
+        s.updated_at,
+    );
     if let Err(e) = bus.publish(EVENTS_TOPIC, &bytes).await {
         tracing::warn!(task_id = %task.task_id, error = %e, "could not publish a task event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_written_encoding_round_trips_through_serde() {
+        let ev = TaskEvent {
+            task_id: TaskId::parse("task_1").unwrap(),
+            queue: QueueName::parse("research_tasks").unwrap(),
+            status: TaskStatus::Running,
+            attempt: 2,
+            worker_id: Some("w \"quoted\" \u{1F600}".into()),
+            at: Utc::now(),
+        };
+        assert_eq!(TaskEvent::decode(&ev.encode()), Some(ev.clone()));
+        let none = TaskEvent {
+            worker_id: None,
+            ..ev
+        };
+        assert_eq!(TaskEvent::decode(&none.encode()), Some(none));
     }
 }

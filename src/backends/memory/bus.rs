@@ -1,6 +1,8 @@
 //! In-memory [`Bus`]: per-priority FIFO lanes, delayed messages, leases and dead letters.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! In-memory [`LockManager`].
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;

@@ -1,7 +1,9 @@
 //! In-memory [`Registry`]: a map of tasks plus per-status and lease indexes kept in the same
 //! critical section as each compare-and-set.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
