@@ -5,6 +5,11 @@
 #[path = "../cli/mod.rs"]
 mod cli;
 
+/// The engine allocates many small objects per task: mimalloc handles that better than the
+/// system allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     cli::main()
 }
