@@ -195,9 +195,8 @@ pub async fn run(ctx: &Ctx, a: WorkerArgs) -> Result<(), CliError> {
     }
     if !ctx.out.json {
         eprintln!(
-            "stopping: no new tasks; waiting up to {} for {} running task(s)",
+            "stopping: no new tasks; running tasks have up to {} to finish",
             agent_orchestra::config::format_duration(worker_config.shutdown_timeout),
-            handle.running()
         );
     }
     let worker_id = handle.worker_id().to_string();
