@@ -525,6 +525,8 @@ async fn events_travel_on_prefixed_core_subjects() {
         );
     };
     assert_eq!(&m.payload[..], br#"{"e":1}"#);
+    // Opening the registry and locks created their buckets.
+    cleanup(&prefix).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
