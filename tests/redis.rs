@@ -1095,3 +1095,266 @@ fn create_many_reports_each_existing_task_on_its_own() {
         );
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Cost per operation (a measurement, not a test: run it by name with --ignored --nocapture)
+
+async fn redis_cpu_seconds(con: &mut redis::aio::MultiplexedConnection) -> f64 {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(con)
+        .await
+        .expect("INFO cpu");
+    info.lines()
+        .filter_map(|l| {
+            let (k, v) = l.trim().split_once(':')?;
+            matches!(k, "used_cpu_user" | "used_cpu_sys").then(|| v.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// Prints, for each operation of a task's life, the Redis CPU time per call and the calls per
+/// second with 16 callers at once, on the shared server. Build in release mode for client
+/// numbers that mean something: `cargo test --release --features redis,testkit --test redis
+/// -- --ignored --nocapture cost_per_operation`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; prints a table"]
+async fn cost_per_operation() {
+    const N: usize = 20_000;
+    const CONCURRENCY: usize = 16;
+    let url = broker_url(BrokerKind::Redis).await;
+    let prefix = unique_prefix("cost");
+    let b = open_url(&url, &prefix).await;
+    let mut con = raw_connection(&url).await;
+    let q = queue("cost");
+    let tasks: Vec<Task> = (0..N).map(|i| new_task(json!({"i": i}), 5)).collect();
+
+    async fn phase<F, Fut>(
+        name: &str,
+        con: &mut redis::aio::MultiplexedConnection,
+        calls: usize,
+        run: F,
+    ) where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let cpu = redis_cpu_seconds(con).await;
+        let start = std::time::Instant::now();
+        run().await;
+        let wall = start.elapsed().as_secs_f64();
+        let cpu = redis_cpu_seconds(con).await - cpu;
+        println!(
+            "{name:<34} {calls:>6} calls  {:>8.0} calls/s  redis {:>6.1} µs/call",
+            calls as f64 / wall,
+            cpu * 1e6 / calls as f64
+        );
+    }
+    async fn each<T, F, Fut>(items: Vec<T>, f: F)
+    where
+        T: Send + 'static,
+        F: Fn(T) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let items = Arc::new(Mutex::new(items));
+        let f = Arc::new(f);
+        let workers: Vec<_> = (0..CONCURRENCY)
+            .map(|_| {
+                let (items, f) = (items.clone(), f.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let next = items.lock().pop();
+                        match next {
+                            Some(x) => f(x).await,
+                            None => break,
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await.expect("worker");
+        }
+    }
+
+    phase("create_many (batches of 500)", &mut con, N, || async {
+        for chunk in tasks.chunks(500) {
+            b.registry.create_many(chunk).await.expect("create_many");
+        }
+    })
+    .await;
+    phase("enqueue_many (batches of 500)", &mut con, N, || async {
+        for chunk in tasks.chunks(500) {
+            let msgs = chunk
+                .iter()
+                .map(|t| {
+                    OutgoingMessage::new(
+                        format!("{{\"task_id\":\"{}\"}}", t.task_id).into_bytes(),
+                        Priority::DEFAULT,
+                    )
+                })
+                .collect();
+            b.bus.enqueue_many(&q, msgs).await.expect("enqueue_many");
+        }
+    })
+    .await;
+    let deliveries = Arc::new(Mutex::new(Vec::with_capacity(N)));
+    phase("fetch (max 16, 16 callers)", &mut con, N, || {
+        let (bus, q, deliveries) = (b.bus.clone(), q.clone(), deliveries.clone());
+        each((0..N / 16).collect(), move |_| {
+            let (bus, q, deliveries) = (bus.clone(), q.clone(), deliveries.clone());
+            async move {
+                let got = bus
+                    .fetch(
+                        &q,
+                        FetchOptions {
+                            max: 16,
+                            wait: Duration::ZERO,
+                            lease: Duration::from_secs(60),
+                        },
+                    )
+                    .await
+                    .expect("fetch");
+                deliveries.lock().extend(got);
+            }
+        })
+    })
+    .await;
+    let ids: Vec<TaskId> = tasks.iter().map(|t| t.task_id.clone()).collect();
+    phase("get", &mut con, N, || {
+        let reg = b.registry.clone();
+        each(ids.clone(), move |id| {
+            let reg = reg.clone();
+            async move {
+                reg.get(&id).await.expect("get");
+            }
+        })
+    })
+    .await;
+    let running = Arc::new(Mutex::new(Vec::with_capacity(N)));
+    phase("transition PENDING -> RUNNING", &mut con, N, || {
+        let (reg, running) = (b.registry.clone(), running.clone());
+        each(tasks.clone(), move |t| {
+            let (reg, running) = (reg.clone(), running.clone());
+            async move {
+                let mut s = t.state.clone();
+                s.status = TaskStatus::Running;
+                s.attempt = 1;
+                s.worker_id = Some("w".into());
+                s.lease_until = Some(chrono::Utc::now() + chrono::Duration::seconds(60));
+                s.updated_at = chrono::Utc::now();
+                let claimed = reg
+                    .transition(&t.task_id, t.expect(), s)
+                    .await
+                    .expect("claim");
+                running.lock().push(claimed);
+            }
+        })
+    })
+    .await;
+    phase("publish (an event)", &mut con, N, || {
+        let bus = b.bus.clone();
+        each((0..N).collect(), move |i: usize| {
+            let bus = bus.clone();
+            async move {
+                bus.publish("events", format!("{{\"n\":{i}}}").as_bytes())
+                    .await
+                    .expect("publish");
+            }
+        })
+    })
+    .await;
+    let running = std::mem::take(&mut *running.lock());
+    phase("transition RUNNING -> COMPLETED", &mut con, N, || {
+        let reg = b.registry.clone();
+        each(running, move |t: Task| {
+            let reg = reg.clone();
+            async move {
+                let mut s = t.state.clone();
+                s.status = TaskStatus::Completed;
+                s.result = Some(json!("ok"));
+                s.lease_until = None;
+                s.finished_at = Some(chrono::Utc::now());
+                s.updated_at = chrono::Utc::now();
+                reg.transition(&t.task_id, t.expect(), s)
+                    .await
+                    .expect("complete");
+            }
+        })
+    })
+    .await;
+    let deliveries = std::mem::take(&mut *deliveries.lock());
+    phase("ack", &mut con, N, || {
+        let bus = b.bus.clone();
+        each(deliveries, move |d| {
+            let bus = bus.clone();
+            async move {
+                bus.ack(&d).await.expect("ack");
+            }
+        })
+    })
+    .await;
+    phase("dependents", &mut con, N, || {
+        let reg = b.registry.clone();
+        each(ids.clone(), move |id| {
+            let reg = reg.clone();
+            async move {
+                reg.dependents(&id).await.expect("dependents");
+            }
+        })
+    })
+    .await;
+    cleanup_at(&url, &prefix).await;
+}
+
+/// Prints how long a message takes from `enqueue` to a consumer already waiting in `fetch`, on
+/// an idle queue (the wake-up path: PUBLISH from the enqueue script, the pub/sub connection,
+/// one fetch script). A measurement, not a test: run it by name with --ignored --nocapture.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; prints percentiles"]
+async fn enqueue_to_waiting_fetch_latency() {
+    let url = broker_url(BrokerKind::Redis).await;
+    let prefix = unique_prefix("latency");
+    let b = open_url(&url, &prefix).await;
+    let q = queue("latency");
+    let mut samples = Vec::new();
+    for _ in 0..200 {
+        let consumer = {
+            let (bus, q) = (b.bus.clone(), q.clone());
+            tokio::spawn(async move {
+                let opts = FetchOptions {
+                    max: 1,
+                    wait: Duration::from_secs(10),
+                    lease: Duration::from_secs(5),
+                };
+                let d = bus
+                    .fetch(&q, opts)
+                    .await
+                    .expect("fetch")
+                    .pop()
+                    .expect("a message");
+                let at = std::time::Instant::now();
+                bus.ack(&d).await.expect("ack");
+                at
+            })
+        };
+        // Let the consumer reach its wait.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let sent = std::time::Instant::now();
+        b.bus
+            .enqueue(&q, OutgoingMessage::new(&b"{}"[..], Priority::DEFAULT))
+            .await
+            .expect("enqueue");
+        let got = consumer.await.expect("consumer");
+        samples.push(got.duration_since(sent));
+    }
+    samples.sort();
+    let pct = |p: usize| samples[(samples.len() * p / 100).min(samples.len() - 1)];
+    println!(
+        "enqueue -> waiting fetch: p50 {:?}, p90 {:?}, p99 {:?}, max {:?}",
+        pct(50),
+        pct(90),
+        pct(99),
+        samples[samples.len() - 1]
+    );
+    cleanup_at(&url, &prefix).await;
+}

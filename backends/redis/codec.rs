@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, NaiveDateTime, Timelike, Utc};
+use chrono::{DateTime, Datelike, NaiveDateTime, Timelike, Utc};
 use serde_json::Value;
 
 use super::conn::BACKEND;
@@ -29,15 +29,27 @@ pub(crate) const LAB_DEFAULT_QUEUE: &str = "default";
 /// fraction when it is zero), with nanoseconds when the time has sub-microsecond precision so
 /// that it round-trips exactly (Python 3.11+ reads that too).
 pub(crate) fn format_time(t: DateTime<Utc>) -> String {
+    use std::fmt::Write;
     let nanos = t.nanosecond() % 1_000_000_000;
-    let base = t.format("%Y-%m-%dT%H:%M:%S");
-    if nanos == 0 {
-        format!("{base}+00:00")
-    } else if nanos.is_multiple_of(1000) {
-        format!("{base}.{:06}+00:00", nanos / 1000)
-    } else {
-        format!("{base}.{nanos:09}+00:00")
+    let mut s = String::with_capacity(38);
+    // Written field by field: chrono's strftime re-parses its pattern on every call.
+    let _ = write!(
+        s,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    );
+    if nanos != 0 && nanos.is_multiple_of(1000) {
+        let _ = write!(s, ".{:06}", nanos / 1000);
+    } else if nanos != 0 {
+        let _ = write!(s, ".{nanos:09}");
     }
+    s.push_str("+00:00");
+    s
 }
 
 /// Parses ISO-8601 as written by us or by Python (`+00:00` or `Z`, any fraction); a time

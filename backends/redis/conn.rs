@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{
     AsyncConnectionConfig, Client, ConnectionInfo, ErrorKind, FromRedisValue, IntoConnectionInfo,
@@ -282,9 +283,22 @@ impl Conn {
         let probe_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(opts.connect_timeout))
             .set_response_timeout(Some(opts.connect_timeout));
-        let probe = client
-            .get_multiplexed_async_connection_with_config(&probe_config)
+        let attempt = client.get_multiplexed_async_connection_with_config(&probe_config);
+        // rustls panics when the build has no crypto provider (neither or both of its `ring`
+        // and `aws-lc-rs` features, and none installed): turn that into an error that says so.
+        let probe = std::panic::AssertUnwindSafe(attempt)
+            .catch_unwind()
             .await
+            .map_err(|_| {
+                Error::config(
+                    "redis URL",
+                    format!(
+                        "cannot open a TLS connection to {}: this build has no usable rustls \
+                         crypto provider (see docs/backends/redis.md, TLS)",
+                        target.redacted
+                    ),
+                )
+            })?
             .map_err(|e| target.error("connect", e))?;
         drop(probe);
         let manager = tokio::time::timeout(

@@ -1,24 +1,113 @@
 //! [`RedisRegistry`]: one HASH per task in the lab's format, per-status and lease indexes
 //! changed by the same Lua script as each compare-and-set.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
 use redis::{ScriptInvocation, Value};
+use serde_json::Value as Json;
 
 use super::codec::{self, hash_reply, micros, text};
 use super::conn::{Conn, BACKEND};
 use super::keys;
 use super::scripts;
 use crate::error::{Error, Result};
-use crate::model::{Expected, Task, TaskId, TaskState, TaskStatus};
+use crate::model::{Expected, Priority, QueueName, Task, TaskId, TaskState, TaskStatus};
 use crate::registry::{check_transition, Registry, Retention, StatusCounts, TaskFilter, TaskPage};
 
 /// Tasks deleted per purge script call (one call blocks Redis for about a millisecond).
 const PURGE_BATCH: usize = 500;
 
+/// Tasks whose immutable part is remembered at most (see [`Immutables`]).
+const IMMUTABLE_CACHE_ENTRIES: usize = 16_384;
+/// Payloads larger than this (bytes of JSON) are not remembered.
+const IMMUTABLE_CACHE_MAX_PAYLOAD: usize = 16 * 1024;
+
+/// What never changes in a task after `create` (the lab may rewrite `priority`: checked).
+struct Immutable {
+    queue: QueueName,
+    payload: Json,
+    priority: Priority,
+    max_attempts: u32,
+    depends_on: Vec<TaskId>,
+    created_at: DateTime<Utc>,
+    /// `created_at` as stored, compared with what the transition script reads.
+    created_at_text: String,
+}
+
+impl Immutable {
+    fn of(task: &Task) -> Self {
+        Immutable {
+            queue: task.queue.clone(),
+            payload: task.payload.clone(),
+            priority: task.priority,
+            max_attempts: task.max_attempts,
+            depends_on: task.depends_on.clone(),
+            created_at: task.created_at,
+            created_at_text: codec::format_time(task.created_at),
+        }
+    }
+
+    fn with_state(&self, id: &TaskId, state: TaskState) -> Task {
+        Task {
+            task_id: id.clone(),
+            queue: self.queue.clone(),
+            payload: self.payload.clone(),
+            priority: self.priority,
+            max_attempts: self.max_attempts,
+            depends_on: self.depends_on.clone(),
+            created_at: self.created_at,
+            state,
+        }
+    }
+}
+
+/// A bounded memory of the immutable part of the tasks this process recently created or read,
+/// so that a transition (claim, heartbeat, completion) does not send the whole task, payload
+/// included, back from Redis. Entries leave when their task reaches a terminal status, or
+/// oldest first past [`IMMUTABLE_CACHE_ENTRIES`]. A stale entry (the task was deleted and
+/// created again under the same id, or the lab changed its priority) is detected by comparing
+/// `created_at` and `priority` with what the script read, and then the task is read again.
+#[derive(Default)]
+struct Immutables {
+    map: HashMap<TaskId, Arc<Immutable>>,
+    order: VecDeque<TaskId>,
+}
+
+impl Immutables {
+    fn remember(&mut self, task: &Task, payload_len: usize) {
+        if payload_len > IMMUTABLE_CACHE_MAX_PAYLOAD || task.state.status.is_terminal() {
+            return;
+        }
+        if self.map.contains_key(&task.task_id) {
+            return;
+        }
+        while self.map.len() >= IMMUTABLE_CACHE_ENTRIES {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+        self.map
+            .insert(task.task_id.clone(), Arc::new(Immutable::of(task)));
+        self.order.push_back(task.task_id.clone());
+        // Ids of entries removed early (terminal) linger in `order`; keep it bounded.
+        if self.order.len() > 2 * IMMUTABLE_CACHE_ENTRIES {
+            let map = &self.map;
+            self.order.retain(|id| map.contains_key(id));
+        }
+    }
+}
+
 /// The Redis registry.
 pub struct RedisRegistry {
     conn: Conn,
+    immutables: Mutex<Immutables>,
 }
 
 impl std::fmt::Debug for RedisRegistry {
@@ -67,14 +156,33 @@ fn decode_cursor(c: &str) -> Result<(usize, i64, TaskId)> {
 
 impl RedisRegistry {
     pub(crate) fn new(conn: Conn) -> Self {
-        RedisRegistry { conn }
+        RedisRegistry {
+            conn,
+            immutables: Mutex::new(Immutables::default()),
+        }
+    }
+
+    fn remember(&self, task: &Task, payload_len: usize) {
+        self.immutables.lock().remember(task, payload_len);
+    }
+
+    fn decode_and_remember(&self, id: &TaskId, fields: HashMap<String, String>) -> Result<Task> {
+        let payload_len = fields.get("payload").map_or(0, String::len);
+        let task = codec::decode(id, fields)?;
+        self.remember(&task, payload_len);
+        Ok(task)
     }
 
     fn prefix(&self) -> &str {
         self.conn.prefix()
     }
 
-    fn create_invocation(&self, task: &Task) -> ScriptInvocation<'static> {
+    fn forget(&self, id: &TaskId) {
+        self.immutables.lock().map.remove(id);
+    }
+
+    /// The create script's invocation, and the size of the payload's JSON.
+    fn create_invocation(&self, task: &Task) -> (ScriptInvocation<'static>, usize) {
         let p = self.prefix();
         let id = task.task_id.as_str();
         let mut inv = scripts::TASK_CREATE.prepare();
@@ -88,10 +196,14 @@ impl RedisRegistry {
             .arg(micros(task.state.updated_at))
             .arg(lease_score(&task.state))
             .arg(micros(task.created_at));
+        let mut payload_len = 0;
         for (name, value) in codec::task_fields(task) {
+            if name == "payload" {
+                payload_len = value.len();
+            }
             inv.arg(name).arg(value);
         }
-        inv
+        (inv, payload_len)
     }
 
     /// Reads several tasks in one pipelined round trip; `None` where a task is gone.
@@ -115,7 +227,7 @@ impl RedisRegistry {
                 if fields.is_empty() {
                     Ok(None)
                 } else {
-                    codec::decode(id, fields).map(Some)
+                    self.decode_and_remember(id, fields).map(Some)
                 }
             })
             .collect()
@@ -142,9 +254,10 @@ impl Registry for RedisRegistry {
     }
 
     async fn create(&self, task: &Task) -> Result<()> {
-        let inv = self.create_invocation(task);
+        let (inv, payload_len) = self.create_invocation(task);
         let created: i64 = self.conn.eval("create task", &inv).await?;
         if created == 1 {
+            self.remember(task, payload_len);
             Ok(())
         } else {
             Err(Error::TaskExists(task.task_id.clone()))
@@ -152,8 +265,8 @@ impl Registry for RedisRegistry {
     }
 
     async fn create_many(&self, tasks: &[Task]) -> Result<Vec<Result<()>>> {
-        let invocations: Vec<ScriptInvocation<'static>> =
-            tasks.iter().map(|t| self.create_invocation(t)).collect();
+        let (invocations, payload_lens): (Vec<ScriptInvocation<'static>>, Vec<usize>) =
+            tasks.iter().map(|t| self.create_invocation(t)).unzip();
         let results = self
             .conn
             .pipeline_each(
@@ -165,9 +278,12 @@ impl Registry for RedisRegistry {
             )
             .await?;
         let mut out = Vec::with_capacity(tasks.len());
-        for (task, r) in tasks.iter().zip(results) {
+        for ((task, r), payload_len) in tasks.iter().zip(results).zip(payload_lens) {
             match r {
-                Ok(Value::Int(1)) => out.push(Ok(())),
+                Ok(Value::Int(1)) => {
+                    self.remember(task, payload_len);
+                    out.push(Ok(()))
+                }
                 Ok(Value::Int(0)) => out.push(Err(Error::TaskExists(task.task_id.clone()))),
                 Ok(other) => out.push(Err(Error::permanent(
                     BACKEND,
@@ -197,12 +313,13 @@ impl Registry for RedisRegistry {
         if fields.is_empty() {
             return Ok(None);
         }
-        codec::decode(id, fields).map(Some)
+        self.decode_and_remember(id, fields).map(Some)
     }
 
     async fn transition(&self, id: &TaskId, expected: Expected, next: TaskState) -> Result<Task> {
         check_transition(id, &expected, &next)?;
         let p = self.prefix();
+        let known = self.immutables.lock().map.get(id).cloned();
         let (set, del) = codec::state_fields(&next);
         let mut inv = scripts::TASK_TRANSITION.prepare();
         inv.key(keys::task(p, id))
@@ -214,6 +331,7 @@ impl Registry for RedisRegistry {
             .arg(expected.attempt)
             .arg(micros(next.updated_at))
             .arg(lease_score(&next))
+            .arg(if known.is_some() { "0" } else { "1" })
             .arg(set.len());
         for (name, value) in set {
             inv.arg(name).arg(value);
@@ -225,7 +343,38 @@ impl Registry for RedisRegistry {
         let mut it = reply.into_iter();
         let tag = it.next().map(text).transpose()?.unwrap_or_default();
         match tag.as_str() {
-            "ok" => codec::decode(id, codec::field_map(it.collect())?),
+            "all" => {
+                let fields = codec::field_map(it.collect())?;
+                let task = self.decode_and_remember(id, fields)?;
+                if task.state.status.is_terminal() {
+                    self.forget(id);
+                }
+                Ok(task)
+            }
+            "ok" => {
+                let created_at = it.next().map(text).transpose()?.unwrap_or_default();
+                let priority = it.next().map(text).transpose()?.unwrap_or_default();
+                let terminal = next.status.is_terminal();
+                match known {
+                    Some(im)
+                        if im.created_at_text == created_at
+                            && im.priority.get().to_string() == priority =>
+                    {
+                        if terminal {
+                            self.forget(id);
+                        }
+                        Ok(im.with_state(id, next))
+                    }
+                    _ => {
+                        // Our copy was stale (deleted and created again, or re-prioritised by
+                        // the lab): the change is made; read the task as it now is.
+                        self.forget(id);
+                        self.get(id)
+                            .await?
+                            .ok_or_else(|| Error::TaskNotFound(id.clone()))
+                    }
+                }
+            }
             "missing" => Err(Error::TaskNotFound(id.clone())),
             "conflict" => {
                 let status =

@@ -5,7 +5,9 @@
 if redis.call('HGET', KEYS[3], 'l') ~= ARGV[2] then
   return 0
 end
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[1], ARGV[1])
+-- Usually leased; ready only if its lease ended and a fetch or stats promoted it.
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
 redis.call('DEL', KEYS[3])
 return 1

@@ -8,10 +8,12 @@ local wake = false
 local now = nil
 local first_due = nil
 local ids = {}
+local count = (#ARGV - 2) / 3
+local id = redis.call('INCRBY', KEYS[3], count) - count
 for i = 3, #ARGV, 3 do
   local delay = tonumber(ARGV[i])
   local p = tonumber(ARGV[i + 1])
-  local id = redis.call('INCR', KEYS[3])
+  id = id + 1
   local key = mp .. id
   if delay <= 0 then
     redis.call('HSET', key, 'body', ARGV[i + 2], 'p', ARGV[i + 1], 's', num(id), 'd', '0', 'l', '0')
