@@ -178,12 +178,28 @@ pub async fn connect(urls: &BackendUrls, opts: &ConnectOptions) -> Result<Backen
     })
 }
 
+/// Installs rustls' `ring` crypto provider as the process default, once. Different client crates
+/// bring different providers (ring, aws-lc-rs); with more than one compiled in, rustls refuses to
+/// pick one and a TLS connect would panic. An application that installed its own provider first
+/// keeps it.
+#[cfg(any(feature = "redis", feature = "nats", feature = "rabbitmq"))]
+pub fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// Opens the requested roles from one URL.
 pub async fn open(url: &str, roles: &Roles, opts: &ConnectOptions) -> Result<Parts> {
     let parsed = Url::parse(url).map_err(|e| Error::UnsupportedUrl {
         url: redact_url(url),
         reason: format!("not a URL: {e}"),
     })?;
+    #[cfg(any(feature = "redis", feature = "nats", feature = "rabbitmq"))]
+    if parsed.scheme() != "memory" {
+        install_tls_provider();
+    }
     match parsed.scheme() {
         "memory" => Ok(memory::open(roles, opts)),
         #[cfg(feature = "redis")]

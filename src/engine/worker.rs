@@ -121,6 +121,7 @@ struct Inner {
     handlers: HashMap<QueueName, Arc<dyn Handler>>,
     metrics: Arc<WorkerMetrics>,
     observer: Option<Observer>,
+    in_progress: std::sync::atomic::AtomicUsize,
 }
 
 /// Serves one or more queues.
@@ -166,6 +167,7 @@ impl Worker {
                 handlers: HashMap::new(),
                 metrics: Arc::new(WorkerMetrics::default()),
                 observer: None,
+                in_progress: Default::default(),
             },
         }
     }
@@ -251,6 +253,8 @@ pub struct ShutdownReport {
     pub handed_back: u64,
     /// True if every running task finished or was handed back in time.
     pub clean: bool,
+    /// The worker's counters at the end.
+    pub metrics: MetricsSnapshot,
 }
 
 impl WorkerHandle {
@@ -264,9 +268,12 @@ impl WorkerHandle {
         self.inner.metrics.snapshot()
     }
 
-    /// Tasks running right now.
+    /// Deliveries being processed right now (claimed or being claimed, running, or being
+    /// recorded); slots merely reserved by a waiting fetch are not counted.
     pub fn running(&self) -> usize {
-        self.inner.config.concurrency - self.slots.available_permits()
+        self.inner
+            .in_progress
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Graceful shutdown: stops fetching at once, lets running tasks finish until
@@ -311,6 +318,7 @@ impl WorkerHandle {
         ShutdownReport {
             handed_back: after - before,
             clean,
+            metrics: self.inner.metrics.snapshot(),
         }
     }
 
@@ -401,6 +409,7 @@ async fn fetch_loop(
             let mut kill = kill.clone();
             tokio::spawn(async move {
                 let _permit: OwnedSemaphorePermit = permit;
+                let _busy = InProgress::enter(&inner.in_progress);
                 tokio::select! {
                     _ = kill.changed() => {}
                     // Boxed: the processing future is large, and tokio moves a spawned future
@@ -409,6 +418,22 @@ async fn fetch_loop(
                 }
             });
         }
+    }
+}
+
+/// Counts a delivery as being processed while alive.
+struct InProgress<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> InProgress<'a> {
+    fn enter(counter: &'a std::sync::atomic::AtomicUsize) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InProgress(counter)
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
