@@ -156,6 +156,13 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// (they may miss events instead).
     async fn publish(&self, topic: &str, payload: &[u8]) -> Result<()>;
 
+    /// A cheap hint: false when publishing on `topic` right now certainly reaches nobody, so
+    /// the engine may skip encoding the event. Backends that cannot tell cheaply keep the
+    /// default, true. Publishing remains at-most-once either way.
+    fn may_have_subscribers(&self, _topic: &str) -> bool {
+        true
+    }
+
     /// Subscribes to `topic`. Events published after this returns are delivered in publish
     /// order (per publisher). Backends resubscribe by themselves after a reconnect; events
     /// published while disconnected are lost.

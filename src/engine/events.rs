@@ -95,6 +95,9 @@ fn encode_parts(
 /// Publishes `task`'s new state. Events are at-most-once by design: a failure is logged, not
 /// returned, because the registry (not the event) is the source of truth.
 pub async fn publish(bus: &dyn Bus, task: &Task) {
+    if !bus.may_have_subscribers(EVENTS_TOPIC) {
+        return;
+    }
     let s = &task.state;
     let bytes = encode_parts(
         &task.task_id,

@@ -237,6 +237,13 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
+    fn may_have_subscribers(&self, topic: &str) -> bool {
+        self.topics
+            .lock()
+            .get(topic)
+            .is_some_and(|subs| subs.iter().any(|tx| !tx.is_closed()))
+    }
+
     async fn subscribe(&self, topic: &str) -> Result<Subscription> {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         self.topics
@@ -400,5 +407,22 @@ impl Bus for MemoryBus {
 
     fn max_deliveries(&self) -> u32 {
         self.max_deliveries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn subscriber_hint_follows_live_subscriptions() {
+        let bus = MemoryBus::new(3);
+        assert!(!bus.may_have_subscribers("events"));
+        let mut sub = bus.subscribe("events").await.unwrap();
+        assert!(bus.may_have_subscribers("events"));
+        bus.publish("events", b"one").await.unwrap();
+        assert_eq!(sub.recv().await.as_deref(), Some(&b"one"[..]));
+        drop(sub);
+        assert!(!bus.may_have_subscribers("events"));
     }
 }
