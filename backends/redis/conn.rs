@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{
     AsyncConnectionConfig, Client, ConnectionInfo, ErrorKind, FromRedisValue, IntoConnectionInfo,
@@ -277,28 +276,20 @@ impl Conn {
     /// Connects (failing fast with the real cause: refused, auth, TLS), then builds the
     /// self-reconnecting manager and loads every script.
     pub async fn open(target: Target, opts: &ConnectOptions) -> Result<Conn> {
+        if target.tls {
+            // rustls needs one process-wide crypto provider (also when called directly rather
+            // than through `backends::open`).
+            crate::backends::install_tls_provider();
+        }
         let client = target.client(false)?;
         // One plain attempt first: the manager retries every error for several seconds,
         // which would hide a wrong password behind a timeout.
         let probe_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(opts.connect_timeout))
             .set_response_timeout(Some(opts.connect_timeout));
-        let attempt = client.get_multiplexed_async_connection_with_config(&probe_config);
-        // rustls panics when the build has no crypto provider (neither or both of its `ring`
-        // and `aws-lc-rs` features, and none installed): turn that into an error that says so.
-        let probe = std::panic::AssertUnwindSafe(attempt)
-            .catch_unwind()
+        let probe = client
+            .get_multiplexed_async_connection_with_config(&probe_config)
             .await
-            .map_err(|_| {
-                Error::config(
-                    "redis URL",
-                    format!(
-                        "cannot open a TLS connection to {}: this build has no usable rustls \
-                         crypto provider (see docs/backends/redis.md, TLS)",
-                        target.redacted
-                    ),
-                )
-            })?
             .map_err(|e| target.error("connect", e))?;
         drop(probe);
         let manager = tokio::time::timeout(

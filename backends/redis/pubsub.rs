@@ -70,8 +70,14 @@ impl Routes {
             PushKind::Disconnection => {
                 tracing::warn!(backend = BACKEND, "pub/sub connection lost; reconnecting");
                 if !self.reconnecting.swap(true, Ordering::AcqRel) {
-                    let routes = self.clone();
-                    tokio::spawn(async move { routes.reconnect().await });
+                    match tokio::runtime::Handle::try_current() {
+                        Ok(rt) => {
+                            let routes = self.clone();
+                            rt.spawn(async move { routes.reconnect().await });
+                        }
+                        // The runtime is shutting down: nothing left to wake.
+                        Err(_) => self.reconnecting.store(false, Ordering::Release),
+                    }
                 }
             }
             _ => {}
