@@ -234,6 +234,7 @@ impl BusInner {
         match target {
             Target::Work(_) => {
                 args.insert("x-max-priority".into(), AMQPValue::LongLongInt(10));
+                args.insert("x-queue-version".into(), AMQPValue::LongLongInt(2));
             }
             Target::Delay(q, ms) => {
                 args.insert("x-message-ttl".into(), long(*ms));
@@ -736,6 +737,7 @@ impl Bus for RabbitBus {
             if Instant::now() >= deadline {
                 return Ok(Vec::new());
             }
+            tracing::trace!(queue = %queue, "queue empty; waiting for the first message");
             let mut got = inner.wait_for_first(&ch, &name, deadline).await?;
             if got.is_empty() {
                 return Ok(Vec::new());

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::link::{amqp_error, short, soft_error, CachedChannel, Link, BACKEND};
-use super::log::{stream_arguments, Log, Machine};
+use super::log::{stream_arguments, Log, Machine, Writer};
 use super::names::Names;
 use crate::error::{Error, Result};
 use crate::lock::{validate_lock_key, Lease, LockHolder, LockManager};
@@ -72,11 +72,11 @@ struct LockView {
 
 impl Machine for LockView {
     type Op = LockOp;
-    /// The fencing token this record would give (its offset + 1).
+    /// The fencing token this record would give (its log position + 1).
     type Outcome = u64;
 
-    fn apply(&mut self, offset: u64, op: LockOp) -> u64 {
-        let fence = offset + 1;
+    fn apply(&mut self, position: u64, op: LockOp) -> u64 {
+        let fence = position + 1;
         match op {
             LockOp::Acquired {
                 key,
@@ -139,9 +139,9 @@ struct Held {
 struct LockInner {
     log: Log<LockView>,
     holder_link: Arc<Link>,
-    /// Confirm channel on the holder connection: records about a lock are appended by the
-    /// connection that owns its queue.
-    publisher: CachedChannel,
+    /// Appends on the holder connection: records about a lock travel on the connection that
+    /// owns its queue.
+    writer: Writer,
     control: CachedChannel,
     names: Names,
     held: tokio::sync::Mutex<HashMap<String, Held>>,
@@ -188,10 +188,11 @@ impl RabbitLockManager {
             ),
         ]);
         let log = Log::open(link, names.lock_log(), args, LockView::default()).await?;
+        let writer = log.writer_on(CachedChannel::new(holder_link.clone(), true, None));
         Ok(RabbitLockManager {
             inner: Arc::new(LockInner {
                 log,
-                publisher: CachedChannel::new(holder_link.clone(), true, None),
+                writer,
                 control: CachedChannel::new(holder_link.clone(), false, None),
                 holder_link,
                 names: names.clone(),
@@ -242,7 +243,7 @@ impl LockInner {
 
     async fn append(&self, op: LockOp) -> Result<u64> {
         self.log
-            .submit_on(&self.publisher, std::slice::from_ref(&op))
+            .submit_via(&self.writer, std::slice::from_ref(&op))
             .await?
             .pop()
             .unwrap_or_else(|| {

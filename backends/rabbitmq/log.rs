@@ -2,7 +2,11 @@
 //! record, every process follows the stream from its first offset and applies the records in log
 //! order to an in-process view. Since all replicas apply the same records in the same order with
 //! the same deterministic rules, they agree on every outcome; the writer of a record learns its
-//! outcome when its own replica applies it (records carry a unique id in `message_id`).
+//! outcome when its own replica applies it (each record carries a unique id).
+//!
+//! Writes are group-committed: a [`Writer`] packs the records submitted while earlier batches
+//! await their confirms into one stream message (a JSON array of `{"rid", "op"}`), so that under
+//! load the broker handles far fewer, larger messages. Records keep their submission order.
 //!
 //! Reads are served from the local view, which lags the log by the time it takes to deliver the
 //! newest records. [`Log::sync`] is the read-your-writes barrier: it appends an empty marker
@@ -22,16 +26,23 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
 use parking_lot::{Mutex, RwLock};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
-use tokio::sync::oneshot;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::link::{amqp_error, short, CachedChannel, Link, Session, BACKEND};
+use super::link::{amqp_error, CachedChannel, Link, Session, BACKEND};
 use crate::error::{Error, Result};
 
 /// Records delivered to the follower before it must ack (streams require a prefetch).
-const PREFETCH: u16 = 1000;
+const PREFETCH: u16 = 500;
 /// How long a writer waits for its own record to come back before giving up (temporary error).
 const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Stream messages a writer has published but not yet had confirmed; further records wait and
+/// are packed into the next message.
+const WRITES_IN_FLIGHT: usize = 1;
+/// Most records packed into one stream message (also bounds positions within a message).
+pub(crate) const MAX_RECORDS_PER_MESSAGE: usize = 512;
+/// A message stops growing past this many bytes (one record may exceed it on its own).
+const MAX_MESSAGE_BYTES: usize = 512 * 1024;
 
 /// The deterministic rules a log's records are applied with.
 pub(crate) trait Machine: Send + Sync + 'static {
@@ -39,32 +50,182 @@ pub(crate) trait Machine: Send + Sync + 'static {
     type Op: Serialize + DeserializeOwned + Send + Sync;
     /// What applying a record decided (sent to its writer).
     type Outcome: Send + 'static;
-    /// Applies `op`, found at `offset` in the log.
-    fn apply(&mut self, offset: u64, op: Self::Op) -> Self::Outcome;
+    /// Applies `op`, found at `position` in the log: the stream offset of its message times
+    /// [`MAX_RECORDS_PER_MESSAGE`] plus its index in the message. Positions grow strictly in log
+    /// order.
+    fn apply(&mut self, position: u64, op: Self::Op) -> Self::Outcome;
+}
+
+/// One record as stored: its id and its operation (`None` for a sync marker).
+#[derive(Deserialize)]
+struct Envelope<Op> {
+    rid: String,
+    op: Option<Op>,
 }
 
 enum Applied<O> {
     Op(O),
     Marker,
-    Undecodable(String),
+}
+
+/// A record waiting to be published, with where to report the publish outcome.
+struct Item {
+    rid: String,
+    /// The operation's JSON (empty for a marker).
+    op: Vec<u8>,
+    published: oneshot::Sender<std::result::Result<(), (bool, String)>>,
+}
+
+/// Publishes records to the stream in batches, on one confirm channel.
+pub(crate) struct Writer {
+    tx: mpsc::UnboundedSender<Item>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Writer {
+    /// A writer publishing to `stream` on `publisher` (a confirm-mode channel).
+    pub(crate) fn new(stream: ShortString, publisher: CachedChannel) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(write_batches(stream, publisher, rx));
+        Writer { tx, task }
+    }
+}
+
+/// Packs `batch` into one message body: `[{"rid":"…","op":…},…]` (record ids are hex and
+/// dashes: no escaping needed).
+fn encode(batch: &[Item]) -> Vec<u8> {
+    let size: usize = batch.iter().map(|i| i.op.len() + i.rid.len() + 20).sum();
+    let mut out = Vec::with_capacity(size + 2);
+    out.push(b'[');
+    for (n, item) in batch.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"rid\":\"");
+        out.extend_from_slice(item.rid.as_bytes());
+        out.extend_from_slice(b"\",\"op\":");
+        if item.op.is_empty() {
+            out.extend_from_slice(b"null");
+        } else {
+            out.extend_from_slice(&item.op);
+        }
+        out.push(b'}');
+    }
+    out.push(b']');
+    out
+}
+
+async fn write_batches(
+    stream: ShortString,
+    publisher: CachedChannel,
+    mut rx: mpsc::UnboundedReceiver<Item>,
+) {
+    let in_flight = Arc::new(Semaphore::new(WRITES_IN_FLIGHT));
+    let mut carry: Option<Item> = None;
+    loop {
+        let first = match carry.take() {
+            Some(item) => item,
+            None => match rx.recv().await {
+                Some(item) => item,
+                None => return,
+            },
+        };
+        // While earlier batches await their confirms, later records pile up in `rx`: they go
+        // out together as soon as a slot frees (group commit).
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut bytes = first.op.len();
+        let mut batch = vec![first];
+        while batch.len() < MAX_RECORDS_PER_MESSAGE && bytes < MAX_MESSAGE_BYTES {
+            match rx.try_recv() {
+                Ok(item) => {
+                    if bytes + item.op.len() > MAX_MESSAGE_BYTES {
+                        carry = Some(item);
+                        break;
+                    }
+                    bytes += item.op.len();
+                    batch.push(item);
+                }
+                Err(_) => break,
+            }
+        }
+        let body = encode(&batch);
+        let sent = async {
+            let (ch, _, _) = publisher.get().await?;
+            ch.basic_publish(
+                ShortString::default(),
+                stream.clone(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                BasicProperties::default(),
+            )
+            .await
+            .map_err(|e| amqp_error("append to the log", e))
+        }
+        .await;
+        let confirm = match sent {
+            Ok(confirm) => confirm,
+            Err(e) => {
+                report(batch, Err((e.is_temporary(), e.to_string())));
+                continue;
+            }
+        };
+        let stream = stream.clone();
+        tokio::spawn(async move {
+            let outcome = match confirm.await {
+                Ok(c) => {
+                    let nacked = c.is_nack();
+                    if c.take_message().is_some() {
+                        Err((
+                            true,
+                            format!("the log stream {stream} does not exist (deleted?)"),
+                        ))
+                    } else if nacked {
+                        Err((true, "the broker refused a log append".to_string()))
+                    } else {
+                        Ok(())
+                    }
+                }
+                Err(e) => Err((true, format!("waiting for a log append confirm: {e}"))),
+            };
+            report(batch, outcome);
+            drop(permit);
+        });
+    }
+}
+
+fn report(batch: Vec<Item>, outcome: std::result::Result<(), (bool, String)>) {
+    for item in batch {
+        let _ = item.published.send(outcome.clone());
+    }
 }
 
 struct Shared<M: Machine> {
     link: Arc<Link>,
     stream: ShortString,
     arguments: FieldTable,
-    writer: String,
+    writer_id: String,
     seq: AtomicU64,
     machine: RwLock<M>,
     waiters: Mutex<HashMap<String, oneshot::Sender<Applied<M::Outcome>>>>,
-    /// Offset of the last record applied (None before the first).
+    /// Offset of the last message applied (None before the first).
     applied: Mutex<Option<u64>>,
-    publisher: CachedChannel,
 }
 
 /// A stream-backed replicated state machine. Dropping it stops following the stream.
 pub(crate) struct Log<M: Machine> {
     shared: Arc<Shared<M>>,
+    writer: Writer,
     follower: tokio::task::JoinHandle<()>,
 }
 
@@ -78,7 +239,7 @@ impl<M: Machine> std::fmt::Debug for Log<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Log")
             .field("stream", &self.shared.stream.as_str())
-            .field("applied", &*self.shared.applied.lock())
+            .field("applied_offset", &*self.shared.applied.lock())
             .finish_non_exhaustive()
     }
 }
@@ -106,12 +267,12 @@ impl<M: Machine> Log<M> {
         arguments: FieldTable,
         machine: M,
     ) -> Result<Self> {
+        let stream = super::link::short(stream)?;
         let shared = Arc::new(Shared {
-            publisher: CachedChannel::new(link.clone(), true, None),
-            link,
-            stream: short(stream)?,
+            link: link.clone(),
+            stream: stream.clone(),
             arguments,
-            writer: uuid::Uuid::new_v4().simple().to_string(),
+            writer_id: uuid::Uuid::new_v4().simple().to_string(),
             seq: AtomicU64::new(0),
             machine: RwLock::new(machine),
             waiters: Mutex::new(HashMap::new()),
@@ -122,9 +283,20 @@ impl<M: Machine> Log<M> {
         shared.declare(&ch, false).await?;
         let _ = ch.close(200, "declared".into()).await;
         let follower = tokio::spawn(follow(shared.clone()));
-        let log = Log { shared, follower };
+        let writer = Writer::new(stream, CachedChannel::new(link, true, None));
+        let log = Log {
+            shared,
+            writer,
+            follower,
+        };
         log.sync().await?;
         Ok(log)
+    }
+
+    /// A writer publishing this log's records on another confirm channel (for records that
+    /// must travel on a particular connection).
+    pub(crate) fn writer_on(&self, publisher: CachedChannel) -> Writer {
+        Writer::new(self.shared.stream.clone(), publisher)
     }
 
     /// Reads the view.
@@ -134,7 +306,7 @@ impl<M: Machine> Log<M> {
 
     /// Appends one record and returns what applying it decided.
     pub(crate) async fn submit(&self, op: &M::Op) -> Result<M::Outcome> {
-        self.submit_on(&self.shared.publisher, std::slice::from_ref(op))
+        self.submit_via(&self.writer, std::slice::from_ref(op))
             .await?
             .pop()
             .unwrap_or_else(|| {
@@ -146,63 +318,65 @@ impl<M: Machine> Log<M> {
             })
     }
 
-    /// Appends several records in order (pipelined, one confirm round) and returns each one's
-    /// outcome.
+    /// Appends several records in order and returns each one's outcome.
     pub(crate) async fn submit_many(&self, ops: &[M::Op]) -> Result<Vec<Result<M::Outcome>>> {
-        self.submit_on(&self.shared.publisher, ops).await
+        self.submit_via(&self.writer, ops).await
     }
 
-    /// Like [`Log::submit_many`], publishing on `publisher` (a confirm-mode channel, possibly on
-    /// another connection).
-    pub(crate) async fn submit_on(
+    /// Like [`Log::submit_many`], through `writer`.
+    pub(crate) async fn submit_via(
         &self,
-        publisher: &CachedChannel,
+        writer: &Writer,
         ops: &[M::Op],
     ) -> Result<Vec<Result<M::Outcome>>> {
-        let mut bodies = Vec::with_capacity(ops.len());
+        let mut pending = Vec::with_capacity(ops.len());
         for op in ops {
-            bodies.push(serde_json::to_vec(op).map_err(|e| {
+            let body = serde_json::to_vec(op).map_err(|e| {
                 Error::permanent(
                     BACKEND,
                     format!("cannot encode a log record: {e}"),
                     Some(Box::new(e) as _),
                 )
-            })?);
+            })?;
+            pending.push(self.enqueue(writer, body)?);
         }
-        let mut pending = Vec::with_capacity(ops.len());
-        for body in &bodies {
-            let (rid, rx) = self.shared.expect_record();
-            pending.push((rid, rx, body));
-        }
-        let published = self.shared.publish_all(publisher, &pending).await;
         let mut out = Vec::with_capacity(pending.len());
-        match published {
-            Ok(()) => {
-                for (rid, rx, _) in pending {
-                    out.push(self.shared.outcome(&rid, rx, APPLY_TIMEOUT).await);
+        let mut failed: Option<(bool, String)> = None;
+        let mut awaiting = Vec::with_capacity(pending.len());
+        for (rid, published, applied) in pending {
+            match published.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(_) => failed = failed.or(Some((true, "the log writer stopped".to_string()))),
+            }
+            awaiting.push((rid, applied));
+        }
+        match failed {
+            None => {
+                for (rid, applied) in awaiting {
+                    out.push(self.shared.outcome(&rid, applied, APPLY_TIMEOUT).await);
                 }
             }
-            Err(e) => {
+            Some((temporary, e)) => {
                 // Some records may have reached the log before the failure. Once a marker
-                // appended after the failure is applied, each record has either been applied
-                // (its waiter fired) or is lost for good.
+                // appended after it is applied, each record has either been applied (its waiter
+                // fired) or is lost for good.
                 tracing::warn!(error = %e, stream = %self.shared.stream, "log append interrupted; checking what reached the log");
                 let synced = self.sync().await;
-                for (rid, rx, _) in pending {
-                    let r = match self.shared.outcome(&rid, rx, Duration::ZERO).await {
+                for (rid, applied) in awaiting {
+                    let r = match self.shared.outcome(&rid, applied, Duration::ZERO).await {
                         Ok(o) => Ok(o),
-                        Err(_) => Err(match &synced {
-                            Ok(()) => Error::temporary(
-                                BACKEND,
-                                format!("log append failed and did not reach the log: {e}"),
-                                None,
-                            ),
-                            Err(s) => Error::temporary(
-                                BACKEND,
-                                format!("log append failed ({e}); whether it reached the log is unknown ({s})"),
-                                None,
-                            ),
-                        }),
+                        Err(_) => {
+                            let message = match &synced {
+                                Ok(()) => format!("log append failed and did not reach the log: {e}"),
+                                Err(s) => format!("log append failed ({e}); whether it reached the log is unknown ({s})"),
+                            };
+                            Err(if temporary {
+                                Error::temporary(BACKEND, message, None)
+                            } else {
+                                Error::permanent(BACKEND, message, None)
+                            })
+                        }
                     };
                     out.push(r);
                 }
@@ -211,26 +385,62 @@ impl<M: Machine> Log<M> {
         Ok(out)
     }
 
+    /// Registers a record and hands it to `writer`.
+    #[allow(clippy::type_complexity)]
+    fn enqueue(
+        &self,
+        writer: &Writer,
+        op: Vec<u8>,
+    ) -> Result<(
+        String,
+        oneshot::Receiver<std::result::Result<(), (bool, String)>>,
+        oneshot::Receiver<Applied<M::Outcome>>,
+    )> {
+        let rid = format!(
+            "{}-{}",
+            self.shared.writer_id,
+            self.shared.seq.fetch_add(1, Ordering::Relaxed)
+        );
+        let (applied_tx, applied_rx) = oneshot::channel();
+        self.shared.waiters.lock().insert(rid.clone(), applied_tx);
+        let (published_tx, published_rx) = oneshot::channel();
+        let item = Item {
+            rid: rid.clone(),
+            op,
+            published: published_tx,
+        };
+        if writer.tx.send(item).is_err() {
+            self.shared.waiters.lock().remove(&rid);
+            return Err(Error::permanent(BACKEND, "the log writer stopped", None));
+        }
+        Ok((rid, published_rx, applied_rx))
+    }
+
     /// Waits until every record appended before this call is in the view (read-your-writes
-    /// across processes). One marker append and its delivery.
+    /// across processes): one marker record (packed with other records under load) and its
+    /// delivery.
     pub(crate) async fn sync(&self) -> Result<()> {
         let deadline = tokio::time::Instant::now() + APPLY_TIMEOUT;
         loop {
-            let (rid, rx) = self.shared.expect_record();
-            let body: &[u8] = &[];
-            let published = self
-                .shared
-                .publish_all(&self.shared.publisher, &[(rid.clone(), (), &body.to_vec())])
-                .await;
-            match published {
-                Ok(()) => {
+            let (rid, published, applied) = self.enqueue(&self.writer, Vec::new())?;
+            let failure = match published.await {
+                Ok(Ok(())) => None,
+                Ok(Err((temporary, e))) => Some((temporary, e)),
+                Err(_) => Some((false, "the log writer stopped".to_string())),
+            };
+            match failure {
+                None => {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    return self.shared.applied(&rid, rx, left).await.map(|_| ());
+                    return self.shared.applied(&rid, applied, left).await.map(|_| ());
                 }
-                Err(e) => {
+                Some((temporary, e)) => {
                     self.shared.waiters.lock().remove(&rid);
-                    if tokio::time::Instant::now() >= deadline || !e.is_temporary() {
-                        return Err(e);
+                    if tokio::time::Instant::now() >= deadline || !temporary {
+                        return Err(Error::temporary(
+                            BACKEND,
+                            format!("log sync failed: {e}"),
+                            None,
+                        ));
                     }
                     tracing::debug!(error = %e, "sync marker not appended yet; retrying");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -257,62 +467,6 @@ impl<M: Machine> Shared<M> {
         )
         .await
         .map_err(|e| amqp_error(&format!("declare stream {}", self.stream), e))?;
-        Ok(())
-    }
-
-    fn expect_record(&self) -> (String, oneshot::Receiver<Applied<M::Outcome>>) {
-        let rid = format!(
-            "{}-{}",
-            self.writer,
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        );
-        let (tx, rx) = oneshot::channel();
-        self.waiters.lock().insert(rid.clone(), tx);
-        (rid, rx)
-    }
-
-    /// Publishes records (`(record id, _, body)`) in order and waits for all confirms.
-    async fn publish_all<T>(
-        &self,
-        publisher: &CachedChannel,
-        records: &[(String, T, &Vec<u8>)],
-    ) -> Result<()> {
-        let (ch, _, _) = publisher.get().await?;
-        let mut confirms = Vec::with_capacity(records.len());
-        for (rid, _, body) in records {
-            let confirm = ch
-                .basic_publish(
-                    ShortString::default(),
-                    self.stream.clone(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    body,
-                    BasicProperties::default().with_message_id(short(rid.clone())?),
-                )
-                .await
-                .map_err(|e| amqp_error("append to the log", e))?;
-            confirms.push(confirm);
-        }
-        for outcome in futures::future::join_all(confirms).await {
-            let c = outcome.map_err(|e| amqp_error("wait for a log append confirm", e))?;
-            let nacked = c.is_nack();
-            if c.take_message().is_some() {
-                return Err(Error::temporary(
-                    BACKEND,
-                    format!("the log stream {} does not exist (deleted?)", self.stream),
-                    None,
-                ));
-            }
-            if nacked {
-                return Err(Error::temporary(
-                    BACKEND,
-                    "the broker refused a log append",
-                    None,
-                ));
-            }
-        }
         Ok(())
     }
 
@@ -358,31 +512,42 @@ impl<M: Machine> Shared<M> {
                 "an operation record came back as a marker",
                 None,
             )),
-            Applied::Undecodable(e) => Err(Error::permanent(
-                BACKEND,
-                format!("own log record could not be decoded: {e}"),
-                None,
-            )),
         }
     }
 
-    /// Applies one delivered record.
-    fn apply(&self, offset: u64, rid: Option<&str>, body: &[u8]) {
-        let applied = if body.is_empty() {
-            Applied::Marker
-        } else {
-            match serde_json::from_slice::<M::Op>(body) {
-                Ok(op) => Applied::Op(self.machine.write().apply(offset, op)),
-                Err(e) => {
-                    tracing::warn!(stream = %self.stream, offset, error = %e, "skipping a log record that does not decode");
-                    Applied::Undecodable(e.to_string())
-                }
+    /// Applies one delivered message (a batch of records) at `offset`.
+    fn apply(&self, offset: u64, body: &[u8]) {
+        let records: Vec<Envelope<M::Op>> = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(stream = %self.stream, offset, error = %e, "skipping a log message that does not decode");
+                *self.applied.lock() = Some(offset);
+                return;
             }
         };
+        let mut resolved = Vec::new();
+        {
+            let mut machine = self.machine.write();
+            for (index, record) in records.into_iter().enumerate() {
+                let position = offset
+                    .saturating_mul(MAX_RECORDS_PER_MESSAGE as u64)
+                    .saturating_add(index as u64);
+                let applied = match record.op {
+                    Some(op) => Applied::Op(machine.apply(position, op)),
+                    None => Applied::Marker,
+                };
+                if record.rid.starts_with(&self.writer_id) {
+                    resolved.push((record.rid, applied));
+                }
+            }
+        }
         *self.applied.lock() = Some(offset);
-        if let Some(rid) = rid.filter(|r| r.starts_with(&self.writer)) {
-            if let Some(tx) = self.waiters.lock().remove(rid) {
-                let _ = tx.send(applied);
+        if !resolved.is_empty() {
+            let mut waiters = self.waiters.lock();
+            for (rid, applied) in resolved {
+                if let Some(tx) = waiters.remove(&rid) {
+                    let _ = tx.send(applied);
+                }
             }
         }
     }
@@ -452,12 +617,11 @@ impl<M: Machine> Shared<M> {
                 // Streams deliver from the start of a chunk: skip what was applied already.
                 Some(o) if next.is_some_and(|n| o < n) => {}
                 Some(o) => {
-                    let rid = d.properties.message_id().as_ref().map(|s| s.as_str());
-                    self.apply(o, rid, &d.data);
+                    self.apply(o, &d.data);
                     *next = Some(o + 1);
                 }
                 None => {
-                    tracing::warn!(stream = %self.stream, "a log record without x-stream-offset; skipped")
+                    tracing::warn!(stream = %self.stream, "a log message without x-stream-offset; skipped")
                 }
             }
             unacked = Some(d.delivery_tag);
@@ -489,5 +653,30 @@ async fn follow<M: Machine>(shared: Arc<Shared<M>>) {
             tracing::warn!(stream = %shared.stream, error = %e, resume_at = ?next, "log follower interrupted; resuming");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_encode_as_a_json_array_of_envelopes() {
+        let item = |rid: &str, op: &[u8]| {
+            let (tx, _rx) = oneshot::channel();
+            Item {
+                rid: rid.to_string(),
+                op: op.to_vec(),
+                published: tx,
+            }
+        };
+        let body = encode(&[item("w-1", br#"{"a":1}"#), item("w-2", b"")]);
+        let back: Vec<Envelope<serde_json::Value>> =
+            serde_json::from_slice(&body).expect("valid JSON");
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[0].rid, "w-1");
+        assert_eq!(back[0].op, Some(serde_json::json!({"a": 1})));
+        assert_eq!(back[1].rid, "w-2");
+        assert!(back[1].op.is_none(), "an empty op is a marker");
     }
 }

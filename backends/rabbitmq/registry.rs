@@ -4,9 +4,10 @@
 //! * `create` and `transition` append a record and wait until this process's view applies it:
 //!   the first valid record wins, later ones get `TaskExists` / `Conflict`, on every replica
 //!   alike. One append (publish + confirm) and its delivery back per call.
-//! * `get` reads the view; when the view does not know the id it first waits for the view to
-//!   reach the log's tail ([`RabbitRegistry::sync`]) and looks again, so a task created by another
-//!   process before this call is found.
+//! * `get` reads the view. A PENDING or finished copy is returned at once; otherwise (unknown
+//!   id, WAITING, RUNNING) the view first catches up with the log's tail
+//!   ([`RabbitRegistry::sync`]), so a task created or moved on by another process before the
+//!   call is seen as it is now.
 //! * `counts`, `list`, `stale_running` and `purge_finished` first [`sync`](RabbitRegistry::sync),
 //!   then read the view's indexes (never every task).
 //! * A new process rebuilds the view by reading the stream from its first record.
@@ -121,10 +122,19 @@ impl Registry for RabbitRegistry {
     }
 
     async fn get(&self, id: &TaskId) -> Result<Option<Task>> {
-        if let Some(t) = self.log.read(|v| v.tasks.get(id).cloned()) {
-            return Ok(Some(t));
+        // PENDING and finished copies are served from the view: a worker about to claim gets
+        // its answer from the compare-and-set anyway, and a finished task stays finished. Any
+        // other answer (missing, WAITING, RUNNING) may be what a lagging view says about a task
+        // that moved on, so the view first catches up with the log's tail.
+        let fast = self.log.read(|v| {
+            v.tasks
+                .get(id)
+                .filter(|t| t.state.status == TaskStatus::Pending || t.state.status.is_terminal())
+                .cloned()
+        });
+        if fast.is_some() {
+            return Ok(fast);
         }
-        // Unknown here: perhaps created by another process and not delivered yet.
         self.log.sync().await?;
         Ok(self.log.read(|v| v.tasks.get(id).cloned()))
     }

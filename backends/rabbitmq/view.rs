@@ -166,7 +166,7 @@ impl Machine for TaskView {
     type Op = RegistryOp;
     type Outcome = RegistryOutcome;
 
-    fn apply(&mut self, _offset: u64, op: RegistryOp) -> RegistryOutcome {
+    fn apply(&mut self, _position: u64, op: RegistryOp) -> RegistryOutcome {
         self.records += 1;
         match op {
             RegistryOp::Create { task } => self.create(task),
