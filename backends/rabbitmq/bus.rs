@@ -38,7 +38,7 @@ use tokio::time::Instant;
 
 use super::events::Events;
 use super::leases::{HeldMessage, LeaseEntry, LeaseTable};
-use super::link::{amqp_error, short, CachedChannel, Link, BACKEND};
+use super::link::{amqp_error, is_not_found, short, CachedChannel, Link, BACKEND};
 use super::names::{delay_bucket_ms, Names};
 use crate::bus::{
     Bus, DeadLetter, Delivery, FetchOptions, OutgoingMessage, QueueStats, Subscription,
@@ -393,6 +393,14 @@ impl BusInner {
         ))
     }
 
+    /// Forgets that `target` was declared (it was found missing), so the next use declares it.
+    fn forget(&self, target: &Target) {
+        let name = self.queue_name(target);
+        let mut d = self.declared.lock();
+        d.queues.remove(&name);
+        d.delays.remove(&name);
+    }
+
     fn target_for(queue: &QueueName, delay: Duration) -> Target {
         if delay.is_zero() {
             Target::Work(queue.clone())
@@ -626,6 +634,47 @@ impl BusInner {
         }
         Ok(got)
     }
+
+    /// Fetch (see [`Bus::fetch`]): pipelined gets, or a wait for the first message.
+    async fn fetch(&self, queue: &QueueName, options: FetchOptions) -> Result<Vec<Delivery>> {
+        self.ensure(&Target::Work(queue.clone()), false).await?;
+        let name = short(self.names.work(queue))?;
+        let deadline = Instant::now() + options.wait;
+        loop {
+            let slot = self.round_robin.fetch_add(1, Ordering::Relaxed) % GETTERS;
+            let (ch, _, _) = self.getters[slot].get().await?;
+            let got = get_batch(&ch, &name, options.max).await?;
+            let fetched_any = !got.is_empty();
+            let out = self.admit(queue, got, options.lease).await;
+            if !out.is_empty() {
+                return Ok(out);
+            }
+            if fetched_any {
+                continue; // everything fetched was dead-lettered: look again
+            }
+            if Instant::now() >= deadline {
+                return Ok(Vec::new());
+            }
+            tracing::trace!(queue = %queue, "queue empty; waiting for the first message");
+            let mut got = self.wait_for_first(&ch, &name, deadline).await?;
+            if got.is_empty() {
+                return Ok(Vec::new());
+            }
+            if options.max > got.len() {
+                match get_batch(&ch, &name, options.max - got.len()).await {
+                    Ok(more) => got.extend(more),
+                    Err(e) => {
+                        release(got).await;
+                        return Err(e);
+                    }
+                }
+            }
+            let out = self.admit(queue, got, options.lease).await;
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
 }
 
 /// Acks a held delivery; a poisoned acker (dead channel) means the broker requeued it already.
@@ -718,44 +767,14 @@ impl Bus for RabbitBus {
         if options.max == 0 {
             return Err(Error::invalid("fetch max", "must be at least 1"));
         }
-        let inner = &self.inner;
-        inner.ensure(&Target::Work(queue.clone()), false).await?;
-        let name = short(inner.names.work(queue))?;
-        let deadline = Instant::now() + options.wait;
-        loop {
-            let slot = inner.round_robin.fetch_add(1, Ordering::Relaxed) % GETTERS;
-            let (ch, _, _) = inner.getters[slot].get().await?;
-            let got = get_batch(&ch, &name, options.max).await?;
-            let fetched_any = !got.is_empty();
-            let out = inner.admit(queue, got, options.lease).await;
-            if !out.is_empty() {
-                return Ok(out);
-            }
-            if fetched_any {
-                continue; // everything fetched was dead-lettered: look again
-            }
-            if Instant::now() >= deadline {
-                return Ok(Vec::new());
-            }
-            tracing::trace!(queue = %queue, "queue empty; waiting for the first message");
-            let mut got = inner.wait_for_first(&ch, &name, deadline).await?;
-            if got.is_empty() {
-                return Ok(Vec::new());
-            }
-            if options.max > got.len() {
-                match get_batch(&ch, &name, options.max - got.len()).await {
-                    Ok(more) => got.extend(more),
-                    Err(e) => {
-                        release(got).await;
-                        return Err(e);
-                    }
-                }
-            }
-            let out = inner.admit(queue, got, options.lease).await;
-            if !out.is_empty() {
-                return Ok(out);
+        let result = self.inner.fetch(queue, options).await;
+        if let Err(e) = &result {
+            if is_not_found(e) {
+                // The queue was deleted under us: declare it again next time.
+                self.inner.forget(&Target::Work(queue.clone()));
             }
         }
+        result
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<()> {

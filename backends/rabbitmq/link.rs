@@ -228,6 +228,22 @@ pub(crate) fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
     }
 }
 
+/// True when `e` is the broker's NOT_FOUND (a queue or exchange that does not exist, perhaps
+/// deleted behind this process's back).
+pub(crate) fn is_not_found(e: &Error) -> bool {
+    let Error::Backend {
+        source: Some(source),
+        ..
+    } = e
+    else {
+        return false;
+    };
+    source
+        .downcast_ref::<lapin::Error>()
+        .and_then(soft_error)
+        .is_some_and(|s| s == AMQPSoftError::NOTFOUND)
+}
+
 /// Converts a lapin error into ours: connection and channel trouble is temporary (retrying on a
 /// fresh channel or connection may succeed); refused access and mismatched declarations are
 /// permanent.

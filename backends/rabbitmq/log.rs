@@ -645,13 +645,21 @@ async fn ack_up_to(ch: &lapin::Channel, tag: u64) -> Result<()> {
 /// after any interruption (a lost connection, a cancelled consumer).
 async fn follow<M: Machine>(shared: Arc<Shared<M>>) {
     let mut next: Option<u64> = None;
+    let mut pause = Duration::from_millis(50);
     loop {
         let Some(session) = shared.link.session_retrying(|| false).await else {
             return;
         };
+        let before = next;
         if let Err(e) = shared.consume(&session, &mut next).await {
             tracing::warn!(stream = %shared.stream, error = %e, resume_at = ?next, "log follower interrupted; resuming");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Back off while nothing progresses (a deleted stream, a broker refusing us).
+            pause = if next != before {
+                Duration::from_millis(50)
+            } else {
+                (pause * 2).min(Duration::from_secs(5))
+            };
+            tokio::time::sleep(pause).await;
         }
     }
 }
