@@ -11,11 +11,12 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
+use agent_orchestra::backends::rabbitmq::RabbitRegistry;
 use agent_orchestra::testkit::harness::{broker_url, unique_prefix, BrokerKind};
 use agent_orchestra::testkit::run_suite_test;
 use agent_orchestra::{
     connect, BackendUrls, Backends, ConnectOptions, Error, Expected, FetchOptions, OutgoingMessage,
-    Priority, QueueName, Task, TaskId, TaskStatus,
+    Priority, QueueName, Registry, Task, TaskId, TaskStatus,
 };
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
@@ -71,6 +72,7 @@ async fn cleanup(prefix: &str) {
         .expect("cleanup connection");
     for name in names.iter().map(String::as_str).chain([
         format!("{prefix}registry").as_str(),
+        format!("{prefix}registry.snapshots").as_str(),
         format!("{prefix}locks").as_str(),
     ]) {
         // One channel per delete: a refused delete closes its channel.
@@ -336,6 +338,62 @@ fn a_new_process_rebuilds_the_registry_view_from_the_log() {
             late.is_some(),
             "a task created by another process before get was not found"
         );
+    });
+}
+
+/// After a snapshot, a new process loads it and replays only the records appended after it,
+/// and sees every task as it is now.
+#[test]
+fn a_new_process_starts_from_the_latest_snapshot() {
+    with_cleanup("rmq_snapshot", |prefix| async move {
+        let url = url::Url::parse(&broker_url(BrokerKind::Amqp).await).expect("url");
+        let first = RabbitRegistry::connect(&url, &options(&prefix))
+            .await
+            .expect("open the registry");
+        for i in 0..50 {
+            first
+                .create(&task(&format!("snap_{i}")))
+                .await
+                .expect("create");
+        }
+        let claimed = task("snap_7");
+        let mut next = claimed.state.clone();
+        next.status = TaskStatus::Running;
+        next.attempt = 1;
+        first
+            .transition(&claimed.task_id, claimed.expect(), next)
+            .await
+            .expect("claim");
+        assert_eq!(first.snapshot().await.expect("snapshot"), 50);
+        for i in 50..55 {
+            first
+                .create(&task(&format!("snap_{i}")))
+                .await
+                .expect("create after the snapshot");
+        }
+        let second = RabbitRegistry::connect(&url, &options(&prefix))
+            .await
+            .expect("open a second registry");
+        assert_eq!(
+            second.records_replayed_at_open(),
+            5,
+            "the second registry should replay only the 5 records after the snapshot"
+        );
+        let counts = second.counts().await.expect("counts");
+        assert_eq!(
+            (
+                counts.get(TaskStatus::Pending),
+                counts.get(TaskStatus::Running)
+            ),
+            (54, 1),
+            "{counts}"
+        );
+        let t = second
+            .get(&TaskId::parse("snap_7").expect("id"))
+            .await
+            .expect("get")
+            .expect("snap_7 in the loaded view");
+        assert_eq!(t.state.attempt, 1);
     });
 }
 

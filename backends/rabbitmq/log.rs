@@ -95,6 +95,40 @@ impl Writer {
         let task = tokio::spawn(write_batches(stream, publisher, rx));
         Writer { tx, task }
     }
+
+    /// Appends records nobody waits to see applied (snapshot parts), in order; returns once
+    /// the broker confirmed them all.
+    pub(crate) async fn append(&self, ops: Vec<Vec<u8>>) -> Result<()> {
+        let batch = uuid::Uuid::new_v4().simple().to_string();
+        let mut confirms = Vec::with_capacity(ops.len());
+        for (n, op) in ops.into_iter().enumerate() {
+            let (published, rx) = oneshot::channel();
+            let item = Item {
+                rid: format!("{batch}-{n}"),
+                op,
+                published,
+            };
+            if self.tx.send(item).is_err() {
+                return Err(Error::permanent(BACKEND, "the log writer stopped", None));
+            }
+            confirms.push(rx);
+        }
+        for rx in confirms {
+            match rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err((temporary, e))) => {
+                    let message = format!("log append failed: {e}");
+                    return Err(if temporary {
+                        Error::temporary(BACKEND, message, None)
+                    } else {
+                        Error::permanent(BACKEND, message, None)
+                    });
+                }
+                Err(_) => return Err(Error::permanent(BACKEND, "the log writer stopped", None)),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Packs `batch` into one message body: `[{"rid":"…","op":…},…]` (record ids are hex and
@@ -267,6 +301,18 @@ impl<M: Machine> Log<M> {
         arguments: FieldTable,
         machine: M,
     ) -> Result<Self> {
+        Self::open_from(link, stream, arguments, machine, None).await
+    }
+
+    /// Like [`Log::open`], starting from offset `start` with `machine` as the state the records
+    /// before it built (a snapshot).
+    pub(crate) async fn open_from(
+        link: Arc<Link>,
+        stream: String,
+        arguments: FieldTable,
+        machine: M,
+        start: Option<u64>,
+    ) -> Result<Self> {
         let stream = super::link::short(stream)?;
         let shared = Arc::new(Shared {
             link: link.clone(),
@@ -282,7 +328,7 @@ impl<M: Machine> Log<M> {
         let ch = session.channel(false).await?;
         shared.declare(&ch, false).await?;
         let _ = ch.close(200, "declared".into()).await;
-        let follower = tokio::spawn(follow(shared.clone()));
+        let follower = tokio::spawn(follow(shared.clone(), start));
         let writer = Writer::new(stream, CachedChannel::new(link, true, None));
         let log = Log {
             shared,
@@ -302,6 +348,19 @@ impl<M: Machine> Log<M> {
     /// Reads the view.
     pub(crate) fn read<R>(&self, f: impl FnOnce(&M) -> R) -> R {
         f(&self.shared.machine.read())
+    }
+
+    /// Changes the view outside the log (used to take a replayed snapshot catalog apart).
+    pub(crate) fn read_mut<R>(&self, f: impl FnOnce(&mut M) -> R) -> R {
+        f(&mut self.shared.machine.write())
+    }
+
+    /// Reads the view together with the offset of the last message applied to it (a
+    /// consistent cut: the follower cannot apply anything while `f` runs).
+    pub(crate) fn read_at<R>(&self, f: impl FnOnce(&M, Option<u64>) -> R) -> R {
+        let machine = self.shared.machine.read();
+        let offset = *self.shared.applied.lock();
+        f(&machine, offset)
     }
 
     /// Appends one record and returns what applying it decided.
@@ -528,6 +587,7 @@ impl<M: Machine> Shared<M> {
         let mut resolved = Vec::new();
         {
             let mut machine = self.machine.write();
+            *self.applied.lock() = Some(offset);
             for (index, record) in records.into_iter().enumerate() {
                 let position = offset
                     .saturating_mul(MAX_RECORDS_PER_MESSAGE as u64)
@@ -541,7 +601,6 @@ impl<M: Machine> Shared<M> {
                 }
             }
         }
-        *self.applied.lock() = Some(offset);
         if !resolved.is_empty() {
             let mut waiters = self.waiters.lock();
             for (rid, applied) in resolved {
@@ -617,6 +676,9 @@ impl<M: Machine> Shared<M> {
                 // Streams deliver from the start of a chunk: skip what was applied already.
                 Some(o) if next.is_some_and(|n| o < n) => {}
                 Some(o) => {
+                    if let Some(n) = next.filter(|n| o > *n) {
+                        tracing::error!(stream = %self.stream, expected = n, got = o, "log records are missing (removed by retention before this process read them); the view may be incomplete");
+                    }
                     self.apply(o, &d.data);
                     *next = Some(o + 1);
                 }
@@ -643,8 +705,8 @@ async fn ack_up_to(ch: &lapin::Channel, tag: u64) -> Result<()> {
 
 /// Follows the stream for as long as the log lives, resuming after the last applied offset
 /// after any interruption (a lost connection, a cancelled consumer).
-async fn follow<M: Machine>(shared: Arc<Shared<M>>) {
-    let mut next: Option<u64> = None;
+async fn follow<M: Machine>(shared: Arc<Shared<M>>, start: Option<u64>) {
+    let mut next: Option<u64> = start;
     let mut pause = Duration::from_millis(50);
     loop {
         let Some(session) = shared.link.session_retrying(|| false).await else {

@@ -19,6 +19,7 @@ mod lock;
 mod log;
 mod names;
 mod registry;
+mod snapshot;
 mod view;
 
 use std::sync::Arc;
@@ -47,22 +48,7 @@ pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 /// `channel_max`, `connection_timeout` (ms) and `auth_mechanism` query parameters. `amqps://`
 /// connects with TLS (rustls, the platform's trust store).
 pub async fn open(url: &Url, roles: &Roles, opts: &ConnectOptions) -> Result<Parts> {
-    let uri = parse_url(url)?;
-    let redacted = redact_url(url.as_str());
-    let names = Names::new(&opts.prefix)?;
-    let connection_name = |role: &str| {
-        format!(
-            "agent-orchestra {role} prefix={} pid={}",
-            names.prefix(),
-            std::process::id()
-        )
-    };
-    let link = Link::new(
-        uri.clone(),
-        redacted.clone(),
-        connection_name("main"),
-        opts.connect_timeout,
-    );
+    let (link, names) = link_for(url, opts, "main")?;
     link.session().await?;
     let mut parts = Parts::default();
     if roles.bus {
@@ -76,17 +62,25 @@ pub async fn open(url: &Url, roles: &Roles, opts: &ConnectOptions) -> Result<Par
         parts.registry = Some(Arc::new(RabbitRegistry::open(link.clone(), &names).await?) as _);
     }
     if roles.locks {
-        let holder_link = Link::new(
-            uri,
-            redacted,
-            connection_name("locks"),
-            opts.connect_timeout,
-        );
+        let (holder_link, _) = link_for(url, opts, "locks")?;
         holder_link.session().await?;
         parts.locks =
             Some(Arc::new(RabbitLockManager::open(link.clone(), holder_link, &names).await?) as _);
     }
     Ok(parts)
+}
+
+/// A (not yet connected) link for `url` named after `role`, and the names under the prefix.
+fn link_for(url: &Url, opts: &ConnectOptions, role: &str) -> Result<(Arc<Link>, Names)> {
+    let uri = parse_url(url)?;
+    let names = Names::new(&opts.prefix)?;
+    let name = format!(
+        "agent-orchestra {role} prefix={} pid={}",
+        names.prefix(),
+        std::process::id()
+    );
+    let link = Link::new(uri, redact_url(url.as_str()), name, opts.connect_timeout);
+    Ok((link, names))
 }
 
 /// Turns an `amqp://` / `amqps://` URL into lapin's connection parameters.

@@ -8,6 +8,7 @@
 //! | its dead letters (classic, durable) | `{prefix}q.{queue}.dead` |
 //! | events exchange (direct) | `{prefix}events` |
 //! | registry log (stream) | `{prefix}registry` |
+//! | registry snapshots (stream) | `{prefix}registry.snapshots` |
 //! | lock log (stream) | `{prefix}locks` |
 //! | a held lock (exclusive queue) | `{prefix}lock.{key}` |
 
@@ -77,6 +78,10 @@ impl Names {
 
     pub(crate) fn registry_log(&self) -> String {
         format!("{}registry", self.prefix)
+    }
+
+    pub(crate) fn registry_snapshots(&self) -> String {
+        format!("{}registry.snapshots", self.prefix)
     }
 
     pub(crate) fn lock_log(&self) -> String {

@@ -10,16 +10,22 @@
 //!   call is seen as it is now.
 //! * `counts`, `list`, `stale_running` and `purge_finished` first [`sync`](RabbitRegistry::sync),
 //!   then read the view's indexes (never every task).
-//! * A new process rebuilds the view by reading the stream from its first record.
+//! * A new process loads the latest complete snapshot (stream `{prefix}registry.snapshots`) and
+//!   replays the registry log after it, or the whole log when there is none. Snapshots are
+//!   written by [`RabbitRegistry::snapshot`], and by `purge_finished` once enough records
+//!   accumulated since the last one.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use lapin::types::AMQPValue;
 
-use super::link::{Link, BACKEND};
-use super::log::{stream_arguments, Log};
+use super::link::{short, CachedChannel, Link, BACKEND};
+use super::log::{stream_arguments, Log, Writer};
 use super::names::Names;
+use super::snapshot::{self, Catalog};
 use super::view::{micros, slot, IndexKey, RegistryOp, RegistryOutcome, TaskView, Victim};
 use crate::error::{Error, Result};
 use crate::model::{Expected, Task, TaskId, TaskState, TaskStatus};
@@ -27,10 +33,22 @@ use crate::registry::{check_transition, Registry, Retention, StatusCounts, TaskF
 
 /// Tombstones per purge record.
 const PURGE_BATCH: usize = 500;
+/// `purge_finished` writes a snapshot when this many records were applied since the last one
+/// this process knows of.
+const SNAPSHOT_EVERY: u64 = 100_000;
+/// Snapshots older than this are dropped by the stream's retention (in 8 MB segments); a
+/// process that finds none replays the whole registry log.
+const SNAPSHOT_MAX_AGE: &str = "7D";
+const SNAPSHOT_SEGMENT_BYTES: i64 = 8_000_000;
 
 /// The RabbitMQ [`Registry`]. See the module documentation and docs/backends/rabbitmq.md.
 pub struct RabbitRegistry {
     log: Log<TaskView>,
+    snapshots: Writer,
+    /// Records applied (view counter) when the last snapshot was loaded or written.
+    records_at_snapshot: AtomicU64,
+    /// Records replayed from the log when this registry opened (after its snapshot, if any).
+    replayed: u64,
 }
 
 impl std::fmt::Debug for RabbitRegistry {
@@ -45,16 +63,102 @@ impl std::fmt::Debug for RabbitRegistry {
 }
 
 impl RabbitRegistry {
-    /// Opens the registry log and replays it; returns once the view is complete.
+    /// Loads the latest snapshot, replays the registry log after it, and returns once the view
+    /// is complete.
     pub(crate) async fn open(link: Arc<Link>, names: &Names) -> Result<Self> {
-        let log = Log::open(
-            link,
-            names.registry_log(),
-            stream_arguments(&[]),
-            TaskView::default(),
+        let snapshot_args = stream_arguments(&[
+            ("x-max-age", AMQPValue::LongString(SNAPSHOT_MAX_AGE.into())),
+            (
+                "x-stream-max-segment-size-bytes",
+                AMQPValue::LongLongInt(SNAPSHOT_SEGMENT_BYTES),
+            ),
+        ]);
+        let catalog = Log::open(
+            link.clone(),
+            names.registry_snapshots(),
+            snapshot_args,
+            Catalog::default(),
         )
         .await?;
-        Ok(RabbitRegistry { log })
+        let latest = catalog.read_mut(Catalog::take_latest);
+        drop(catalog);
+        let (view, start) = match latest {
+            Some((through, tasks)) => {
+                let view = snapshot::restore(tasks);
+                tracing::info!(
+                    tasks = view.tasks.len(),
+                    through,
+                    "registry view loaded from a snapshot"
+                );
+                (view, Some(through + 1))
+            }
+            None => (TaskView::default(), None),
+        };
+        let log = Log::open_from(
+            link.clone(),
+            names.registry_log(),
+            stream_arguments(&[]),
+            view,
+            start,
+        )
+        .await?;
+        let replayed = log.read(|v| v.records);
+        let snapshots = Writer::new(
+            short(names.registry_snapshots())?,
+            CachedChannel::new(link, true, None),
+        );
+        Ok(RabbitRegistry {
+            log,
+            snapshots,
+            records_at_snapshot: AtomicU64::new(replayed),
+            replayed,
+        })
+    }
+
+    /// Opens a registry on its own connection (for callers who want the concrete type, for
+    /// [`RabbitRegistry::sync`] and [`RabbitRegistry::snapshot`]); `open` with
+    /// `Roles { registry: true, .. }` gives the same behind `Arc<dyn Registry>`.
+    pub async fn connect(url: &url::Url, opts: &crate::backends::ConnectOptions) -> Result<Self> {
+        let (link, names) = super::link_for(url, opts, "registry")?;
+        link.session().await?;
+        Self::open(link, &names).await
+    }
+
+    /// Writes a snapshot of the view (as of the log's tail now) to the snapshot stream, so that
+    /// processes opened later replay only what follows it. Returns the number of tasks written.
+    /// Costs one sync, then one confirmed message per 256 kB of task JSON; the view is held
+    /// read-locked while it is encoded.
+    pub async fn snapshot(&self) -> Result<u64> {
+        self.log.sync().await?;
+        let cut = self.log.read_at(|view, offset| {
+            offset.map(|through| {
+                (
+                    snapshot::encode(view, through),
+                    view.tasks.len() as u64,
+                    view.records,
+                )
+            })
+        });
+        let Some((parts, tasks, records)) = cut else {
+            return Ok(0); // an empty log: nothing to snapshot
+        };
+        let parts = parts.map_err(|e| {
+            Error::permanent(
+                BACKEND,
+                format!("cannot encode a registry snapshot: {e}"),
+                Some(Box::new(e) as _),
+            )
+        })?;
+        self.snapshots.append(parts).await?;
+        self.records_at_snapshot.store(records, Ordering::Relaxed);
+        tracing::info!(tasks, "registry snapshot written");
+        Ok(tasks)
+    }
+
+    /// Records this registry replayed from the log when it opened (after its snapshot, if it
+    /// loaded one). Diagnostic.
+    pub fn records_replayed_at_open(&self) -> u64 {
+        self.replayed
     }
 
     /// Waits until this process's view contains every change appended to the registry log
@@ -298,6 +402,15 @@ impl Registry for RabbitRegistry {
             match outcome? {
                 RegistryOutcome::Purged(n) => purged += n,
                 other => return Err(unexpected(other)),
+            }
+        }
+        // Retention runs periodically (the monitor's leader): a good moment to compact.
+        let records = self.log.read(|v| v.records);
+        if records.saturating_sub(self.records_at_snapshot.load(Ordering::Relaxed))
+            >= SNAPSHOT_EVERY
+        {
+            if let Err(e) = self.snapshot().await {
+                tracing::warn!(error = %e, "could not write a registry snapshot; will try again at the next purge");
             }
         }
         Ok(purged)

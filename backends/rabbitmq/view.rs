@@ -106,6 +106,12 @@ impl TaskView {
         }
     }
 
+    /// Adds a task read from a snapshot (replacing any copy).
+    pub(crate) fn insert_snapshot_task(&mut self, task: Task) {
+        self.remove(&task.task_id);
+        self.create(task);
+    }
+
     fn create(&mut self, task: Task) -> RegistryOutcome {
         if self.tasks.contains_key(&task.task_id) {
             return RegistryOutcome::Exists;
