@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::PullConsumer, message::PublishMessage as Publish};
+use async_nats::jetstream::{self, message::PublishMessage as Publish};
 use async_nats::HeaderMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -18,8 +18,8 @@ use super::blob::{load_payload, store_payload, BlobRef, Blobs, BLOB_HEADER};
 use super::errors::{boxed_err, nats_err};
 use super::leases::LeaseKeeper;
 use super::queue::{
-    instant_at_unix_ms, QueueHandle, DELAYED, DUE_HEADER, ID_HEADER, LEVELS, PRIORITY_HEADER,
-    TIMER_SLACK,
+    instant_at_unix_ms, Puller, QueueHandle, DELAYED, DUE_HEADER, ID_HEADER, LEVELS,
+    PRIORITY_HEADER, TIMER_SLACK,
 };
 use super::{Shared, BACKEND};
 use crate::bus::{
@@ -120,25 +120,6 @@ fn to_utc(at: Instant) -> DateTime<Utc> {
     Utc::now() + chrono::Duration::from_std(delta).unwrap_or_default()
 }
 
-async fn pull(consumer: &PullConsumer, n: usize) -> Result<Vec<jetstream::Message>> {
-    let fut = async {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(n)
-            .messages()
-            .await
-            .map_err(|e| nats_err("cannot fetch", e))?;
-        let mut out = Vec::with_capacity(n);
-        while let Some(m) = batch.next().await {
-            out.push(m.map_err(|e| boxed_err("cannot fetch", e))?);
-        }
-        Ok(out)
-    };
-    tokio::time::timeout(PULL_TIMEOUT, fut)
-        .await
-        .map_err(|_| Error::temporary(BACKEND, "fetch timed out", None))?
-}
-
 impl NatsBus {
     pub(crate) fn new(shared: Shared, max_deliveries: u32) -> Self {
         NatsBus {
@@ -232,27 +213,16 @@ impl NatsBus {
                 return Err(nats_err(&format!("cannot enqueue on queue {}", q.name), e));
             }
         }
-        // This process's fetchers learn at once (other processes through the republished
-        // wake-ups, which may trail the publish acks by a little).
-        {
-            let mut wake = q.wake.lock();
-            wake.mark_bits(levels);
-            for at in due {
-                wake.add_timer(instant_at_unix_ms(at) + TIMER_SLACK, DELAYED);
-            }
-        }
-        q.notify.notify_waiters();
+        // This process's fetchers learn at once, other processes through one core-NATS
+        // wake-up per level (and per due time) of the batch.
+        q.announce(levels, &due).await;
         Ok(ids)
     }
 
     /// Moves due delayed messages to their level; gives the others back until they are due.
     /// Returns how many messages the pull returned.
-    async fn promote_delayed(
-        &self,
-        q: &Arc<QueueHandle>,
-        consumer: &PullConsumer,
-    ) -> Result<usize> {
-        let msgs = pull(consumer, DELAYED_BATCH).await?;
+    async fn promote_delayed(&self, q: &Arc<QueueHandle>, consumer: &Puller) -> Result<usize> {
+        let msgs = consumer.pull(DELAYED_BATCH, PULL_TIMEOUT).await?;
         let n = msgs.len();
         let now_ms = Utc::now().timestamp_millis();
         let mut moving = Vec::new();
@@ -276,6 +246,7 @@ impl NatsBus {
             return Ok(n);
         }
         let mut acks = Vec::with_capacity(moving.len());
+        let mut moved = 0u16;
         for m in &moving {
             let headers = m.headers.as_ref();
             let level = header(headers, PRIORITY_HEADER)
@@ -283,6 +254,7 @@ impl NatsBus {
                 .and_then(|p| Priority::new(p).ok())
                 .unwrap_or_default()
                 .index();
+            moved |= 1 << level;
             let id = header(headers, ID_HEADER).unwrap_or_default().to_string();
             let mut publish = Publish::build()
                 .payload(m.payload.clone())
@@ -306,6 +278,7 @@ impl NatsBus {
                 .map_err(|e| nats_err("cannot move a delayed message", e))
         }))
         .await?;
+        q.announce(moved, &[]).await;
         try_join_all(moving.iter().map(|m| async move {
             m.double_ack()
                 .await
@@ -461,7 +434,7 @@ impl NatsBus {
             while out.len() < max {
                 let want = max - out.len();
                 let sent_at = Instant::now();
-                let msgs = pull(&consumers.levels[level], want).await?;
+                let msgs = consumers.levels[level].pull(want, PULL_TIMEOUT).await?;
                 let got = msgs.len();
                 self.deliver(q, level, msgs, sent_at, lease, &mut out)
                     .await?;

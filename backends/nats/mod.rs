@@ -3,9 +3,9 @@
 //!
 //! * Work queues are JetStream streams with work-queue retention and file storage, one stream per
 //!   queue with one subject and one durable pull consumer per priority level (plus a `delayed`
-//!   subject for messages enqueued with a delay). Fetches take from level 1 first. The stream
-//!   republishes the headers of every stored message to a core-NATS wake-up subject, so an
-//!   idle fetch reacts within a millisecond without polling.
+//!   subject for messages enqueued with a delay). Fetches take from level 1 first. Enqueuers
+//!   send a core-NATS wake-up per batch and level, so an idle fetch reacts within a
+//!   millisecond without polling.
 //! * Events are plain core-NATS subjects `{prefix}events.<topic>`.
 //! * Tasks live in a JetStream key-value bucket (compare-and-set on the revision); counts, the
 //!   stale-RUNNING query, lists and dependents come from an in-process index that follows the

@@ -73,7 +73,7 @@ impl Names {
         format!("{}orch.q.{}", self.subject, q)
     }
 
-    /// Where the work stream republishes the headers of each stored message.
+    /// Where enqueuers send the core-NATS wake-ups of a queue's levels.
     pub(crate) fn wake_subject_base(&self, q: &QueueName) -> String {
         format!("{}orch.wake.{}", self.subject, q)
     }

@@ -3,8 +3,8 @@
 //! Stream `{prefix}ORCH_Q_<queue>` (work-queue retention, file storage) holds subjects
 //! `{prefix}orch.q.<queue>.1` ..= `.10` (one per priority level) and `.delayed`. Each has one
 //! durable pull consumer with explicit acks (`p1` ..= `p10`, `delayed`); work-queue streams allow
-//! only one consumer per subject, and competing workers share it. The stream republishes the
-//! headers of every stored message to `{prefix}orch.wake.<queue>.<level>`; each process
+//! only one consumer per subject, and competing workers share it. Enqueuers and the delayed
+//! mover send a core-NATS wake-up to `{prefix}orch.wake.<queue>.<level>`; each process
 //! subscribes once per queue and keeps one "may have ready messages" bit per level, so a fetch
 //! only asks the server about levels that may have something.
 
@@ -13,7 +13,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
-use async_nats::jetstream::stream;
+use async_nats::jetstream::{self, stream};
+use async_nats::StatusCode;
 use futures::future::try_join_all;
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -22,8 +23,8 @@ use tokio::time::Instant;
 
 use super::errors::nats_err;
 use super::leases::ACK_WAIT;
-use super::Shared;
-use crate::error::Result;
+use super::{Shared, BACKEND};
+use crate::error::{Error, Result};
 use crate::model::QueueName;
 
 /// Priority levels.
@@ -47,6 +48,8 @@ pub(crate) const ID_HEADER: &str = "Orch-Id";
 pub(crate) const PRIORITY_HEADER: &str = "Orch-Priority";
 /// Header with the due time of a delayed message, in Unix milliseconds.
 pub(crate) const DUE_HEADER: &str = "Orch-Due";
+/// Header of a wake-up naming the queue handle that sent it.
+const ORIGIN_HEADER: &str = "Orch-Origin";
 
 /// Which levels may have ready messages.
 #[derive(Debug)]
@@ -128,11 +131,133 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Pulls from one consumer through one long-lived inbox subscription (`<inbox>.*`), instead of
+/// a subscription made and dropped for every pull (which costs the server a SUB and an UNSUB,
+/// and a cache flush of its subject index, per fetch). Pulls on one consumer take turns; the
+/// engine has one fetch loop per queue, so they rarely wait for each other.
+pub(crate) struct Puller {
+    client: async_nats::Client,
+    context: jetstream::Context,
+    /// `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`.
+    request_subject: String,
+    state: tokio::sync::Mutex<PullState>,
+}
+
+impl std::fmt::Debug for Puller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Puller")
+            .field("request_subject", &self.request_subject)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct PullState {
+    /// The inbox prefix and its subscription; made again after a pull that did not finish.
+    sub: Option<(String, async_nats::Subscriber)>,
+    /// Number of the last pull; its reply subject is `<inbox>.<number>`.
+    last: u64,
+    /// A pull was sent and did not finish (timed out, or its future was dropped): messages for
+    /// it may still arrive, so the next pull uses a new inbox.
+    dirty: bool,
+}
+
+impl Puller {
+    fn new(shared: &Shared, consumer: &PullConsumer) -> Self {
+        let info = consumer.cached_info();
+        Puller {
+            client: shared.client.clone(),
+            context: shared.js.clone(),
+            request_subject: format!(
+                "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+                info.stream_name, info.name
+            ),
+            state: tokio::sync::Mutex::new(PullState::default()),
+        }
+    }
+
+    /// A no-wait pull of at most `n` messages: what is ready now, possibly nothing.
+    pub(crate) async fn pull(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<jetstream::Message>> {
+        let mut guard = self.state.lock().await;
+        let st = &mut *guard;
+        if st.dirty {
+            st.sub = None; // dropping the subscriber unsubscribes
+            st.dirty = false;
+        }
+        let (inbox, sub) = match &mut st.sub {
+            Some(s) => s,
+            None => {
+                let inbox = self.client.new_inbox();
+                let sub = self
+                    .client
+                    .subscribe(format!("{inbox}.*"))
+                    .await
+                    .map_err(|e| nats_err("cannot fetch", e))?;
+                st.sub.insert((inbox, sub))
+            }
+        };
+        st.last += 1;
+        let reply = format!("{inbox}.{}", st.last);
+        let body = format!(r#"{{"batch":{n},"no_wait":true}}"#);
+        st.dirty = true;
+        self.client
+            .publish_with_reply(self.request_subject.clone(), reply.clone(), body.into())
+            .await
+            .map_err(|e| nats_err("cannot fetch", e))?;
+        let got = tokio::time::timeout(timeout, receive(sub, &reply, n, &self.context))
+            .await
+            .map_err(|_| Error::temporary(BACKEND, "fetch timed out", None))??;
+        st.dirty = false;
+        Ok(got)
+    }
+}
+
+/// Reads the answer to one pull: up to `n` messages, ended early by a status (404 no
+/// messages, 408 request expired). Statuses of earlier pulls (another reply subject) are
+/// skipped.
+async fn receive(
+    sub: &mut async_nats::Subscriber,
+    reply: &str,
+    n: usize,
+    context: &jetstream::Context,
+) -> Result<Vec<jetstream::Message>> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let Some(m) = sub.next().await else {
+            return Err(Error::temporary(BACKEND, "fetch subscription closed", None));
+        };
+        match m.status {
+            None | Some(StatusCode::OK) => out.push(jetstream::Message {
+                message: m,
+                context: context.clone(),
+            }),
+            Some(_) if m.subject.as_str() != reply => {}
+            Some(StatusCode::NOT_FOUND) | Some(StatusCode::TIMEOUT) => break,
+            Some(StatusCode::IDLE_HEARTBEAT) => {}
+            Some(code) => {
+                return Err(Error::temporary(
+                    BACKEND,
+                    format!(
+                        "fetch answered with status {code}: {}",
+                        m.description.as_deref().unwrap_or("")
+                    ),
+                    None,
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The consumers of a queue, created on its first fetch.
 #[derive(Debug)]
 pub(crate) struct Consumers {
-    pub(crate) levels: Vec<PullConsumer>,
-    pub(crate) delayed: PullConsumer,
+    pub(crate) levels: Vec<Puller>,
+    pub(crate) delayed: Puller,
     _wake: AbortOnDrop,
 }
 
@@ -147,6 +272,8 @@ pub(crate) struct QueueHandle {
     consumers: OnceCell<Consumers>,
     pub(crate) wake: Mutex<WakeState>,
     pub(crate) notify: Notify,
+    /// Names this handle in its wake-ups, so that it skips its own.
+    origin: String,
 }
 
 impl QueueHandle {
@@ -160,6 +287,7 @@ impl QueueHandle {
             consumers: OnceCell::new(),
             wake: Mutex::new(WakeState::new()),
             notify: Notify::new(),
+            origin: uuid::Uuid::new_v4().simple().to_string(),
         })
     }
 
@@ -182,22 +310,86 @@ impl QueueHandle {
                     subjects: vec![format!("{}.>", self.subject_base)],
                     retention: stream::RetentionPolicy::WorkQueue,
                     storage: stream::StorageType::File,
-                    republish: Some(stream::Republish {
-                        source: format!("{}.>", self.subject_base),
-                        destination: format!("{}.>", names.wake_subject_base(&self.name)),
-                        headers_only: true,
-                    }),
                     ..Default::default()
                 };
-                self.shared
+                let what = || format!("cannot open the stream of queue {}", self.name);
+                let stream = self
+                    .shared
                     .js
-                    .get_or_create_stream(config)
+                    .get_or_create_stream(config.clone())
                     .await
-                    .map_err(|e| {
-                        nats_err(&format!("cannot open the stream of queue {}", self.name), e)
-                    })
+                    .map_err(|e| nats_err(&what(), e))?;
+                if stream.cached_info().config.republish.is_some() {
+                    // Made by an older version, which woke fetchers by republishing every
+                    // stored message (4-5x the cost of a plain publish on 2.9): wake-ups are
+                    // core-NATS messages sent by the enqueuer now.
+                    self.shared
+                        .js
+                        .update_stream(&config)
+                        .await
+                        .map_err(|e| nats_err(&what(), e))?;
+                    return self
+                        .shared
+                        .js
+                        .get_stream(config.name)
+                        .await
+                        .map_err(|e| nats_err(&what(), e));
+                }
+                Ok(stream)
             })
             .await
+    }
+
+    /// The core-NATS wake-up subject of a level (0-based) or of the delayed messages.
+    fn wake_subject(&self, level: usize) -> String {
+        let base = self.shared.names.wake_subject_base(&self.name);
+        if level == DELAYED {
+            format!("{base}.delayed")
+        } else {
+            format!("{base}.{}", level + 1)
+        }
+    }
+
+    /// Tells every process's fetchers of this queue that the levels in `levels` have new
+    /// messages and that delayed messages fall due at `due` (Unix ms). Core NATS, at most
+    /// once, nothing awaited: a lost wake-up is covered by the periodic rescan. This process's
+    /// own fetchers are told directly, and skip their own wake-ups.
+    pub(crate) async fn announce(&self, levels: u16, due: &[i64]) {
+        {
+            let mut wake = self.wake.lock();
+            wake.mark_bits(levels);
+            for at in due {
+                wake.add_timer(instant_at_unix_ms(*at) + TIMER_SLACK, DELAYED);
+            }
+        }
+        self.notify.notify_waiters();
+        let mut sends: Vec<(String, async_nats::HeaderMap)> = Vec::new();
+        for level in 0..LEVELS {
+            if levels & (1 << level) != 0 {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert(ORIGIN_HEADER, self.origin.as_str());
+                sends.push((self.wake_subject(level), h));
+            }
+        }
+        let mut dues: Vec<i64> = due.to_vec();
+        dues.sort_unstable();
+        dues.dedup();
+        for at in dues {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(ORIGIN_HEADER, self.origin.as_str());
+            h.insert(DUE_HEADER, at.to_string().as_str());
+            sends.push((self.wake_subject(DELAYED), h));
+        }
+        for (subject, headers) in sends {
+            if let Err(e) = self
+                .shared
+                .client
+                .publish_with_headers(subject, headers, Vec::new().into())
+                .await
+            {
+                tracing::debug!(queue = %self.name, error = %e, "cannot send a wake-up");
+            }
+        }
     }
 
     /// The dead-letter stream, created if missing (limits retention, newest 100,000 kept).
@@ -284,8 +476,8 @@ impl QueueHandle {
                     }
                 });
                 Ok(Consumers {
-                    levels,
-                    delayed,
+                    levels: levels.iter().map(|c| Puller::new(&me.shared, c)).collect(),
+                    delayed: Puller::new(&me.shared, &delayed),
                     _wake: AbortOnDrop(task),
                 })
             })
@@ -293,6 +485,10 @@ impl QueueHandle {
     }
 
     fn on_wake(&self, msg: &async_nats::Message) {
+        let origin = msg.headers.as_ref().and_then(|h| h.get(ORIGIN_HEADER));
+        if origin.is_some_and(|o| o.as_str() == self.origin) {
+            return; // ours: already applied by `announce`
+        }
         let Some(token) = msg.subject.as_str().rsplit('.').next() else {
             return;
         };

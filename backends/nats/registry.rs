@@ -21,6 +21,7 @@ use async_nats::HeaderMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::future::{join_all, try_join_all};
+use futures::{StreamExt, TryStreamExt};
 use parking_lot::Mutex;
 use tokio::sync::OnceCell;
 
@@ -38,6 +39,8 @@ use crate::registry::{
 
 /// Revisions remembered for the one-round-trip transition; cleared when full.
 const CACHE_LIMIT: usize = 100_000;
+/// Purged tasks whose leftovers (blob, dependents list) are cleaned up at once.
+const PURGE_CONCURRENCY: usize = 256;
 /// Compare-and-set attempts before giving up on a task that keeps changing.
 const CAS_ATTEMPTS: usize = 16;
 
@@ -519,11 +522,18 @@ impl Registry for NatsRegistry {
         )
         .await;
         let mut purged = 0;
+        let mut gone: Vec<(TaskId, Option<String>)> = Vec::new();
         for ((id, _, blob), r) in doomed.iter().zip(settled) {
             if let Write::Done(_) = r? {
                 purged += 1;
                 self.cache.lock().remove(id);
-                if let Some(b) = blob {
+                gone.push((id.clone(), blob.clone()));
+            }
+        }
+        // The purged tasks' payloads and dependents lists, many at once.
+        futures::stream::iter(gone)
+            .map(|(id, blob): (TaskId, Option<String>)| async move {
+                if let Some(b) = &blob {
                     if let Err(e) = async { self.blobs.delete(&BlobRef::parse(b)?).await }.await {
                         tracing::warn!(task_id = %id, error = %e, "cannot delete a purged task's payload");
                     }
@@ -534,8 +544,11 @@ impl Registry for NatsRegistry {
                         self.deps.settle(id.as_str(), ack).await?;
                     }
                 }
-            }
-        }
+                Ok::<(), Error>(())
+            })
+            .buffer_unordered(PURGE_CONCURRENCY)
+            .try_collect::<()>()
+            .await?;
         Ok(purged)
     }
 }
