@@ -59,7 +59,13 @@ pub async fn nats(prefix: &str) {
     // The backend maps anything outside [A-Za-z0-9_-] to '_' in stream names.
     let p: String = prefix
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     assert!(!p.is_empty(), "refusing to clean up an empty prefix");
     let kv = format!("KV_{p}");
