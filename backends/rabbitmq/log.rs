@@ -36,6 +36,9 @@ use crate::error::{Error, Result};
 const PREFETCH: u16 = 500;
 /// How long a writer waits for its own record to come back before giving up (temporary error).
 const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a sync keeps retrying to append its marker (the broker unreachable) before it
+/// returns a temporary error: reads should fail fast while the broker is away.
+const SYNC_RETRY_BUDGET: Duration = Duration::from_secs(5);
 /// Stream messages a writer has published but not yet had confirmed; further records wait and
 /// are packed into the next message.
 const WRITES_IN_FLIGHT: usize = 1;
@@ -480,6 +483,7 @@ impl<M: Machine> Log<M> {
     /// delivery.
     pub(crate) async fn sync(&self) -> Result<()> {
         let deadline = tokio::time::Instant::now() + APPLY_TIMEOUT;
+        let retry_until = tokio::time::Instant::now() + SYNC_RETRY_BUDGET;
         loop {
             let (rid, published, applied) = self.enqueue(&self.writer, Vec::new())?;
             let failure = match published.await {
@@ -494,12 +498,13 @@ impl<M: Machine> Log<M> {
                 }
                 Some((temporary, e)) => {
                     self.shared.waiters.lock().remove(&rid);
-                    if tokio::time::Instant::now() >= deadline || !temporary {
-                        return Err(Error::temporary(
-                            BACKEND,
-                            format!("log sync failed: {e}"),
-                            None,
-                        ));
+                    if tokio::time::Instant::now() >= retry_until || !temporary {
+                        let message = format!("log sync failed: {e}");
+                        return Err(if temporary {
+                            Error::temporary(BACKEND, message, None)
+                        } else {
+                            Error::permanent(BACKEND, message, None)
+                        });
                     }
                     tracing::debug!(error = %e, "sync marker not appended yet; retrying");
                     tokio::time::sleep(Duration::from_millis(100)).await;
