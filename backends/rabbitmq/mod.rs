@@ -21,6 +21,7 @@ mod names;
 mod registry;
 mod snapshot;
 mod view;
+mod writer;
 
 use std::sync::Arc;
 

@@ -27,31 +27,28 @@ use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery as AmqpDelivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicPublishOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+mod publish;
+mod wire;
+
+use self::wire::{
+    ack_quietly, get_batch, header_text, header_u64, long, our_priority, release, work_properties,
+    H_DEAD_AT, H_DELIVERIES, H_REASON,
+};
 use super::events::Events;
 use super::leases::{HeldMessage, LeaseEntry, LeaseTable};
 use super::link::{amqp_error, is_not_found, short, CachedChannel, Link, BACKEND};
-use super::names::{delay_bucket_ms, Names};
+use super::names::Names;
 use crate::bus::{
     Bus, DeadLetter, Delivery, FetchOptions, OutgoingMessage, QueueStats, Subscription,
 };
 use crate::error::{Error, Result};
-use crate::model::{Priority, QueueName};
-
-/// Deliveries of this message before the copy that carries the header.
-const H_DELIVERIES: &str = "x-orchestra-deliveries";
-/// Why a dead letter died.
-const H_REASON: &str = "x-orchestra-reason";
-/// When a dead letter died (Unix milliseconds).
-const H_DEAD_AT: &str = "x-orchestra-dead-at-ms";
+use crate::model::QueueName;
 
 /// Confirm-mode channels that publishes are spread over.
 const PUBLISHERS: usize = 4;
@@ -165,250 +162,12 @@ async fn reap_expired_leases(inner: Arc<BusInner>) {
     }
 }
 
-fn amqp_priority(p: Priority) -> u8 {
-    11 - p.get()
-}
-
-fn our_priority(amqp: Option<u8>) -> Priority {
-    amqp.and_then(|a| Priority::new(11 - i64::from(a.clamp(1, 10))).ok())
-        .unwrap_or_default()
-}
-
-fn header_u64(headers: Option<&FieldTable>, key: &str) -> Option<u64> {
-    match headers?.inner().get(key)? {
-        AMQPValue::ShortShortUInt(v) => Some(u64::from(*v)),
-        AMQPValue::ShortUInt(v) => Some(u64::from(*v)),
-        AMQPValue::LongUInt(v) => Some(u64::from(*v)),
-        AMQPValue::ShortShortInt(v) => u64::try_from(*v).ok(),
-        AMQPValue::ShortInt(v) => u64::try_from(*v).ok(),
-        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
-        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
-        AMQPValue::Timestamp(v) => Some(*v),
-        _ => None,
-    }
-}
-
-fn header_text(headers: Option<&FieldTable>, key: &str) -> Option<String> {
-    match headers?.inner().get(key)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
-        _ => None,
-    }
-}
-
-fn long(v: u64) -> AMQPValue {
-    AMQPValue::LongLongInt(i64::try_from(v).unwrap_or(i64::MAX))
-}
-
-/// Properties of a work message carrying `deliveries` past deliveries.
-fn work_properties(
-    message_id: &str,
-    priority: Priority,
-    deliveries: u32,
-) -> Result<BasicProperties> {
-    let mut headers = FieldTable::default();
-    headers.insert(H_DELIVERIES.into(), long(u64::from(deliveries)));
-    Ok(BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_priority(amqp_priority(priority))
-        .with_message_id(short(message_id)?)
-        .with_headers(headers))
-}
-
 fn to_utc(at: Instant) -> DateTime<Utc> {
     let ahead = at.saturating_duration_since(Instant::now());
     Utc::now() + chrono::Duration::from_std(ahead).unwrap_or_default()
 }
 
 impl BusInner {
-    fn queue_name(&self, target: &Target) -> String {
-        match target {
-            Target::Work(q) => self.names.work(q),
-            Target::Delay(q, ms) => self.names.delay(q, *ms),
-            Target::Dead(q) => self.names.dead(q),
-        }
-    }
-
-    fn queue_arguments(&self, target: &Target) -> FieldTable {
-        let mut args = FieldTable::default();
-        match target {
-            Target::Work(_) => {
-                args.insert("x-max-priority".into(), AMQPValue::LongLongInt(10));
-                args.insert("x-queue-version".into(), AMQPValue::LongLongInt(2));
-            }
-            Target::Delay(q, ms) => {
-                args.insert("x-message-ttl".into(), long(*ms));
-                args.insert(
-                    "x-expires".into(),
-                    long(*ms + DELAY_QUEUE_SPARE.as_millis() as u64),
-                );
-                args.insert(
-                    "x-dead-letter-exchange".into(),
-                    AMQPValue::LongString("".into()),
-                );
-                args.insert(
-                    "x-dead-letter-routing-key".into(),
-                    AMQPValue::LongString(self.names.work(q).into()),
-                );
-            }
-            Target::Dead(_) => {}
-        }
-        args
-    }
-
-    /// Declares `target` (durable, with its arguments) and returns its ready-message count.
-    async fn declare(&self, ch: &Channel, target: &Target) -> Result<u64> {
-        let name = self.queue_name(target);
-        let q = ch
-            .queue_declare(
-                short(name.clone())?,
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                self.queue_arguments(target),
-            )
-            .await
-            .map_err(|e| amqp_error(&format!("declare queue {name}"), e))?;
-        Ok(u64::from(q.message_count()))
-    }
-
-    /// Declares `target` unless this connection already did (`force` declares anyway). A delay
-    /// queue dead-letters into its work queue, which is declared first.
-    async fn ensure(&self, target: &Target, force: bool) -> Result<()> {
-        if let Target::Delay(q, _) = target {
-            self.ensure_one(&Target::Work(q.clone()), force).await?;
-        }
-        self.ensure_one(target, force).await
-    }
-
-    async fn ensure_one(&self, target: &Target, force: bool) -> Result<()> {
-        let name = self.queue_name(target);
-        if !force {
-            let d = self.declared.lock();
-            let fresh = match target {
-                Target::Delay(..) => d
-                    .delays
-                    .get(&name)
-                    .is_some_and(|at| at.elapsed() < DELAY_REDECLARE),
-                _ => d.generation == self.link.generation() && d.queues.contains(&name),
-            };
-            if fresh {
-                return Ok(());
-            }
-        }
-        let (ch, generation, _) = self.topology.get().await?;
-        self.declare(&ch, target).await?;
-        let mut d = self.declared.lock();
-        match target {
-            Target::Delay(q, ms) => {
-                d.delays.insert(name, Instant::now());
-                d.buckets.entry(q.clone()).or_default().insert(*ms);
-            }
-            _ => {
-                if d.generation != generation {
-                    d.generation = generation;
-                    d.queues.clear();
-                }
-                d.queues.insert(name);
-            }
-        }
-        Ok(())
-    }
-
-    /// Publishes `items` in order on one confirm channel and waits for every confirm. A message
-    /// the broker returns as unroutable (its queue was deleted) is published again once after
-    /// declaring the queue.
-    async fn send(&self, items: Vec<Outgoing<'_>>) -> Result<()> {
-        let mut targets: Vec<&Target> = Vec::new();
-        for item in &items {
-            if !targets.contains(&&item.target) {
-                targets.push(&item.target);
-            }
-        }
-        for t in targets {
-            self.ensure(t, false).await?;
-        }
-        let mut pending: Vec<usize> = (0..items.len()).collect();
-        for attempt in 0..2 {
-            let slot = self.round_robin.fetch_add(1, Ordering::Relaxed) % PUBLISHERS;
-            let (ch, _, _) = self.publishers[slot].get().await?;
-            let mut confirms = Vec::with_capacity(pending.len());
-            for &i in &pending {
-                let item = &items[i];
-                let confirm = ch
-                    .basic_publish(
-                        ShortString::default(),
-                        short(self.queue_name(&item.target))?,
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        item.payload,
-                        item.properties.clone(),
-                    )
-                    .await
-                    .map_err(|e| amqp_error("publish", e))?;
-                confirms.push(confirm);
-            }
-            let outcomes = futures::future::join_all(confirms).await;
-            let mut returned = Vec::new();
-            for (&i, outcome) in pending.iter().zip(outcomes) {
-                let confirmation =
-                    outcome.map_err(|e| amqp_error("wait for a publisher confirm", e))?;
-                let nacked = confirmation.is_nack();
-                if confirmation.take_message().is_some() {
-                    returned.push(i);
-                } else if nacked {
-                    return Err(Error::temporary(
-                        BACKEND,
-                        "the broker refused (nacked) a published message",
-                        None,
-                    ));
-                }
-            }
-            if returned.is_empty() {
-                return Ok(());
-            }
-            tracing::info!(
-                attempt,
-                count = returned.len(),
-                "published messages were unroutable; declaring their queues again"
-            );
-            let mut again: Vec<&Target> = Vec::new();
-            for &i in &returned {
-                if !again.contains(&&items[i].target) {
-                    again.push(&items[i].target);
-                }
-            }
-            for t in again {
-                self.ensure(t, true).await?;
-            }
-            pending = returned;
-        }
-        Err(Error::temporary(
-            BACKEND,
-            "messages stayed unroutable: their queue keeps disappearing",
-            None,
-        ))
-    }
-
-    /// Forgets that `target` was declared (it was found missing), so the next use declares it.
-    fn forget(&self, target: &Target) {
-        let name = self.queue_name(target);
-        let mut d = self.declared.lock();
-        d.queues.remove(&name);
-        d.delays.remove(&name);
-    }
-
-    fn target_for(queue: &QueueName, delay: Duration) -> Target {
-        if delay.is_zero() {
-            Target::Work(queue.clone())
-        } else {
-            Target::Delay(queue.clone(), delay_bucket_ms(delay))
-        }
-    }
-
     fn receipt(&self, lease: u64) -> String {
         format!("{}:{lease}", self.instance)
     }
@@ -675,51 +434,6 @@ impl BusInner {
             }
         }
     }
-}
-
-/// Acks a held delivery; a poisoned acker (dead channel) means the broker requeued it already.
-async fn ack_quietly(entry: &LeaseEntry) {
-    match entry.acker.ack(BasicAckOptions::default()).await {
-        Ok(true) => {}
-        Ok(false) => {
-            tracing::debug!(message_id = %entry.message.message_id, "ack after the channel closed; the broker requeued the message")
-        }
-        Err(e) => {
-            tracing::warn!(message_id = %entry.message.message_id, error = %e, "ack failed; the message will be delivered again")
-        }
-    }
-}
-
-/// Gives deliveries that will not be leased back to the broker.
-async fn release(deliveries: Vec<AmqpDelivery>) {
-    for d in deliveries {
-        let _ = d
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await;
-    }
-}
-
-/// `n` pipelined `basic.get`s on one channel: one round trip, answered in queue order.
-async fn get_batch(ch: &Channel, queue: &ShortString, n: usize) -> Result<Vec<AmqpDelivery>> {
-    let gets = (0..n).map(|_| ch.basic_get(queue.clone(), BasicGetOptions::default()));
-    let mut got = Vec::with_capacity(n);
-    let mut failure = None;
-    for r in futures::future::join_all(gets).await {
-        match r {
-            Ok(Some(m)) => got.push(m.delivery),
-            Ok(None) => {}
-            Err(e) => failure = failure.or(Some(e)),
-        }
-    }
-    if let Some(e) = failure {
-        release(got).await;
-        return Err(amqp_error("get messages", e));
-    }
-    Ok(got)
 }
 
 #[async_trait]

@@ -1,0 +1,207 @@
+//! Declaring the bus's queues (once per connection, delay queues again before they could
+//! expire) and publishing to them under confirms.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::Channel;
+use tokio::time::Instant;
+
+use super::super::link::{amqp_error, short, BACKEND};
+use super::super::names::delay_bucket_ms;
+use super::wire::long;
+use super::{BusInner, Outgoing, Target, DELAY_QUEUE_SPARE, DELAY_REDECLARE, PUBLISHERS};
+use crate::error::{Error, Result};
+use crate::model::QueueName;
+
+impl BusInner {
+    pub(super) fn queue_name(&self, target: &Target) -> String {
+        match target {
+            Target::Work(q) => self.names.work(q),
+            Target::Delay(q, ms) => self.names.delay(q, *ms),
+            Target::Dead(q) => self.names.dead(q),
+        }
+    }
+
+    pub(super) fn queue_arguments(&self, target: &Target) -> FieldTable {
+        let mut args = FieldTable::default();
+        match target {
+            Target::Work(_) => {
+                args.insert("x-max-priority".into(), AMQPValue::LongLongInt(10));
+                args.insert("x-queue-version".into(), AMQPValue::LongLongInt(2));
+            }
+            Target::Delay(q, ms) => {
+                args.insert("x-message-ttl".into(), long(*ms));
+                args.insert(
+                    "x-expires".into(),
+                    long(*ms + DELAY_QUEUE_SPARE.as_millis() as u64),
+                );
+                args.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString("".into()),
+                );
+                args.insert(
+                    "x-dead-letter-routing-key".into(),
+                    AMQPValue::LongString(self.names.work(q).into()),
+                );
+            }
+            Target::Dead(_) => {}
+        }
+        args
+    }
+
+    /// Declares `target` (durable, with its arguments) and returns its ready-message count.
+    pub(super) async fn declare(&self, ch: &Channel, target: &Target) -> Result<u64> {
+        let name = self.queue_name(target);
+        let q = ch
+            .queue_declare(
+                short(name.clone())?,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                self.queue_arguments(target),
+            )
+            .await
+            .map_err(|e| amqp_error(&format!("declare queue {name}"), e))?;
+        Ok(u64::from(q.message_count()))
+    }
+
+    /// Declares `target` unless this connection already did (`force` declares anyway). A delay
+    /// queue dead-letters into its work queue, which is declared first.
+    pub(super) async fn ensure(&self, target: &Target, force: bool) -> Result<()> {
+        if let Target::Delay(q, _) = target {
+            self.ensure_one(&Target::Work(q.clone()), force).await?;
+        }
+        self.ensure_one(target, force).await
+    }
+
+    pub(super) async fn ensure_one(&self, target: &Target, force: bool) -> Result<()> {
+        let name = self.queue_name(target);
+        if !force {
+            let d = self.declared.lock();
+            let fresh = match target {
+                Target::Delay(..) => d
+                    .delays
+                    .get(&name)
+                    .is_some_and(|at| at.elapsed() < DELAY_REDECLARE),
+                _ => d.generation == self.link.generation() && d.queues.contains(&name),
+            };
+            if fresh {
+                return Ok(());
+            }
+        }
+        let (ch, generation, _) = self.topology.get().await?;
+        self.declare(&ch, target).await?;
+        let mut d = self.declared.lock();
+        match target {
+            Target::Delay(q, ms) => {
+                d.delays.insert(name, Instant::now());
+                d.buckets.entry(q.clone()).or_default().insert(*ms);
+            }
+            _ => {
+                if d.generation != generation {
+                    d.generation = generation;
+                    d.queues.clear();
+                }
+                d.queues.insert(name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes `items` in order on one confirm channel and waits for every confirm. A message
+    /// the broker returns as unroutable (its queue was deleted) is published again once after
+    /// declaring the queue.
+    pub(super) async fn send(&self, items: Vec<Outgoing<'_>>) -> Result<()> {
+        let mut targets: Vec<&Target> = Vec::new();
+        for item in &items {
+            if !targets.contains(&&item.target) {
+                targets.push(&item.target);
+            }
+        }
+        for t in targets {
+            self.ensure(t, false).await?;
+        }
+        let mut pending: Vec<usize> = (0..items.len()).collect();
+        for attempt in 0..2 {
+            let slot = self.round_robin.fetch_add(1, Ordering::Relaxed) % PUBLISHERS;
+            let (ch, _, _) = self.publishers[slot].get().await?;
+            let mut confirms = Vec::with_capacity(pending.len());
+            for &i in &pending {
+                let item = &items[i];
+                let confirm = ch
+                    .basic_publish(
+                        ShortString::default(),
+                        short(self.queue_name(&item.target))?,
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        item.payload,
+                        item.properties.clone(),
+                    )
+                    .await
+                    .map_err(|e| amqp_error("publish", e))?;
+                confirms.push(confirm);
+            }
+            let outcomes = futures::future::join_all(confirms).await;
+            let mut returned = Vec::new();
+            for (&i, outcome) in pending.iter().zip(outcomes) {
+                let confirmation =
+                    outcome.map_err(|e| amqp_error("wait for a publisher confirm", e))?;
+                let nacked = confirmation.is_nack();
+                if confirmation.take_message().is_some() {
+                    returned.push(i);
+                } else if nacked {
+                    return Err(Error::temporary(
+                        BACKEND,
+                        "the broker refused (nacked) a published message",
+                        None,
+                    ));
+                }
+            }
+            if returned.is_empty() {
+                return Ok(());
+            }
+            tracing::info!(
+                attempt,
+                count = returned.len(),
+                "published messages were unroutable; declaring their queues again"
+            );
+            let mut again: Vec<&Target> = Vec::new();
+            for &i in &returned {
+                if !again.contains(&&items[i].target) {
+                    again.push(&items[i].target);
+                }
+            }
+            for t in again {
+                self.ensure(t, true).await?;
+            }
+            pending = returned;
+        }
+        Err(Error::temporary(
+            BACKEND,
+            "messages stayed unroutable: their queue keeps disappearing",
+            None,
+        ))
+    }
+
+    /// Forgets that `target` was declared (it was found missing), so the next use declares it.
+    pub(super) fn forget(&self, target: &Target) {
+        let name = self.queue_name(target);
+        let mut d = self.declared.lock();
+        d.queues.remove(&name);
+        d.delays.remove(&name);
+    }
+
+    pub(super) fn target_for(queue: &QueueName, delay: Duration) -> Target {
+        if delay.is_zero() {
+            Target::Work(queue.clone())
+        } else {
+            Target::Delay(queue.clone(), delay_bucket_ms(delay))
+        }
+    }
+}
