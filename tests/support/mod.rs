@@ -107,6 +107,7 @@ pub async fn rabbitmq(prefix: &str) {
     };
     names.push(format!("{prefix}registry"));
     names.push(format!("{prefix}locks"));
+    names.push(format!("{prefix}registry.snapshots"));
     let url = broker_url(BrokerKind::Amqp).await;
     let conn = Connection::connect(&url, ConnectionProperties::default())
         .await
