@@ -14,6 +14,7 @@ pub mod bus;
 pub mod config;
 pub mod engine;
 pub mod error;
+mod index;
 pub mod lock;
 pub mod model;
 pub mod registry;

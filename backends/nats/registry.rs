@@ -27,9 +27,7 @@ use tokio::sync::OnceCell;
 
 use super::blob::{BlobRef, Blobs, BLOB_HEADER};
 use super::kv::{Bucket, Write};
-use super::view::{
-    slot, IndexKey, View, LEASE_HEADER, QUEUE_HEADER, STATUS_HEADER, UPDATED_HEADER,
-};
+use super::view::{slot, View, LEASE_HEADER, QUEUE_HEADER, STATUS_HEADER, UPDATED_HEADER};
 use super::{Shared, BACKEND};
 use crate::error::{Error, Result};
 use crate::model::{Expected, Task, TaskId, TaskState, TaskStatus};
@@ -96,22 +94,6 @@ fn encode(task: &Task) -> Result<(HeaderMap, Vec<u8>)> {
     let body = serde_json::to_vec(task)
         .map_err(|e| Error::permanent(BACKEND, format!("cannot encode task: {e}"), None))?;
     Ok((h, body))
-}
-
-fn encode_cursor(status: usize, key: &IndexKey) -> String {
-    format!("{status}|{}|{}", key.0, key.1)
-}
-
-fn decode_cursor(c: &str) -> Result<(usize, IndexKey)> {
-    let bad = || Error::invalid("cursor", format!("{c:?} is not a cursor returned by list"));
-    let mut parts = c.splitn(3, '|');
-    let status: usize = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-    let at: i64 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-    let id = TaskId::parse(parts.next().ok_or_else(bad)?).map_err(|_| bad())?;
-    if status >= TaskStatus::ALL.len() {
-        return Err(bad());
-    }
-    Ok((status, (at, id)))
 }
 
 impl NatsRegistry {
@@ -380,50 +362,14 @@ impl Registry for NatsRegistry {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<TaskPage> {
-        let after = cursor.map(decode_cursor).transpose()?;
         let view = self.view().await?;
         let (ids, next_cursor) = view.read(|idx| {
-            let slots: Vec<usize> = match filter.status {
-                Some(s) => vec![slot(s)],
-                None => (0..TaskStatus::ALL.len()).collect(),
-            };
-            let mut ids: Vec<TaskId> = Vec::new();
-            let mut last: Option<(usize, IndexKey)> = None;
-            'outer: for s in slots {
-                if let Some((cs, _)) = &after {
-                    if s < *cs {
-                        continue;
-                    }
-                }
-                let range: Box<dyn Iterator<Item = &IndexKey>> = match &after {
-                    Some((cs, key)) if *cs == s => Box::new(idx.by_status[s].range((
-                        std::ops::Bound::Excluded(key.clone()),
-                        std::ops::Bound::Unbounded,
-                    ))),
-                    _ => Box::new(idx.by_status[s].iter()),
-                };
-                for key in range {
-                    let Some(t) = idx.tasks.get(&key.1) else {
-                        continue;
-                    };
-                    if filter.queue.as_ref().is_some_and(|q| *q != t.queue) {
-                        continue;
-                    }
-                    if ids.len() == limit {
-                        break 'outer;
-                    }
-                    ids.push(key.1.clone());
-                    last = Some((s, key.clone()));
-                }
-            }
-            let more = ids.len() == limit && limit > 0;
-            let next = if more {
-                last.map(|(s, k)| encode_cursor(s, &k))
-            } else {
-                None
-            };
-            (ids, next)
-        });
+            crate::index::page(&idx.by_status, filter.status, cursor, limit, |id| {
+                idx.tasks
+                    .get(id)
+                    .is_some_and(|t| filter.queue.as_ref().is_none_or(|q| *q == t.queue))
+            })
+        })?;
         let loaded = try_join_all(ids.iter().map(|id| self.load(id))).await?;
         let tasks = loaded
             .into_iter()

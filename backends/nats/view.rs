@@ -36,8 +36,7 @@ pub(crate) const QUEUE_HEADER: &str = "Orch-Queue";
 /// How long a query waits for the index to catch up before giving up (temporarily).
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Index key: (time in µs, id).
-pub(crate) type IndexKey = (i64, TaskId);
+pub(crate) use crate::index::{slot, IndexKey};
 
 /// What the index knows of one task.
 #[derive(Debug, Clone)]
@@ -58,10 +57,6 @@ pub(crate) struct Index {
     pub(crate) leases: BTreeSet<IndexKey>,
     /// The last stream sequence applied.
     seen: u64,
-}
-
-pub(crate) fn slot(s: TaskStatus) -> usize {
-    TaskStatus::ALL.iter().position(|x| *x == s).unwrap_or(0)
 }
 
 impl Index {

@@ -26,7 +26,7 @@ use super::link::{short, CachedChannel, Link, BACKEND};
 use super::log::{stream_arguments, Log, Writer};
 use super::names::Names;
 use super::snapshot::{self, Catalog};
-use super::view::{micros, slot, IndexKey, RegistryOp, RegistryOutcome, TaskView, Victim};
+use super::view::{micros, slot, RegistryOp, RegistryOutcome, TaskView, Victim};
 use crate::error::{Error, Result};
 use crate::model::{Expected, Task, TaskId, TaskState, TaskStatus};
 use crate::registry::{check_transition, Registry, Retention, StatusCounts, TaskFilter, TaskPage};
@@ -185,22 +185,6 @@ fn unexpected(outcome: RegistryOutcome) -> Error {
     )
 }
 
-fn encode_cursor(status: usize, key: &IndexKey) -> String {
-    format!("{status}|{}|{}", key.0, key.1)
-}
-
-fn decode_cursor(c: &str) -> Result<(usize, IndexKey)> {
-    let bad = || Error::invalid("cursor", format!("{c:?} is not a cursor returned by list"));
-    let mut parts = c.splitn(3, '|');
-    let status: usize = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-    let at: i64 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-    let id = TaskId::parse(parts.next().ok_or_else(bad)?).map_err(|_| bad())?;
-    if status >= TaskStatus::ALL.len() {
-        return Err(bad());
-    }
-    Ok((status, (at, id)))
-}
-
 #[async_trait]
 impl Registry for RabbitRegistry {
     fn backend(&self) -> &'static str {
@@ -276,52 +260,20 @@ impl Registry for RabbitRegistry {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<TaskPage> {
-        let after = cursor.map(decode_cursor).transpose()?;
         self.log.sync().await?;
-        Ok(self.log.read(|view| {
-            let slots: Vec<usize> = match filter.status {
-                Some(s) => vec![slot(s)],
-                None => (0..TaskStatus::ALL.len()).collect(),
-            };
-            let mut tasks = Vec::new();
-            let mut last: Option<(usize, IndexKey)> = None;
-            'outer: for s in slots {
-                if let Some((cs, _)) = &after {
-                    if s < *cs {
-                        continue;
-                    }
-                }
-                let range: Box<dyn Iterator<Item = &IndexKey>> = match &after {
-                    Some((cs, key)) if *cs == s => Box::new(view.by_status[s].range((
-                        std::ops::Bound::Excluded(key.clone()),
-                        std::ops::Bound::Unbounded,
-                    ))),
-                    _ => Box::new(view.by_status[s].iter()),
-                };
-                for key in range {
-                    let Some(t) = view.tasks.get(&key.1) else {
-                        continue;
-                    };
-                    if filter.queue.as_ref().is_some_and(|q| *q != t.queue) {
-                        continue;
-                    }
-                    if tasks.len() == limit {
-                        break 'outer;
-                    }
-                    tasks.push(t.clone());
-                    last = Some((s, key.clone()));
-                }
-            }
-            let more = tasks.len() == limit && limit > 0;
-            TaskPage {
-                next_cursor: if more {
-                    last.map(|(s, k)| encode_cursor(s, &k))
-                } else {
-                    None
-                },
-                tasks,
-            }
-        }))
+        self.log.read(|view| {
+            let (ids, next_cursor) =
+                crate::index::page(&view.by_status, filter.status, cursor, limit, |id| {
+                    view.tasks
+                        .get(id)
+                        .is_some_and(|t| filter.queue.as_ref().is_none_or(|q| *q == t.queue))
+                })?;
+            let tasks = ids
+                .iter()
+                .filter_map(|id| view.tasks.get(id).cloned())
+                .collect();
+            Ok(TaskPage { tasks, next_cursor })
+        })
     }
 
     async fn counts(&self) -> Result<StatusCounts> {

@@ -50,7 +50,7 @@ pub(crate) enum RegistryOutcome {
     Purged(u64),
 }
 
-pub(crate) type IndexKey = (i64, TaskId);
+pub(crate) use crate::index::{slot, IndexKey};
 
 /// The registry view.
 #[derive(Default)]
@@ -63,10 +63,6 @@ pub(crate) struct TaskView {
     pub(crate) dependents: HashMap<TaskId, Vec<TaskId>>,
     /// Records applied (for diagnostics).
     pub(crate) records: u64,
-}
-
-pub(crate) fn slot(s: TaskStatus) -> usize {
-    TaskStatus::ALL.iter().position(|x| *x == s).unwrap_or(0)
 }
 
 pub(crate) fn micros(t: DateTime<Utc>) -> i64 {

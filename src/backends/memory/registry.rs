@@ -10,28 +10,20 @@ use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
+use crate::index::{page, slot, IndexKey, StatusSets};
 use crate::model::{Expected, Task, TaskId, TaskState, TaskStatus};
 use crate::registry::{
     check_transition, conflict, Registry, Retention, StatusCounts, TaskFilter, TaskPage,
 };
 
-type IndexKey = (i64, TaskId);
-
 #[derive(Default)]
 struct State {
     tasks: HashMap<TaskId, Task>,
     /// Per status (in [`TaskStatus::ALL`] order): (updated_at in µs, id).
-    by_status: [BTreeSet<IndexKey>; 6],
+    by_status: StatusSets,
     /// RUNNING tasks by lease end (µs).
     leases: BTreeSet<IndexKey>,
     dependents: HashMap<TaskId, Vec<TaskId>>,
-}
-
-fn slot(s: TaskStatus) -> usize {
-    TaskStatus::ALL
-        .iter()
-        .position(|x| *x == s)
-        .expect("listed")
 }
 
 fn micros(t: DateTime<Utc>) -> i64 {
@@ -93,22 +85,6 @@ impl MemoryRegistry {
     }
 }
 
-fn encode_cursor(status: usize, key: &IndexKey) -> String {
-    format!("{status}|{}|{}", key.0, key.1)
-}
-
-fn decode_cursor(c: &str) -> Result<(usize, IndexKey)> {
-    let bad = || Error::invalid("cursor", format!("{c:?} is not a cursor returned by list"));
-    let mut parts = c.splitn(3, '|');
-    let status: usize = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-    let at: i64 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-    let id = TaskId::parse(parts.next().ok_or_else(bad)?).map_err(|_| bad())?;
-    if status >= 6 {
-        return Err(bad());
-    }
-    Ok((status, (at, id)))
-}
-
 #[async_trait]
 impl Registry for MemoryRegistry {
     fn backend(&self) -> &'static str {
@@ -168,51 +144,17 @@ impl Registry for MemoryRegistry {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<TaskPage> {
-        let after = cursor.map(decode_cursor).transpose()?;
         let st = self.state.lock();
-        let slots: Vec<usize> = match filter.status {
-            Some(s) => vec![slot(s)],
-            None => (0..6).collect(),
-        };
-        let mut tasks = Vec::new();
-        let mut last: Option<(usize, IndexKey)> = None;
-        'outer: for s in slots {
-            if let Some((cs, _)) = &after {
-                if s < *cs {
-                    continue;
-                }
-            }
-            let range: Box<dyn Iterator<Item = &IndexKey>> = match &after {
-                Some((cs, key)) if *cs == s => Box::new(st.by_status[s].range((
-                    std::ops::Bound::Excluded(key.clone()),
-                    std::ops::Bound::Unbounded,
-                ))),
-                _ => Box::new(st.by_status[s].iter()),
-            };
-            for key in range {
-                let Some(t) = st.tasks.get(&key.1) else {
-                    continue;
-                };
-                if filter.queue.as_ref().is_some_and(|q| *q != t.queue) {
-                    continue;
-                }
-                if tasks.len() == limit {
-                    break 'outer;
-                }
-                tasks.push(t.clone());
-                last = Some((s, key.clone()));
-            }
-            last = last.or(None);
-        }
-        let more = tasks.len() == limit && limit > 0;
-        Ok(TaskPage {
-            next_cursor: if more {
-                last.map(|(s, k)| encode_cursor(s, &k))
-            } else {
-                None
-            },
-            tasks,
-        })
+        let (ids, next_cursor) = page(&st.by_status, filter.status, cursor, limit, |id| {
+            st.tasks
+                .get(id)
+                .is_some_and(|t| filter.queue.as_ref().is_none_or(|q| *q == t.queue))
+        })?;
+        let tasks = ids
+            .iter()
+            .filter_map(|id| st.tasks.get(id).cloned())
+            .collect();
+        Ok(TaskPage { tasks, next_cursor })
     }
 
     async fn counts(&self) -> Result<StatusCounts> {
