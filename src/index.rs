@@ -5,8 +5,11 @@
 use std::collections::BTreeSet;
 use std::ops::Bound;
 
+use chrono::{DateTime, Utc};
+
 use crate::error::{Error, Result};
 use crate::model::{TaskId, TaskStatus};
+use crate::registry::{Retention, StatusCounts};
 
 /// An index entry: (time in µs since the epoch, task id).
 pub(crate) type IndexKey = (i64, TaskId);
@@ -78,6 +81,65 @@ pub(crate) fn page(
         None
     };
     Ok((ids, next))
+}
+
+/// Tasks per status: the sizes of the sets.
+pub(crate) fn counts(sets: &StatusSets) -> StatusCounts {
+    StatusCounts(
+        TaskStatus::ALL
+            .iter()
+            .map(|s| (*s, sets[slot(*s)].len() as u64))
+            .collect(),
+    )
+}
+
+/// Ids in a lease index `(lease end in µs, id)` whose lease ended before `before`, oldest
+/// first, at most `limit`.
+pub(crate) fn expired(
+    leases: &BTreeSet<IndexKey>,
+    before: DateTime<Utc>,
+    limit: usize,
+) -> Vec<TaskId> {
+    let cut = before.timestamp_micros();
+    leases
+        .iter()
+        .take_while(|(until, _)| *until < cut)
+        .take(limit)
+        .map(|(_, id)| id.clone())
+        .collect()
+}
+
+/// Finished tasks (COMPLETED, FAILED, CANCELLED) beyond `retention` at `now`: per status, the
+/// oldest beyond `max_count`, and those that changed longer ago than `max_age`.
+pub(crate) fn beyond_retention(
+    sets: &StatusSets,
+    retention: &Retention,
+    now: DateTime<Utc>,
+) -> Vec<TaskId> {
+    let cut = retention
+        .max_age
+        .and_then(|age| chrono::Duration::from_std(age).ok())
+        .map(|age| (now - age).timestamp_micros());
+    let mut doomed = Vec::new();
+    for status in [
+        TaskStatus::Completed,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+    ] {
+        let index = &sets[slot(status)];
+        let by_count = retention
+            .max_count
+            .map_or(0, |keep| index.len().saturating_sub(keep as usize));
+        for (i, (at, id)) in index.iter().enumerate() {
+            let too_many = i < by_count;
+            let too_old = cut.is_some_and(|c| *at < c);
+            if !(too_many || too_old) {
+                break;
+            }
+            doomed.push(id.clone());
+        }
+    }
+    doomed
 }
 
 #[cfg(test)]

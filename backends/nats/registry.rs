@@ -27,7 +27,7 @@ use tokio::sync::OnceCell;
 
 use super::blob::{BlobRef, Blobs, BLOB_HEADER};
 use super::kv::{Bucket, Write};
-use super::view::{slot, View, LEASE_HEADER, QUEUE_HEADER, STATUS_HEADER, UPDATED_HEADER};
+use super::view::{View, LEASE_HEADER, QUEUE_HEADER, STATUS_HEADER, UPDATED_HEADER};
 use super::{Shared, BACKEND};
 use crate::error::{Error, Result};
 use crate::model::{Expected, Task, TaskId, TaskState, TaskStatus};
@@ -382,27 +382,12 @@ impl Registry for NatsRegistry {
 
     async fn counts(&self) -> Result<StatusCounts> {
         let view = self.view().await?;
-        Ok(view.read(|idx| {
-            StatusCounts(
-                TaskStatus::ALL
-                    .iter()
-                    .map(|s| (*s, idx.by_status[slot(*s)].len() as u64))
-                    .collect(),
-            )
-        }))
+        Ok(view.read(|idx| crate::index::counts(&idx.by_status)))
     }
 
     async fn stale_running(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Task>> {
-        let cut = before.timestamp_micros();
         let view = self.view().await?;
-        let ids: Vec<TaskId> = view.read(|idx| {
-            idx.leases
-                .iter()
-                .take_while(|(until, _)| *until < cut)
-                .take(limit)
-                .map(|(_, id)| id.clone())
-                .collect()
-        });
+        let ids = view.read(|idx| crate::index::expired(&idx.leases, before, limit));
         let loaded = try_join_all(ids.iter().map(|id| self.load(id))).await?;
         Ok(loaded
             .into_iter()
@@ -428,32 +413,13 @@ impl Registry for NatsRegistry {
         let view = self.view().await?;
         let now = Utc::now();
         let doomed: Vec<(TaskId, u64, Option<String>)> = view.read(|idx| {
-            let mut doomed = Vec::new();
-            for status in [
-                TaskStatus::Completed,
-                TaskStatus::Failed,
-                TaskStatus::Cancelled,
-            ] {
-                let index = &idx.by_status[slot(status)];
-                let by_count = retention
-                    .max_count
-                    .map_or(0, |keep| index.len().saturating_sub(keep as usize));
-                let cut = retention
-                    .max_age
-                    .and_then(|age| chrono::Duration::from_std(age).ok())
-                    .map(|age| (now - age).timestamp_micros());
-                for (i, (at, id)) in index.iter().enumerate() {
-                    let too_many = i < by_count;
-                    let too_old = cut.is_some_and(|c| *at < c);
-                    if !(too_many || too_old) {
-                        break;
-                    }
-                    if let Some(t) = idx.tasks.get(id) {
-                        doomed.push((id.clone(), t.revision, t.blob.clone()));
-                    }
-                }
-            }
-            doomed
+            crate::index::beyond_retention(&idx.by_status, retention, now)
+                .into_iter()
+                .filter_map(|id| {
+                    let t = idx.tasks.get(&id)?;
+                    Some((id, t.revision, t.blob.clone()))
+                })
+                .collect()
         });
         let mut acks = Vec::with_capacity(doomed.len());
         for (id, revision, _) in &doomed {

@@ -26,7 +26,7 @@ use super::link::{short, CachedChannel, Link, BACKEND};
 use super::log::{stream_arguments, Log, Writer};
 use super::names::Names;
 use super::snapshot::{self, Catalog};
-use super::view::{micros, slot, RegistryOp, RegistryOutcome, TaskView, Victim};
+use super::view::{RegistryOp, RegistryOutcome, TaskView, Victim};
 use crate::error::{Error, Result};
 use crate::model::{Expected, Task, TaskId, TaskState, TaskStatus};
 use crate::registry::{check_transition, Registry, Retention, StatusCounts, TaskFilter, TaskPage};
@@ -278,25 +278,15 @@ impl Registry for RabbitRegistry {
 
     async fn counts(&self) -> Result<StatusCounts> {
         self.log.sync().await?;
-        Ok(self.log.read(|view| {
-            StatusCounts(
-                TaskStatus::ALL
-                    .iter()
-                    .map(|s| (*s, view.by_status[slot(*s)].len() as u64))
-                    .collect(),
-            )
-        }))
+        Ok(self.log.read(|view| crate::index::counts(&view.by_status)))
     }
 
     async fn stale_running(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Task>> {
         self.log.sync().await?;
-        let cut = micros(before);
         Ok(self.log.read(|view| {
-            view.leases
+            crate::index::expired(&view.leases, before, limit)
                 .iter()
-                .take_while(|(until, _)| *until < cut)
-                .take(limit)
-                .filter_map(|(_, id)| view.tasks.get(id).cloned())
+                .filter_map(|id| view.tasks.get(id).cloned())
                 .collect()
         }))
     }
@@ -311,37 +301,18 @@ impl Registry for RabbitRegistry {
         self.log.sync().await?;
         let now = Utc::now();
         let victims: Vec<Victim> = self.log.read(|view| {
-            let mut doomed = Vec::new();
-            for status in [
-                TaskStatus::Completed,
-                TaskStatus::Failed,
-                TaskStatus::Cancelled,
-            ] {
-                let index = &view.by_status[slot(status)];
-                let by_count = retention
-                    .max_count
-                    .map_or(0, |keep| index.len().saturating_sub(keep as usize));
-                let cut = retention
-                    .max_age
-                    .and_then(|age| chrono::Duration::from_std(age).ok())
-                    .map(|age| micros(now - age));
-                for (i, (at, id)) in index.iter().enumerate() {
-                    let too_many = i < by_count;
-                    let too_old = cut.is_some_and(|c| *at < c);
-                    if !(too_many || too_old) {
-                        break;
-                    }
-                    if let Some(t) = view.tasks.get(id) {
-                        doomed.push(Victim {
-                            id: id.clone(),
-                            status: t.state.status,
-                            attempt: t.state.attempt,
-                            updated_at: t.state.updated_at,
-                        });
-                    }
-                }
-            }
-            doomed
+            crate::index::beyond_retention(&view.by_status, retention, now)
+                .into_iter()
+                .filter_map(|id| {
+                    let t = view.tasks.get(&id)?;
+                    Some(Victim {
+                        status: t.state.status,
+                        attempt: t.state.attempt,
+                        updated_at: t.state.updated_at,
+                        id,
+                    })
+                })
+                .collect()
         });
         let ops: Vec<RegistryOp> = victims
             .chunks(PURGE_BATCH)

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::index::{page, slot, IndexKey, StatusSets};
+use crate::index::{self, page, slot, IndexKey, StatusSets};
 use crate::model::{Expected, Task, TaskId, TaskState, TaskStatus};
 use crate::registry::{
     check_transition, conflict, Registry, Retention, StatusCounts, TaskFilter, TaskPage,
@@ -158,24 +158,14 @@ impl Registry for MemoryRegistry {
     }
 
     async fn counts(&self) -> Result<StatusCounts> {
-        let st = self.state.lock();
-        Ok(StatusCounts(
-            TaskStatus::ALL
-                .iter()
-                .map(|s| (*s, st.by_status[slot(*s)].len() as u64))
-                .collect(),
-        ))
+        Ok(index::counts(&self.state.lock().by_status))
     }
 
     async fn stale_running(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Task>> {
         let st = self.state.lock();
-        let cut = micros(before);
-        Ok(st
-            .leases
+        Ok(index::expired(&st.leases, before, limit)
             .iter()
-            .take_while(|(until, _)| *until < cut)
-            .take(limit)
-            .filter_map(|(_, id)| st.tasks.get(id).cloned())
+            .filter_map(|id| st.tasks.get(id).cloned())
             .collect())
     }
 
@@ -191,30 +181,7 @@ impl Registry for MemoryRegistry {
 
     async fn purge_finished(&self, retention: &Retention) -> Result<u64> {
         let mut st = self.state.lock();
-        let mut doomed: Vec<TaskId> = Vec::new();
-        for status in [
-            TaskStatus::Completed,
-            TaskStatus::Failed,
-            TaskStatus::Cancelled,
-        ] {
-            let index = &st.by_status[slot(status)];
-            let by_count = retention
-                .max_count
-                .map_or(0, |keep| index.len().saturating_sub(keep as usize));
-            let cut = retention
-                .max_age
-                .and_then(|age| chrono::Duration::from_std(age).ok())
-                .map(|age| micros(Utc::now() - age));
-            for (i, (at, id)) in index.iter().enumerate() {
-                let too_many = i < by_count;
-                let too_old = cut.is_some_and(|c| *at < c);
-                if too_many || too_old {
-                    doomed.push(id.clone());
-                } else {
-                    break;
-                }
-            }
-        }
+        let doomed = index::beyond_retention(&st.by_status, retention, Utc::now());
         for id in &doomed {
             st.remove(id);
         }
