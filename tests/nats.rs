@@ -21,47 +21,12 @@ async fn make_backends(prefix: &str) -> Backends {
         .expect("connect to the test NATS server")
 }
 
+mod support;
+
 /// Deletes every stream (and so every KV bucket) whose name the prefix produced.
 async fn cleanup(prefix: &str) {
     let url = broker_url(BrokerKind::Nats).await;
-    delete_prefixed_streams(&url, prefix).await;
-}
-
-/// The stream-name form of a prefix (the backend maps anything outside `[A-Za-z0-9_-]` to `_`).
-fn name_prefix(prefix: &str) -> String {
-    prefix
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
-async fn delete_prefixed_streams(url: &str, prefix: &str) {
-    let server = url.trim_start_matches("nats://");
-    let client = async_nats::connect(server)
-        .await
-        .expect("connect for cleanup");
-    let js = async_nats::jetstream::new(client);
-    let p = name_prefix(prefix);
-    assert!(!p.is_empty(), "refusing to clean up an empty prefix");
-    let kv = format!("KV_{p}");
-    let names: Vec<String> = js
-        .stream_names()
-        .filter_map(|n| async move { n.ok() })
-        .collect()
-        .await;
-    for name in names {
-        if name.starts_with(&p) || name.starts_with(&kv) {
-            js.delete_stream(&name)
-                .await
-                .unwrap_or_else(|e| panic!("cannot delete stream {name}: {e}"));
-        }
-    }
+    support::nats_at(&url, prefix).await;
 }
 
 agent_orchestra::conformance_suite!(make_backends, cleanup);

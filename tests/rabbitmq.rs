@@ -18,8 +18,8 @@ use agent_orchestra::{
     connect, BackendUrls, Backends, ConnectOptions, Error, Expected, FetchOptions, OutgoingMessage,
     Priority, QueueName, Registry, Task, TaskId, TaskStatus,
 };
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::{Connection, ConnectionProperties};
+
+mod support;
 
 fn options(prefix: &str) -> ConnectOptions {
     ConnectOptions {
@@ -60,37 +60,7 @@ async fn rabbitmqctl(args: &[&str]) -> Vec<String> {
 /// Deletes every queue (work, delay, dead-letter, stream, lock) and the events exchange the
 /// prefix created.
 async fn cleanup(prefix: &str) {
-    let names: Vec<String> = rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name"])
-        .await
-        .into_iter()
-        .map(|l| l.trim().to_string())
-        .filter(|n| n.starts_with(prefix))
-        .collect();
-    let url = broker_url(BrokerKind::Amqp).await;
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .expect("cleanup connection");
-    for name in names.iter().map(String::as_str).chain([
-        format!("{prefix}registry").as_str(),
-        format!("{prefix}registry.snapshots").as_str(),
-        format!("{prefix}locks").as_str(),
-    ]) {
-        // One channel per delete: a refused delete closes its channel.
-        if let Ok(ch) = conn.create_channel().await {
-            let _ = ch
-                .queue_delete(name.into(), QueueDeleteOptions::default())
-                .await;
-        }
-    }
-    if let Ok(ch) = conn.create_channel().await {
-        let _ = ch
-            .exchange_delete(
-                format!("{prefix}events").as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
-    }
-    let _ = conn.close(200, "cleaned up".into()).await;
+    support::rabbitmq(prefix).await;
 }
 
 agent_orchestra::conformance_suite!(make_backends, cleanup);

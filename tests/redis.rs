@@ -42,6 +42,8 @@ async fn open_url(url: &str, prefix: &str) -> Backends {
         .unwrap_or_else(|e| panic!("connect to the test Redis: {e}"))
 }
 
+mod support;
+
 /// Opens the three roles on the shared test server under `prefix`.
 async fn make_backends(prefix: &str) -> Backends {
     open_url(&broker_url(BrokerKind::Redis).await, prefix).await
@@ -60,43 +62,7 @@ async fn raw_connection(url: &str) -> redis::aio::MultiplexedConnection {
         .expect("raw connection to the test Redis")
 }
 
-fn glob_escape(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| match c {
-            '*' | '?' | '[' | ']' | '\\' => vec!['\\', c],
-            c => vec![c],
-        })
-        .collect()
-}
-
-async fn cleanup_at(url: &str, prefix: &str) {
-    assert!(!prefix.is_empty(), "cleanup needs a prefix");
-    let mut con = raw_connection(url).await;
-    let pattern = format!("{}*", glob_escape(prefix));
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut con)
-            .await
-            .expect("SCAN");
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async(&mut con)
-                .await
-                .expect("UNLINK");
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-}
+use support::redis_at as cleanup_at;
 
 agent_orchestra::conformance_suite!(make_backends, cleanup);
 

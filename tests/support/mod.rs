@@ -4,12 +4,17 @@
 
 use agent_orchestra::testkit::harness::{broker_url, BrokerKind};
 
-/// Deletes every Redis key starting with `prefix` (SCAN + UNLINK).
+/// Deletes every key starting with `prefix` on the shared test Redis.
 #[cfg(feature = "redis")]
 pub async fn redis(prefix: &str) {
+    redis_at(&broker_url(BrokerKind::Redis).await, prefix).await;
+}
+
+/// Deletes every Redis key starting with `prefix` on the server at `url` (SCAN + UNLINK).
+#[cfg(feature = "redis")]
+pub async fn redis_at(url: &str, prefix: &str) {
     assert!(!prefix.is_empty(), "cleanup needs a prefix");
-    let url = broker_url(BrokerKind::Redis).await;
-    let mut con = redis::Client::open(url.as_str())
+    let mut con = redis::Client::open(url)
         .expect("test Redis URL")
         .get_multiplexed_async_connection()
         .await
@@ -47,11 +52,17 @@ pub async fn redis(prefix: &str) {
     }
 }
 
-/// Deletes the JetStream streams (work queues, KV buckets) whose names start with the prefix.
+/// Deletes the JetStream streams (work queues, KV buckets) the prefix created on the shared
+/// test server.
 #[cfg(feature = "nats")]
 pub async fn nats(prefix: &str) {
+    nats_at(&broker_url(BrokerKind::Nats).await, prefix).await;
+}
+
+/// Deletes the JetStream streams whose names start with the prefix on the server at `url`.
+#[cfg(feature = "nats")]
+pub async fn nats_at(url: &str, prefix: &str) {
     use futures::StreamExt;
-    let url = broker_url(BrokerKind::Nats).await;
     let client = async_nats::connect(url.trim_start_matches("nats://"))
         .await
         .expect("connect for cleanup");
