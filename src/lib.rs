@@ -18,6 +18,7 @@ mod index;
 pub mod lock;
 pub mod model;
 pub mod registry;
+pub mod task_queue;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
@@ -27,3 +28,4 @@ pub use error::{Error, Result};
 pub use lock::{Lease, LockHolder, LockManager};
 pub use model::{Expected, Limits, Priority, QueueName, Task, TaskId, TaskState, TaskStatus};
 pub use registry::{Registry, Retention, StatusCounts, TaskFilter, TaskPage};
+pub use task_queue::{Claim, ClaimSpec, Recorded, Settle, TaskQueue};

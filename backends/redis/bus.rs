@@ -16,7 +16,7 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use super::codec::text;
-use super::conn::{Conn, BACKEND};
+use super::conn::{Conn, LuaScript, BACKEND};
 use super::keys::{self, QueueKeys};
 use super::pubsub::PubSub;
 use super::scripts;
@@ -60,7 +60,7 @@ fn receipt(id: &str, delivery: u32) -> String {
     format!("{id}:{delivery}")
 }
 
-fn parse_receipt(receipt: &str) -> Result<(&str, u32)> {
+pub(crate) fn parse_receipt(receipt: &str) -> Result<(&str, u32)> {
     let bad = || Error::invalid("receipt", format!("{receipt:?} is not a redis bus receipt"));
     let (id, n) = receipt.split_once(':').ok_or_else(bad)?;
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
@@ -69,7 +69,7 @@ fn parse_receipt(receipt: &str) -> Result<(&str, u32)> {
     Ok((id, n.parse::<u32>().map_err(|_| bad())?))
 }
 
-fn millis(d: Duration) -> u64 {
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -118,7 +118,7 @@ impl RedisBus {
         }
     }
 
-    fn keys(&self, queue: &QueueName) -> Arc<QueueKeys> {
+    pub(crate) fn keys(&self, queue: &QueueName) -> Arc<QueueKeys> {
         let mut queues = self.queues.lock();
         if let Some(k) = queues.get(queue) {
             return k.clone();
@@ -151,19 +151,20 @@ impl RedisBus {
         Ok(ids.into_iter().map(|i| i.to_string()).collect())
     }
 
-    async fn fetch_once(
+    /// The `EVALSHA` of `script` (FETCH or FETCH_CLAIM) with the fetch's keys and arguments.
+    pub(crate) fn fetch_command(
         &self,
-        queue: &QueueName,
+        script: &'static LuaScript,
         k: &QueueKeys,
         max: usize,
         lease: Duration,
-    ) -> Result<(Vec<Delivery>, Option<Duration>)> {
-        let mut inv = scripts::FETCH.prepare();
-        inv.key(&k.ready)
-            .key(&k.delayed)
-            .key(&k.inflight)
-            .key(&k.seq)
-            .key(&k.dead)
+    ) -> redis::Cmd {
+        let mut cmd = script.evalsha(5);
+        cmd.arg(&k.ready)
+            .arg(&k.delayed)
+            .arg(&k.inflight)
+            .arg(&k.seq)
+            .arg(&k.dead)
             .arg(&k.msg_prefix)
             .arg(max.min(FETCH_BATCH_MAX))
             .arg(millis(lease).max(1))
@@ -171,32 +172,96 @@ impl RedisBus {
             .arg(&self.dead_reason)
             .arg(DEAD_LETTERS_KEPT)
             .arg(&k.wake);
-        let reply: Vec<Value> = self.conn.eval("fetch", &inv).await?;
-        let mut it = reply.into_iter();
-        let short = || Error::permanent(BACKEND, "fetch script returned a short reply", None);
-        let _now = int(it.next().ok_or_else(short)?)?;
-        let lease_until = ms_to_utc(int(it.next().ok_or_else(short)?)?);
-        let wait_ms = int(it.next().ok_or_else(short)?)?;
-        let mut out = Vec::new();
-        while let Some(id) = it.next() {
-            let id = text(id)?;
-            let payload = bulk(it.next().ok_or_else(short)?)?;
-            let priority = priority(it.next().ok_or_else(short)?)?;
-            let delivery_count =
-                u32::try_from(int(it.next().ok_or_else(short)?)?).unwrap_or(u32::MAX);
-            out.push(Delivery {
-                queue: queue.clone(),
-                receipt: receipt(&id, delivery_count),
-                message_id: id,
-                payload,
-                priority,
-                delivery_count,
-                lease_until,
-            });
-        }
-        let next = (wait_ms >= 0).then(|| Duration::from_millis(wait_ms as u64));
-        Ok((out, next))
+        cmd
     }
+
+    async fn fetch_once(
+        &self,
+        queue: &QueueName,
+        k: Arc<QueueKeys>,
+        max: usize,
+        lease: Duration,
+    ) -> Result<(Vec<Delivery>, Option<Duration>)> {
+        let cmd = self.fetch_command(&scripts::FETCH, &k, max, lease);
+        let reply: Vec<Value> = self.conn.eval_cmd("fetch", &cmd).await?;
+        fetch_reply(queue, reply)
+    }
+
+    /// A fetch that waits up to `wait` for messages: runs `once` (one fetch script), and while
+    /// it gives nothing, waits for a wake-up on the queue's channel (or the time the script
+    /// said the next delayed message or lease end is due) and runs it again.
+    pub(crate) async fn fetch_waiting<T, F, Fut>(
+        &self,
+        queue: &QueueName,
+        max: usize,
+        wait: Duration,
+        once: F,
+    ) -> Result<Vec<T>>
+    where
+        F: Fn(Arc<QueueKeys>) -> Fut,
+        Fut: std::future::Future<Output = Result<(Vec<T>, Option<Duration>)>>,
+    {
+        if max == 0 {
+            return Err(Error::invalid("fetch max", "must be at least 1"));
+        }
+        let k = self.keys(queue);
+        if wait.is_zero() {
+            return Ok(once(k).await?.0);
+        }
+        let deadline = Instant::now() + wait;
+        let wake = self.pubsub().await?.wake(&k.wake).await?;
+        loop {
+            // Registered before the script runs: a wake-up published after the script saw an
+            // empty queue is never missed.
+            let notified = wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (got, next) = once(k.clone()).await?;
+            let now = Instant::now();
+            if !got.is_empty() || now >= deadline {
+                return Ok(got);
+            }
+            let mut until = deadline.min(now + IDLE_RECHECK);
+            if let Some(next) = next {
+                until = until.min(now + next);
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+}
+
+/// Decodes a fetch script's reply: the deliveries, and how long until something is due when
+/// nothing was delivered.
+pub(crate) fn fetch_reply(
+    queue: &QueueName,
+    reply: Vec<Value>,
+) -> Result<(Vec<Delivery>, Option<Duration>)> {
+    let mut it = reply.into_iter();
+    let short = || Error::permanent(BACKEND, "fetch script returned a short reply", None);
+    let _now = int(it.next().ok_or_else(short)?)?;
+    let lease_until = ms_to_utc(int(it.next().ok_or_else(short)?)?);
+    let wait_ms = int(it.next().ok_or_else(short)?)?;
+    let mut out = Vec::new();
+    while let Some(id) = it.next() {
+        let id = text(id)?;
+        let payload = bulk(it.next().ok_or_else(short)?)?;
+        let priority = priority(it.next().ok_or_else(short)?)?;
+        let delivery_count = u32::try_from(int(it.next().ok_or_else(short)?)?).unwrap_or(u32::MAX);
+        out.push(Delivery {
+            queue: queue.clone(),
+            receipt: receipt(&id, delivery_count),
+            message_id: id,
+            payload,
+            priority,
+            delivery_count,
+            lease_until,
+        });
+    }
+    let next = (wait_ms >= 0).then(|| Duration::from_millis(wait_ms as u64));
+    Ok((out, next))
 }
 
 #[async_trait]
@@ -256,40 +321,10 @@ impl Bus for RedisBus {
     }
 
     async fn fetch(&self, queue: &QueueName, options: FetchOptions) -> Result<Vec<Delivery>> {
-        if options.max == 0 {
-            return Err(Error::invalid("fetch max", "must be at least 1"));
-        }
-        let k = self.keys(queue);
-        if options.wait.is_zero() {
-            return Ok(self
-                .fetch_once(queue, &k, options.max, options.lease)
-                .await?
-                .0);
-        }
-        let deadline = Instant::now() + options.wait;
-        let wake = self.pubsub().await?.wake(&k.wake).await?;
-        loop {
-            // Registered before the script runs: a wake-up published after the script saw an
-            // empty queue is never missed.
-            let notified = wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let (got, next) = self
-                .fetch_once(queue, &k, options.max, options.lease)
-                .await?;
-            let now = Instant::now();
-            if !got.is_empty() || now >= deadline {
-                return Ok(got);
-            }
-            let mut until = deadline.min(now + IDLE_RECHECK);
-            if let Some(next) = next {
-                until = until.min(now + next);
-            }
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep_until(until) => {}
-            }
-        }
+        self.fetch_waiting(queue, options.max, options.wait, |k| {
+            self.fetch_once(queue, k, options.max, options.lease)
+        })
+        .await
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<()> {

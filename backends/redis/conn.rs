@@ -373,6 +373,22 @@ impl Conn {
             .map_err(|e| self.error(what, e))
     }
 
+    /// Runs an `EVALSHA` built by [`LuaScript::evalsha`] (its arguments in one buffer: cheaper
+    /// than a [`ScriptInvocation`] for the hot scripts), loading the scripts and running it
+    /// again on NOSCRIPT (it did not run the first time).
+    pub async fn eval_cmd<T: FromRedisValue>(&self, what: &str, cmd: &redis::Cmd) -> Result<T> {
+        let mut c = self.manager();
+        match cmd.query_async::<T>(&mut c).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.load_scripts().await?;
+                cmd.query_async::<T>(&mut c)
+                    .await
+                    .map_err(|e| self.error(what, e))
+            }
+            r => r.map_err(|e| self.error(what, e)),
+        }
+    }
+
     /// Runs a pipeline of independent commands and returns one result per command. Commands
     /// that failed because their script was not loaded (the server restarted without
     /// persistence of its script cache) are retried once after loading the scripts; they did
@@ -429,6 +445,14 @@ impl LuaScript {
     /// Starts an invocation.
     pub fn prepare(&'static self) -> ScriptInvocation<'static> {
         self.script.prepare_invoke()
+    }
+
+    /// `EVALSHA <sha> <keys>`: append the keys, then the arguments, and run it with
+    /// [`Conn::eval_cmd`].
+    pub fn evalsha(&'static self, keys: usize) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(keys);
+        cmd
     }
 }
 

@@ -24,12 +24,14 @@ mod lock;
 mod pubsub;
 mod registry;
 mod scripts;
+mod tasks;
 
 use std::sync::Arc;
 
 pub use bus::RedisBus;
 pub use lock::RedisLockManager;
 pub use registry::RedisRegistry;
+pub use tasks::RedisTaskQueue;
 
 use crate::backends::{ConnectOptions, Parts, Roles};
 use crate::error::Result;
@@ -42,15 +44,24 @@ use crate::error::Result;
 pub async fn open(url: &url::Url, roles: &Roles, opts: &ConnectOptions) -> Result<Parts> {
     let target = conn::Target::parse(url)?;
     let conn = conn::Conn::open(target, opts).await?;
+    let bus = roles
+        .bus
+        .then(|| Arc::new(RedisBus::new(conn.clone(), opts.max_deliveries)));
+    let registry = roles
+        .registry
+        .then(|| Arc::new(RedisRegistry::new(conn.clone())));
+    let tasks = match (&bus, &registry) {
+        (Some(b), Some(r)) => {
+            Some(Arc::new(RedisTaskQueue::new(conn.clone(), b.clone(), r.clone())) as _)
+        }
+        _ => None,
+    };
     Ok(Parts {
-        bus: roles
-            .bus
-            .then(|| Arc::new(RedisBus::new(conn.clone(), opts.max_deliveries)) as _),
-        registry: roles
-            .registry
-            .then(|| Arc::new(RedisRegistry::new(conn.clone())) as _),
+        bus: bus.map(|b| b as _),
+        registry: registry.map(|r| r as _),
         locks: roles
             .locks
             .then(|| Arc::new(RedisLockManager::new(conn.clone())) as _),
+        tasks,
     })
 }

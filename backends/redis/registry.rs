@@ -127,7 +127,7 @@ fn status_slot(s: TaskStatus) -> usize {
 
 /// The lease index score of a task in `state` (only RUNNING tasks are in that index; one
 /// without a lease end counts as stale at once, as in the memory registry).
-fn lease_score(state: &TaskState) -> String {
+pub(crate) fn lease_score(state: &TaskState) -> String {
     if state.status == TaskStatus::Running {
         state
             .lease_until
@@ -136,6 +136,28 @@ fn lease_score(state: &TaskState) -> String {
     } else {
         String::new()
     }
+}
+
+/// The [`Error::Conflict`] for a script's `{'conflict', status, attempt}` reply (after the tag).
+pub(crate) fn conflict_reply(
+    id: &TaskId,
+    expected: &Expected,
+    mut rest: impl Iterator<Item = Value>,
+) -> Result<Error> {
+    let status = codec::parse_status(&rest.next().map(text).transpose()?.unwrap_or_default())?;
+    let attempt = rest
+        .next()
+        .map(text)
+        .transpose()?
+        .and_then(|a| a.parse::<u32>().ok())
+        .unwrap_or(0);
+    Ok(Error::Conflict {
+        task_id: id.clone(),
+        expected_status: expected.status,
+        expected_attempt: expected.attempt,
+        actual_status: status,
+        actual_attempt: attempt,
+    })
 }
 
 fn encode_cursor(slot: usize, score: i64, id: &str) -> String {
@@ -162,22 +184,26 @@ impl RedisRegistry {
         }
     }
 
-    fn remember(&self, task: &Task, payload_len: usize) {
+    pub(crate) fn remember(&self, task: &Task, payload_len: usize) {
         self.immutables.lock().remember(task, payload_len);
     }
 
-    fn decode_and_remember(&self, id: &TaskId, fields: HashMap<String, String>) -> Result<Task> {
+    pub(crate) fn decode_and_remember(
+        &self,
+        id: &TaskId,
+        fields: HashMap<String, String>,
+    ) -> Result<Task> {
         let payload_len = fields.get("payload").map_or(0, String::len);
         let task = codec::decode(id, fields)?;
         self.remember(&task, payload_len);
         Ok(task)
     }
 
-    fn prefix(&self) -> &str {
+    pub(crate) fn prefix(&self) -> &str {
         self.conn.prefix()
     }
 
-    fn forget(&self, id: &TaskId) {
+    pub(crate) fn forget(&self, id: &TaskId) {
         self.immutables.lock().map.remove(id);
     }
 
@@ -376,23 +402,7 @@ impl Registry for RedisRegistry {
                 }
             }
             "missing" => Err(Error::TaskNotFound(id.clone())),
-            "conflict" => {
-                let status =
-                    codec::parse_status(&it.next().map(text).transpose()?.unwrap_or_default())?;
-                let attempt = it
-                    .next()
-                    .map(text)
-                    .transpose()?
-                    .and_then(|a| a.parse::<u32>().ok())
-                    .unwrap_or(0);
-                Err(Error::Conflict {
-                    task_id: id.clone(),
-                    expected_status: expected.status,
-                    expected_attempt: expected.attempt,
-                    actual_status: status,
-                    actual_attempt: attempt,
-                })
-            }
+            "conflict" => Err(conflict_reply(id, &expected, it)?),
             other => Err(Error::permanent(
                 BACKEND,
                 format!("transition script returned {other:?}"),

@@ -45,7 +45,30 @@ lua_script!(
 );
 lua_script!(
     /// Compare-and-set of a task's state, indexes included.
-    TASK_TRANSITION = include_str!("lua/task_transition.lua")
+    TASK_TRANSITION = concat!(
+        include_str!("lua/task_prelude.lua"),
+        include_str!("lua/task_transition.lua")
+    )
+);
+lua_script!(
+    /// A fetch that also claims each delivered message's task (the worker's first step).
+    FETCH_CLAIM = concat!(
+        include_str!("lua/queue_prelude.lua"),
+        include_str!("lua/task_prelude.lua"),
+        include_str!("lua/fetch_claim.lua")
+    )
+);
+lua_script!(
+    /// Creates new PENDING tasks of one queue and announces them (the dispatcher's step).
+    SUBMIT = concat!(include_str!("lua/queue_prelude.lua"), include_str!("lua/submit.lua"))
+);
+lua_script!(
+    /// Records an outcome and settles its message (the worker's last step).
+    RECORD = concat!(
+        include_str!("lua/queue_prelude.lua"),
+        include_str!("lua/task_prelude.lua"),
+        include_str!("lua/record.lua")
+    )
 );
 lua_script!(
     /// Deletes a batch of finished tasks beyond the retention.
@@ -69,7 +92,7 @@ lua_script!(
 );
 
 /// Every script, for `SCRIPT LOAD` at connect time.
-pub(crate) static ALL: [&LuaScript; 15] = [
+pub(crate) static ALL: [&LuaScript; 18] = [
     &ENQUEUE,
     &FETCH,
     &ACK,
@@ -80,6 +103,9 @@ pub(crate) static ALL: [&LuaScript; 15] = [
     &STATS,
     &TASK_CREATE,
     &TASK_TRANSITION,
+    &FETCH_CLAIM,
+    &RECORD,
+    &SUBMIT,
     &TASK_PURGE,
     &LOCK_ACQUIRE,
     &LOCK_EXTEND,

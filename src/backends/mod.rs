@@ -13,6 +13,7 @@ use crate::bus::Bus;
 use crate::error::{Error, Result};
 use crate::lock::LockManager;
 use crate::registry::Registry;
+use crate::task_queue::{Composed, TaskQueue};
 
 pub mod memory;
 
@@ -37,9 +38,32 @@ pub struct Backends {
     pub registry: Arc<dyn Registry>,
     /// Distributed locks.
     pub locks: Arc<dyn LockManager>,
+    /// The worker's hot path over `bus` and `registry` (see [`TaskQueue`]).
+    tasks: Arc<dyn TaskQueue>,
 }
 
 impl Backends {
+    /// The three roles, with the generic [`Composed`] worker path over `bus` and `registry`.
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        registry: Arc<dyn Registry>,
+        locks: Arc<dyn LockManager>,
+    ) -> Self {
+        let tasks = Arc::new(Composed::new(bus.clone(), registry.clone()));
+        Backends {
+            bus,
+            registry,
+            locks,
+            tasks,
+        }
+    }
+
+    /// The worker's hot path: a backend's own when one server holds both the bus and the
+    /// registry (fewer round trips), else [`Composed`].
+    pub fn tasks(&self) -> &Arc<dyn TaskQueue> {
+        &self.tasks
+    }
+
     /// A fresh, private in-memory bundle (the embedded default).
     pub fn memory() -> Self {
         let opts = ConnectOptions::default();
@@ -99,15 +123,18 @@ pub struct Parts {
     pub registry: Option<Arc<dyn Registry>>,
     /// The lock manager, if requested.
     pub locks: Option<Arc<dyn LockManager>>,
+    /// The backend's own [`TaskQueue`], when it opened both the bus and the registry and has
+    /// one.
+    pub tasks: Option<Arc<dyn TaskQueue>>,
 }
 
 impl Parts {
     fn into_backends(self) -> Option<Backends> {
-        Some(Backends {
-            bus: self.bus?,
-            registry: self.registry?,
-            locks: self.locks?,
-        })
+        let mut b = Backends::new(self.bus?, self.registry?, self.locks?);
+        if let Some(t) = self.tasks {
+            b.tasks = t;
+        }
+        Some(b)
     }
 }
 
@@ -168,6 +195,10 @@ pub async fn connect(urls: &BackendUrls, opts: &ConnectOptions) -> Result<Backen
     let mut all = Parts::default();
     for (url, roles) in groups {
         let parts = open(&url, &roles, opts).await?;
+        // A backend's own worker path only when the bus and the registry are both its own.
+        if roles.bus && roles.registry {
+            all.tasks = parts.tasks;
+        }
         all.bus = all.bus.or(parts.bus);
         all.registry = all.registry.or(parts.registry);
         all.locks = all.locks.or(parts.locks);

@@ -156,37 +156,44 @@ impl Dispatcher {
         Ok(task.task_id)
     }
 
-    /// Registers and announces many ready tasks (no dependencies) in batches: one round trip
-    /// per batch where the backend allows. Returns one result per task.
+    /// Registers and announces many tasks in batches: one round trip per batch where the
+    /// backend allows ([`TaskQueue::submit`](crate::TaskQueue::submit)). Tasks with
+    /// dependencies are registered WAITING and move on as in [`Dispatcher::dispatch`]. Returns
+    /// one result per task.
     pub async fn dispatch_many(&self, tasks: Vec<Task>) -> Result<Vec<Result<TaskId>>> {
-        let created = self.backends.registry.create_many(&tasks).await?;
-        let mut by_queue: std::collections::BTreeMap<QueueName, Vec<crate::bus::OutgoingMessage>> =
-            Default::default();
-        let mut out = Vec::with_capacity(tasks.len());
-        for (task, r) in tasks.iter().zip(created) {
-            match r {
-                Ok(()) if task.depends_on.is_empty() => {
-                    events::publish(self.backends.bus.as_ref(), task).await;
-                    by_queue.entry(task.queue.clone()).or_default().push(
-                        crate::bus::OutgoingMessage::new(
-                            flow::TaskMessage::encode(&task.task_id),
-                            task.priority,
-                        ),
-                    );
-                    out.push(Ok(task.task_id.clone()));
-                }
-                Ok(()) => {
-                    events::publish(self.backends.bus.as_ref(), task).await;
-                    flow::resolve_waiting(&self.backends, task).await?;
-                    out.push(Ok(task.task_id.clone()));
-                }
-                Err(e) => out.push(Err(e)),
+        if tasks.iter().all(|t| t.depends_on.is_empty()) {
+            let submitted = self.backends.tasks().submit(&tasks).await?;
+            return Ok(tasks
+                .into_iter()
+                .zip(submitted)
+                .map(|(t, r)| r.map(|()| t.task_id))
+                .collect());
+        }
+        let (ready, waiting): (Vec<usize>, Vec<usize>) =
+            (0..tasks.len()).partition(|&i| tasks[i].depends_on.is_empty());
+        let mut out: Vec<Option<Result<TaskId>>> = (0..tasks.len()).map(|_| None).collect();
+        if !ready.is_empty() {
+            let batch: Vec<Task> = ready.iter().map(|&i| tasks[i].clone()).collect();
+            let submitted = self.backends.tasks().submit(&batch).await?;
+            for (&i, r) in ready.iter().zip(submitted) {
+                out[i] = Some(r.map(|()| tasks[i].task_id.clone()));
             }
         }
-        for (queue, msgs) in by_queue {
-            self.backends.bus.enqueue_many(&queue, msgs).await?;
+        if !waiting.is_empty() {
+            let batch: Vec<Task> = waiting.iter().map(|&i| tasks[i].clone()).collect();
+            let created = self.backends.registry.create_many(&batch).await?;
+            for ((&i, task), r) in waiting.iter().zip(&batch).zip(created) {
+                out[i] = Some(match r {
+                    Ok(()) => {
+                        events::publish(self.backends.bus.as_ref(), task).await;
+                        flow::resolve_waiting(&self.backends, task).await?;
+                        Ok(task.task_id.clone())
+                    }
+                    Err(e) => Err(e),
+                });
+            }
         }
-        Ok(out)
+        Ok(out.into_iter().flatten().collect())
     }
 
     /// Reads a task; [`Error::TaskNotFound`] if there is none.

@@ -66,7 +66,7 @@ impl TaskEvent {
 
 /// Hand-written JSON, because it runs for every state change: ids, queue names and statuses
 /// hold no character that needs escaping; the worker id may, and goes through serde.
-fn encode_parts(
+pub(crate) fn encode_parts(
     task_id: &TaskId,
     queue: &QueueName,
     status: TaskStatus,
@@ -76,20 +76,48 @@ fn encode_parts(
 ) -> Vec<u8> {
     use std::io::Write as _;
     let mut out = Vec::with_capacity(160);
+    let _ = write!(out, "{{\"task_id\":\"{task_id}");
+    write_before_attempt(&mut out, queue, status);
+    let _ = write!(out, "{attempt}");
+    write_after_attempt(&mut out, worker_id, at);
+    out
+}
+
+/// The text of an event after its task id and before its attempt number, and after the attempt
+/// number: for a backend script that knows the id and the attempt only when it runs.
+/// `{"task_id":"<id>` + the first + the attempt + the second is what [`encode_parts`] writes.
+pub(crate) fn around_attempt(
+    queue: &QueueName,
+    status: TaskStatus,
+    worker_id: Option<&str>,
+    at: DateTime<Utc>,
+) -> (Vec<u8>, Vec<u8>) {
+    let mut before = Vec::with_capacity(64);
+    write_before_attempt(&mut before, queue, status);
+    let mut after = Vec::with_capacity(96);
+    write_after_attempt(&mut after, worker_id, at);
+    (before, after)
+}
+
+fn write_before_attempt(out: &mut Vec<u8>, queue: &QueueName, status: TaskStatus) {
+    use std::io::Write as _;
     let _ = write!(
         out,
-        "{{\"task_id\":\"{task_id}\",\"queue\":\"{queue}\",\"status\":\"{status}\",\"attempt\":{attempt}"
+        "\",\"queue\":\"{queue}\",\"status\":\"{status}\",\"attempt\":"
     );
+}
+
+fn write_after_attempt(out: &mut Vec<u8>, worker_id: Option<&str>, at: DateTime<Utc>) {
+    use std::io::Write as _;
     if let Some(w) = worker_id {
         out.extend_from_slice(b",\"worker_id\":");
-        let _ = serde_json::to_writer(&mut out, w);
+        let _ = serde_json::to_writer(&mut *out, w);
     }
     let _ = write!(
         out,
         ",\"at\":\"{}\"}}",
         at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
     );
-    out
 }
 
 /// Publishes `task`'s new state. Events are at-most-once by design: a failure is logged, not
@@ -132,5 +160,21 @@ mod tests {
             ..ev
         };
         assert_eq!(TaskEvent::decode(&none.encode()), Some(none));
+    }
+
+    #[test]
+    fn split_encoding_is_the_same_text() {
+        let id = TaskId::parse("t-1").unwrap();
+        let q = QueueName::parse("q").unwrap();
+        let at = Utc::now();
+        let (before, after) = around_attempt(&q, TaskStatus::Running, Some("w\"1"), at);
+        let mut joined = b"{\"task_id\":\"t-1".to_vec();
+        joined.extend_from_slice(&before);
+        joined.extend_from_slice(b"7");
+        joined.extend_from_slice(&after);
+        assert_eq!(
+            joined,
+            encode_parts(&id, &q, TaskStatus::Running, 7, Some("w\"1"), at)
+        );
     }
 }

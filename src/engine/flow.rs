@@ -142,8 +142,16 @@ async fn children(b: &Backends, parent: &TaskId) -> Result<Vec<Task>> {
 
 /// Called after `parent` reached a terminal status: moves its WAITING dependents on.
 pub async fn parent_finished(b: &Backends, parent: &Task) -> Result<()> {
-    for child in children(b, &parent.task_id).await? {
-        resolve_waiting(b, &child).await?;
+    let ids = b.registry.dependents(&parent.task_id).await?;
+    move_dependents_on(b, &ids).await
+}
+
+/// Moves on the WAITING tasks among `ids` (the dependents of a parent that finished).
+pub async fn move_dependents_on(b: &Backends, ids: &[TaskId]) -> Result<()> {
+    for id in ids {
+        if let Some(child) = b.registry.get(id).await? {
+            resolve_waiting(b, &child).await?;
+        }
     }
     Ok(())
 }

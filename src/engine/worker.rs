@@ -15,9 +15,9 @@ use crate::backends::Backends;
 use crate::bus::{Delivery, FetchOptions};
 use crate::error::{Error, Result};
 use crate::model::{QueueName, Task, TaskState, TaskStatus};
+use crate::task_queue::{Claim, ClaimSpec, Recorded, Settle};
 
-use super::events;
-use super::flow::{self, TaskMessage};
+use super::flow;
 use super::handler::{Handler, TaskContext, TaskError};
 use super::metrics::{MetricsSnapshot, WorkerMetrics};
 use super::retry::{with_backend_retry, Backoff};
@@ -122,6 +122,7 @@ struct Inner {
     metrics: Arc<WorkerMetrics>,
     observer: Option<Observer>,
     in_progress: std::sync::atomic::AtomicUsize,
+    claim: ClaimSpec,
 }
 
 /// Serves one or more queues.
@@ -163,11 +164,15 @@ impl Worker {
             inner: Inner {
                 backends,
                 worker_id: Arc::from(config.worker_id.as_str()),
-                config,
                 handlers: HashMap::new(),
                 metrics: Arc::new(WorkerMetrics::default()),
                 observer: None,
                 in_progress: Default::default(),
+                claim: ClaimSpec {
+                    worker_id: Arc::from(config.worker_id.as_str()),
+                    lease: config.lease,
+                },
+                config,
             },
         }
     }
@@ -377,7 +382,7 @@ async fn fetch_loop(
         };
         let fetched = tokio::select! {
             _ = stop.changed() => return,
-            r = inner.backends.bus.fetch(&queue, options) => r,
+            r = inner.backends.tasks().fetch_claim(&queue, options, &inner.claim) => r,
         };
         let deliveries = match fetched {
             Ok(d) => {
@@ -402,7 +407,7 @@ async fn fetch_loop(
             deliveries.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        for (delivery, permit) in deliveries.into_iter().zip(permits.drain(..)) {
+        for ((delivery, claim), permit) in deliveries.into_iter().zip(permits.drain(..)) {
             let inner = inner.clone();
             let handler = handler.clone();
             let abandon = abandon.clone();
@@ -414,7 +419,7 @@ async fn fetch_loop(
                     _ = kill.changed() => {}
                     // Boxed: the processing future is large, and tokio moves a spawned future
                     // several times; moving a pointer instead is measurably cheaper.
-                    _ = Box::pin(process(&inner, handler, delivery, abandon)) => {}
+                    _ = Box::pin(process(&inner, handler, delivery, claim, abandon)) => {}
                 }
             });
         }
@@ -456,9 +461,10 @@ async fn process(
     inner: &Inner,
     handler: Arc<dyn Handler>,
     delivery: Delivery,
+    claim: Option<Claim>,
     abandon: watch::Receiver<bool>,
 ) {
-    if let Err(e) = process_inner(inner, handler, &delivery, abandon).await {
+    if let Err(e) = process_inner(inner, handler, &delivery, claim, abandon).await {
         // The message was neither acked nor nacked: its lease will end and it will be
         // delivered again; the registry lease likewise lets the monitor recover the task.
         tracing::error!(
@@ -474,78 +480,39 @@ async fn process_inner(
     inner: &Inner,
     handler: Arc<dyn Handler>,
     d: &Delivery,
+    claim: Option<Claim>,
     abandon: watch::Receiver<bool>,
 ) -> Result<()> {
     let bus = inner.backends.bus.as_ref();
-    let registry = inner.backends.registry.as_ref();
-    let msg = match TaskMessage::decode(&d.payload) {
-        Ok(m) => m,
-        Err(e) => {
+    let tasks = inner.backends.tasks().as_ref();
+    let claim = match claim {
+        Some(c) => c,
+        None => step(inner, "claim", || tasks.claim(d, &inner.claim)).await?,
+    };
+    let running = match claim {
+        Claim::Claimed(t) => t,
+        Claim::Malformed(reason) => {
             WorkerMetrics::inc(&inner.metrics.dead_lettered);
-            let reason = e.to_string();
             return step(inner, "dead-letter", || bus.dead_letter(d, &reason)).await;
         }
-    };
-    let id = msg.task_id;
-    let Some(task) = step(inner, "get task", || registry.get(&id)).await? else {
-        WorkerMetrics::inc(&inner.metrics.dead_lettered);
-        let reason = format!("task {id} is not in the registry");
-        return step(inner, "dead-letter", || bus.dead_letter(d, &reason)).await;
-    };
-    let now = Utc::now();
-    let claimable = match task.state.status {
-        TaskStatus::Pending => true,
-        TaskStatus::Running if task.lease_expired(now) => {
-            if task.attempts_left() {
-                tracing::warn!(task_id = %id, attempt = task.state.attempt, "taking over a task whose lease expired");
-                true
-            } else {
-                let failed = fail_expired(inner, &task).await?;
-                step(inner, "ack", || bus.ack(d)).await?;
-                if let Some(t) = failed {
-                    finished(inner, t).await;
-                }
-                return Ok(());
-            }
+        Claim::Missing(id) => {
+            WorkerMetrics::inc(&inner.metrics.dead_lettered);
+            let reason = format!("task {id} is not in the registry");
+            return step(inner, "dead-letter", || bus.dead_letter(d, &reason)).await;
         }
-        _ => false,
-    };
-    if !claimable {
-        WorkerMetrics::inc(&inner.metrics.skipped);
-        tracing::debug!(task_id = %id, status = %task.state.status, "delivery for a task that is not claimable; dropping it");
-        return step(inner, "ack", || bus.ack(d)).await;
-    }
-
-    // Claim: a new attempt, fenced by its number.
-    let attempt = task.state.attempt + 1;
-    let lease_until = now + chrono::Duration::from_std(inner.config.lease).unwrap_or_default();
-    let claim = TaskState {
-        status: TaskStatus::Running,
-        attempt,
-        worker_id: Some(inner.worker_id.to_string()),
-        result: None,
-        error: task.state.error.clone(),
-        lease_until: Some(lease_until),
-        heartbeat_at: Some(now),
-        started_at: Some(now),
-        finished_at: None,
-        updated_at: now,
-    };
-    let running = match step(inner, "claim", || {
-        registry.transition(&id, task.expect(), claim.clone())
-    })
-    .await
-    {
-        Ok(t) => t,
-        Err(Error::Conflict { .. }) => {
+        Claim::Unclaimable(task) if task.lease_expired(Utc::now()) => {
+            // RUNNING under an expired lease with no attempt left: the task fails for good.
+            return fail_expired(inner, d, &task).await;
+        }
+        Claim::Unclaimable(task) => {
             WorkerMetrics::inc(&inner.metrics.skipped);
-            tracing::debug!(task_id = %id, "another worker claimed it first");
+            tracing::debug!(task_id = %task.task_id, status = %task.state.status, "delivery for a task that is not claimable; dropping it");
             return step(inner, "ack", || bus.ack(d)).await;
         }
-        Err(e) => return Err(e),
     };
+    let id = running.task_id.clone();
+    let attempt = running.state.attempt;
     WorkerMetrics::inc(&inner.metrics.claimed);
-    events::publish(bus, &running).await;
     tracing::debug!(task_id = %id, attempt, "claimed");
 
     let started = Instant::now();
@@ -554,7 +521,6 @@ async fn process_inner(
         started.elapsed().as_micros() as u64,
         std::sync::atomic::Ordering::Relaxed,
     );
-    let expected = running.expect();
     let now = Utc::now();
     match outcome {
         Outcome::LeaseLost => {
@@ -570,19 +536,10 @@ async fn process_inner(
                 updated_at: now,
                 ..running.state.clone()
             };
-            match step(inner, "hand back", || {
-                registry.transition(&id, expected, next.clone())
-            })
-            .await
-            {
-                Ok(t) => {
-                    WorkerMetrics::inc(&inner.metrics.handed_back);
-                    step(inner, "nack", || bus.nack(d, Duration::ZERO)).await?;
-                    events::publish(bus, &t).await;
-                    tracing::info!(task_id = %id, "handed back on shutdown");
-                }
-                Err(Error::Conflict { .. }) => step(inner, "ack", || bus.ack(d)).await?,
-                Err(e) => return Err(e),
+            let done = record(inner, d, &running, next, Settle::Nack(Duration::ZERO)).await?;
+            if done.is_some() {
+                WorkerMetrics::inc(&inner.metrics.handed_back);
+                tracing::info!(task_id = %id, "handed back on shutdown");
             }
             Ok(())
         }
@@ -596,7 +553,11 @@ async fn process_inner(
                 updated_at: now,
                 ..running.state.clone()
             };
-            record(inner, d, &id, expected, next, Duration::ZERO, true).await
+            if let Some(r) = record(inner, d, &running, next, Settle::Ack).await? {
+                WorkerMetrics::inc(&inner.metrics.completed);
+                finished(inner, r).await;
+            }
+            Ok(())
         }
         Outcome::Done(Err(err)) => {
             let retry = err.retryable && running.attempts_left();
@@ -612,74 +573,68 @@ async fn process_inner(
                 updated_at: now,
                 ..running.state.clone()
             };
-            let delay = if retry {
-                inner.config.retry.delay(attempt)
+            let settle = if retry {
+                Settle::Nack(inner.config.retry.delay(attempt))
             } else {
-                Duration::ZERO
+                Settle::Ack
             };
             tracing::info!(task_id = %id, attempt, retry, error = %err.message, "attempt failed");
-            record(inner, d, &id, expected, next, delay, !retry).await
+            if let Some(r) = record(inner, d, &running, next, settle).await? {
+                if retry {
+                    WorkerMetrics::inc(&inner.metrics.retried);
+                } else {
+                    WorkerMetrics::inc(&inner.metrics.failed);
+                }
+                finished(inner, r).await;
+            }
+            Ok(())
         }
     }
 }
 
-/// Records an outcome by compare-and-set, then acks (terminal) or nacks with `delay` (retry).
+/// Records an outcome by compare-and-set and settles the message ([`TaskQueue::record`]).
+/// `None` when the task changed under this attempt (its lease was lost): the message was acked
+/// and the outcome discarded.
 async fn record(
     inner: &Inner,
     d: &Delivery,
-    id: &crate::model::TaskId,
-    expected: crate::model::Expected,
+    current: &Task,
     next: TaskState,
-    delay: Duration,
-    terminal: bool,
-) -> Result<()> {
-    let bus = inner.backends.bus.as_ref();
-    let registry = inner.backends.registry.as_ref();
-    let stored = match step(inner, "record outcome", || {
-        registry.transition(id, expected, next.clone())
+    settle: Settle,
+) -> Result<Option<Recorded>> {
+    let tasks = inner.backends.tasks().as_ref();
+    match step(inner, "record outcome", || {
+        tasks.record(d, current, next.clone(), settle)
     })
     .await
     {
-        Ok(t) => t,
+        Ok(r) => Ok(Some(r)),
         Err(Error::Conflict { .. }) => {
             WorkerMetrics::inc(&inner.metrics.lease_lost);
-            tracing::warn!(task_id = %id, "the task changed while running (lease lost); outcome discarded");
-            return step(inner, "ack", || bus.ack(d)).await;
+            tracing::warn!(task_id = %current.task_id, "the task changed under this attempt (lease lost); outcome discarded");
+            Ok(None)
         }
-        Err(e) => return Err(e),
-    };
-    if terminal {
-        step(inner, "ack", || bus.ack(d)).await?;
-    } else {
-        step(inner, "nack", || bus.nack(d, delay)).await?;
+        Err(e) => Err(e),
     }
-    match stored.state.status {
-        TaskStatus::Completed => WorkerMetrics::inc(&inner.metrics.completed),
-        TaskStatus::Failed => WorkerMetrics::inc(&inner.metrics.failed),
-        _ => WorkerMetrics::inc(&inner.metrics.retried),
-    }
-    finished(inner, stored).await;
-    Ok(())
 }
 
-/// After an outcome is recorded: publish the event, notify the observer, move dependents on.
-async fn finished(inner: &Inner, task: Task) {
-    events::publish(inner.backends.bus.as_ref(), &task).await;
-    if task.state.status.is_terminal() {
-        if let Err(e) = flow::parent_finished(&inner.backends, &task).await {
-            tracing::warn!(task_id = %task.task_id, error = %e, "could not update dependents now; the monitor will");
+/// After an outcome is recorded: notify the observer, move dependents on.
+async fn finished(inner: &Inner, r: Recorded) {
+    if !r.dependents.is_empty() {
+        if let Err(e) = flow::move_dependents_on(&inner.backends, &r.dependents).await {
+            tracing::warn!(task_id = %r.task.task_id, error = %e, "could not update dependents now; the monitor will");
         }
     }
     if let Some(obs) = &inner.observer {
         obs(&Finished {
-            task,
+            task: r.task,
             at: Instant::now(),
         });
     }
 }
 
-/// Fails a RUNNING task whose lease expired with no attempts left.
-async fn fail_expired(inner: &Inner, task: &Task) -> Result<Option<Task>> {
+/// Fails a RUNNING task whose lease expired with no attempts left, and acks its message.
+async fn fail_expired(inner: &Inner, d: &Delivery, task: &Task) -> Result<()> {
     let now = Utc::now();
     let next = TaskState {
         status: TaskStatus::Failed,
@@ -694,19 +649,19 @@ async fn fail_expired(inner: &Inner, task: &Task) -> Result<Option<Task>> {
         updated_at: now,
         ..task.state.clone()
     };
+    let tasks = inner.backends.tasks().as_ref();
     match step(inner, "fail expired", || {
-        inner
-            .backends
-            .registry
-            .transition(&task.task_id, task.expect(), next.clone())
+        tasks.record(d, task, next.clone(), Settle::Ack)
     })
     .await
     {
-        Ok(t) => {
+        Ok(r) => {
             WorkerMetrics::inc(&inner.metrics.failed);
-            Ok(Some(t))
+            finished(inner, r).await;
+            Ok(())
         }
-        Err(Error::Conflict { .. }) => Ok(None),
+        // Someone else moved it on; the message was acked.
+        Err(Error::Conflict { .. }) => Ok(()),
         Err(e) => Err(e),
     }
 }

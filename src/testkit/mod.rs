@@ -1,7 +1,7 @@
 //! The conformance suite every backend runs (feature `testkit`).
 //!
 //! The suite is a set of plain `pub async fn name(b: &Backends)` functions, one per behaviour a
-//! backend promises, grouped by trait: [`bus`], [`registry`] and [`locks`]. Each one panics with a
+//! backend promises, grouped by trait: [`bus`], [`registry`], [`tasks`] and [`locks`]. Each one panics with a
 //! message that says what went wrong, wraps every backend call in a generous timeout (a broken
 //! backend fails instead of hanging), and finishes in a few seconds on a healthy backend (leases of
 //! one or two seconds where an expiry must be observed). No test asserts how fast anything is.
@@ -42,6 +42,7 @@ pub mod engine;
 pub mod harness;
 pub mod locks;
 pub mod registry;
+pub mod tasks;
 
 use std::any::Any;
 use std::fmt::Display;
@@ -124,7 +125,8 @@ fn panic_text(payload: &(dyn Any + Send)) -> String {
     }
 }
 
-/// Runs the whole conformance suite ([`bus`], [`registry`], [`locks`]) against a backend.
+/// Runs the whole conformance suite ([`bus`], [`registry`], [`tasks`], [`locks`]) against a
+/// backend.
 ///
 /// `$make` is an `async fn(prefix: &str) -> agent_orchestra::Backends` that opens the backends
 /// under `prefix`; `$cleanup` is an `async fn(prefix: &str)` that deletes everything created
@@ -165,6 +167,14 @@ macro_rules! conformance_suite {
                 purge_finished_by_age_leaves_unfinished_tasks_alone,
                 unknown_task_is_not_found,
                 task_payload_round_trips_through_the_registry,
+            ];
+            tasks: [
+                submit_stores_publishes_and_announces,
+                fetch_claim_claims_pending_tasks,
+                claim_refuses_what_is_not_claimable,
+                record_completes_acks_and_lists_dependents,
+                record_with_nack_gives_the_message_back_once,
+                record_from_a_lost_attempt_conflicts_and_acks,
             ];
             locks: [
                 second_acquire_by_another_owner_gets_none,

@@ -16,8 +16,7 @@ for i = 3, #ARGV, 3 do
   id = id + 1
   local key = mp .. id
   if delay <= 0 then
-    redis.call('HSET', key, 'body', ARGV[i + 2], 'p', ARGV[i + 1], 's', num(id), 'd', '0', 'l', '0')
-    redis.call('ZADD', KEYS[1], ready_score(p, id), id)
+    add_ready(KEYS[1], key, id, ARGV[i + 1], ARGV[i + 2])
     if was_empty then
       wake = true
     end

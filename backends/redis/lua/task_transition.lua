@@ -4,40 +4,19 @@
 --       (the caller does not know the task's immutable part), 7 number of fields to set (n),
 --       8 .. 7+2n field, value pairs, then the names of the fields to delete
 -- Compare-and-set on (status, attempt); the status indexes and the lease index change in the
--- same step. The lab wrote statuses as 'TaskStatus.PENDING': read as 'PENDING'.
+-- same step.
 -- Returns {'all', field, value, ...} (the task after the change) when asked, else
 -- {'ok', created_at, priority} (for the caller to check its copy of the immutable part);
 -- {'missing'} or {'conflict', status, attempt} when nothing changed.
-local cur = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'created_at', 'priority')
-local status = cur[1]
+local status, attempt, cur = task_status(KEYS[1], 'created_at', 'priority')
 if not status then
   return {'missing'}
 end
-if string.byte(status, 1) == 84 then -- 'T'
-  status = string.gsub(status, '^TaskStatus%.', '')
+if status ~= ARGV[2] or attempt ~= tonumber(ARGV[3]) then
+  return {'conflict', status, tostring(attempt)}
 end
-local attempt = cur[2] or '0'
-if status ~= ARGV[2] or tonumber(attempt) ~= tonumber(ARGV[3]) then
-  return {'conflict', status, attempt}
-end
-local id = ARGV[1]
-if KEYS[3] ~= KEYS[4] then
-  redis.call('ZREM', KEYS[3], id)
-end
-if status == 'RUNNING' and ARGV[5] == '' then
-  redis.call('ZREM', KEYS[2], id)
-end
-local n = tonumber(ARGV[7])
-if n > 0 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 8, 7 + 2 * n))
-end
-if #ARGV > 7 + 2 * n then
-  redis.call('HDEL', KEYS[1], unpack(ARGV, 8 + 2 * n))
-end
-redis.call('ZADD', KEYS[4], ARGV[4], id)
-if ARGV[5] ~= '' then
-  redis.call('ZADD', KEYS[2], ARGV[5], id)
-end
+apply_state(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], status, ARGV[4], ARGV[5], ARGV, 8,
+  tonumber(ARGV[7]))
 if ARGV[6] == '1' then
   local all = redis.call('HGETALL', KEYS[1])
   table.insert(all, 1, 'all')

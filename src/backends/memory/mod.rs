@@ -24,5 +24,6 @@ pub fn open(roles: &Roles, opts: &ConnectOptions) -> Parts {
             .then(|| Arc::new(MemoryBus::new(opts.max_deliveries)) as _),
         registry: roles.registry.then(|| Arc::new(MemoryRegistry::new()) as _),
         locks: roles.locks.then(|| Arc::new(MemoryLockManager::new()) as _),
+        tasks: None,
     }
 }

@@ -1,0 +1,386 @@
+//! [`RedisTaskQueue`]: the worker's hot path ([`TaskQueue`]) in one Lua script per step when
+//! one Redis server holds both the bus and the registry: a fetch that also claims each task
+//! (`fetch_claim.lua`), and an outcome recorded with its message settled, its event published
+//! and its dependents read (`record.lua`). What each script does is what
+//! [`Composed`] does with separate calls.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use redis::Value;
+
+use super::bus::{fetch_reply, millis, parse_receipt, RedisBus};
+use super::codec::{self, micros, text};
+use super::conn::{Conn, BACKEND};
+use super::keys;
+use super::registry::{conflict_reply, lease_score, RedisRegistry};
+use super::scripts;
+use crate::bus::{Delivery, FetchOptions};
+use crate::engine::events::{around_attempt, encode_parts, EVENTS_TOPIC};
+use crate::engine::flow::TaskMessage;
+use crate::error::{Error, Result};
+use crate::model::{QueueName, Task, TaskId, TaskState, TaskStatus};
+use crate::registry::check_transition;
+use crate::task_queue::{Claim, ClaimSpec, Composed, Recorded, Settle, TaskQueue};
+
+/// The Redis [`TaskQueue`]. Built by `open` when one URL opens both the bus and the registry.
+#[derive(Debug)]
+pub struct RedisTaskQueue {
+    conn: Conn,
+    bus: Arc<RedisBus>,
+    registry: Arc<RedisRegistry>,
+    composed: Composed,
+}
+
+impl RedisTaskQueue {
+    pub(crate) fn new(conn: Conn, bus: Arc<RedisBus>, registry: Arc<RedisRegistry>) -> Self {
+        let composed = Composed::new(bus.clone(), registry.clone());
+        RedisTaskQueue {
+            conn,
+            bus,
+            registry,
+            composed,
+        }
+    }
+
+    /// Turns one entry of the fetch-and-claim script's claims into a [`Claim`]; `claimed` is
+    /// the state the script wrote over a claimed task.
+    fn claim_of(
+        &self,
+        d: &Delivery,
+        reply: Value,
+        claimed: impl FnOnce(&TaskState) -> TaskState,
+    ) -> Result<Claim> {
+        let mut it = match reply {
+            Value::Array(v) => v.into_iter(),
+            other => {
+                return Err(Error::permanent(
+                    BACKEND,
+                    format!("fetch_claim returned {other:?} for a claim"),
+                    None,
+                ))
+            }
+        };
+        let tag = it.next().map(text).transpose()?.unwrap_or_default();
+        // The script read the id with cjson; read it again here, with the model's rules.
+        let id = match TaskMessage::decode(&d.payload) {
+            Ok(m) => m.task_id,
+            Err(e) => return Ok(Claim::Malformed(e.to_string())),
+        };
+        match tag.as_str() {
+            "claimed" => {
+                let found = self
+                    .registry
+                    .decode_and_remember(&id, codec::field_map(it.collect())?)?;
+                Ok(Claim::Claimed(Task {
+                    state: claimed(&found.state),
+                    ..found
+                }))
+            }
+            "unclaimable" => Ok(Claim::Unclaimable(
+                self.registry
+                    .decode_and_remember(&id, codec::field_map(it.collect())?)?,
+            )),
+            "missing" => Ok(Claim::Missing(id)),
+            "malformed" => Ok(Claim::Malformed(format!(
+                "malformed message {:?}: expected {{\"task_id\": \"...\"}}",
+                String::from_utf8_lossy(&d.payload[..d.payload.len().min(80)])
+            ))),
+            other => Err(Error::permanent(
+                BACKEND,
+                format!("fetch_claim returned the claim {other:?}"),
+                None,
+            )),
+        }
+    }
+
+    async fn fetch_claim_once(
+        &self,
+        queue: &QueueName,
+        k: Arc<keys::QueueKeys>,
+        options: FetchOptions,
+        spec: &ClaimSpec,
+    ) -> Result<(Vec<(Delivery, Option<Claim>)>, Option<std::time::Duration>)> {
+        let p = self.conn.prefix();
+        let now = Utc::now();
+        let lease_until = now + chrono::Duration::from_std(spec.lease).unwrap_or_default();
+        let (before, after) =
+            around_attempt(queue, TaskStatus::Running, Some(&spec.worker_id), now);
+        let mut inv = self
+            .bus
+            .fetch_command(&scripts::FETCH_CLAIM, &k, options.max, options.lease);
+        inv.arg(format!("{p}task_registry:"))
+            .arg(format!("{p}orchestra:status:"))
+            .arg(keys::lease_index(p))
+            .arg(micros(now))
+            .arg(micros(lease_until))
+            .arg(&*spec.worker_id)
+            .arg(codec::format_time(now))
+            .arg(codec::format_time(lease_until))
+            .arg(keys::events(p, EVENTS_TOPIC))
+            .arg(before)
+            .arg(after);
+        let reply: Vec<Value> = self.conn.eval_cmd("fetch_claim", &inv).await?;
+        let mut parts = reply.into_iter();
+        let short = || Error::permanent(BACKEND, "fetch_claim returned a short reply", None);
+        let fetched = match parts.next().ok_or_else(short)? {
+            Value::Array(v) => v,
+            _ => return Err(short()),
+        };
+        let claims = match parts.next().ok_or_else(short)? {
+            Value::Array(v) => v,
+            _ => return Err(short()),
+        };
+        let (deliveries, next) = fetch_reply(queue, fetched)?;
+        if claims.len() != deliveries.len() {
+            return Err(short());
+        }
+        let out = deliveries
+            .into_iter()
+            .zip(claims)
+            .map(|(d, c)| {
+                // A claim this side cannot read is left to `claim` (the generic path).
+                let claim = self.claim_of(&d, c, |found| spec.claimed_state(found, now)).map_err(|e| {
+                    tracing::warn!(message_id = %d.message_id, error = %e, "unreadable claim reply; claiming again");
+                });
+                (d, claim.ok())
+            })
+            .collect();
+        Ok((out, next))
+    }
+}
+
+/// Most tasks, and most argument bytes, per submit script, so that one script stays short.
+const SUBMIT_BATCH_MAX: usize = 500;
+const SUBMIT_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// A task as the submit script takes it: its fields, and the length of its payload's JSON.
+struct SubmitRow<'a> {
+    task: &'a Task,
+    fields: Vec<(&'static str, String)>,
+    payload_len: usize,
+    bytes: usize,
+}
+
+impl<'a> SubmitRow<'a> {
+    fn new(task: &'a Task) -> Self {
+        let fields = codec::task_fields(task);
+        let payload_len = fields
+            .iter()
+            .find(|(n, _)| *n == "payload")
+            .map_or(0, |(_, v)| v.len());
+        let bytes = fields.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>() + 256;
+        SubmitRow {
+            task,
+            fields,
+            payload_len,
+            bytes,
+        }
+    }
+}
+
+impl RedisTaskQueue {
+    /// One submit script for tasks of one queue (already sized by the caller).
+    async fn submit_batch(
+        &self,
+        queue: &QueueName,
+        rows: &[SubmitRow<'_>],
+    ) -> Result<Vec<Result<()>>> {
+        let p = self.conn.prefix();
+        let k = self.bus.keys(queue);
+        let mut inv = scripts::SUBMIT.evalsha(3);
+        inv.arg(&k.ready)
+            .arg(&k.seq)
+            .arg(keys::status_index(p, TaskStatus::Pending))
+            .arg(&k.msg_prefix)
+            .arg(&k.wake)
+            .arg(format!("{p}task_registry:"))
+            .arg(keys::events(p, EVENTS_TOPIC));
+        for row in rows {
+            let t = row.task;
+            inv.arg(t.task_id.as_str())
+                .arg(micros(t.state.updated_at))
+                .arg(t.priority.get())
+                .arg(encode_parts(
+                    &t.task_id,
+                    &t.queue,
+                    t.state.status,
+                    t.state.attempt,
+                    t.state.worker_id.as_deref(),
+                    t.state.updated_at,
+                ))
+                .arg(row.fields.len());
+            for (name, value) in &row.fields {
+                inv.arg(*name).arg(value.as_str());
+            }
+        }
+        let created: Vec<i64> = self.conn.eval_cmd("submit", &inv).await?;
+        if created.len() != rows.len() {
+            return Err(Error::permanent(
+                BACKEND,
+                "submit returned a short reply",
+                None,
+            ));
+        }
+        Ok(rows
+            .iter()
+            .zip(created)
+            .map(|(row, c)| {
+                if c == 1 {
+                    self.registry.remember(row.task, row.payload_len);
+                    Ok(())
+                } else {
+                    Err(Error::TaskExists(row.task.task_id.clone()))
+                }
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl TaskQueue for RedisTaskQueue {
+    async fn submit(&self, tasks: &[Task]) -> Result<Vec<Result<()>>> {
+        if tasks
+            .iter()
+            .any(|t| t.state.status != TaskStatus::Pending || !t.depends_on.is_empty())
+        {
+            return self.composed.submit(tasks).await;
+        }
+        let mut by_queue: std::collections::BTreeMap<&QueueName, Vec<(usize, SubmitRow)>> =
+            Default::default();
+        for (i, t) in tasks.iter().enumerate() {
+            by_queue
+                .entry(&t.queue)
+                .or_default()
+                .push((i, SubmitRow::new(t)));
+        }
+        let mut out: Vec<Option<Result<()>>> = (0..tasks.len()).map(|_| None).collect();
+        for (queue, rows) in by_queue {
+            let (indexes, rows): (Vec<usize>, Vec<SubmitRow>) = rows.into_iter().unzip();
+            let mut start = 0;
+            while start < rows.len() {
+                let mut end = start;
+                let mut bytes = 0;
+                while end < rows.len()
+                    && end - start < SUBMIT_BATCH_MAX
+                    && (end == start || bytes + rows[end].bytes <= SUBMIT_BATCH_BYTES)
+                {
+                    bytes += rows[end].bytes;
+                    end += 1;
+                }
+                let results = self.submit_batch(queue, &rows[start..end]).await?;
+                for (&i, r) in indexes[start..end].iter().zip(results) {
+                    out[i] = Some(r);
+                }
+                start = end;
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    async fn fetch_claim(
+        &self,
+        queue: &QueueName,
+        options: FetchOptions,
+        spec: &ClaimSpec,
+    ) -> Result<Vec<(Delivery, Option<Claim>)>> {
+        self.bus
+            .fetch_waiting(queue, options.max, options.wait, |k| {
+                self.fetch_claim_once(queue, k, options, spec)
+            })
+            .await
+    }
+
+    async fn claim(&self, delivery: &Delivery, spec: &ClaimSpec) -> Result<Claim> {
+        self.composed.claim(delivery, spec).await
+    }
+
+    async fn record(
+        &self,
+        d: &Delivery,
+        current: &Task,
+        next: TaskState,
+        settle: Settle,
+    ) -> Result<Recorded> {
+        let id = &current.task_id;
+        let expected = current.expect();
+        check_transition(id, &expected, &next)?;
+        let (msg_id, n) = parse_receipt(&d.receipt)?;
+        let p = self.conn.prefix();
+        let k = self.bus.keys(&d.queue);
+        let event = encode_parts(
+            id,
+            &current.queue,
+            next.status,
+            next.attempt,
+            next.worker_id.as_deref(),
+            next.updated_at,
+        );
+        let (set, del) = codec::state_fields(&next);
+        let mut inv = scripts::RECORD.evalsha(10);
+        inv.arg(keys::task(p, id))
+            .arg(keys::lease_index(p))
+            .arg(keys::status_index(p, expected.status))
+            .arg(keys::status_index(p, next.status))
+            .arg(keys::dependents(p, id))
+            .arg(&k.ready)
+            .arg(&k.delayed)
+            .arg(&k.inflight)
+            .arg(&k.seq)
+            .arg(k.message(msg_id))
+            .arg(id.as_str())
+            .arg(expected.status.as_str())
+            .arg(expected.attempt)
+            .arg(micros(next.updated_at))
+            .arg(lease_score(&next))
+            .arg(next.status.as_str())
+            .arg(next.attempt)
+            .arg(msg_id)
+            .arg(n)
+            .arg(match settle {
+                Settle::Ack => -1i64,
+                Settle::Nack(delay) => i64::try_from(millis(delay)).unwrap_or(i64::MAX),
+            })
+            .arg(&k.wake)
+            .arg(keys::events(p, EVENTS_TOPIC))
+            .arg(event)
+            .arg(set.len());
+        for (name, value) in set {
+            inv.arg(name).arg(value);
+        }
+        for name in del {
+            inv.arg(name);
+        }
+        let reply: Vec<Value> = self.conn.eval_cmd("record", &inv).await?;
+        let mut it = reply.into_iter();
+        let tag = it.next().map(text).transpose()?.unwrap_or_default();
+        match tag.as_str() {
+            "ok" => {
+                let dependents = it
+                    .map(text)
+                    .collect::<Result<Vec<String>>>()?
+                    .into_iter()
+                    .filter_map(|m| TaskId::parse(&m).ok())
+                    .collect();
+                if next.status.is_terminal() {
+                    self.registry.forget(id);
+                }
+                Ok(Recorded {
+                    task: Task {
+                        state: next,
+                        ..current.clone()
+                    },
+                    dependents,
+                })
+            }
+            "missing" => Err(Error::TaskNotFound(id.clone())),
+            "conflict" => Err(conflict_reply(id, &expected, it)?),
+            other => Err(Error::permanent(
+                BACKEND,
+                format!("record script returned {other:?}"),
+                None,
+            )),
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The [`TaskQueue`] trait: the worker's hot path as three steps that each span the bus and the
+//! registry — fetch and claim, claim one delivery, record an outcome and settle its message.
+//!
+//! Every step has a generic implementation over any [`Bus`] + [`Registry`] pair
+//! ([`Composed`], used by the memory, NATS, RabbitMQ and mixed backends). A backend that holds
+//! both roles in one server may do a step in fewer round trips (Redis does each in one Lua
+//! script); its implementation must behave exactly like [`Composed`], which the conformance
+//! suite checks on every backend.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::bus::{Bus, Delivery, FetchOptions, OutgoingMessage};
+use crate::engine::events;
+use crate::engine::flow::TaskMessage;
+use crate::error::{Error, Result};
+use crate::model::{QueueName, Task, TaskId, TaskState, TaskStatus};
+use crate::registry::Registry;
+
+/// Who claims, and for how long.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimSpec {
+    /// Recorded as the task's `worker_id`.
+    pub worker_id: Arc<str>,
+    /// The registry lease of the claim (the bus lease is [`FetchOptions::lease`]).
+    pub lease: Duration,
+}
+
+impl ClaimSpec {
+    /// The state a claim at `now` writes over `found`: RUNNING, attempt + 1 (the new fencing
+    /// token), this worker, leased until `now + lease`, no result, no finish time; the last
+    /// error is kept.
+    pub fn claimed_state(&self, found: &TaskState, now: DateTime<Utc>) -> TaskState {
+        TaskState {
+            status: TaskStatus::Running,
+            attempt: found.attempt + 1,
+            worker_id: Some(self.worker_id.to_string()),
+            result: None,
+            error: found.error.clone(),
+            lease_until: Some(now + chrono::Duration::from_std(self.lease).unwrap_or_default()),
+            heartbeat_at: Some(now),
+            started_at: Some(now),
+            finished_at: None,
+            updated_at: now,
+        }
+    }
+}
+
+/// Whether a task found at `now` may be claimed: PENDING, or RUNNING under an expired lease
+/// with attempts left (a takeover from a worker that died).
+pub fn claimable(task: &Task, now: DateTime<Utc>) -> bool {
+    match task.state.status {
+        TaskStatus::Pending => true,
+        TaskStatus::Running => task.lease_expired(now) && task.attempts_left(),
+        _ => false,
+    }
+}
+
+/// What claiming a delivery's task gave.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Claim {
+    /// The task is now RUNNING for this worker (stored, its event published).
+    Claimed(Task),
+    /// The task exists but is not claimable (see [`claimable`]); as found.
+    Unclaimable(Task),
+    /// No task has the id the message names.
+    Missing(TaskId),
+    /// The message is not a task message; why.
+    Malformed(String),
+}
+
+/// What to do with the message once an outcome is recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settle {
+    /// Remove it for good (a terminal outcome).
+    Ack,
+    /// Give it back, ready again after the delay (a retry or a hand-back).
+    Nack(Duration),
+}
+
+/// An outcome as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recorded {
+    /// The task after the change.
+    pub task: Task,
+    /// For a terminal outcome, the ids of the tasks that depend on this one (to move on);
+    /// empty otherwise.
+    pub dependents: Vec<TaskId>,
+}
+
+/// The hot path of the dispatcher and the worker. See the module documentation.
+#[async_trait]
+pub trait TaskQueue: Send + Sync + fmt::Debug + 'static {
+    /// Stores new tasks and announces each on its queue, ready at once, publishing their
+    /// events: [`Registry::create_many`], then the messages ([`Bus::enqueue_many`]). For
+    /// PENDING tasks without dependencies (the dispatcher handles the others). Not atomic as a
+    /// whole: one result per task, in order ([`Error::TaskExists`] for a taken id). A task is
+    /// announced only once stored; if announcing fails after that, the monitor's re-announce of
+    /// orphaned PENDING tasks covers it.
+    async fn submit(&self, tasks: &[Task]) -> Result<Vec<Result<()>>>;
+
+    /// Leases up to `options.max` messages of `queue` like [`Bus::fetch`], and claims the task
+    /// of each where the backend can do so in the same step (`Some`); `None` leaves the claim
+    /// to [`TaskQueue::claim`]. Deliveries whose claim is `Some(Claim::Claimed)` have had their
+    /// RUNNING event published.
+    async fn fetch_claim(
+        &self,
+        queue: &QueueName,
+        options: FetchOptions,
+        spec: &ClaimSpec,
+    ) -> Result<Vec<(Delivery, Option<Claim>)>>;
+
+    /// Claims the task a delivery names: decodes the message, reads the task, and if it is
+    /// [`claimable`], moves it by compare-and-set to [`ClaimSpec::claimed_state`] and publishes
+    /// the event. A lost compare-and-set gives `Unclaimable` with the task as it is now.
+    async fn claim(&self, delivery: &Delivery, spec: &ClaimSpec) -> Result<Claim>;
+
+    /// Records an outcome: compare-and-set from `current` (its status and attempt) to `next`,
+    /// then settles the message as `settle` says and publishes the event. When the
+    /// compare-and-set fails, the message is acked (this attempt is void) and the error is
+    /// [`Error::Conflict`]; when the task is gone, [`Error::TaskNotFound`] and the message is
+    /// left to its lease. Safe to call again after an error: a task already at `next`'s status
+    /// and attempt (this call's own earlier write whose reply was lost) is settled as asked.
+    async fn record(
+        &self,
+        delivery: &Delivery,
+        current: &Task,
+        next: TaskState,
+        settle: Settle,
+    ) -> Result<Recorded>;
+}
+
+/// The generic [`TaskQueue`]: each step as calls on the bus and the registry.
+#[derive(Clone, Debug)]
+pub struct Composed {
+    bus: Arc<dyn Bus>,
+    registry: Arc<dyn Registry>,
+}
+
+impl Composed {
+    /// Over this bus and registry.
+    pub fn new(bus: Arc<dyn Bus>, registry: Arc<dyn Registry>) -> Self {
+        Composed { bus, registry }
+    }
+}
+
+#[async_trait]
+impl TaskQueue for Composed {
+    async fn submit(&self, tasks: &[Task]) -> Result<Vec<Result<()>>> {
+        let created = self.registry.create_many(tasks).await?;
+        let mut by_queue: BTreeMap<&QueueName, Vec<OutgoingMessage>> = BTreeMap::new();
+        let mut announced = Vec::new();
+        for (task, r) in tasks.iter().zip(&created) {
+            if r.is_ok() {
+                announced.push(events::publish(self.bus.as_ref(), task));
+                by_queue
+                    .entry(&task.queue)
+                    .or_default()
+                    .push(OutgoingMessage::new(
+                        TaskMessage::encode(&task.task_id),
+                        task.priority,
+                    ));
+            }
+        }
+        futures::future::join_all(announced).await;
+        for (queue, messages) in by_queue {
+            self.bus.enqueue_many(queue, messages).await?;
+        }
+        Ok(created)
+    }
+
+    async fn fetch_claim(
+        &self,
+        queue: &QueueName,
+        options: FetchOptions,
+        _spec: &ClaimSpec,
+    ) -> Result<Vec<(Delivery, Option<Claim>)>> {
+        let got = self.bus.fetch(queue, options).await?;
+        Ok(got.into_iter().map(|d| (d, None)).collect())
+    }
+
+    async fn claim(&self, delivery: &Delivery, spec: &ClaimSpec) -> Result<Claim> {
+        let id = match TaskMessage::decode(&delivery.payload) {
+            Ok(m) => m.task_id,
+            Err(e) => return Ok(Claim::Malformed(e.to_string())),
+        };
+        let Some(task) = self.registry.get(&id).await? else {
+            return Ok(Claim::Missing(id));
+        };
+        let now = Utc::now();
+        if !claimable(&task, now) {
+            return Ok(Claim::Unclaimable(task));
+        }
+        if task.state.status == TaskStatus::Running {
+            tracing::warn!(task_id = %id, attempt = task.state.attempt, "taking over a task whose lease expired");
+        }
+        let next = spec.claimed_state(&task.state, now);
+        match self.registry.transition(&id, task.expect(), next).await {
+            Ok(running) => {
+                events::publish(self.bus.as_ref(), &running).await;
+                Ok(Claim::Claimed(running))
+            }
+            Err(Error::Conflict { .. }) => match self.registry.get(&id).await? {
+                Some(now) => Ok(Claim::Unclaimable(now)),
+                None => Ok(Claim::Missing(id)),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn record(
+        &self,
+        delivery: &Delivery,
+        current: &Task,
+        next: TaskState,
+        settle: Settle,
+    ) -> Result<Recorded> {
+        let (status, attempt) = (next.status, next.attempt);
+        let stored = match self
+            .registry
+            .transition(&current.task_id, current.expect(), next)
+            .await
+        {
+            Ok(t) => t,
+            // Our own write, made by an earlier call whose reply was lost: settle as intended.
+            Err(Error::Conflict {
+                actual_status,
+                actual_attempt,
+                ..
+            }) if actual_status == status && actual_attempt == attempt => self
+                .registry
+                .get(&current.task_id)
+                .await?
+                .ok_or_else(|| Error::TaskNotFound(current.task_id.clone()))?,
+            Err(e @ Error::Conflict { .. }) => {
+                self.bus.ack(delivery).await?;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        match settle {
+            Settle::Ack => self.bus.ack(delivery).await?,
+            Settle::Nack(delay) => self.bus.nack(delivery, delay).await?,
+        }
+        events::publish(self.bus.as_ref(), &stored).await;
+        let dependents = if stored.state.status.is_terminal() {
+            self.registry.dependents(&stored.task_id).await?
+        } else {
+            Vec::new()
+        };
+        Ok(Recorded {
+            task: stored,
+            dependents,
+        })
+    }
+}
