@@ -21,10 +21,12 @@ use super::queue::{
     instant_at_unix_ms, Puller, QueueHandle, DELAYED, DUE_HEADER, ID_HEADER, LEVELS,
     PRIORITY_HEADER, TIMER_SLACK,
 };
+use super::registry::PIPELINE;
 use super::{Shared, BACKEND};
 use crate::bus::{
     Bus, DeadLetter, Delivery, FetchOptions, OutgoingMessage, QueueStats, Subscription,
 };
+use crate::engine::EVENTS_TOPIC;
 use crate::error::{Error, Result};
 use crate::model::{Priority, QueueName};
 
@@ -50,6 +52,10 @@ pub struct NatsBus {
     /// The leases of the deliveries this process holds.
     leases: LeaseKeeper,
     max_deliveries: u32,
+    /// Numbers the messages this bus enqueues (their ids are the connection's origin and this).
+    next_id: std::sync::atomic::AtomicU64,
+    /// The subject of the engine's `events` topic, made once.
+    events_subject: String,
 }
 
 impl std::fmt::Debug for NatsBus {
@@ -125,9 +131,11 @@ impl NatsBus {
         NatsBus {
             blobs: Blobs::new(shared.clone()),
             leases: LeaseKeeper::start(shared.client.clone()),
-            shared,
             queues: Mutex::new(HashMap::new()),
             max_deliveries: max_deliveries.max(1),
+            next_id: std::sync::atomic::AtomicU64::new(0),
+            events_subject: shared.names.event_subject(EVENTS_TOPIC),
+            shared,
         }
     }
 
@@ -155,7 +163,10 @@ impl NatsBus {
         q: &QueueHandle,
         m: OutgoingMessage,
     ) -> Result<(std::result::Result<usize, i64>, String, Publish, String)> {
-        let id = uuid::Uuid::new_v4().simple().to_string();
+        let n = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{}{n:016x}", self.shared.origin);
         let (body, blob) = store_payload(&self.blobs, m.payload).await?;
         let mut publish = Publish::build()
             .payload(body.into())
@@ -186,31 +197,35 @@ impl NatsBus {
         for m in messages {
             prepared.push(self.prepare(q, m).await?);
         }
-        let mut acks = Vec::with_capacity(prepared.len());
         let mut ids = Vec::with_capacity(prepared.len());
         let mut levels = 0u16;
         let mut due: Vec<i64> = Vec::new();
-        for (level, subject, publish, id) in prepared {
-            match level {
-                Ok(l) => levels |= 1 << l,
-                Err(at) => due.push(at),
-            }
-            let ack = self
-                .shared
-                .js
-                .send_publish(subject, publish)
-                .await
-                .map_err(|e| nats_err("cannot enqueue", e))?;
-            acks.push(ack);
-            ids.push(id);
-        }
-        let results = join_all(acks.into_iter().map(|a| async move { a.await })).await;
-        for r in results {
-            if let Err(e) = r {
-                if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
-                    self.forget(q);
+        let mut prepared = prepared.into_iter().peekable();
+        while prepared.peek().is_some() {
+            // At most PIPELINE acks outstanding: the JetStream context allows 5,000 in all.
+            let mut acks = Vec::with_capacity(PIPELINE);
+            for (level, subject, publish, id) in prepared.by_ref().take(PIPELINE) {
+                match level {
+                    Ok(l) => levels |= 1 << l,
+                    Err(at) => due.push(at),
                 }
-                return Err(nats_err(&format!("cannot enqueue on queue {}", q.name), e));
+                let ack = self
+                    .shared
+                    .js
+                    .send_publish(subject, publish)
+                    .await
+                    .map_err(|e| nats_err("cannot enqueue", e))?;
+                acks.push(ack);
+                ids.push(id);
+            }
+            let results = join_all(acks.into_iter().map(|a| async move { a.await })).await;
+            for r in results {
+                if let Err(e) = r {
+                    if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                        self.forget(q);
+                    }
+                    return Err(nats_err(&format!("cannot enqueue on queue {}", q.name), e));
+                }
             }
         }
         // This process's fetchers learn at once, other processes through one core-NATS
@@ -463,12 +478,14 @@ impl Bus for NatsBus {
     }
 
     async fn publish(&self, topic: &str, payload: &[u8]) -> Result<()> {
+        let subject = if topic == EVENTS_TOPIC {
+            self.events_subject.clone()
+        } else {
+            self.shared.names.event_subject(topic)
+        };
         self.shared
             .client
-            .publish(
-                self.shared.names.event_subject(topic),
-                payload.to_vec().into(),
-            )
+            .publish(subject, payload.to_vec().into())
             .await
             .map_err(|e| nats_err("cannot publish an event", e))
     }

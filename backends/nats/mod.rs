@@ -27,6 +27,7 @@ mod lock;
 mod names;
 mod queue;
 mod registry;
+mod tasks;
 mod view;
 
 use std::path::PathBuf;
@@ -42,6 +43,7 @@ use crate::error::{Error, Result};
 pub use bus::NatsBus;
 pub use lock::NatsLockManager;
 pub use registry::NatsRegistry;
+pub use tasks::NatsTaskQueue;
 
 use names::Names;
 
@@ -56,6 +58,8 @@ pub(crate) struct Shared {
     names: Arc<Names>,
     /// The largest message the server accepts (payload plus headers).
     max_payload: usize,
+    /// Starts the id of every message this connection enqueues.
+    origin: Arc<str>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -71,12 +75,18 @@ impl std::fmt::Debug for Shared {
 pub async fn open(url: &Url, roles: &Roles, opts: &ConnectOptions) -> Result<Parts> {
     let shared = connect(url, opts).await?;
     let mut parts = Parts::default();
-    if roles.bus {
-        parts.bus = Some(Arc::new(NatsBus::new(shared.clone(), opts.max_deliveries)) as _);
+    let bus = roles
+        .bus
+        .then(|| Arc::new(NatsBus::new(shared.clone(), opts.max_deliveries)));
+    let registry = match roles.registry {
+        true => Some(Arc::new(NatsRegistry::open(shared.clone()).await?)),
+        false => None,
+    };
+    if let (Some(b), Some(r)) = (&bus, &registry) {
+        parts.tasks = Some(Arc::new(NatsTaskQueue::new(shared.clone(), b.clone(), r.clone())) as _);
     }
-    if roles.registry {
-        parts.registry = Some(Arc::new(NatsRegistry::open(shared.clone()).await?) as _);
-    }
+    parts.bus = bus.map(|b| b as _);
+    parts.registry = registry.map(|r| r as _);
     if roles.locks {
         parts.locks = Some(Arc::new(NatsLockManager::open(shared.clone()).await?) as _);
     }
@@ -272,6 +282,7 @@ async fn connect(url: &Url, opts: &ConnectOptions) -> Result<Shared> {
         js,
         names: Arc::new(Names::new(&opts.prefix)),
         max_payload,
+        origin: Arc::from(&uuid::Uuid::new_v4().simple().to_string()[..16]),
     })
 }
 

@@ -27,13 +27,14 @@ use tokio::sync::OnceCell;
 
 use super::blob::{BlobRef, Blobs, BLOB_HEADER};
 use super::kv::{Bucket, Write};
-use super::view::{View, LEASE_HEADER, QUEUE_HEADER, STATUS_HEADER, UPDATED_HEADER};
+use super::view::{View, DEPS_HEADER, LEASE_HEADER, QUEUE_HEADER, STATUS_HEADER, UPDATED_HEADER};
 use super::{Shared, BACKEND};
 use crate::error::{Error, Result};
 use crate::model::{Expected, Task, TaskId, TaskState, TaskStatus};
 use crate::registry::{
     check_transition, conflict, Registry, Retention, StatusCounts, TaskFilter, TaskPage,
 };
+use crate::task_queue::ClaimSpec;
 
 /// Revisions remembered for the one-round-trip transition; cleared when full.
 const CACHE_LIMIT: usize = 100_000;
@@ -41,6 +42,13 @@ const CACHE_LIMIT: usize = 100_000;
 const PURGE_CONCURRENCY: usize = 256;
 /// Compare-and-set attempts before giving up on a task that keeps changing.
 const CAS_ATTEMPTS: usize = 16;
+/// Writes in flight at once in batched calls (the JetStream context allows 5,000 unsettled
+/// publishes in all; a batch that sent more before settling any would wait forever).
+pub(crate) const PIPELINE: usize = 256;
+/// How long the dependents flag of a task this process just finished answers `dependents`.
+const FINISHED_MEMORY: std::time::Duration = std::time::Duration::from_secs(5);
+/// Entries of that memory before it is cleared.
+const MEMORY_LIMIT: usize = 100_000;
 
 /// What this process last read or wrote of a task.
 #[derive(Clone)]
@@ -48,6 +56,9 @@ struct Cached {
     revision: u64,
     task: Task,
     blob: Option<BlobRef>,
+    /// The revision carries `Orch-Deps: 1` (some task may depend on this one), `Some(false)`
+    /// for `0`, `None` for a revision written without the header (by an older version).
+    deps: Option<bool>,
 }
 
 /// The NATS registry.
@@ -57,6 +68,9 @@ pub struct NatsRegistry {
     deps: Bucket,
     blobs: Arc<Blobs>,
     cache: Mutex<HashMap<TaskId, Cached>>,
+    /// Tasks this process just moved to a terminal status: when, and whether the written
+    /// revision said that no task depends on them (answers the engine's `dependents` call).
+    finished: Mutex<HashMap<TaskId, std::time::Instant>>,
     view: OnceCell<View>,
 }
 
@@ -73,9 +87,11 @@ fn corrupt(id: &str, e: impl std::fmt::Display) -> Error {
     Error::permanent(BACKEND, format!("stored task {id} is not valid: {e}"), None)
 }
 
-/// The index headers and the JSON body of one revision of a task.
-fn encode(task: &Task) -> Result<(HeaderMap, Vec<u8>)> {
+/// The index headers and the JSON body of one revision of a task. `deps`: whether some task
+/// may depend on this one (`Orch-Deps`).
+fn encode(task: &Task, deps: bool) -> Result<(HeaderMap, Vec<u8>)> {
     let mut h = HeaderMap::new();
+    h.insert(DEPS_HEADER, if deps { "1" } else { "0" });
     h.insert(STATUS_HEADER, task.state.status.as_str());
     h.insert(
         UPDATED_HEADER,
@@ -97,6 +113,52 @@ fn encode(task: &Task) -> Result<(HeaderMap, Vec<u8>)> {
 }
 
 impl NatsRegistry {
+    /// Claims `id` from the copy this process last wrote or read, if that copy is PENDING: one
+    /// compare-and-set at its revision, with the state `spec` gives. `None` when there is no
+    /// such copy or it was not the latest revision (another process changed the task): the
+    /// caller then reads the task and decides as usual. A claim that succeeds here is exactly
+    /// the one a fresh read would have led to, since the revision it expected was the latest.
+    pub(crate) async fn claim_cached(&self, id: &TaskId, spec: &ClaimSpec) -> Option<Result<Task>> {
+        let current = self.cache.lock().get(id).cloned()?;
+        if current.task.state.status != TaskStatus::Pending {
+            return None;
+        }
+        let mut task = current.task;
+        task.state = spec.claimed_state(&task.state, Utc::now());
+        let deps = current.deps != Some(false);
+        let written = async {
+            let (h, body, blob) = self.stored_form(&task, deps).await?;
+            match self
+                .tasks
+                .put(id.as_str(), h, body, current.revision)
+                .await?
+            {
+                Write::Done(revision) => {
+                    self.drop_blob(current.blob.as_ref()).await;
+                    let c = Cached {
+                        revision,
+                        task: task.clone(),
+                        blob,
+                        deps: Some(deps),
+                    };
+                    self.remember(id, Some(c));
+                    Ok(true)
+                }
+                Write::Stale => {
+                    self.drop_blob(blob.as_ref()).await;
+                    self.cache.lock().remove(id);
+                    Ok(false)
+                }
+            }
+        }
+        .await;
+        match written {
+            Ok(true) => Some(Ok(task)),
+            Ok(false) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
     pub(crate) async fn open(shared: Shared) -> Result<Self> {
         let names = shared.names.clone();
         let (tasks, deps) = futures::try_join!(
@@ -113,6 +175,7 @@ impl NatsRegistry {
             tasks,
             deps,
             cache: Mutex::new(HashMap::new()),
+            finished: Mutex::new(HashMap::new()),
             view: OnceCell::new(),
         })
     }
@@ -124,6 +187,20 @@ impl NatsRegistry {
             .await;
         view.sync().await?;
         Ok(view)
+    }
+
+    /// Notes that this process wrote a terminal revision of `id` saying that no task depends on
+    /// it (or forgets an older note).
+    fn note_finished(&self, id: &TaskId, c: &Cached) {
+        let mut finished = self.finished.lock();
+        if c.task.state.status.is_terminal() && c.deps == Some(false) {
+            if finished.len() >= MEMORY_LIMIT {
+                finished.clear();
+            }
+            finished.insert(id.clone(), std::time::Instant::now());
+        } else {
+            finished.remove(id);
+        }
     }
 
     fn remember(&self, id: &TaskId, c: Option<Cached>) {
@@ -155,15 +232,59 @@ impl NatsRegistry {
             None => serde_json::from_slice(entry.value()),
         }
         .map_err(|e| corrupt(id.as_str(), e))?;
+        let deps = entry.headers().get(DEPS_HEADER).map(|v| v.as_str() != "0");
         Ok(Some(Cached {
             revision: entry.revision(),
             task,
             blob,
+            deps,
         }))
     }
 
-    /// Adds `child` to the dependents of `parent` (compare-and-set, retried on contention).
+    /// Marks `parent`'s record with `Orch-Deps: 1` (compare-and-set, retried on contention), so
+    /// that whoever finishes it knows to look up its dependents. Nothing to do for a parent
+    /// that is already marked or does not exist.
+    async fn mark_parent(&self, parent: &TaskId) -> Result<()> {
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(current) = self.load(parent).await? else {
+                return Ok(());
+            };
+            if current.deps == Some(true) {
+                self.remember(parent, Some(current));
+                return Ok(());
+            }
+            let (h, body, blob) = self.stored_form(&current.task, true).await?;
+            match self
+                .tasks
+                .put(parent.as_str(), h, body, current.revision)
+                .await?
+            {
+                Write::Done(revision) => {
+                    self.drop_blob(current.blob.as_ref()).await;
+                    let c = Cached {
+                        revision,
+                        deps: Some(true),
+                        blob,
+                        ..current
+                    };
+                    self.note_finished(parent, &c);
+                    self.remember(parent, Some(c));
+                    return Ok(());
+                }
+                Write::Stale => self.drop_blob(blob.as_ref()).await,
+            }
+        }
+        Err(Error::temporary(
+            BACKEND,
+            format!("task {parent} kept changing while marking it as a parent"),
+            None,
+        ))
+    }
+
+    /// Adds `child` to the dependents of `parent` (compare-and-set, retried on contention),
+    /// after marking the parent's record.
     async fn add_dependent(&self, parent: &TaskId, child: &TaskId) -> Result<()> {
+        self.mark_parent(parent).await?;
         for _ in 0..CAS_ATTEMPTS {
             let (mut list, expected) = match self.deps.get(parent.as_str()).await? {
                 Some(e) if e.live => (
@@ -198,8 +319,12 @@ impl NatsRegistry {
 
     /// The stored form of a task: inline JSON, or (when it does not fit in one message) an
     /// empty body and a blob with the whole JSON.
-    async fn stored_form(&self, task: &Task) -> Result<(HeaderMap, Vec<u8>, Option<BlobRef>)> {
-        let (mut h, body) = encode(task)?;
+    async fn stored_form(
+        &self,
+        task: &Task,
+        deps: bool,
+    ) -> Result<(HeaderMap, Vec<u8>, Option<BlobRef>)> {
+        let (mut h, body) = encode(task, deps)?;
         if !self.blobs.too_large(body.len()) {
             return Ok((h, body, None));
         }
@@ -226,6 +351,7 @@ impl NatsRegistry {
                         revision,
                         task: task.clone(),
                         blob,
+                        deps: Some(false),
                     }),
                 );
                 Ok(())
@@ -248,38 +374,41 @@ impl Registry for NatsRegistry {
         for parent in &task.depends_on {
             self.add_dependent(parent, &task.task_id).await?;
         }
-        let (h, body, blob) = self.stored_form(task).await?;
+        let (h, body, blob) = self.stored_form(task, false).await?;
         let write = self.tasks.create(task.task_id.as_str(), h, body).await?;
         self.created(task, write, blob).await
     }
 
     async fn create_many(&self, tasks: &[Task]) -> Result<Vec<Result<()>>> {
-        // Plain tasks: every create in flight at once. Tasks with dependencies or large
-        // payloads take the one-by-one path.
+        // Plain tasks: up to PIPELINE creates in flight at once. Tasks with dependencies or
+        // large payloads take the one-by-one path.
         let mut out: Vec<Option<Result<()>>> = (0..tasks.len()).map(|_| None).collect();
-        let mut pending = Vec::new();
-        for (i, t) in tasks.iter().enumerate() {
-            if !t.depends_on.is_empty() {
-                continue;
-            }
-            let (h, body) = encode(t)?;
-            if self.blobs.too_large(body.len()) {
-                continue;
-            }
-            pending.push((i, self.tasks.send(t.task_id.as_str(), h, body, 0).await?));
-        }
-        let settled = join_all(pending.into_iter().map(|(i, ack)| async move {
-            (i, self.tasks.settle(tasks[i].task_id.as_str(), ack).await)
-        }))
-        .await;
-        for (i, r) in settled {
-            match r? {
-                Write::Done(rev) => {
-                    self.created(&tasks[i], Write::Done(rev), None).await?;
-                    out[i] = Some(Ok(()));
+        let plain: Vec<usize> = (0..tasks.len())
+            .filter(|&i| tasks[i].depends_on.is_empty())
+            .collect();
+        for chunk in plain.chunks(PIPELINE) {
+            let mut pending = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                let t = &tasks[i];
+                let (h, body) = encode(t, false)?;
+                if self.blobs.too_large(body.len()) {
+                    continue;
                 }
-                // Exists, or a deleted key: the one-by-one path tells which.
-                Write::Stale => {}
+                pending.push((i, self.tasks.send(t.task_id.as_str(), h, body, 0).await?));
+            }
+            let settled = join_all(pending.into_iter().map(|(i, ack)| async move {
+                (i, self.tasks.settle(tasks[i].task_id.as_str(), ack).await)
+            }))
+            .await;
+            for (i, r) in settled {
+                match r? {
+                    Write::Done(rev) => {
+                        self.created(&tasks[i], Write::Done(rev), None).await?;
+                        out[i] = Some(Ok(()));
+                    }
+                    // Exists, or a deleted key: the one-by-one path tells which.
+                    Write::Stale => {}
+                }
             }
         }
         let mut results = Vec::with_capacity(tasks.len());
@@ -325,7 +454,8 @@ impl Registry for NatsRegistry {
             }
             let mut task = current.task;
             task.state = next.clone();
-            let (h, body, blob) = self.stored_form(&task).await?;
+            let deps = current.deps != Some(false);
+            let (h, body, blob) = self.stored_form(&task, deps).await?;
             match self
                 .tasks
                 .put(id.as_str(), h, body, current.revision)
@@ -333,14 +463,16 @@ impl Registry for NatsRegistry {
             {
                 Write::Done(revision) => {
                     self.drop_blob(current.blob.as_ref()).await;
-                    self.remember(
-                        id,
-                        Some(Cached {
-                            revision,
-                            task: task.clone(),
-                            blob,
-                        }),
-                    );
+                    let c = Cached {
+                        revision,
+                        task: task.clone(),
+                        blob,
+                        // A revision read without the header (an older version wrote it) may
+                        // have dependents in the bucket: from now on it says so.
+                        deps: Some(deps),
+                    };
+                    self.note_finished(id, &c);
+                    self.remember(id, Some(c));
                     return Ok(task);
                 }
                 Write::Stale => {
@@ -401,6 +533,17 @@ impl Registry for NatsRegistry {
     }
 
     async fn dependents(&self, parent: &TaskId) -> Result<Vec<TaskId>> {
+        // Asked by the engine right after it finished `parent`: the revision this process wrote
+        // said that nobody depends on it. A child whose edge is added after that write finds
+        // the parent finished when its creator checks the parents.
+        let known_none = self
+            .finished
+            .lock()
+            .remove(parent)
+            .is_some_and(|at| at.elapsed() < FINISHED_MEMORY);
+        if known_none {
+            return Ok(Vec::new());
+        }
         match self.deps.get(parent.as_str()).await? {
             Some(e) if e.live => {
                 serde_json::from_slice(e.value()).map_err(|err| corrupt(parent.as_str(), err))
@@ -412,43 +555,49 @@ impl Registry for NatsRegistry {
     async fn purge_finished(&self, retention: &Retention) -> Result<u64> {
         let view = self.view().await?;
         let now = Utc::now();
-        let doomed: Vec<(TaskId, u64, Option<String>)> = view.read(|idx| {
+        let doomed: Vec<(TaskId, u64, Option<String>, bool)> = view.read(|idx| {
             crate::index::beyond_retention(&idx.by_status, retention, now)
                 .into_iter()
                 .filter_map(|id| {
                     let t = idx.tasks.get(&id)?;
-                    Some((id, t.revision, t.blob.clone()))
+                    Some((id, t.revision, t.blob.clone(), t.deps != Some(false)))
                 })
                 .collect()
         });
-        let mut acks = Vec::with_capacity(doomed.len());
-        for (id, revision, _) in &doomed {
-            // Expecting the revision the index saw: a task retried meanwhile is kept.
-            acks.push(self.tasks.send_delete(id.as_str(), *revision).await?);
-        }
-        let settled = join_all(
-            doomed
-                .iter()
-                .zip(acks)
-                .map(|((id, _, _), ack)| self.tasks.settle(id.as_str(), ack)),
-        )
-        .await;
         let mut purged = 0;
-        let mut gone: Vec<(TaskId, Option<String>)> = Vec::new();
-        for ((id, _, blob), r) in doomed.iter().zip(settled) {
-            if let Write::Done(_) = r? {
-                purged += 1;
-                self.cache.lock().remove(id);
-                gone.push((id.clone(), blob.clone()));
+        let mut gone: Vec<(TaskId, Option<String>, bool)> = Vec::new();
+        for chunk in doomed.chunks(PIPELINE) {
+            let mut acks = Vec::with_capacity(chunk.len());
+            for (id, revision, _, _) in chunk {
+                // Expecting the revision the index saw: a task retried meanwhile is kept.
+                acks.push(self.tasks.send_delete(id.as_str(), *revision).await?);
+            }
+            let settled = join_all(
+                chunk
+                    .iter()
+                    .zip(acks)
+                    .map(|((id, _, _, _), ack)| self.tasks.settle(id.as_str(), ack)),
+            )
+            .await;
+            for ((id, _, blob, deps), r) in chunk.iter().zip(settled) {
+                if let Write::Done(_) = r? {
+                    purged += 1;
+                    self.cache.lock().remove(id);
+                    gone.push((id.clone(), blob.clone(), *deps));
+                }
             }
         }
-        // The purged tasks' payloads and dependents lists, many at once.
+        // The purged tasks' payloads and dependents lists, many at once (a task whose last
+        // revision said that nobody depends on it has no list).
         futures::stream::iter(gone)
-            .map(|(id, blob): (TaskId, Option<String>)| async move {
+            .map(|(id, blob, deps): (TaskId, Option<String>, bool)| async move {
                 if let Some(b) = &blob {
                     if let Err(e) = async { self.blobs.delete(&BlobRef::parse(b)?).await }.await {
                         tracing::warn!(task_id = %id, error = %e, "cannot delete a purged task's payload");
                     }
+                }
+                if !deps {
+                    return Ok(());
                 }
                 if let Some(e) = self.deps.get(id.as_str()).await? {
                     if e.live {

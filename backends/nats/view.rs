@@ -33,6 +33,9 @@ pub(crate) const UPDATED_HEADER: &str = "Orch-Updated";
 pub(crate) const LEASE_HEADER: &str = "Orch-Lease";
 /// Header with the task's queue.
 pub(crate) const QUEUE_HEADER: &str = "Orch-Queue";
+/// Header saying whether some task may depend on this one (`1`) or none does (`0`). Revisions
+/// written by older versions have none.
+pub(crate) const DEPS_HEADER: &str = "Orch-Deps";
 /// How long a query waits for the index to catch up before giving up (temporarily).
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -47,6 +50,8 @@ pub(crate) struct Indexed {
     pub(crate) queue: QueueName,
     pub(crate) revision: u64,
     pub(crate) blob: Option<String>,
+    /// `Orch-Deps` of the revision (`None`: not written).
+    pub(crate) deps: Option<bool>,
 }
 
 /// The index itself.
@@ -118,6 +123,7 @@ fn parse_indexed(headers: Option<&HeaderMap>, revision: u64) -> Option<Indexed> 
         queue: QueueName::parse(get(QUEUE_HEADER)?).ok()?,
         revision,
         blob: get(super::blob::BLOB_HEADER).map(str::to_string),
+        deps: get(DEPS_HEADER).map(|v| v != "0"),
     })
 }
 
