@@ -20,8 +20,9 @@ use std::time::Duration;
 
 use agent_orchestra::testkit::harness::{broker_url, unique_prefix, BrokerKind};
 use agent_orchestra::{
-    connect, BackendUrls, Backends, ConnectOptions, Error, Expected, FetchOptions, Limits,
-    OutgoingMessage, Priority, QueueName, Task, TaskId, TaskStatus,
+    connect, BackendUrls, Backends, Claim, ClaimSpec, ConnectOptions, Delivery, Error, Expected,
+    FetchOptions, Limits, OutgoingMessage, Priority, QueueName, Settle, Task, TaskId, TaskState,
+    TaskStatus,
 };
 use parking_lot::Mutex;
 use serde_json::{json, Value};
@@ -1087,60 +1088,12 @@ async fn redis_cpu_seconds(con: &mut redis::aio::MultiplexedConnection) -> f64 {
 #[ignore = "a measurement; prints a table"]
 async fn cost_per_operation() {
     const N: usize = 20_000;
-    const CONCURRENCY: usize = 16;
     let url = broker_url(BrokerKind::Redis).await;
     let prefix = unique_prefix("cost");
     let b = open_url(&url, &prefix).await;
     let mut con = raw_connection(&url).await;
     let q = queue("cost");
     let tasks: Vec<Task> = (0..N).map(|i| new_task(json!({"i": i}), 5)).collect();
-
-    async fn phase<F, Fut>(
-        name: &str,
-        con: &mut redis::aio::MultiplexedConnection,
-        calls: usize,
-        run: F,
-    ) where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = ()>,
-    {
-        let cpu = redis_cpu_seconds(con).await;
-        let start = std::time::Instant::now();
-        run().await;
-        let wall = start.elapsed().as_secs_f64();
-        let cpu = redis_cpu_seconds(con).await - cpu;
-        println!(
-            "{name:<34} {calls:>6} calls  {:>8.0} calls/s  redis {:>6.1} µs/call",
-            calls as f64 / wall,
-            cpu * 1e6 / calls as f64
-        );
-    }
-    async fn each<T, F, Fut>(items: Vec<T>, f: F)
-    where
-        T: Send + 'static,
-        F: Fn(T) -> Fut + Send + Sync + 'static,
-        Fut: std::future::Future<Output = ()> + Send,
-    {
-        let items = Arc::new(Mutex::new(items));
-        let f = Arc::new(f);
-        let workers: Vec<_> = (0..CONCURRENCY)
-            .map(|_| {
-                let (items, f) = (items.clone(), f.clone());
-                tokio::spawn(async move {
-                    loop {
-                        let next = items.lock().pop();
-                        match next {
-                            Some(x) => f(x).await,
-                            None => break,
-                        }
-                    }
-                })
-            })
-            .collect();
-        for w in workers {
-            w.await.expect("worker");
-        }
-    }
 
     phase("create_many (batches of 500)", &mut con, N, || async {
         for chunk in tasks.chunks(500) {
@@ -1265,6 +1218,130 @@ async fn cost_per_operation() {
             let reg = reg.clone();
             async move {
                 reg.dependents(&id).await.expect("dependents");
+            }
+        })
+    })
+    .await;
+    cleanup_at(&url, &prefix).await;
+}
+
+/// Runs `run` (`calls` calls) and prints calls/s and Redis CPU per call.
+async fn phase<F, Fut>(
+    name: &str,
+    con: &mut redis::aio::MultiplexedConnection,
+    calls: usize,
+    run: F,
+) where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let cpu = redis_cpu_seconds(con).await;
+    let start = std::time::Instant::now();
+    run().await;
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = redis_cpu_seconds(con).await - cpu;
+    println!(
+        "{name:<34} {calls:>6} calls  {:>8.0} calls/s  redis {:>6.1} µs/call",
+        calls as f64 / wall,
+        cpu * 1e6 / calls as f64
+    );
+}
+/// Runs `f` over `items`, 16 at a time.
+async fn each<T, F, Fut>(items: Vec<T>, f: F)
+where
+    T: Send + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let items = Arc::new(Mutex::new(items));
+    let f = Arc::new(f);
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let (items, f) = (items.clone(), f.clone());
+            tokio::spawn(async move {
+                loop {
+                    let next = items.lock().pop();
+                    match next {
+                        Some(x) => f(x).await,
+                        None => break,
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.expect("worker");
+    }
+}
+
+/// Prints the Redis CPU cost of the fused hot path ([`TaskQueue`] on Redis: one script per
+/// step) the way `cost_per_operation` does for the separate calls. A measurement, not a test:
+/// `cargo test --release --features redis,testkit --test redis -- --ignored --nocapture
+/// cost_per_task_queue_step`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; prints a table"]
+async fn cost_per_task_queue_step() {
+    const N: usize = 20_000;
+    let url = broker_url(BrokerKind::Redis).await;
+    let prefix = unique_prefix("cost_tq");
+    let b = open_url(&url, &prefix).await;
+    let mut con = raw_connection(&url).await;
+    let q = queue("research");
+    let tasks: Vec<Task> = (0..N).map(|i| new_task(json!({"i": i}), 5)).collect();
+    phase("submit (batches of 500)", &mut con, N, || async {
+        for chunk in tasks.chunks(500) {
+            for r in b.tasks().submit(chunk).await.expect("submit") {
+                r.expect("created");
+            }
+        }
+    })
+    .await;
+    let claimed = Arc::new(Mutex::new(Vec::with_capacity(N)));
+    phase("fetch_claim (max 16, 16 callers)", &mut con, N, || {
+        let (tq, q, claimed) = (b.tasks().clone(), q.clone(), claimed.clone());
+        each((0..N / 16).collect(), move |_| {
+            let (tq, q, claimed) = (tq.clone(), q.clone(), claimed.clone());
+            async move {
+                let spec = ClaimSpec {
+                    worker_id: "w".into(),
+                    lease: Duration::from_secs(60),
+                };
+                let options = FetchOptions {
+                    max: 16,
+                    wait: Duration::ZERO,
+                    lease: Duration::from_secs(60),
+                };
+                for (d, c) in tq
+                    .fetch_claim(&q, options, &spec)
+                    .await
+                    .expect("fetch_claim")
+                {
+                    match c {
+                        Some(Claim::Claimed(t)) => claimed.lock().push((d, t)),
+                        other => panic!("expected a claim, got {other:?}"),
+                    }
+                }
+            }
+        })
+    })
+    .await;
+    let claimed = std::mem::take(&mut *claimed.lock());
+    assert_eq!(claimed.len(), N, "every submitted task is claimed once");
+    phase("record COMPLETED + ack", &mut con, N, || {
+        let tq = b.tasks().clone();
+        each(claimed, move |(d, t): (Delivery, Task)| {
+            let tq = tq.clone();
+            async move {
+                let now = chrono::Utc::now();
+                let next = TaskState {
+                    status: TaskStatus::Completed,
+                    result: Some(json!("ok")),
+                    lease_until: None,
+                    finished_at: Some(now),
+                    updated_at: now,
+                    ..t.state.clone()
+                };
+                tq.record(&d, &t, next, Settle::Ack).await.expect("record");
             }
         })
     })

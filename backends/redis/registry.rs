@@ -184,7 +184,7 @@ impl RedisRegistry {
         }
     }
 
-    pub(crate) fn remember(&self, task: &Task, payload_len: usize) {
+    fn remember(&self, task: &Task, payload_len: usize) {
         self.immutables.lock().remember(task, payload_len);
     }
 

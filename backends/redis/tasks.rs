@@ -70,18 +70,16 @@ impl RedisTaskQueue {
         };
         match tag.as_str() {
             "claimed" => {
-                let found = self
-                    .registry
-                    .decode_and_remember(&id, codec::field_map(it.collect())?)?;
+                let found = codec::decode(&id, codec::field_map(it.collect())?)?;
                 Ok(Claim::Claimed(Task {
                     state: claimed(&found.state),
                     ..found
                 }))
             }
-            "unclaimable" => Ok(Claim::Unclaimable(
-                self.registry
-                    .decode_and_remember(&id, codec::field_map(it.collect())?)?,
-            )),
+            "unclaimable" => Ok(Claim::Unclaimable(codec::decode(
+                &id,
+                codec::field_map(it.collect())?,
+            )?)),
             "missing" => Ok(Claim::Missing(id)),
             "malformed" => Ok(Claim::Malformed(format!(
                 "malformed message {:?}: expected {{\"task_id\": \"...\"}}",
@@ -155,26 +153,20 @@ impl RedisTaskQueue {
 const SUBMIT_BATCH_MAX: usize = 500;
 const SUBMIT_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
-/// A task as the submit script takes it: its fields, and the length of its payload's JSON.
+/// A task as the submit script takes it: its fields, and their size.
 struct SubmitRow<'a> {
     task: &'a Task,
     fields: Vec<(&'static str, String)>,
-    payload_len: usize,
     bytes: usize,
 }
 
 impl<'a> SubmitRow<'a> {
     fn new(task: &'a Task) -> Self {
         let fields = codec::task_fields(task);
-        let payload_len = fields
-            .iter()
-            .find(|(n, _)| *n == "payload")
-            .map_or(0, |(_, v)| v.len());
         let bytes = fields.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>() + 256;
         SubmitRow {
             task,
             fields,
-            payload_len,
             bytes,
         }
     }
@@ -228,7 +220,6 @@ impl RedisTaskQueue {
             .zip(created)
             .map(|(row, c)| {
                 if c == 1 {
-                    self.registry.remember(row.task, row.payload_len);
                     Ok(())
                 } else {
                     Err(Error::TaskExists(row.task.task_id.clone()))

@@ -144,6 +144,23 @@ impl Dispatcher {
                 ));
             }
         }
+        if task.depends_on.is_empty() && options.delay.is_zero() {
+            // Stored, announced and its event published in one step where the backend can.
+            let mut created = self
+                .backends
+                .tasks()
+                .submit(std::slice::from_ref(&task))
+                .await?;
+            created.pop().ok_or_else(|| {
+                Error::permanent(
+                    self.backends.registry.backend(),
+                    "submit returned no result for the task",
+                    None,
+                )
+            })??;
+            tracing::debug!(task_id = %task.task_id, queue = %task.queue, priority = %task.priority, "dispatched");
+            return Ok(task.task_id);
+        }
         self.backends.registry.create(&task).await?;
         events::publish(self.backends.bus.as_ref(), &task).await;
         if task.depends_on.is_empty() {
