@@ -6,7 +6,9 @@
 //! record the outcome; a [`Monitor`](engine::Monitor) counts tasks by status and recovers tasks
 //! whose worker died. The engine is written once against three traits — [`Bus`], [`Registry`],
 //! [`LockManager`] — implemented in memory (always), and for Redis, NATS JetStream and RabbitMQ
-//! behind the cargo features `redis`, `nats` and `rabbitmq`.
+//! behind the cargo features `redis`, `nats` and `rabbitmq`. Its hot path is the [`TaskQueue`]
+//! trait, implemented once over a [`Bus`] and a [`Registry`] ([`task_queue::Composed`]) and by a
+//! backend holding both in one server in fewer round trips ([`Backends::tasks`]).
 #![warn(missing_docs)]
 
 pub mod backends;
