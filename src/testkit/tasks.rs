@@ -85,6 +85,21 @@ async fn fetch_and_claim(
     out
 }
 
+/// Fetches up to `max` deliveries of `q` with the bus alone (no claim), waiting up to 5 s.
+async fn fetch_plain(b: &Backends, q: &QueueName, max: usize) -> Vec<Delivery> {
+    let options = FetchOptions {
+        max,
+        wait: Duration::from_secs(5),
+        lease: LEASE,
+    };
+    must_within(
+        format!("fetch(max = {max}) from {q}"),
+        options.wait + CALL_TIMEOUT,
+        b.bus.fetch(q, options),
+    )
+    .await
+}
+
 async fn claim_one(b: &Backends, q: &QueueName, spec: &ClaimSpec) -> (Delivery, Claim) {
     let mut got = fetch_and_claim(b, q, 1, spec).await;
     assert_eq!(got.len(), 1, "expected one delivery from {q}");
@@ -142,19 +157,7 @@ pub async fn submit_stores_publishes_and_announces(b: &Backends) {
         matches!(again.as_slice(), [Err(Error::TaskExists(_))]),
         "a taken id gives TaskExists, got {again:?}"
     );
-    let got = must_within(
-        "fetch",
-        Duration::from_secs(5) + CALL_TIMEOUT,
-        b.bus.fetch(
-            &q,
-            FetchOptions {
-                max: 10,
-                wait: Duration::from_secs(5),
-                lease: LEASE,
-            },
-        ),
-    )
-    .await;
+    let got = fetch_plain(b, &q, 10).await;
     let ids: Vec<TaskId> = got
         .iter()
         .map(|d| {
@@ -429,19 +432,7 @@ pub async fn record_from_a_lost_attempt_conflicts_and_acks(b: &Backends) {
         ),
     )
     .await;
-    let got = must_within(
-        "fetch",
-        Duration::from_secs(5) + CALL_TIMEOUT,
-        b.bus.fetch(
-            &q,
-            FetchOptions {
-                max: 1,
-                wait: Duration::from_secs(5),
-                lease: LEASE,
-            },
-        ),
-    )
-    .await;
+    let got = fetch_plain(b, &q, 1).await;
     let d2 = got.into_iter().next().expect("the announcement");
     let done = completed(&current);
     must(
