@@ -500,8 +500,10 @@ async fn process_inner(
             let reason = format!("task {id} is not in the registry");
             return step(inner, "dead-letter", || bus.dead_letter(d, &reason)).await;
         }
-        Claim::Unclaimable(task) if task.lease_expired(Utc::now()) => {
-            // RUNNING under an expired lease with no attempt left: the task fails for good.
+        Claim::Unclaimable(task) if task.lease_expired(Utc::now()) && !task.attempts_left() => {
+            // RUNNING under an expired lease with no attempt left: the task fails for good. (A
+            // lease that ended just after the claim looked at it, with attempts left, is only
+            // acked below: the monitor hands the stale task on.)
             return fail_expired(inner, d, &task).await;
         }
         Claim::Unclaimable(task) => {
