@@ -123,39 +123,46 @@ impl NatsRegistry {
         if current.task.state.status != TaskStatus::Pending {
             return None;
         }
-        let mut task = current.task;
+        let mut task = current.task.clone();
         task.state = spec.claimed_state(&task.state, Utc::now());
-        let deps = current.deps != Some(false);
-        let written = async {
-            let (h, body, blob) = self.stored_form(&task, deps).await?;
-            match self
-                .tasks
-                .put(id.as_str(), h, body, current.revision)
-                .await?
-            {
-                Write::Done(revision) => {
-                    self.drop_blob(current.blob.as_ref()).await;
-                    let c = Cached {
-                        revision,
-                        task: task.clone(),
-                        blob,
-                        deps: Some(deps),
-                    };
-                    self.remember(id, Some(c));
-                    Ok(true)
-                }
-                Write::Stale => {
-                    self.drop_blob(blob.as_ref()).await;
-                    self.cache.lock().remove(id);
-                    Ok(false)
-                }
+        match self.put_at(id, &current, &task).await {
+            Ok(Some(c)) => {
+                self.remember(id, Some(c));
+                Some(Ok(task))
             }
-        }
-        .await;
-        match written {
-            Ok(true) => Some(Ok(task)),
-            Ok(false) => None,
+            Ok(None) => {
+                self.cache.lock().remove(id);
+                None
+            }
             Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Writes `task` over `current` if the bucket still holds `current.revision`: the new copy
+    /// (not yet remembered), or `None` when another writer got there first. Keeps the record's
+    /// `Orch-Deps` mark; a revision read without the header (an older version wrote it) may have
+    /// dependents in the bucket, so from now on it says so.
+    async fn put_at(&self, id: &TaskId, current: &Cached, task: &Task) -> Result<Option<Cached>> {
+        let deps = current.deps != Some(false);
+        let (h, body, blob) = self.stored_form(task, deps).await?;
+        match self
+            .tasks
+            .put(id.as_str(), h, body, current.revision)
+            .await?
+        {
+            Write::Done(revision) => {
+                self.drop_blob(current.blob.as_ref()).await;
+                Ok(Some(Cached {
+                    revision,
+                    task: task.clone(),
+                    blob,
+                    deps: Some(deps),
+                }))
+            }
+            Write::Stale => {
+                self.drop_blob(blob.as_ref()).await;
+                Ok(None)
+            }
         }
     }
 
@@ -452,33 +459,15 @@ impl Registry for NatsRegistry {
                 self.remember(id, Some(current.clone()));
                 return Err(conflict(id, &expected, &current.task.state));
             }
-            let mut task = current.task;
+            let mut task = current.task.clone();
             task.state = next.clone();
-            let deps = current.deps != Some(false);
-            let (h, body, blob) = self.stored_form(&task, deps).await?;
-            match self
-                .tasks
-                .put(id.as_str(), h, body, current.revision)
-                .await?
-            {
-                Write::Done(revision) => {
-                    self.drop_blob(current.blob.as_ref()).await;
-                    let c = Cached {
-                        revision,
-                        task: task.clone(),
-                        blob,
-                        // A revision read without the header (an older version wrote it) may
-                        // have dependents in the bucket: from now on it says so.
-                        deps: Some(deps),
-                    };
+            match self.put_at(id, &current, &task).await? {
+                Some(c) => {
                     self.note_finished(id, &c);
                     self.remember(id, Some(c));
                     return Ok(task);
                 }
-                Write::Stale => {
-                    self.drop_blob(blob.as_ref()).await;
-                    continue;
-                }
+                None => continue,
             }
         }
         Err(Error::temporary(
