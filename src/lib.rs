@@ -19,6 +19,7 @@ pub mod error;
 mod index;
 pub mod lock;
 pub mod model;
+mod presence;
 pub mod registry;
 pub mod task_queue;
 #[cfg(any(test, feature = "testkit"))]

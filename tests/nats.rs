@@ -537,3 +537,111 @@ async fn each_queue_is_a_work_queue_stream_with_one_consumer_per_level() {
     assert_eq!(info.state.consumer_count, 11, "p1..p10 and delayed");
     cleanup(&prefix).await;
 }
+
+/// Polls `f` every 50 ms until it is true; false after 15 s (a liveness bound, not a timing).
+async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_skipped_only_while_nobody_listens() {
+    use agent_orchestra::engine::EVENTS_TOPIC;
+    let url = broker_url(BrokerKind::Nats).await;
+    let prefix = agent_orchestra::testkit::harness::unique_prefix("listeners");
+    let publisher = make_backends(&prefix).await;
+    let elsewhere = make_backends(&prefix).await;
+    let events = format!("{prefix}events.{EVENTS_TOPIC}");
+    let bus = publisher.bus.clone();
+
+    // Until a probe has answered, every event is published; then nobody listens.
+    assert!(bus.may_have_subscribers(EVENTS_TOPIC));
+    assert!(bus.may_have_subscribers("some_other_topic"));
+    assert!(
+        eventually(|| !bus.may_have_subscribers(EVENTS_TOPIC)).await,
+        "a probe should have found nobody on {events}"
+    );
+
+    // A subscriber of this process counts at once.
+    let own = publisher
+        .bus
+        .subscribe(EVENTS_TOPIC)
+        .await
+        .expect("subscribe");
+    assert!(bus.may_have_subscribers(EVENTS_TOPIC));
+    drop(own);
+    assert!(eventually(|| !bus.may_have_subscribers(EVENTS_TOPIC)).await);
+
+    // A subscriber in another process: once the publisher has received anything that
+    // process sent after subscribing (here an event on another topic, through the same
+    // server), the publisher knows at once; its hello came first on the same connection.
+    let mut go = publisher.bus.subscribe("test_go").await.expect("subscribe");
+    let mut sub = elsewhere
+        .bus
+        .subscribe(EVENTS_TOPIC)
+        .await
+        .expect("subscribe");
+    elsewhere.bus.publish("test_go", b"go").await.expect("go");
+    let got = tokio::time::timeout(Duration::from_secs(10), go.recv())
+        .await
+        .expect("go within 10 s")
+        .expect("open");
+    assert_eq!(got, b"go".to_vec());
+    assert!(
+        bus.may_have_subscribers(EVENTS_TOPIC),
+        "the other process's subscriber was not noticed by the time its later message arrived"
+    );
+    // Its events arrive, and probes are answered, never delivered as events.
+    // Let at least one probe reach it.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    bus.publish(EVENTS_TOPIC, br#"{"e":1}"#)
+        .await
+        .expect("publish");
+    let got = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .expect("the event within 10 s")
+        .expect("subscription open");
+    assert_eq!(
+        got,
+        br#"{"e":1}"#.to_vec(),
+        "a probe was delivered as an event"
+    );
+    assert!(
+        bus.may_have_subscribers(EVENTS_TOPIC),
+        "the probe did not find it"
+    );
+    drop(sub);
+    assert!(
+        eventually(|| !bus.may_have_subscribers(EVENTS_TOPIC)).await,
+        "a probe should have noticed the subscriber left"
+    );
+
+    // A subscriber that never says hello (another library, the `nats` tool) is found by the
+    // probe, which it sees as an empty message with the Orch-Probe header.
+    let raw = async_nats::connect(url.trim_start_matches("nats://"))
+        .await
+        .expect("raw client");
+    let mut foreign = raw.subscribe(events.clone()).await.expect("foreign sub");
+    raw.flush().await.expect("flush");
+    assert!(
+        eventually(|| bus.may_have_subscribers(EVENTS_TOPIC)).await,
+        "a probe should have found the foreign subscriber"
+    );
+    let probe = tokio::time::timeout(Duration::from_secs(10), foreign.next())
+        .await
+        .expect("a probe within 10 s")
+        .expect("open");
+    assert!(probe.payload.is_empty());
+    assert!(probe
+        .headers
+        .as_ref()
+        .is_some_and(|h| h.get("Orch-Probe").is_some()));
+    drop(foreign);
+    cleanup(&prefix).await;
+}

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use super::blob::{load_payload, store_payload, BlobRef, Blobs, BLOB_HEADER};
 use super::errors::{boxed_err, nats_err};
 use super::leases::LeaseKeeper;
+use super::listeners::{is_probe, Listeners};
 use super::queue::{
     instant_at_unix_ms, Puller, QueueHandle, DELAYED, DUE_HEADER, ID_HEADER, LEVELS,
     PRIORITY_HEADER, TIMER_SLACK,
@@ -56,6 +57,8 @@ pub struct NatsBus {
     next_id: std::sync::atomic::AtomicU64,
     /// The subject of the engine's `events` topic, made once.
     events_subject: String,
+    /// Who listens to it.
+    listeners: Arc<Listeners>,
 }
 
 impl std::fmt::Debug for NatsBus {
@@ -135,6 +138,11 @@ impl NatsBus {
             max_deliveries: max_deliveries.max(1),
             next_id: std::sync::atomic::AtomicU64::new(0),
             events_subject: shared.names.event_subject(EVENTS_TOPIC),
+            listeners: Listeners::new(
+                shared.client.clone(),
+                shared.names.event_subject(EVENTS_TOPIC),
+                shared.names.listener_subject(EVENTS_TOPIC),
+            ),
             shared,
         }
     }
@@ -477,6 +485,12 @@ impl Bus for NatsBus {
         BACKEND
     }
 
+    /// For the events topic, whether a subscriber is known or a recent probe found one (see
+    /// `listeners.rs`); true for any other topic.
+    fn may_have_subscribers(&self, topic: &str) -> bool {
+        topic != EVENTS_TOPIC || self.listeners.any()
+    }
+
     async fn publish(&self, topic: &str, payload: &[u8]) -> Result<()> {
         let subject = if topic == EVENTS_TOPIC {
             self.events_subject.clone()
@@ -498,19 +512,37 @@ impl Bus for NatsBus {
             .subscribe(subject.clone())
             .await
             .map_err(|e| nats_err("cannot subscribe", e))?;
-        // Make sure the server has the interest before returning, so events published after
-        // this call are delivered.
+        // Counted by this process's publishers at once, announced to the others.
+        let listening = if self.listeners.covers(&subject) {
+            Some(
+                self.listeners
+                    .subscribed()
+                    .await
+                    .map_err(|e| nats_err("cannot subscribe", e))?,
+            )
+        } else {
+            None
+        };
+        // Make sure the server has the interest (and the hello) before returning, so events
+        // published after this call are delivered.
         self.shared
             .client
             .flush()
             .await
             .map_err(|e| nats_err("cannot subscribe", e))?;
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let client = self.shared.client.clone();
         tokio::spawn(async move {
+            let _listening = listening;
             loop {
                 tokio::select! {
                     _ = tx.closed() => break,
                     msg = sub.next() => match msg {
+                        Some(m) if is_probe(&m) => {
+                            if let Some(reply) = m.reply {
+                                let _ = client.publish(reply, Vec::new().into()).await;
+                            }
+                        }
                         Some(m) => match tx.try_send(m.payload.to_vec()) {
                             Ok(()) => {}
                             Err(mpsc::error::TrySendError::Full(_)) => {

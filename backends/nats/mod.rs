@@ -23,6 +23,7 @@ mod bus;
 mod errors;
 mod kv;
 mod leases;
+mod listeners;
 mod lock;
 mod names;
 mod queue;

@@ -29,6 +29,16 @@ fn map_chars(s: &str, keep_dot: bool) -> String {
         .collect()
 }
 
+/// A topic as subject tokens, each sanitized (an empty one becomes `_`).
+fn topic_tokens(topic: &str) -> String {
+    let mut tokens: Vec<String> = Vec::new();
+    for t in topic.split('.') {
+        let t = map_chars(t, false);
+        tokens.push(if t.is_empty() { "_".into() } else { t });
+    }
+    tokens.join(".")
+}
+
 impl Names {
     pub(crate) fn new(prefix: &str) -> Self {
         let name = map_chars(prefix, false);
@@ -45,12 +55,12 @@ impl Names {
 
     /// `{prefix}events.<topic>`, the topic's tokens sanitized.
     pub(crate) fn event_subject(&self, topic: &str) -> String {
-        let mut tokens: Vec<String> = Vec::new();
-        for t in topic.split('.') {
-            let t = map_chars(t, false);
-            tokens.push(if t.is_empty() { "_".into() } else { t });
-        }
-        format!("{}events.{}", self.subject, tokens.join("."))
+        format!("{}events.{}", self.subject, topic_tokens(topic))
+    }
+
+    /// `{prefix}orch.listeners.<topic>`: where a new subscriber of a topic says hello.
+    pub(crate) fn listener_subject(&self, topic: &str) -> String {
+        format!("{}orch.listeners.{}", self.subject, topic_tokens(topic))
     }
 
     /// The work stream of a queue.
