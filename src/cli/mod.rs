@@ -62,6 +62,41 @@ struct GlobalArgs {
     /// More logs on stderr (-v info, -vv debug, -vvv trace); RUST_LOG also works.
     #[arg(short, long, global = true, action = ArgAction::Count)]
     verbose: u8,
+    /// Runtime threads (else $ORCHESTRA_THREADS; default: 1 on a broker, one per core on
+    /// memory://).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<String>,
+}
+
+/// The most runtime threads `--threads` accepts.
+const MAX_THREADS: usize = 256;
+
+/// The runtime's worker threads: `--threads`, else `ORCHESTRA_THREADS`, else one when any
+/// backend is a broker (the CLI's agents wait on I/O, and a second thread mostly adds
+/// cross-thread wake-ups: see docs/performance.md) and one per core on memory:// (where the
+/// process is the broker).
+fn runtime_threads(
+    flag: Option<&str>,
+    env: Option<String>,
+    config: &Config,
+) -> Result<usize, CliError> {
+    let (source, value) = match (flag, env) {
+        (Some(f), _) => ("--threads", f.to_string()),
+        (None, Some(e)) => ("ORCHESTRA_THREADS", e),
+        (None, None) => {
+            return Ok(if config.is_memory() {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                1
+            })
+        }
+    };
+    match value.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+        _ => Err(CliError::Usage(format!(
+            "{source} must be a whole number of threads from 1 to {MAX_THREADS}, got {value:?}"
+        ))),
+    }
 }
 
 #[derive(Subcommand)]
@@ -186,7 +221,16 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return report(out, &e),
     };
+    let threads = match runtime_threads(
+        cli.global.threads.as_deref(),
+        std::env::var("ORCHESTRA_THREADS").ok(),
+        &config,
+    ) {
+        Ok(n) => n,
+        Err(e) => return report(out, &e),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
     {
@@ -315,6 +359,29 @@ mod tests {
     #[test]
     fn the_command_line_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn runtime_threads_come_from_the_flag_then_the_environment_then_the_backend() {
+        let memory = Config::default();
+        assert!(memory.is_memory());
+        let mut broker = Config::default();
+        broker.set_urls(Some("redis://127.0.0.1:6379".into()), None, None, None);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(runtime_threads(None, None, &memory).unwrap(), cores);
+        assert_eq!(runtime_threads(None, None, &broker).unwrap(), 1);
+        assert_eq!(runtime_threads(None, Some("3".into()), &broker).unwrap(), 3);
+        assert_eq!(
+            runtime_threads(Some("2"), Some("3".into()), &broker).unwrap(),
+            2
+        );
+        for bad in ["0", "-1", "two", "", "100000"] {
+            let e = runtime_threads(Some(bad), None, &broker).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+            assert!(e.message().contains("--threads"), "{}", e.message());
+        }
+        let e = runtime_threads(None, Some("x".into()), &memory).unwrap_err();
+        assert!(e.message().contains("ORCHESTRA_THREADS"), "{}", e.message());
     }
 
     #[test]
