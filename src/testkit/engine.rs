@@ -17,6 +17,7 @@ use crate::engine::{
     TaskError, Worker, WorkerConfig, WorkerHandle,
 };
 use crate::model::{QueueName, TaskId, TaskStatus};
+use crate::testkit::eventually;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -324,8 +325,23 @@ pub async fn failing_task_is_retried_then_failed(b: &Backends) {
     assert_eq!(t.state.error.as_deref(), Some("upstream 503 on attempt 3"));
     assert!(t.state.finished_at.is_some());
     assert_eq!(calls.load(Ordering::SeqCst), 3);
-    let m = w.metrics();
-    assert_eq!((m.retried, m.failed, m.completed), (2, 1, 0), "{m:?}");
+    // The worker counts an outcome after recording it, so a waiter can see the task FAILED
+    // a moment before the counter moves.
+    eventually(
+        "the worker counted 2 retries and 1 failure",
+        Duration::from_secs(10),
+        || {
+            let m = w.metrics();
+            async move {
+                if (m.retried, m.failed, m.completed) == (2, 1, 0) {
+                    Ok(())
+                } else {
+                    Err(format!("{m:?}"))
+                }
+            }
+        },
+    )
+    .await;
     w.shutdown().await;
 }
 
@@ -471,7 +487,21 @@ pub async fn malformed_message_is_dead_lettered_and_worker_keeps_running(b: &Bac
         "reasons: {reasons:?}"
     );
     assert!(dead.iter().any(|d| d.payload == b"this is not json"));
-    assert_eq!(w.metrics().dead_lettered, 2);
+    eventually(
+        "the worker counted 2 dead letters",
+        Duration::from_secs(10),
+        || {
+            let n = w.metrics().dead_lettered;
+            async move {
+                if n == 2 {
+                    Ok(())
+                } else {
+                    Err(format!("{n} counted"))
+                }
+            }
+        },
+    )
+    .await;
     w.shutdown().await;
 }
 
