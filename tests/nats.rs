@@ -645,3 +645,18 @@ async fn events_are_skipped_only_while_nobody_listens() {
     drop(foreign);
     cleanup(&prefix).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_namespace_deletes_every_stream_and_bucket_of_the_prefix_and_nothing_else() {
+    let url = broker_url(BrokerKind::Nats).await;
+    let streams = |p: String| {
+        let url = url.clone();
+        async move { support::nats_streams(&url, &p).await }
+    };
+    let make = |p: String| async move { make_backends(&p).await };
+    let had = support::check_drop(&url, make, streams, |_| false).await;
+    assert!(
+        had.len() >= 4,
+        "work queue, dead letters, tasks, locks: {had:?}"
+    );
+}

@@ -614,3 +614,20 @@ fn amqps_to_a_plain_listener_fails_cleanly() {
         async {},
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_namespace_deletes_the_queues_of_the_prefix_and_nothing_else() {
+    let url = broker_url(BrokerKind::Amqp).await;
+    // Queues and exchanges; a lock queue is exclusive to its connection and goes with it.
+    let names = |p: String| async move {
+        let mut all = support::rabbitmq_listed("list_queues", &p).await;
+        all.extend(support::rabbitmq_listed("list_exchanges", &p).await);
+        all
+    };
+    let make = |p: String| async move { make_backends(&p).await };
+    let had = support::check_drop(&url, make, names, |n| n.contains(".lock.")).await;
+    assert!(
+        had.iter().any(|n| n.contains(".delay.")),
+        "rabbitmqctl should list the queues, a delay queue among them: {had:?}"
+    );
+}

@@ -1401,3 +1401,23 @@ async fn enqueue_to_waiting_fetch_latency() {
     );
     cleanup_at(&url, &prefix).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_namespace_deletes_everything_under_the_prefix_and_nothing_else() {
+    let url = broker_url(BrokerKind::Redis).await;
+    let keys = |p: String| {
+        let url = url.clone();
+        async move { support::redis_keys(&url, &p).await }
+    };
+    let make = |p: String| async move { make_backends(&p).await };
+    support::check_drop(&url, make, keys, |_| false).await;
+    // An empty prefix would mean everything: refused.
+    let err = agent_orchestra::backends::drop_namespace(
+        &BackendUrls::all(url.clone()),
+        &ConnectOptions::default(),
+        &[],
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("prefix"), "{err}");
+}

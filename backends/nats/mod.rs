@@ -94,6 +94,31 @@ pub async fn open(url: &Url, roles: &Roles, opts: &ConnectOptions) -> Result<Par
     Ok(parts)
 }
 
+/// [`crate::backends::drop_namespace`] on NATS: every stream whose name the prefix produced
+/// (work queues, dead letters, blobs) and every key-value bucket (tasks, dependents, locks).
+pub async fn drop_namespace(url: &Url, opts: &ConnectOptions) -> Result<()> {
+    use futures::TryStreamExt;
+    let shared = connect(url, opts).await?;
+    let mine = shared.names.stream_prefix().to_string();
+    let buckets = format!("KV_{mine}");
+    let names: Vec<String> = shared
+        .js
+        .stream_names()
+        .try_collect()
+        .await
+        .map_err(|e| errors::nats_err("list the streams", e))?;
+    for name in names {
+        if name.starts_with(&mine) || name.starts_with(&buckets) {
+            shared
+                .js
+                .delete_stream(&name)
+                .await
+                .map_err(|e| errors::nats_err("delete a stream of the prefix", e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Connection settings read from a URL.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct UrlSettings {

@@ -53,6 +53,12 @@ impl Names {
         Names { name, subject }
     }
 
+    /// What every stream and bucket name of this prefix starts with (a bucket's stream adds
+    /// `KV_` in front).
+    pub(crate) fn stream_prefix(&self) -> &str {
+        &self.name
+    }
+
     /// `{prefix}events.<topic>`, the topic's tokens sanitized.
     pub(crate) fn event_subject(&self, topic: &str) -> String {
         format!("{}events.{}", self.subject, topic_tokens(topic))

@@ -36,6 +36,7 @@ use self::link::Link;
 use self::names::Names;
 use super::{redact_url, ConnectOptions, Parts, Roles};
 use crate::error::{Error, Result};
+use crate::model::QueueName;
 
 /// Heartbeat asked for when the URL does not say (`?heartbeat=N` seconds): a peer that stops
 /// answering is noticed within about twice this, and its deliveries and locks are released.
@@ -72,6 +73,49 @@ pub async fn open(url: &Url, roles: &Roles, opts: &ConnectOptions) -> Result<Par
 }
 
 /// A (not yet connected) link for `url` named after `role`, and the names under the prefix.
+/// [`crate::backends::drop_namespace`] on RabbitMQ: the work and dead-letter queues of
+/// `queues`, the registry's and the locks' queues, and the events exchange. AMQP cannot list
+/// queues, so the caller names the work queues; delay queues and lock queues go by themselves
+/// (they expire, or are exclusive to their connection).
+pub async fn drop_namespace(url: &Url, opts: &ConnectOptions, queues: &[QueueName]) -> Result<()> {
+    let (link, names) = link_for(url, opts, "drop")?;
+    let session = link.session().await?;
+    let mut doomed: Vec<String> = Vec::new();
+    for q in queues {
+        doomed.push(names.work(q));
+        doomed.push(names.dead(q));
+        // Delay queues expire by themselves, but only after their delay: the names are a
+        // bounded set (names::delay_buckets), deleted whether declared or not.
+        doomed.extend(names::delay_buckets().map(|ms| names.delay(q, ms)));
+    }
+    doomed.extend([
+        names.registry_log(),
+        names.registry_snapshots(),
+        names.lock_log(),
+    ]);
+    let mut ch = session.channel(false).await?;
+    for name in doomed {
+        match ch
+            .queue_delete(link::short(name.clone())?, Default::default())
+            .await
+        {
+            Ok(_) => {}
+            // A refused delete (an older broker's NOT_FOUND) closes its channel.
+            Err(e) if link::soft_error(&e).is_some() => ch = session.channel(false).await?,
+            Err(e) => return Err(link::amqp_error(&format!("delete queue {name}"), e)),
+        }
+    }
+    match ch
+        .exchange_delete(link::short(names.events())?, Default::default())
+        .await
+    {
+        Ok(()) => {}
+        Err(e) if link::soft_error(&e).is_some() => {} // never declared
+        Err(e) => return Err(link::amqp_error("delete the events exchange", e)),
+    }
+    Ok(())
+}
+
 fn link_for(url: &Url, opts: &ConnectOptions, role: &str) -> Result<(Arc<Link>, Names)> {
     let uri = parse_url(url)?;
     let names = Names::new(&opts.prefix)?;

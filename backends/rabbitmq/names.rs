@@ -129,9 +129,34 @@ pub(crate) fn delay_bucket_ms(delay: std::time::Duration) -> u64 {
     ms.div_ceil(scale) * scale
 }
 
+/// Every value [`delay_bucket_ms`] can return, smallest first: 1 to 99, then two significant
+/// digits times a power of ten, up to the bucket of `u32::MAX` ms.
+pub(crate) fn delay_buckets() -> impl Iterator<Item = u64> {
+    let top = delay_bucket_ms(Duration::from_millis(u64::from(u32::MAX)));
+    (1..100u64).chain((1..=9u32).flat_map(move |k| {
+        (10..100u64)
+            .map(move |v| v * 10u64.pow(k))
+            .filter(move |&b| b <= top)
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_delay_falls_in_a_listed_bucket() {
+        let all: std::collections::BTreeSet<u64> = delay_buckets().collect();
+        assert!(all.len() < 1000, "{}", all.len());
+        let mut ms = 0u64;
+        while ms <= u64::from(u32::MAX) * 2 {
+            for d in [ms, ms + 1, ms.saturating_sub(1)] {
+                let b = delay_bucket_ms(Duration::from_millis(d));
+                assert!(all.contains(&b), "{d} ms -> bucket {b} not listed");
+            }
+            ms = ms * 3 / 2 + 7;
+        }
+    }
 
     #[test]
     fn delay_buckets_round_up_to_two_significant_digits() {

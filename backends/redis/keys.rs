@@ -90,6 +90,18 @@ pub(crate) fn events(prefix: &str, topic: &str) -> String {
     format!("{prefix}events:{topic}")
 }
 
+/// `s` with the characters that `SCAN MATCH` treats as a pattern escaped.
+pub(crate) fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The Redis Cluster slot of `key` (CRC16/XMODEM of the hash tag or the whole key, mod 16384),
 /// as Redis computes it. Used by the tests that prove which scripts are cluster safe.
 #[cfg(test)]

@@ -12,6 +12,7 @@ use url::Url;
 use crate::bus::Bus;
 use crate::error::{Error, Result};
 use crate::lock::LockManager;
+use crate::model::QueueName;
 use crate::registry::Registry;
 use crate::task_queue::{Composed, TaskQueue};
 
@@ -209,6 +210,56 @@ pub async fn connect(urls: &BackendUrls, opts: &ConnectOptions) -> Result<Backen
     })
 }
 
+/// Deletes everything stored under `opts.prefix` on the brokers `urls` name: queues with their
+/// messages and dead letters, tasks, locks, counters. For a namespace that is thrown away (the
+/// CLI's bench and demo, tests); irreversible. What it finds, per backend:
+///
+/// - memory: nothing to do (the state lives in the process's [`Backends`]);
+/// - Redis: every key whose name starts with the prefix (`SCAN MATCH`, which walks the
+///   server's whole keyspace, then `UNLINK`);
+/// - NATS: every stream and key-value bucket whose name the prefix produced;
+/// - RabbitMQ: the work and dead-letter queues of `queues` (AMQP cannot list queues), the
+///   registry's and the locks' queues, and the events exchange.
+///
+/// Names are matched by their start, so a prefix that begins another one (`a_` and `a_b_`)
+/// takes the other's things too. An empty prefix is refused.
+pub async fn drop_namespace(
+    urls: &BackendUrls,
+    opts: &ConnectOptions,
+    queues: &[QueueName],
+) -> Result<()> {
+    if opts.prefix.is_empty() {
+        return Err(Error::invalid(
+            "prefix",
+            "dropping a namespace needs a non-empty prefix: everything whose name starts with it is deleted",
+        ));
+    }
+    let mut done: Vec<&String> = Vec::new();
+    for url in [&urls.bus, &urls.registry, &urls.locks] {
+        if done.contains(&url) {
+            continue;
+        }
+        done.push(url);
+        let parsed = parse_url(url)?;
+        #[cfg(any(feature = "redis", feature = "nats", feature = "rabbitmq"))]
+        if parsed.scheme() != "memory" {
+            install_tls_provider();
+        }
+        let _ = queues;
+        match parsed.scheme() {
+            "memory" => {}
+            #[cfg(feature = "redis")]
+            "redis" | "rediss" => redis::drop_namespace(&parsed, opts).await?,
+            #[cfg(feature = "nats")]
+            "nats" | "tls" => nats::drop_namespace(&parsed, opts).await?,
+            #[cfg(feature = "rabbitmq")]
+            "amqp" | "amqps" => rabbitmq::drop_namespace(&parsed, opts, queues).await?,
+            scheme => return Err(scheme_error(url, scheme)),
+        }
+    }
+    Ok(())
+}
+
 /// Installs rustls' `ring` crypto provider as the process default, once. Different client crates
 /// bring different providers (ring, aws-lc-rs); with more than one compiled in, rustls refuses to
 /// pick one and a TLS connect would panic. An application that installed its own provider first
@@ -223,10 +274,7 @@ pub fn install_tls_provider() {
 
 /// Opens the requested roles from one URL.
 pub async fn open(url: &str, roles: &Roles, opts: &ConnectOptions) -> Result<Parts> {
-    let parsed = Url::parse(url).map_err(|e| Error::UnsupportedUrl {
-        url: redact_url(url),
-        reason: format!("not a URL: {e}"),
-    })?;
+    let parsed = parse_url(url)?;
     #[cfg(any(feature = "redis", feature = "nats", feature = "rabbitmq"))]
     if parsed.scheme() != "memory" {
         install_tls_provider();
@@ -239,18 +287,30 @@ pub async fn open(url: &str, roles: &Roles, opts: &ConnectOptions) -> Result<Par
         "nats" | "tls" => nats::open(&parsed, roles, opts).await,
         #[cfg(feature = "rabbitmq")]
         "amqp" | "amqps" => rabbitmq::open(&parsed, roles, opts).await,
-        scheme => Err(match feature_for(scheme) {
-            Some(feature) => Error::FeatureDisabled {
-                scheme: scheme.to_string(),
-                feature,
-            },
-            None => Error::UnsupportedUrl {
-                url: redact_url(url),
-                reason: format!(
-                    "unknown scheme `{scheme}`; expected memory://, redis://, rediss://, nats://, tls://, amqp:// or amqps://"
-                ),
-            },
-        }),
+        scheme => Err(scheme_error(url, scheme)),
+    }
+}
+
+fn parse_url(url: &str) -> Result<Url> {
+    Url::parse(url).map_err(|e| Error::UnsupportedUrl {
+        url: redact_url(url),
+        reason: format!("not a URL: {e}"),
+    })
+}
+
+/// A scheme no compiled-in backend handles: its feature is off, or it is unknown.
+fn scheme_error(url: &str, scheme: &str) -> Error {
+    match feature_for(scheme) {
+        Some(feature) => Error::FeatureDisabled {
+            scheme: scheme.to_string(),
+            feature,
+        },
+        None => Error::UnsupportedUrl {
+            url: redact_url(url),
+            reason: format!(
+                "unknown scheme `{scheme}`; expected memory://, redis://, rediss://, nats://, tls://, amqp:// or amqps://"
+            ),
+        },
     }
 }
 

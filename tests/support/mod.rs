@@ -10,10 +10,16 @@ pub async fn redis(prefix: &str) {
     redis_at(&broker_url(BrokerKind::Redis).await, prefix).await;
 }
 
-/// Deletes every Redis key starting with `prefix` on the server at `url` (SCAN + UNLINK).
+/// Deletes every Redis key starting with `prefix` on the server at `url` (the library's
+/// `drop_namespace`: SCAN + UNLINK).
 #[cfg(feature = "redis")]
 pub async fn redis_at(url: &str, prefix: &str) {
-    assert!(!prefix.is_empty(), "cleanup needs a prefix");
+    drop_at(url, prefix).await;
+}
+
+/// The Redis keys starting with `prefix` on the server at `url`.
+#[cfg(feature = "redis")]
+pub async fn redis_keys(url: &str, prefix: &str) -> Vec<String> {
     let mut con = redis::Client::open(url)
         .expect("test Redis URL")
         .get_multiplexed_async_connection()
@@ -26,30 +32,37 @@ pub async fn redis_at(url: &str, prefix: &str) {
             c => vec![c],
         })
         .collect();
-    let pattern = format!("{escaped}*");
+    let mut out = Vec::new();
     let mut cursor: u64 = 0;
     loop {
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
-            .arg(&pattern)
+            .arg(format!("{escaped}*"))
             .arg("COUNT")
             .arg(1000)
             .query_async(&mut con)
             .await
             .expect("SCAN");
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async(&mut con)
-                .await
-                .expect("UNLINK");
-        }
+        out.extend(keys);
         if next == 0 {
-            break;
+            out.sort();
+            return out;
         }
         cursor = next;
     }
+}
+
+/// `drop_namespace` for one broker URL, panicking on failure.
+pub async fn drop_at(url: &str, prefix: &str) {
+    assert!(!prefix.is_empty(), "cleanup needs a prefix");
+    let opts = agent_orchestra::ConnectOptions {
+        prefix: prefix.to_string(),
+        ..agent_orchestra::ConnectOptions::default()
+    };
+    agent_orchestra::backends::drop_namespace(&agent_orchestra::BackendUrls::all(url), &opts, &[])
+        .await
+        .unwrap_or_else(|e| panic!("cannot drop the namespace {prefix}: {e}"));
 }
 
 /// Deletes the JetStream streams (work queues, KV buckets) the prefix created on the shared
@@ -59,13 +72,21 @@ pub async fn nats(prefix: &str) {
     nats_at(&broker_url(BrokerKind::Nats).await, prefix).await;
 }
 
-/// Deletes the JetStream streams whose names start with the prefix on the server at `url`.
+/// Deletes the JetStream streams whose names start with the prefix on the server at `url`
+/// (the library's `drop_namespace`).
 #[cfg(feature = "nats")]
 pub async fn nats_at(url: &str, prefix: &str) {
+    drop_at(url, prefix).await;
+}
+
+/// The JetStream streams (and so buckets) whose names the prefix produced, on the server at
+/// `url`.
+#[cfg(feature = "nats")]
+pub async fn nats_streams(url: &str, prefix: &str) -> Vec<String> {
     use futures::StreamExt;
     let client = async_nats::connect(url.trim_start_matches("nats://"))
         .await
-        .expect("connect for cleanup");
+        .expect("connect to list streams");
     let js = async_nats::jetstream::new(client);
     // The backend maps anything outside [A-Za-z0-9_-] to '_' in stream names.
     let p: String = prefix
@@ -78,20 +99,15 @@ pub async fn nats_at(url: &str, prefix: &str) {
             }
         })
         .collect();
-    assert!(!p.is_empty(), "refusing to clean up an empty prefix");
     let kv = format!("KV_{p}");
-    let names: Vec<String> = js
+    let mut names: Vec<String> = js
         .stream_names()
         .filter_map(|n| async move { n.ok() })
+        .filter(|n| std::future::ready(n.starts_with(&p) || n.starts_with(&kv)))
         .collect()
         .await;
-    for name in names {
-        if name.starts_with(&p) || name.starts_with(&kv) {
-            js.delete_stream(&name)
-                .await
-                .unwrap_or_else(|e| panic!("cannot delete stream {name}: {e}"));
-        }
-    }
+    names.sort();
+    names
 }
 
 /// Deletes every RabbitMQ queue starting with `prefix` (listed with `rabbitmqctl`), and the
@@ -101,21 +117,7 @@ pub async fn rabbitmq(prefix: &str) {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
     use lapin::{Connection, ConnectionProperties};
     assert!(!prefix.is_empty(), "cleanup needs a prefix");
-    let listed = tokio::task::spawn_blocking(|| {
-        std::process::Command::new("rabbitmqctl")
-            .args(["list_queues", "-q", "--no-table-headers", "name"])
-            .output()
-    })
-    .await
-    .expect("rabbitmqctl task");
-    let mut names: Vec<String> = match listed {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|n| n.starts_with(prefix))
-            .collect(),
-        _ => Vec::new(),
-    };
+    let mut names = rabbitmq_listed("list_queues", prefix).await;
     names.push(format!("{prefix}registry"));
     names.push(format!("{prefix}locks"));
     names.push(format!("{prefix}registry.snapshots"));
@@ -140,4 +142,137 @@ pub async fn rabbitmq(prefix: &str) {
             .await;
     }
     let _ = conn.close(200, "cleaned up".into()).await;
+}
+
+/// The queue [`fill`] uses.
+pub const DROP_QUEUE: &str = "dropq";
+
+/// Puts a bit of everything under a namespace: tasks (one with a dependent), messages, a dead
+/// letter, a delayed message, a lock.
+pub async fn fill(b: &agent_orchestra::Backends) {
+    use agent_orchestra::engine::{DispatchOptions, Dispatcher};
+    use agent_orchestra::{FetchOptions, OutgoingMessage, Priority, QueueName};
+    use std::time::Duration;
+    let d = Dispatcher::new(b.clone());
+    let parent = d
+        .dispatch(
+            DROP_QUEUE,
+            serde_json::json!({"n": 1}),
+            3,
+            DispatchOptions::default(),
+        )
+        .await
+        .expect("dispatch");
+    d.dispatch(
+        DROP_QUEUE,
+        serde_json::json!({"n": 2}),
+        3,
+        DispatchOptions::default().after([parent]),
+    )
+    .await
+    .expect("dispatch a dependent");
+    let q = QueueName::parse(DROP_QUEUE).unwrap();
+    let p = Priority::new(1).unwrap();
+    b.bus
+        .enqueue(&q, OutgoingMessage::new(b"doomed".to_vec(), p))
+        .await
+        .expect("enqueue");
+    let mut delayed = OutgoingMessage::new(b"later".to_vec(), p);
+    delayed.delay = Duration::from_secs(3600);
+    b.bus.enqueue(&q, delayed).await.expect("enqueue delayed");
+    let got = b
+        .bus
+        .fetch(
+            &q,
+            FetchOptions {
+                max: 1,
+                wait: Duration::from_secs(5),
+                lease: Duration::from_secs(30),
+            },
+        )
+        .await
+        .expect("fetch");
+    b.bus
+        .dead_letter(got.first().expect("a message"), "for the drop test")
+        .await
+        .expect("dead letter");
+    b.locks
+        .acquire("dropk", "tester", Duration::from_secs(600))
+        .await
+        .expect("lock")
+        .expect("the lock is free");
+}
+
+/// The names `rabbitmqctl <what>` (`list_queues`, `list_exchanges`) prints that start with
+/// `prefix`; empty if rabbitmqctl cannot be run.
+#[cfg(feature = "rabbitmq")]
+pub async fn rabbitmq_listed(what: &'static str, prefix: &str) -> Vec<String> {
+    let listed = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("rabbitmqctl")
+            .args([what, "-q", "--no-table-headers", "name"])
+            .output()
+    })
+    .await
+    .expect("rabbitmqctl task");
+    let mut names: Vec<String> = match listed {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|n| n.starts_with(prefix))
+            .collect(),
+        _ => Vec::new(),
+    };
+    names.sort();
+    names
+}
+
+/// Fills two namespaces, drops one, and checks with `list` (what the broker holds under a
+/// prefix) that the dropped one is empty, except what `may_stay` allows, and the other
+/// unchanged. `make` opens backends under a prefix. Returns the dropped prefix's listing from
+/// before the drop.
+pub async fn check_drop<M, MF, L, LF>(
+    url: &str,
+    make: M,
+    list: L,
+    may_stay: fn(&str) -> bool,
+) -> Vec<String>
+where
+    M: Fn(String) -> MF,
+    MF: std::future::Future<Output = agent_orchestra::Backends>,
+    L: Fn(String) -> LF,
+    LF: std::future::Future<Output = Vec<String>>,
+{
+    use agent_orchestra::testkit::harness::unique_prefix;
+    let prefix = unique_prefix("drop");
+    let neighbour = unique_prefix("drop_keep");
+    let doomed = make(prefix.clone()).await;
+    let kept = make(neighbour.clone()).await;
+    fill(&doomed).await;
+    fill(&kept).await;
+    let had = list(prefix.clone()).await;
+    assert!(!had.is_empty(), "nothing listed under {prefix}");
+    let before = list(neighbour.clone()).await;
+    drop(doomed);
+    let q = agent_orchestra::QueueName::parse(DROP_QUEUE).unwrap();
+    let opts = agent_orchestra::ConnectOptions {
+        prefix: prefix.clone(),
+        ..agent_orchestra::ConnectOptions::default()
+    };
+    agent_orchestra::backends::drop_namespace(&agent_orchestra::BackendUrls::all(url), &opts, &[q])
+        .await
+        .expect("drop");
+    let left: Vec<String> = list(prefix.clone())
+        .await
+        .into_iter()
+        .filter(|n| !may_stay(n))
+        .collect();
+    assert_eq!(left, Vec::<String>::new(), "left under {prefix}");
+    assert_eq!(
+        list(neighbour.clone()).await,
+        before,
+        "the neighbour changed"
+    );
+    drop(kept);
+    drop_at(url, &neighbour).await;
+    had
 }
