@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_orchestra::engine::{handler_fn, DispatchOptions, Dispatcher, Finished, Worker};
-use agent_orchestra::{QueueName, Retention, TaskStatus};
+use agent_orchestra::{QueueName, TaskStatus};
 use clap::Args;
 use futures::{StreamExt, TryStreamExt};
 use hdrhistogram::Histogram;
@@ -221,14 +221,26 @@ pub async fn run(ctx: &Ctx, a: BenchArgs) -> Result<(), CliError> {
     producer.abort();
     let report = worker.shutdown_within(Duration::from_secs(5)).await;
     let error = state.error.lock().take();
+    // Everything under the run's own prefix goes: tasks, queue, streams, buckets, counters.
     let cleaned = if on_broker && !a.keep {
-        let all = Retention {
-            max_age: None,
-            max_count: Some(0),
-        };
-        backends.registry.purge_finished(&all).await.ok()
+        match agent_orchestra::backends::drop_namespace(
+            &config.backend_urls(),
+            &config.connect_options(),
+            std::slice::from_ref(&queue),
+        )
+        .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!(
+                    "warning: could not delete the bench's namespace {}: {e}",
+                    config.prefix
+                );
+                false
+            }
+        }
     } else {
-        None
+        false
     };
     if let Some(e) = error {
         return Err(CliError::Failed(e));
@@ -263,9 +275,9 @@ pub async fn run(ctx: &Ctx, a: BenchArgs) -> Result<(), CliError> {
         println!(
             "latency dispatch -> completed+acked: p50 {p50:.3} ms, p90 {p90:.3} ms, p99 {p99:.3} ms, max {max:.3} ms"
         );
-        if let Some(n) = cleaned {
+        if cleaned {
             println!(
-                "cleaned up {n} finished tasks under prefix {}",
+                "cleaned up: deleted everything under the prefix {}",
                 config.prefix
             );
         }

@@ -11,7 +11,8 @@ use agent_orchestra::engine::{
     handler_fn, typed, DispatchOptions, Dispatcher, Monitor, MonitorConfig, MonitorReport,
     TaskContext, TaskError, Worker, WorkerConfig, WorkerHandle,
 };
-use agent_orchestra::{Backends, Retention, Task, TaskId, TaskStatus};
+use agent_orchestra::{Backends, QueueName, Retention, Task, TaskId, TaskStatus};
+
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -19,6 +20,15 @@ use tokio::sync::{mpsc, Notify};
 
 use super::output::{clock, short_json};
 use super::{CliError, Ctx, Output};
+
+/// The queues the demo uses (its namespace is deleted at the end, on a broker).
+const DEMO_QUEUES: [&str; 5] = [
+    "lifecycle",
+    "research_tasks",
+    "writing_tasks",
+    "triage",
+    "fragile",
+];
 
 /// Every wait in the demo is bounded by this, so a broken backend fails instead of hanging.
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -100,12 +110,28 @@ pub async fn run(ctx: &Ctx) -> Result<(), CliError> {
             max_age: None,
             max_count: Some(0),
         };
+        let queues: Vec<QueueName> = DEMO_QUEUES
+            .iter()
+            .filter_map(|q| QueueName::parse(q).ok())
+            .collect();
         match demo.backends.registry.purge_finished(&all).await {
             Ok(n) => out.line(format!(
-                "\ncleaned up: deleted {n} finished tasks under {} (empty queues may remain; see docs/cli.md)",
+                "\ncleaned up: deleted {n} finished tasks, then everything under {}",
                 config.prefix
             )),
             Err(e) => eprintln!("warning: could not clean up the demo's tasks: {e}"),
+        }
+        if let Err(e) = agent_orchestra::backends::drop_namespace(
+            &config.backend_urls(),
+            &config.connect_options(),
+            &queues,
+        )
+        .await
+        {
+            eprintln!(
+                "warning: could not delete the demo's namespace {}: {e}",
+                config.prefix
+            );
         }
     }
     result?;
