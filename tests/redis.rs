@@ -1421,3 +1421,82 @@ async fn drop_namespace_deletes_everything_under_the_prefix_and_nothing_else() {
     .unwrap_err();
     assert!(err.to_string().contains("prefix"), "{err}");
 }
+
+/// A task a dead worker left RUNNING (its lease over, its message gone), under a fresh prefix.
+async fn abandoned_task(b: &Backends, queue: &str) -> TaskId {
+    use agent_orchestra::engine::{DispatchOptions, Dispatcher};
+    let task = Dispatcher::new(b.clone())
+        .build(queue, json!({"n": 1}), 5, &DispatchOptions::default())
+        .expect("build");
+    b.registry.create(&task).await.expect("create");
+    let past = chrono::Utc::now() - chrono::Duration::minutes(1);
+    let running = TaskState {
+        status: TaskStatus::Running,
+        attempt: 1,
+        worker_id: Some("a-worker-that-died".into()),
+        lease_until: Some(past),
+        heartbeat_at: Some(past),
+        started_at: Some(past),
+        updated_at: past,
+        ..task.state.clone()
+    };
+    b.registry
+        .transition(&task.task_id, task.expect(), running)
+        .await
+        .expect("to RUNNING");
+    task.task_id
+}
+
+/// Runs the CLI's worker on `queue` for 4 s under `prefix`, with `extra` flags.
+fn run_cli_worker(url: &str, prefix: &str, queue: &str, extra: &[&str]) -> String {
+    let spec = format!("{queue}=echo");
+    let mut args = vec![
+        "--url", url, "--prefix", prefix, "worker", "-q", &spec, "--for", "4s", "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = Command::new(env!("CARGO_BIN_EXE_orchestra"))
+        .args(&args)
+        .env("ORCHESTRA_MONITOR_INTERVAL", "200ms")
+        .output()
+        .expect("run orchestra worker");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "orchestra worker failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_worker_with_monitor_recovers_a_task_its_dead_worker_left_running() {
+    let url = broker_url(BrokerKind::Redis).await;
+    let prefix = unique_prefix("cli_monitor");
+    let b = make_backends(&prefix).await;
+
+    // Without --monitor nothing brings the task back: it has no message left.
+    let stuck = abandoned_task(&b, "rescue").await;
+    let (u, p) = (url.clone(), prefix.clone());
+    tokio::task::spawn_blocking(move || run_cli_worker(&u, &p, "rescue", &[]))
+        .await
+        .unwrap();
+    let t = b.registry.get(&stuck).await.unwrap().unwrap();
+    assert_eq!(t.state.status, TaskStatus::Running, "{t:?}");
+
+    // With --monitor the worker's own monitor hands it back and the worker completes it.
+    let (u, p) = (url.clone(), prefix.clone());
+    let stdout =
+        tokio::task::spawn_blocking(move || run_cli_worker(&u, &p, "rescue", &["--monitor"]))
+            .await
+            .unwrap();
+    let t = b.registry.get(&stuck).await.unwrap().unwrap();
+    assert_eq!(t.state.status, TaskStatus::Completed, "{t:?}\n{stdout}");
+    assert_eq!(t.state.attempt, 2);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("\"event\":\"monitor\"") && l.contains("\"recovered\":1")),
+        "{stdout}"
+    );
+    cleanup(&prefix).await;
+}

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent_orchestra::engine::{handler_fn, Finished, Handler, TaskError, Worker};
+use agent_orchestra::engine::{
+    handler_fn, Finished, Handler, Monitor, MonitorReport, TaskError, Worker,
+};
 use agent_orchestra::{QueueName, TaskStatus};
 use clap::Args;
 use rand::Rng;
@@ -38,6 +40,11 @@ pub struct WorkerArgs {
     /// Do not print a line per finished task.
     #[arg(long)]
     quiet: bool,
+    /// Also run the monitor here: recovery of tasks whose worker died, re-announces, retention
+    /// (several monitors elect one acting monitor by lock). Its passes are printed when they
+    /// changed something.
+    #[arg(long)]
+    monitor: bool,
 }
 
 /// The built-in agents.
@@ -149,7 +156,9 @@ pub async fn run(ctx: &Ctx, a: WorkerArgs) -> Result<(), CliError> {
     .connect_shared()
     .await?;
 
-    let mut worker = Worker::new(backends, worker_config.clone());
+    let monitor_config = config.monitor_config();
+    monitor_config.validate()?;
+    let mut worker = Worker::new(backends.clone(), worker_config.clone());
     for (queue, agent) in &specs {
         worker = worker.handle(queue.as_str(), agent.handler(default_p))?;
     }
@@ -165,6 +174,27 @@ pub async fn run(ctx: &Ctx, a: WorkerArgs) -> Result<(), CliError> {
         }
     });
     let handle = worker.start()?;
+    let monitor = if a.monitor {
+        let started = Monitor::new(backends, monitor_config).start(move |r: &MonitorReport| {
+            let acted = r.recovered + r.timed_out + r.unblocked + r.reannounced + r.purged;
+            if acted > 0 {
+                if out.json {
+                    out.json(&json!({"event": "monitor", "report": r}));
+                } else {
+                    println!("monitor: {}", super::commands::report_line(r));
+                }
+            }
+        });
+        match started {
+            Ok(m) => Some(m),
+            Err(e) => {
+                handle.shutdown().await;
+                return Err(e.into());
+            }
+        }
+    } else {
+        None
+    };
     let serving: Vec<String> = specs
         .iter()
         .map(|(q, agent)| format!("{q} ({})", agent.name()))
@@ -198,6 +228,9 @@ pub async fn run(ctx: &Ctx, a: WorkerArgs) -> Result<(), CliError> {
             "stopping: no new tasks; running tasks have up to {} to finish",
             agent_orchestra::config::format_duration(worker_config.shutdown_timeout),
         );
+    }
+    if let Some(m) = monitor {
+        m.shutdown().await;
     }
     let worker_id = handle.worker_id().to_string();
     let report = handle.shutdown().await;

@@ -353,6 +353,11 @@ fn print_report(ctx: &Ctx, r: &MonitorReport) {
         ctx.out.json(r);
         return;
     }
+    println!("{}", report_line(r));
+}
+
+/// One monitor pass as a line: time, role, counts, and what it changed.
+pub(super) fn report_line(r: &MonitorReport) -> String {
     let mut line = format!(
         "[{}] {}  {}",
         chrono::Utc::now().format("%H:%M:%S"),
@@ -370,7 +375,7 @@ fn print_report(ctx: &Ctx, r: &MonitorReport) {
             line.push_str(&format!("  {name}={n}"));
         }
     }
-    println!("{line}");
+    line
 }
 
 pub async fn monitor(ctx: &Ctx, a: MonitorArgs) -> Result<(), CliError> {
