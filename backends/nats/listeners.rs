@@ -12,10 +12,12 @@
 //!   that subject and look at what arrived before each decision, so an event a publisher sends
 //!   after it received anything the subscriber sent after subscribing is published (one server
 //!   orders both).
+//! - Hellos and probe answers are applied under one lock, in arrival order. An answer older
+//!   than [`TRUST_ANSWER_FOR`], or hellos that can no longer be followed, mean "maybe".
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::{Client, HeaderMap, Message, Request, RequestErrorKind, Subscriber};
 use futures::{FutureExt, StreamExt};
@@ -29,6 +31,8 @@ pub(crate) const PROBE_HEADER: &str = "Orch-Probe";
 pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How long a probe waits for an answer; a subscriber that does not answer counts as one.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a probe answer is trusted; past that (the probe stopped), every event is published.
+const TRUST_ANSWER_FOR: Duration = Duration::from_secs(5);
 
 /// One bus's view of who listens to its events subject.
 #[derive(Debug)]
@@ -37,8 +41,16 @@ pub(crate) struct Listeners {
     client: Client,
     events: String,
     hello: String,
+    /// The hello subscription. Every hello is noted, and every probe answer applied, while
+    /// holding this lock, so that a hello can never be overwritten by an answer that came
+    /// before it.
     hellos: Mutex<Option<Subscriber>>,
     started: AtomicBool,
+    /// Set for good when hellos cannot be followed (then every event is published).
+    blind: AtomicBool,
+    /// When the last probe was answered, in ms since `born` (0: never).
+    answered_ms: AtomicU64,
+    born: Instant,
 }
 
 /// Whether a message is a probe, to be answered rather than delivered.
@@ -58,6 +70,9 @@ impl Listeners {
             hello,
             hellos: Mutex::new(None),
             started: AtomicBool::new(false),
+            blind: AtomicBool::new(false),
+            answered_ms: AtomicU64::new(0),
+            born: Instant::now(),
         })
     }
 
@@ -89,25 +104,45 @@ impl Listeners {
                 }
             }
         }
-        self.take_hellos();
+        if self.blind.load(Ordering::Acquire) || self.stale() {
+            return true;
+        }
+        self.take_hellos(None);
         self.presence.any()
     }
 
-    /// Notes the hellos that have arrived (without waiting).
-    fn take_hellos(&self) {
+    /// Whether the last probe answer is too old to trust (the probe stopped: its runtime shut
+    /// down, or the server does not answer).
+    fn stale(&self) -> bool {
+        let last = self.answered_ms.load(Ordering::Acquire);
+        let now = self.born.elapsed().as_millis() as u64;
+        last == 0 || now.saturating_sub(last) > TRUST_ANSWER_FOR.as_millis() as u64
+    }
+
+    /// Notes the hellos that have arrived (without waiting), then, under the same lock, the
+    /// probe answer `answer` (its token and whether anybody answered), if any.
+    fn take_hellos(&self, answer: Option<(u64, bool)>) {
         let mut slot = self.hellos.lock();
-        let Some(sub) = slot.as_mut() else { return };
-        loop {
-            match sub.next().now_or_never() {
-                Some(Some(_)) => self.presence.hello(),
-                Some(None) => {
-                    // The subscription ended for good: nobody can be ruled out any more.
-                    *slot = None;
-                    self.presence.hello();
-                    return;
+        if let Some(sub) = slot.as_mut() {
+            loop {
+                // Unconstrained: a task that used up its budget would see Pending instead.
+                match tokio::task::unconstrained(sub.next()).now_or_never() {
+                    Some(Some(_)) => self.presence.hello(),
+                    Some(None) => {
+                        // The subscription ended for good: nobody can be ruled out any more.
+                        *slot = None;
+                        self.blind.store(true, Ordering::Release);
+                        self.presence.hello();
+                        return;
+                    }
+                    None => break,
                 }
-                None => return,
             }
+        }
+        if let Some((token, anybody)) = answer {
+            self.presence.probed(token, anybody);
+            let now = self.born.elapsed().as_millis().max(1) as u64;
+            self.answered_ms.store(now, Ordering::Release);
         }
     }
 }
@@ -121,6 +156,7 @@ async fn probe_loop(listeners: Weak<Listeners>) {
             Err(e) => {
                 // Without hellos, "nobody" could hide a new subscriber: stay at "maybe".
                 tracing::warn!(error = %e, "cannot follow event subscribers; publishing every event");
+                l.blind.store(true, Ordering::Release);
                 return;
             }
         }
@@ -130,6 +166,9 @@ async fn probe_loop(listeners: Weak<Listeners>) {
     }
     loop {
         let Some(l) = listeners.upgrade() else { return };
+        if l.blind.load(Ordering::Acquire) {
+            return;
+        }
         let token = l.presence.probing();
         let mut headers = HeaderMap::new();
         headers.insert(PROBE_HEADER, "1");
@@ -138,11 +177,8 @@ async fn probe_loop(listeners: Weak<Listeners>) {
             Ok(_) => true,
             Err(e) => e.kind() != RequestErrorKind::NoResponders,
         };
-        if !anybody {
-            // Hellos the server sent before its answer are in by now.
-            l.take_hellos();
-        }
-        l.presence.probed(token, anybody);
+        // Hellos the server sent before its answer are in by now; they are noted first.
+        l.take_hellos(Some((token, anybody)));
         drop(l);
         tokio::time::sleep(PROBE_EVERY).await;
     }
