@@ -625,7 +625,7 @@ async fn drop_namespace_deletes_the_queues_of_the_prefix_and_nothing_else() {
         all
     };
     let make = |p: String| async move { make_backends(&p).await };
-    let had = support::check_drop(&url, make, names, |n| n.contains(".lock.")).await;
+    let had = support::check_drop(&url, make, names, |n| n.contains("lock.")).await;
     assert!(
         had.iter().any(|n| n.contains(".delay.")),
         "rabbitmqctl should list the queues, a delay queue among them: {had:?}"

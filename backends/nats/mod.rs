@@ -94,13 +94,14 @@ pub async fn open(url: &Url, roles: &Roles, opts: &ConnectOptions) -> Result<Par
     Ok(parts)
 }
 
-/// [`crate::backends::drop_namespace`] on NATS: every stream whose name the prefix produced
-/// (work queues, dead letters, blobs) and every key-value bucket (tasks, dependents, locks).
+/// [`crate::backends::drop_namespace`] on NATS: the streams this prefix's backend makes (each
+/// queue's work and dead-letter streams, the blob stream) and its three buckets (tasks,
+/// dependents, locks), matched by their exact names (`Names::owns_stream`).
 pub async fn drop_namespace(url: &Url, opts: &ConnectOptions) -> Result<()> {
+    use async_nats::jetstream::context::DeleteStreamErrorKind;
+    use async_nats::jetstream::ErrorCode;
     use futures::TryStreamExt;
     let shared = connect(url, opts).await?;
-    let mine = shared.names.stream_prefix().to_string();
-    let buckets = format!("KV_{mine}");
     let names: Vec<String> = shared
         .js
         .stream_names()
@@ -108,12 +109,16 @@ pub async fn drop_namespace(url: &Url, opts: &ConnectOptions) -> Result<()> {
         .await
         .map_err(|e| errors::nats_err("list the streams", e))?;
     for name in names {
-        if name.starts_with(&mine) || name.starts_with(&buckets) {
-            shared
-                .js
-                .delete_stream(&name)
-                .await
-                .map_err(|e| errors::nats_err("delete a stream of the prefix", e))?;
+        if !shared.names.owns_stream(&name) {
+            continue;
+        }
+        match shared.js.delete_stream(&name).await {
+            Ok(_) => {}
+            // Deleted meanwhile (by another drop, or an operator).
+            Err(e)
+                if matches!(e.kind(), DeleteStreamErrorKind::JetStream(j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND) => {}
+            Err(e) => return Err(errors::nats_err("delete a stream of the prefix", e)),
         }
     }
     Ok(())

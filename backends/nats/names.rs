@@ -53,10 +53,24 @@ impl Names {
         Names { name, subject }
     }
 
-    /// What every stream and bucket name of this prefix starts with (a bucket's stream adds
-    /// `KV_` in front).
-    pub(crate) fn stream_prefix(&self) -> &str {
-        &self.name
+    /// Whether `stream` is one this prefix's backend makes: a queue's work or dead-letter
+    /// stream, the blob stream, or the stream of the task, dependents or lock bucket.
+    pub(crate) fn owns_stream(&self, stream: &str) -> bool {
+        if let Some(bucket) = stream.strip_prefix("KV_") {
+            let tasks = self.task_bucket();
+            if bucket == tasks || bucket == format!("{tasks}_deps") || bucket == self.lock_bucket()
+            {
+                return true;
+            }
+        }
+        let Some(rest) = stream.strip_prefix(self.name.as_str()) else {
+            return false;
+        };
+        rest == "ORCH_BLOBS"
+            || rest
+                .strip_prefix("ORCH_Q_")
+                .or_else(|| rest.strip_prefix("ORCH_DLQ_"))
+                .is_some_and(|q| QueueName::parse(q).is_ok())
     }
 
     /// `{prefix}events.<topic>`, the topic's tokens sanitized.
@@ -140,6 +154,36 @@ pub(crate) fn decode_key(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_owns_exactly_the_streams_it_makes() {
+        let n = Names::new("test");
+        let q = QueueName::parse("research_tasks").unwrap();
+        for mine in [
+            n.work_stream(&q),
+            n.dead_stream(&q),
+            n.blob_stream(),
+            format!("KV_{}", n.task_bucket()),
+            format!("KV_{}_deps", n.task_bucket()),
+            format!("KV_{}", n.lock_bucket()),
+        ] {
+            assert!(n.owns_stream(&mine), "{mine}");
+        }
+        for other in [
+            "testimonials",
+            "testORCH_Q_",
+            "testORCH_Q_a b",
+            "test2ORCH_Q_research_tasks",
+            "KV_testimonials",
+            "KV_test2orch_tasks",
+            "KV_testorch_tasks_x",
+            "ORCH_Q_research_tasks",
+        ] {
+            assert!(!n.owns_stream(other), "{other}");
+        }
+        // The empty prefix owns only the unprefixed names (drop_namespace refuses it anyway).
+        assert!(!Names::new("").owns_stream("KV_other"));
+    }
 
     #[test]
     fn names_are_valid_and_deterministic() {

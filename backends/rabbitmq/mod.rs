@@ -72,11 +72,16 @@ pub async fn open(url: &Url, roles: &Roles, opts: &ConnectOptions) -> Result<Par
     Ok(parts)
 }
 
-/// A (not yet connected) link for `url` named after `role`, and the names under the prefix.
+/// Channels deleting at once in [`drop_namespace`] (AMQP allows one delete in flight per
+/// channel).
+const DROP_CHANNELS: usize = 16;
+
 /// [`crate::backends::drop_namespace`] on RabbitMQ: the work and dead-letter queues of
-/// `queues`, the registry's and the locks' queues, and the events exchange. AMQP cannot list
-/// queues, so the caller names the work queues; delay queues and lock queues go by themselves
-/// (they expire, or are exclusive to their connection).
+/// `queues`, every delay queue they could have, the registry's and the locks' queues, and the
+/// events exchange. AMQP cannot list queues, so the caller names the work queues. Delay queue
+/// names are a bounded set (`names::delay_buckets`), deleted whether declared or not. Lock
+/// queues are exclusive to their connection and go with it. Only NOT_FOUND is forgiven; a
+/// refused delete (ACCESS_REFUSED, RESOURCE_LOCKED) is an error.
 pub async fn drop_namespace(url: &Url, opts: &ConnectOptions, queues: &[QueueName]) -> Result<()> {
     let (link, names) = link_for(url, opts, "drop")?;
     let session = link.session().await?;
@@ -84,8 +89,6 @@ pub async fn drop_namespace(url: &Url, opts: &ConnectOptions, queues: &[QueueNam
     for q in queues {
         doomed.push(names.work(q));
         doomed.push(names.dead(q));
-        // Delay queues expire by themselves, but only after their delay: the names are a
-        // bounded set (names::delay_buckets), deleted whether declared or not.
         doomed.extend(names::delay_buckets().map(|ms| names.delay(q, ms)));
     }
     doomed.extend([
@@ -93,29 +96,44 @@ pub async fn drop_namespace(url: &Url, opts: &ConnectOptions, queues: &[QueueNam
         names.registry_snapshots(),
         names.lock_log(),
     ]);
-    let mut ch = session.channel(false).await?;
-    for name in doomed {
-        match ch
-            .queue_delete(link::short(name.clone())?, Default::default())
-            .await
-        {
-            Ok(_) => {}
-            // A refused delete (an older broker's NOT_FOUND) closes its channel.
-            Err(e) if link::soft_error(&e).is_some() => ch = session.channel(false).await?,
-            Err(e) => return Err(link::amqp_error(&format!("delete queue {name}"), e)),
+    let per_channel = doomed.len().div_ceil(DROP_CHANNELS).max(1);
+    let deletes = doomed.chunks(per_channel).map(|chunk| {
+        let session = session.clone();
+        async move {
+            let mut ch = session.channel(false).await?;
+            for name in chunk {
+                match ch
+                    .queue_delete(link::short(name.clone())?, Default::default())
+                    .await
+                {
+                    Ok(_) => {}
+                    // An older broker's NOT_FOUND for a queue never declared; it closed the
+                    // channel.
+                    Err(e) if is_not_found_error(&e) => ch = session.channel(false).await?,
+                    Err(e) => return Err(link::amqp_error(&format!("delete queue {name}"), e)),
+                }
+            }
+            Ok::<(), crate::error::Error>(())
         }
-    }
+    });
+    futures::future::try_join_all(deletes).await?;
+    let ch = session.channel(false).await?;
     match ch
         .exchange_delete(link::short(names.events())?, Default::default())
         .await
     {
         Ok(()) => {}
-        Err(e) if link::soft_error(&e).is_some() => {} // never declared
+        Err(e) if is_not_found_error(&e) => {} // never declared
         Err(e) => return Err(link::amqp_error("delete the events exchange", e)),
     }
     Ok(())
 }
 
+fn is_not_found_error(e: &lapin::Error) -> bool {
+    link::soft_error(e).is_some_and(|s| s == lapin::protocol::AMQPSoftError::NOTFOUND)
+}
+
+/// A (not yet connected) link for `url` named after `role`, and the names under the prefix.
 fn link_for(url: &Url, opts: &ConnectOptions, role: &str) -> Result<(Arc<Link>, Names)> {
     let uri = parse_url(url)?;
     let names = Names::new(&opts.prefix)?;

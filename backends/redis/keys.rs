@@ -90,6 +90,17 @@ pub(crate) fn events(prefix: &str, topic: &str) -> String {
     format!("{prefix}events:{topic}")
 }
 
+/// `SCAN MATCH` patterns of every key this backend writes under an (escaped) prefix: queues,
+/// tasks, the registry's indexes and edges, locks.
+pub(crate) fn families(escaped_prefix: &str) -> [String; 4] {
+    [
+        format!("{escaped_prefix}q:{{*"),
+        format!("{escaped_prefix}task_registry:*"),
+        format!("{escaped_prefix}orchestra:*"),
+        format!("{escaped_prefix}lock:{{*"),
+    ]
+}
+
 /// `s` with the characters that `SCAN MATCH` treats as a pattern escaped.
 pub(crate) fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -164,6 +175,43 @@ mod tests {
         let a = QueueKeys::new("", &QueueName::parse("research").unwrap());
         let b = QueueKeys::new("", &QueueName::parse("writing").unwrap());
         assert_ne!(slot(&a.ready), slot(&b.ready), "queues spread over slots");
+    }
+
+    #[test]
+    fn every_key_falls_in_one_family_and_the_prefix_is_escaped() {
+        let prefix = "app[1]*:";
+        let escaped = glob_escape(prefix);
+        assert_eq!(escaped, "app\\[1\\]\\*:");
+        let starts: Vec<String> = families(prefix)
+            .iter()
+            .map(|f| f.trim_end_matches('*').to_string())
+            .collect();
+        let id = TaskId::parse("task_001").unwrap();
+        let q = QueueKeys::new(prefix, &QueueName::parse("research").unwrap());
+        let mut all = vec![
+            task(prefix, &id),
+            lease_index(prefix),
+            dependents(prefix, &id),
+            lock(prefix, "monitor"),
+            fence(prefix, "monitor"),
+            q.ready.clone(),
+            q.delayed.clone(),
+            q.inflight.clone(),
+            q.seq.clone(),
+            q.dead.clone(),
+            q.message("7"),
+        ];
+        all.extend(TaskStatus::ALL.iter().map(|s| status_index(prefix, *s)));
+        for key in all {
+            assert_eq!(
+                starts
+                    .iter()
+                    .filter(|s| key.starts_with(s.as_str()))
+                    .count(),
+                1,
+                "{key}"
+            );
+        }
     }
 
     #[test]

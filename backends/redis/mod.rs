@@ -66,34 +66,37 @@ pub async fn open(url: &url::Url, roles: &Roles, opts: &ConnectOptions) -> Resul
     })
 }
 
-/// [`crate::backends::drop_namespace`] on Redis: every key whose name starts with the prefix,
-/// found with `SCAN MATCH` (incremental, but it walks the whole keyspace of the server) and
+/// [`crate::backends::drop_namespace`] on Redis: every key of the four families this backend
+/// writes under the prefix (`q:{…}`, `task_registry:`, `orchestra:`, `lock:{…}`), found with
+/// `SCAN MATCH` (incremental, but it walks the whole keyspace of the server once per family) and
 /// deleted with `UNLINK`.
 pub async fn drop_namespace(url: &url::Url, opts: &ConnectOptions) -> Result<()> {
     let conn = conn::Conn::open(conn::Target::parse(url)?, opts).await?;
     let mut con = conn.manager();
-    let pattern = format!("{}*", keys::glob_escape(&opts.prefix));
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut con)
-            .await
-            .map_err(|e| conn.error("SCAN the prefix's keys", e))?;
-        if !found.is_empty() {
-            let _: i64 = redis::cmd("UNLINK")
-                .arg(&found)
+    for pattern in keys::families(&keys::glob_escape(&opts.prefix)) {
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
                 .query_async(&mut con)
                 .await
-                .map_err(|e| conn.error("UNLINK the prefix's keys", e))?;
+                .map_err(|e| conn.error("SCAN the prefix's keys", e))?;
+            if !found.is_empty() {
+                let _: i64 = redis::cmd("UNLINK")
+                    .arg(&found)
+                    .query_async(&mut con)
+                    .await
+                    .map_err(|e| conn.error("UNLINK the prefix's keys", e))?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
         }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
     }
+    Ok(())
 }

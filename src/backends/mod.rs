@@ -215,14 +215,14 @@ pub async fn connect(urls: &BackendUrls, opts: &ConnectOptions) -> Result<Backen
 /// CLI's bench and demo, tests); irreversible. What it finds, per backend:
 ///
 /// - memory: nothing to do (the state lives in the process's [`Backends`]);
-/// - Redis: every key whose name starts with the prefix (`SCAN MATCH`, which walks the
-///   server's whole keyspace, then `UNLINK`);
-/// - NATS: every stream and key-value bucket whose name the prefix produced;
-/// - RabbitMQ: the work and dead-letter queues of `queues` (AMQP cannot list queues), the
-///   registry's and the locks' queues, and the events exchange.
+/// - Redis: the keys of the four families the backend writes under the prefix (`SCAN MATCH`,
+///   which walks the server's whole keyspace, then `UNLINK`); a prefix that begins another one
+///   (`a_` and `a_b_`) takes the other's keys too;
+/// - NATS: the streams and key-value buckets the prefix's backend makes, by their exact names;
+/// - RabbitMQ: the work, dead-letter and delay queues of `queues` (AMQP cannot list queues),
+///   the registry's and the locks' queues, and the events exchange.
 ///
-/// Names are matched by their start, so a prefix that begins another one (`a_` and `a_b_`)
-/// takes the other's things too. An empty prefix is refused.
+/// An empty prefix is refused.
 pub async fn drop_namespace(
     urls: &BackendUrls,
     opts: &ConnectOptions,

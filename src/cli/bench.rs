@@ -221,6 +221,11 @@ pub async fn run(ctx: &Ctx, a: BenchArgs) -> Result<(), CliError> {
     producer.abort();
     let report = worker.shutdown_within(Duration::from_secs(5)).await;
     let error = state.error.lock().take();
+    let kinds = json!({"bus": backends.bus.backend(), "registry": backends.registry.backend(), "locks": backends.locks.backend()});
+    // Close the connections first: their background readers would only complain about what
+    // the drop deletes.
+    let _ = producer.await;
+    drop(backends);
     // Everything under the run's own prefix goes: tasks, queue, streams, buckets, counters.
     let cleaned = if on_broker && !a.keep {
         match agent_orchestra::backends::drop_namespace(
@@ -261,7 +266,7 @@ pub async fn run(ctx: &Ctx, a: BenchArgs) -> Result<(), CliError> {
             "concurrency": a.c,
             "rate": a.rate,
             "batch": a.batch,
-            "backend": {"bus": backends.bus.backend(), "registry": backends.registry.backend(), "locks": backends.locks.backend()},
+            "backend": kinds,
             "elapsed_s": elapsed_s,
             "tasks_per_s": tasks_per_s,
             "latency_ms": {"p50": p50, "p90": p90, "p99": p99, "max": max},

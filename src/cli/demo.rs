@@ -114,24 +114,26 @@ pub async fn run(ctx: &Ctx) -> Result<(), CliError> {
             .iter()
             .filter_map(|q| QueueName::parse(q).ok())
             .collect();
-        match demo.backends.registry.purge_finished(&all).await {
-            Ok(n) => out.line(format!(
-                "\ncleaned up: deleted {n} finished tasks, then everything under {}",
-                config.prefix
-            )),
-            Err(e) => eprintln!("warning: could not clean up the demo's tasks: {e}"),
-        }
-        if let Err(e) = agent_orchestra::backends::drop_namespace(
+        let purged = demo.backends.registry.purge_finished(&all).await;
+        // Close the connections first: their background readers would only complain about
+        // what the drop deletes.
+        drop(demo.dispatcher);
+        drop(demo.backends);
+        let dropped = agent_orchestra::backends::drop_namespace(
             &config.backend_urls(),
             &config.connect_options(),
             &queues,
         )
-        .await
-        {
-            eprintln!(
-                "warning: could not delete the demo's namespace {}: {e}",
+        .await;
+        match (purged, dropped) {
+            (Ok(n), Ok(())) => out.line(format!(
+                "\ncleaned up: {n} finished tasks, then everything else under {}",
                 config.prefix
-            );
+            )),
+            (Err(e), _) | (_, Err(e)) => eprintln!(
+                "warning: could not delete everything under the demo's prefix {}: {e}",
+                config.prefix
+            ),
         }
     }
     result?;

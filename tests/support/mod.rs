@@ -55,14 +55,28 @@ pub async fn redis_keys(url: &str, prefix: &str) -> Vec<String> {
 
 /// `drop_namespace` for one broker URL, panicking on failure.
 pub async fn drop_at(url: &str, prefix: &str) {
+    drop_queues_at(url, prefix, &[]).await;
+}
+
+/// `drop_namespace` for one broker URL naming `queues` (RabbitMQ needs them), panicking on
+/// failure.
+pub async fn drop_queues_at(url: &str, prefix: &str, queues: &[&str]) {
     assert!(!prefix.is_empty(), "cleanup needs a prefix");
     let opts = agent_orchestra::ConnectOptions {
         prefix: prefix.to_string(),
         ..agent_orchestra::ConnectOptions::default()
     };
-    agent_orchestra::backends::drop_namespace(&agent_orchestra::BackendUrls::all(url), &opts, &[])
-        .await
-        .unwrap_or_else(|e| panic!("cannot drop the namespace {prefix}: {e}"));
+    let queues: Vec<agent_orchestra::QueueName> = queues
+        .iter()
+        .map(|q| agent_orchestra::QueueName::parse(q).expect("queue name"))
+        .collect();
+    agent_orchestra::backends::drop_namespace(
+        &agent_orchestra::BackendUrls::all(url),
+        &opts,
+        &queues,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("cannot drop the namespace {prefix}: {e}"));
 }
 
 /// Deletes the JetStream streams (work queues, KV buckets) the prefix created on the shared
@@ -253,14 +267,7 @@ where
     assert!(!had.is_empty(), "nothing listed under {prefix}");
     let before = list(neighbour.clone()).await;
     drop(doomed);
-    let q = agent_orchestra::QueueName::parse(DROP_QUEUE).unwrap();
-    let opts = agent_orchestra::ConnectOptions {
-        prefix: prefix.clone(),
-        ..agent_orchestra::ConnectOptions::default()
-    };
-    agent_orchestra::backends::drop_namespace(&agent_orchestra::BackendUrls::all(url), &opts, &[q])
-        .await
-        .expect("drop");
+    drop_queues_at(url, &prefix, &[DROP_QUEUE]).await;
     let left: Vec<String> = list(prefix.clone())
         .await
         .into_iter()
@@ -273,6 +280,6 @@ where
         "the neighbour changed"
     );
     drop(kept);
-    drop_at(url, &neighbour).await;
+    drop_queues_at(url, &neighbour, &[DROP_QUEUE]).await;
     had
 }
