@@ -80,6 +80,8 @@ fn runtime_threads(
     env: Option<String>,
     config: &Config,
 ) -> Result<usize, CliError> {
+    // An empty variable counts as unset, as for every ORCHESTRA_* variable.
+    let env = env.filter(|v| !v.trim().is_empty());
     let (source, value) = match (flag, env) {
         (Some(f), _) => ("--threads", f.to_string()),
         (None, Some(e)) => ("ORCHESTRA_THREADS", e),
@@ -380,6 +382,7 @@ mod tests {
             assert_eq!(e.exit_code(), 2, "{bad:?}");
             assert!(e.message().contains("--threads"), "{}", e.message());
         }
+        assert_eq!(runtime_threads(None, Some(" ".into()), &broker).unwrap(), 1);
         let e = runtime_threads(None, Some("x".into()), &memory).unwrap_err();
         assert!(e.message().contains("ORCHESTRA_THREADS"), "{}", e.message());
     }

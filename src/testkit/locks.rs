@@ -1,4 +1,4 @@
-//! [`LockManager`](crate::LockManager) conformance: exclusivity, expiry, owner-only extend and
+//! [`LockManager`] conformance: exclusivity, expiry, owner-only extend and
 //! release, fencing tokens, and key validation.
 
 use std::sync::Arc;

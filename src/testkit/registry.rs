@@ -1,4 +1,4 @@
-//! [`Registry`](crate::Registry) conformance: storage round trips, compare-and-set transitions with
+//! [`Registry`] conformance: storage round trips, compare-and-set transitions with
 //! the attempt as fencing token, counts, the stale-lease query, listing, dependents and retention.
 
 use std::collections::{BTreeSet, HashSet};
