@@ -1,8 +1,9 @@
 //! [`RedisBus`]: events over PUBLISH/SUBSCRIBE, work queues in sorted sets moved by Lua.
 //!
-//! Each queue is a ready ZSET (priority, then sequence), a delayed ZSET (due time), an
-//! in-flight ZSET (lease end) and one HASH per message, all under the queue's hash tag; every
-//! operation is one script, so one round trip (see docs/backends/redis.md).
+//! Each queue is a ready ZSET (priority, then sequence), a delayed ZSET (due time) and an
+//! in-flight ZSET (lease end) of message headers, and one HASH of message bodies, all under the
+//! queue's hash tag; every operation is one script, so one round trip (see
+//! docs/backends/redis.md).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -55,18 +56,29 @@ impl std::fmt::Debug for RedisBus {
     }
 }
 
-/// A receipt: the message id and the delivery number it was handed out with.
-fn receipt(id: &str, delivery: u32) -> String {
-    format!("{id}:{delivery}")
-}
-
-pub(crate) fn parse_receipt(receipt: &str) -> Result<(&str, u32)> {
+/// A receipt is the delivery's header `id:d:p:s` (message id, delivery number, priority,
+/// sequence number), the member of the in-flight set that the delivery holds. Returns the
+/// message id, the delivery number and the priority.
+pub(crate) fn parse_receipt(receipt: &str) -> Result<(&str, u32, Priority)> {
     let bad = || Error::invalid("receipt", format!("{receipt:?} is not a redis bus receipt"));
-    let (id, n) = receipt.split_once(':').ok_or_else(bad)?;
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+    let mut parts = receipt.split(':');
+    let mut next = || {
+        parts
+            .next()
+            .filter(|p| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit()))
+            .ok_or_else(bad)
+    };
+    let (id, d, p, _s) = (next()?, next()?, next()?, next()?);
+    if parts.next().is_some() {
         return Err(bad());
     }
-    Ok((id, n.parse::<u32>().map_err(|_| bad())?))
+    let d = d.parse::<u32>().map_err(|_| bad())?;
+    let p = p
+        .parse::<i64>()
+        .ok()
+        .and_then(|p| Priority::new(p).ok())
+        .ok_or_else(bad)?;
+    Ok((id, d, p))
 }
 
 pub(crate) fn millis(d: Duration) -> u64 {
@@ -98,10 +110,6 @@ fn bulk(v: Value) -> Result<Vec<u8>> {
             None,
         )),
     }
-}
-
-fn priority(v: Value) -> Result<Priority> {
-    Priority::new(int(v)?)
 }
 
 impl RedisBus {
@@ -140,7 +148,7 @@ impl RedisBus {
         inv.key(&k.ready)
             .key(&k.delayed)
             .key(&k.seq)
-            .arg(&k.msg_prefix)
+            .key(&k.bodies)
             .arg(&k.wake);
         for m in batch {
             inv.arg(millis(m.delay))
@@ -159,13 +167,13 @@ impl RedisBus {
         max: usize,
         lease: Duration,
     ) -> redis::Cmd {
-        let mut cmd = script.evalsha(5);
+        let mut cmd = script.evalsha(6);
         cmd.arg(&k.ready)
             .arg(&k.delayed)
             .arg(&k.inflight)
             .arg(&k.seq)
             .arg(&k.dead)
-            .arg(&k.msg_prefix)
+            .arg(&k.bodies)
             .arg(max.min(FETCH_BATCH_MAX))
             .arg(millis(lease).max(1))
             .arg(self.max_deliveries)
@@ -245,18 +253,17 @@ pub(crate) fn fetch_reply(
     let lease_until = ms_to_utc(int(it.next().ok_or_else(short)?)?);
     let wait_ms = int(it.next().ok_or_else(short)?)?;
     let mut out = Vec::new();
-    while let Some(id) = it.next() {
-        let id = text(id)?;
+    while let Some(header) = it.next() {
+        let receipt = text(header)?;
         let payload = bulk(it.next().ok_or_else(short)?)?;
-        let priority = priority(it.next().ok_or_else(short)?)?;
-        let delivery_count = u32::try_from(int(it.next().ok_or_else(short)?)?).unwrap_or(u32::MAX);
+        let (id, delivery_count, priority) = parse_receipt(&receipt)?;
         out.push(Delivery {
             queue: queue.clone(),
-            receipt: receipt(&id, delivery_count),
-            message_id: id,
+            message_id: id.to_string(),
             payload,
             priority,
             delivery_count,
+            receipt,
             lease_until,
         });
     }
@@ -328,14 +335,13 @@ impl Bus for RedisBus {
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<()> {
-        let (id, n) = parse_receipt(&delivery.receipt)?;
+        let (id, _, _) = parse_receipt(&delivery.receipt)?;
         let k = self.keys(&delivery.queue);
         let mut inv = scripts::ACK.prepare();
         inv.key(&k.ready)
             .key(&k.inflight)
-            .key(k.message(id))
-            .arg(id)
-            .arg(n);
+            .key(&k.bodies)
+            .arg(&delivery.receipt);
         let done: i64 = self.conn.eval("ack", &inv).await?;
         if done == 0 {
             tracing::debug!(queue = %delivery.queue, message_id = id, "ack of a delivery that was already redelivered or settled");
@@ -344,16 +350,14 @@ impl Bus for RedisBus {
     }
 
     async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()> {
-        let (id, n) = parse_receipt(&delivery.receipt)?;
+        let (id, _, _) = parse_receipt(&delivery.receipt)?;
         let k = self.keys(&delivery.queue);
         let mut inv = scripts::NACK.prepare();
         inv.key(&k.ready)
             .key(&k.delayed)
             .key(&k.inflight)
             .key(&k.seq)
-            .key(k.message(id))
-            .arg(id)
-            .arg(n)
+            .arg(&delivery.receipt)
             .arg(millis(delay))
             .arg(&k.wake);
         let done: i64 = self.conn.eval("nack", &inv).await?;
@@ -364,13 +368,11 @@ impl Bus for RedisBus {
     }
 
     async fn extend(&self, delivery: &Delivery, lease: Duration) -> Result<DateTime<Utc>> {
-        let (id, n) = parse_receipt(&delivery.receipt)?;
+        parse_receipt(&delivery.receipt)?;
         let k = self.keys(&delivery.queue);
         let mut inv = scripts::EXTEND.prepare();
         inv.key(&k.inflight)
-            .key(k.message(id))
-            .arg(id)
-            .arg(n)
+            .arg(&delivery.receipt)
             .arg(millis(lease).max(1));
         let until: i64 = self.conn.eval("extend", &inv).await?;
         if until < 0 {
@@ -387,18 +389,16 @@ impl Bus for RedisBus {
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()> {
-        let (id, n) = parse_receipt(&delivery.receipt)?;
+        let (id, _, _) = parse_receipt(&delivery.receipt)?;
         let k = self.keys(&delivery.queue);
         let mut inv = scripts::DEAD_LETTER.prepare();
         inv.key(&k.ready)
             .key(&k.inflight)
             .key(&k.dead)
-            .key(k.message(id))
-            .arg(id)
-            .arg(n)
+            .key(&k.bodies)
+            .arg(&delivery.receipt)
             .arg(reason)
-            .arg(DEAD_LETTERS_KEPT)
-            .arg(&k.msg_prefix);
+            .arg(DEAD_LETTERS_KEPT);
         let done: i64 = self.conn.eval("dead_letter", &inv).await?;
         if done == 1 {
             tracing::warn!(queue = %delivery.queue, message_id = id, reason, "message dead-lettered");
@@ -414,7 +414,7 @@ impl Bus for RedisBus {
         }
         let k = self.keys(queue);
         let mut inv = scripts::DEAD_LETTERS.prepare();
-        inv.key(&k.dead).arg(&k.msg_prefix).arg(limit);
+        inv.key(&k.dead).key(&k.bodies).arg(limit);
         let reply: Vec<Value> = self.conn.eval("dead_letters", &inv).await?;
         let mut out = Vec::with_capacity(reply.len() / 6);
         let mut it = reply.into_iter();
@@ -446,8 +446,7 @@ impl Bus for RedisBus {
             .key(&k.delayed)
             .key(&k.inflight)
             .key(&k.seq)
-            .key(&k.dead)
-            .arg(&k.msg_prefix);
+            .key(&k.dead);
         let (waiting, in_flight, dead): (u64, u64, u64) = self.conn.eval("stats", &inv).await?;
         Ok(QueueStats {
             waiting,
@@ -466,10 +465,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn receipts_round_trip_and_reject_garbage() {
-        let r = receipt("42", 3);
-        assert_eq!(parse_receipt(&r).unwrap(), ("42", 3));
-        for bad in ["", "42", "x:1", "42:x", ":1", "1:2:3"] {
+    fn receipts_parse_and_reject_garbage() {
+        assert_eq!(
+            parse_receipt("42:3:7:1234").unwrap(),
+            ("42", 3, Priority::new(7).unwrap())
+        );
+        for bad in [
+            "",
+            "42",
+            "42:3",
+            "42:3:7",
+            "42:3:7:1:2",
+            "x:3:7:1",
+            "42:x:7:1",
+            "42:3:11:1",
+            "42:3:0:1",
+            "42:3:7:",
+            ":3:7:1",
+            "42:99999999999:7:1",
+            "42:3:7:123456789012345678901",
+        ] {
             assert!(parse_receipt(bad).is_err(), "{bad}");
         }
     }

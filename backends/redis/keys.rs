@@ -1,6 +1,6 @@
 //! Every key and channel name the Redis backend uses, in one place.
 //!
-//! * a work queue: `{prefix}q:{<queue>}:ready|delayed|inflight|seq|dead|m:<id>` and the channel
+//! * a work queue: `{prefix}q:{<queue>}:ready|delayed|inflight|seq|dead|bodies` and the channel
 //!   `{prefix}q:{<queue>}:wake` — hash-tagged by the queue, so every queue script touches one
 //!   slot (and different queues spread over a cluster);
 //! * a task: `{prefix}task_registry:<id>` (the lab's key), with the indexes
@@ -18,18 +18,18 @@ use crate::model::{QueueName, TaskId, TaskStatus};
 /// The keys of one work queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct QueueKeys {
-    /// ZSET of ready message ids, by priority * 2^49 + sequence.
+    /// ZSET of ready message headers (`id:d:p:s`), by priority * 2^49 + sequence.
     pub ready: String,
-    /// ZSET of delayed message ids, by due time (ms).
+    /// ZSET of delayed message headers, by due time (ms).
     pub delayed: String,
-    /// ZSET of leased message ids, by lease end (ms).
+    /// ZSET of leased message headers, by lease end (ms).
     pub inflight: String,
     /// Counter for message ids and ready sequence numbers.
     pub seq: String,
-    /// LIST of dead-lettered message ids, newest first.
+    /// LIST of dead letters (`id:d:p:dead_at:reason`), newest first.
     pub dead: String,
-    /// Prefix of the per-message HASH keys (`<msg_prefix><id>`).
-    pub msg_prefix: String,
+    /// HASH of message bodies, by message id.
+    pub bodies: String,
     /// Pub/sub channel that wakes waiting consumers.
     pub wake: String,
 }
@@ -44,14 +44,9 @@ impl QueueKeys {
             inflight: format!("{base}:inflight"),
             seq: format!("{base}:seq"),
             dead: format!("{base}:dead"),
-            msg_prefix: format!("{base}:m:"),
+            bodies: format!("{base}:bodies"),
             wake: format!("{base}:wake"),
         }
-    }
-
-    /// The HASH of message `id`.
-    pub fn message(&self, id: &str) -> String {
-        format!("{}{id}", self.msg_prefix)
     }
 }
 
@@ -60,8 +55,12 @@ pub(crate) fn task(prefix: &str, id: &TaskId) -> String {
     format!("{prefix}task_registry:{id}")
 }
 
-/// ZSET of the tasks in `status`, by updated_at (µs).
+/// ZSET of the tasks in `status`, by updated_at (µs); for RUNNING, the lease index (by lease
+/// end), so that a claim and a finish each move a task in one index, not two.
 pub(crate) fn status_index(prefix: &str, status: TaskStatus) -> String {
+    if status == TaskStatus::Running {
+        return lease_index(prefix);
+    }
     format!("{prefix}orchestra:status:{}", status.as_str())
 }
 
@@ -167,8 +166,7 @@ mod tests {
                 q.inflight.clone(),
                 q.seq.clone(),
                 q.dead.clone(),
-                q.message("42"),
-                q.message("7"),
+                q.bodies.clone(),
             ];
             assert!(same_slot(&keys), "prefix {prefix:?}: {keys:?}");
         }
@@ -199,7 +197,7 @@ mod tests {
             q.inflight.clone(),
             q.seq.clone(),
             q.dead.clone(),
-            q.message("7"),
+            q.bodies.clone(),
         ];
         all.extend(TaskStatus::ALL.iter().map(|s| status_index(prefix, *s)));
         for key in all {

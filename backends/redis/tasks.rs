@@ -181,11 +181,11 @@ impl RedisTaskQueue {
     ) -> Result<Vec<Result<()>>> {
         let p = self.conn.prefix();
         let k = self.bus.keys(queue);
-        let mut inv = scripts::SUBMIT.evalsha(3);
+        let mut inv = scripts::SUBMIT.evalsha(4);
         inv.arg(&k.ready)
             .arg(&k.seq)
+            .arg(&k.bodies)
             .arg(keys::status_index(p, TaskStatus::Pending))
-            .arg(&k.msg_prefix)
             .arg(&k.wake)
             .arg(format!("{p}task_registry:"))
             .arg(keys::events(p, EVENTS_TOPIC));
@@ -297,7 +297,7 @@ impl TaskQueue for RedisTaskQueue {
         let id = &current.task_id;
         let expected = current.expect();
         check_transition(id, &expected, &next)?;
-        let (msg_id, n) = parse_receipt(&d.receipt)?;
+        parse_receipt(&d.receipt)?;
         let p = self.conn.prefix();
         let k = self.bus.keys(&d.queue);
         let event = encode_parts(
@@ -319,7 +319,7 @@ impl TaskQueue for RedisTaskQueue {
             .arg(&k.delayed)
             .arg(&k.inflight)
             .arg(&k.seq)
-            .arg(k.message(msg_id))
+            .arg(&k.bodies)
             .arg(id.as_str())
             .arg(expected.status.as_str())
             .arg(expected.attempt)
@@ -327,8 +327,7 @@ impl TaskQueue for RedisTaskQueue {
             .arg(lease_score(&next))
             .arg(next.status.as_str())
             .arg(next.attempt)
-            .arg(msg_id)
-            .arg(n)
+            .arg(&d.receipt)
             .arg(match settle {
                 Settle::Ack => -1i64,
                 Settle::Nack(delay) => i64::try_from(millis(delay)).unwrap_or(i64::MAX),

@@ -1,22 +1,27 @@
--- KEYS: 1 ready, 2 delayed, 3 seq
--- ARGV: 1 message key prefix, 2 wake channel, then per message: delay_ms, priority, body
+-- KEYS: 1 ready, 2 delayed, 3 seq, 4 bodies
+-- ARGV: 1 wake channel, then per message: delay_ms, priority, body
 -- Returns the new message ids. Publishes on the wake channel when the ready set goes from
 -- empty to non-empty, or when a delayed message becomes the earliest one.
-local mp = ARGV[1]
 local was_empty = redis.call('ZCARD', KEYS[1]) == 0
 local wake = false
 local now = nil
 local first_due = nil
 local ids = {}
-local count = (#ARGV - 2) / 3
+local bodies = {}
+local ready = {}
+local delayed = {}
+local count = (#ARGV - 1) / 3
 local id = redis.call('INCRBY', KEYS[3], count) - count
-for i = 3, #ARGV, 3 do
+for i = 2, #ARGV, 3 do
   local delay = tonumber(ARGV[i])
-  local p = tonumber(ARGV[i + 1])
+  local p = ARGV[i + 1]
   id = id + 1
-  local key = mp .. id
+  local sid = num(id)
+  bodies[#bodies + 1] = sid
+  bodies[#bodies + 1] = ARGV[i + 2]
   if delay <= 0 then
-    add_ready(KEYS[1], key, id, ARGV[i + 1], ARGV[i + 2])
+    ready[#ready + 1] = ready_score(p, id)
+    ready[#ready + 1] = header(sid, '0', p, sid)
     if was_empty then
       wake = true
     end
@@ -29,16 +34,23 @@ for i = 3, #ARGV, 3 do
       end
     end
     local due = now + delay
-    redis.call('HSET', key, 'body', ARGV[i + 2], 'p', ARGV[i + 1], 'd', '0', 'l', '0')
-    redis.call('ZADD', KEYS[2], num(due), id)
+    delayed[#delayed + 1] = due
+    delayed[#delayed + 1] = header(sid, '0', p, sid)
     if not first_due or due < first_due then
       wake = true
       first_due = due
     end
   end
-  ids[#ids + 1] = id
+  ids[#ids + 1] = sid
+end
+call_chunked('HSET', KEYS[4], bodies)
+if #ready > 0 then
+  call_chunked('ZADD', KEYS[1], ready)
+end
+if #delayed > 0 then
+  call_chunked('ZADD', KEYS[2], delayed)
 end
 if wake then
-  redis.call('PUBLISH', ARGV[2], '')
+  redis.call('PUBLISH', ARGV[1], '')
 end
 return ids

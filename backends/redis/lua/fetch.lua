@@ -1,6 +1,6 @@
--- KEYS: 1 ready, 2 delayed, 3 inflight, 4 seq, 5 dead
--- ARGV: 1 message key prefix, 2 max, 3 lease_ms, 4 max deliveries, 5 dead-letter reason,
---       6 dead-letter cap, 7 wake channel
+-- KEYS: 1 ready, 2 delayed, 3 inflight, 4 seq, 5 dead, 6 bodies
+-- ARGV: 1 max, 2 lease_ms, 3 max deliveries, 4 dead-letter reason, 5 dead-letter cap,
+--       6 wake channel
 -- One fetch: see lease_batch in queue_prelude.lua for what it does and returns.
-return lease_batch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], tonumber(ARGV[2]),
-  tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), ARGV[7])
+return lease_batch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], tonumber(ARGV[1]),
+  tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6])

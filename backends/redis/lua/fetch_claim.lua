@@ -1,10 +1,9 @@
--- KEYS: 1 ready, 2 delayed, 3 inflight, 4 seq, 5 dead (the queue's keys)
--- ARGV: 1 message key prefix, 2 max, 3 lease_ms, 4 max deliveries, 5 dead-letter reason,
---       6 dead-letter cap, 7 wake channel (as fetch.lua), then the claim:
---       8 task key prefix ('<prefix>task_registry:'), 9 status index prefix, 10 lease index,
---       11 now (µs), 12 lease end (µs), 13 worker id, 14 now (ISO-8601), 15 lease end
---       (ISO-8601), 16 events channel, 17 and 18 the event's text around the attempt number
---       (17 starts right after the task id)
+-- KEYS: 1 ready, 2 delayed, 3 inflight, 4 seq, 5 dead, 6 bodies (the queue's keys)
+-- ARGV: 1 max, 2 lease_ms, 3 max deliveries, 4 dead-letter reason, 5 dead-letter cap, 6 wake
+--       channel (as fetch.lua), then the claim: 7 task key prefix ('<prefix>task_registry:'),
+--       8 status index prefix, 9 lease index, 10 now (µs), 11 lease end (µs), 12 worker id,
+--       13 now (ISO-8601), 14 lease end (ISO-8601), 15 events channel, 16 and 17 the event's
+--       text around the attempt number (16 starts right after the task id)
 -- A fetch (lease_batch), then the claim of each delivered message's task, as
 -- task_queue::Composed::claim does it: PENDING, or RUNNING under an expired lease with
 -- attempts left, becomes RUNNING with attempt + 1 for this worker (indexes moved, the event
@@ -13,10 +12,16 @@
 -- Returns {fetch reply, claims} where claims[i] is, for the i-th delivered message,
 -- {'claimed', field, value, ...} (the task as it was before the claim), {'unclaimable', field,
 -- value, ...}, {'missing', task id} or {'malformed'}.
-local out = lease_batch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], tonumber(ARGV[2]),
-  tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), ARGV[7])
-local tp, sp, leases = ARGV[8], ARGV[9], ARGV[10]
-local now_us = tonumber(ARGV[11])
+local out = lease_batch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], tonumber(ARGV[1]),
+  tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6])
+local tp, sp, leases = ARGV[7], ARGV[8], ARGV[9]
+local now_us = tonumber(ARGV[10])
+-- Index changes, made once for the whole batch: ids leaving each status index, and the
+-- (score, id) pairs entering the lease index (the index of RUNNING).
+local leaving = {}
+local leased = {}
+-- Tasks claimed by this call (a task named by two messages of the batch is claimed once).
+local mine = {}
 
 local function claim(body)
   local ok, m = pcall(cjson.decode, body)
@@ -45,32 +50,45 @@ local function claim(body)
   local can = status == 'PENDING'
   if status == 'RUNNING' then
     local lease = redis.call('ZSCORE', leases, id)
-    can = (not lease or tonumber(lease) <= now_us) and attempt < (tonumber(f.max_attempts or '1') or 1)
+    can = not mine[id] and (not lease or tonumber(lease) <= now_us)
+      and attempt < (tonumber(f.max_attempts or '1') or 1)
   end
   if not can then
     table.insert(all, 1, 'unclaimable')
     return all
   end
-  local a = tostring(attempt + 1)
+  mine[id] = true
+  local a = num(attempt + 1)
   if status ~= 'RUNNING' then
-    redis.call('ZREM', sp .. status, id)
+    local l = leaving[status]
+    if not l then
+      l = {}
+      leaving[status] = l
+    end
+    l[#l + 1] = id
   end
-  redis.call('HSET', key, 'status', 'RUNNING', 'attempt', a, 'worker_id', ARGV[13],
-    'lease_until', ARGV[15], 'heartbeat_at', ARGV[14], 'started_at', ARGV[14],
-    'updated_at', ARGV[14])
+  redis.call('HSET', key, 'status', 'RUNNING', 'attempt', a, 'worker_id', ARGV[12],
+    'lease_until', ARGV[14], 'heartbeat_at', ARGV[13], 'started_at', ARGV[13],
+    'updated_at', ARGV[13])
   if f.result or f.result_json or f.finished_at then
     redis.call('HDEL', key, 'result', 'result_json', 'finished_at')
   end
-  redis.call('ZADD', sp .. 'RUNNING', ARGV[11], id)
-  redis.call('ZADD', leases, ARGV[12], id)
-  redis.call('PUBLISH', ARGV[16], '{"task_id":"' .. id .. ARGV[17] .. a .. ARGV[18])
+  leased[#leased + 1] = ARGV[11]
+  leased[#leased + 1] = id
+  redis.call('PUBLISH', ARGV[15], '{"task_id":"' .. id .. ARGV[16] .. a .. ARGV[17])
   -- The task as it was: the caller applies the claim it asked for (ClaimSpec::claimed_state).
   table.insert(all, 1, 'claimed')
   return all
 end
 
 local claims = {}
-for i = 4, #out, 4 do
+for i = 4, #out, 2 do
   claims[#claims + 1] = claim(out[i + 1])
+end
+for status, ids in pairs(leaving) do
+  redis.call('ZREM', sp .. status, unpack(ids))
+end
+if #leased > 0 then
+  redis.call('ZADD', leases, unpack(leased))
 end
 return {out, claims}

@@ -1,12 +1,21 @@
 -- Shared by every work-queue script (prepended at build time).
 -- A queue's keys share the hash tag {prefix}q:{<queue>}, so each script touches one slot.
--- Ready score = priority * 2^49 + sequence: strict priority, FIFO inside a priority, exact in a
--- double for 11 * 2^49 < 2^53. Numbers passed to redis.call are formatted with %.0f because
--- Lua's default number-to-string conversion keeps only 14 significant digits.
+-- A message is a header 'id:d:p:s' (its id, the deliveries so far, its priority, its sequence
+-- number) kept in exactly one of three sorted sets: ready (score p * 2^49 + s: strict
+-- priority, FIFO inside a priority, exact in a double for 11 * 2^49 < 2^53), delayed (score:
+-- due time, ms) or in-flight (score: lease end, ms). Its body is the field `id` of the bodies
+-- hash. A delivery's receipt is its header: every delivery has a new d and every give-back a
+-- new s, so a receipt names one delivery and goes stale once it is settled or redelivered.
+-- Integers that become strings are formatted with %d: Lua's default number-to-string
+-- conversion keeps only 14 significant digits, and %d costs a third of %.0f. Scores go to
+-- redis.call as numbers (Redis formats those exactly).
 local P = 562949953421312
+-- P * priority, by the priority's text.
+local PS = {['1'] = P, ['2'] = 2 * P, ['3'] = 3 * P, ['4'] = 4 * P, ['5'] = 5 * P,
+  ['6'] = 6 * P, ['7'] = 7 * P, ['8'] = 8 * P, ['9'] = 9 * P, ['10'] = 10 * P}
 
 local function num(x)
-  return string.format('%.0f', x)
+  return string.format('%d', x)
 end
 
 local function now_ms()
@@ -14,102 +23,135 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- The ready score of priority `p` (its text) and sequence number `s` (a number or its text).
 local function ready_score(p, s)
-  return num(p * P + s)
+  return (PS[p] or tonumber(p) * P) + tonumber(s)
 end
 
--- Adds message `id` (its own sequence number) to the ready set, with its hash.
-local function add_ready(ready, key, id, p, body)
-  redis.call('HSET', key, 'body', body, 'p', p, 's', num(id), 'd', '0', 'l', '0')
-  redis.call('ZADD', ready, ready_score(tonumber(p), id), id)
+-- id, d, p, s of a header (strings), or nil for anything else.
+local function parse(h)
+  return string.match(h, '^(%d+):(%d+):(%d+):(%d+)$')
+end
+
+local function header(id, d, p, s)
+  return id .. ':' .. d .. ':' .. p .. ':' .. s
+end
+
+-- redis.call(cmd, key, args...) in chunks of 4,000 arguments (unpack has a limit).
+local function call_chunked(cmd, key, args)
+  local n = #args
+  local i = 1
+  while i <= n do
+    local j = math.min(n, i + 3999)
+    redis.call(cmd, key, unpack(args, i, j))
+    i = j + 1
+  end
 end
 
 -- Moves due delayed messages (with a new sequence number: FIFO by the time they became ready)
 -- and messages whose lease ended (with their old sequence number: back where they were) to the
 -- ready set. Bounded per call so that one script never runs long.
-local function promote(ready, delayed, inflight, seq, mp, now)
+local function promote(ready, delayed, inflight, seq, now)
   local moved = 0
-  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', num(now), 'LIMIT', 0, 1000)
-  for i = 1, #due do
-    local id = due[i]
-    local p = redis.call('HGET', mp .. id, 'p')
-    if p then
-      local s = redis.call('INCR', seq)
-      redis.call('HSET', mp .. id, 's', num(s))
-      redis.call('ZADD', ready, ready_score(tonumber(p), s), id)
-      moved = moved + 1
-    end
-  end
+  local add = {}
+  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
   if #due > 0 then
+    local s = redis.call('INCRBY', seq, #due) - #due
+    for i = 1, #due do
+      local id, d, p = parse(due[i])
+      if id then
+        s = s + 1
+        add[#add + 1] = ready_score(p, s)
+        add[#add + 1] = header(id, d, p, num(s))
+        moved = moved + 1
+      end
+    end
     redis.call('ZREM', delayed, unpack(due))
   end
-  local expired = redis.call('ZRANGEBYSCORE', inflight, '-inf', num(now), 'LIMIT', 0, 1000)
-  for i = 1, #expired do
-    local id = expired[i]
-    local v = redis.call('HMGET', mp .. id, 'p', 's')
-    if v[1] then
-      redis.call('ZADD', ready, ready_score(tonumber(v[1]), tonumber(v[2])), id)
-      moved = moved + 1
-    end
-  end
+  local expired = redis.call('ZRANGEBYSCORE', inflight, '-inf', now, 'LIMIT', 0, 1000)
   if #expired > 0 then
+    for i = 1, #expired do
+      local id, _, p, s = parse(expired[i])
+      if id then
+        add[#add + 1] = ready_score(p, s)
+        add[#add + 1] = expired[i]
+        moved = moved + 1
+      end
+    end
     redis.call('ZREM', inflight, unpack(expired))
+  end
+  if #add > 0 then
+    call_chunked('ZADD', ready, add)
   end
   return moved
 end
 
--- Moves a message to the dead letters: the hash stays (with the reason), its id goes on the
--- dead list; past `cap` entries the oldest dead letter is deleted for good.
-local function bury(dead, key, id, reason, now, cap, mp)
-  redis.call('HSET', key, 'reason', reason, 'dead_at', num(now), 'l', '0')
-  redis.call('LPUSH', dead, id)
-  if redis.call('LLEN', dead) > cap then
+-- Moves the message of header `h` (already out of its set) to the dead letters: the entry
+-- 'id:d:p:dead_at:reason' goes on the dead list, the body stays; past `cap` entries the oldest
+-- dead letter is deleted for good, body included.
+local function bury(dead, bodies, h, reason, now, cap)
+  local id, d, p = parse(h)
+  if not id then
+    return
+  end
+  if redis.call('LPUSH', dead, header(id, d, p, num(now)) .. ':' .. reason) > cap then
     local old = redis.call('RPOP', dead)
-    if old then
-      redis.call('DEL', mp .. old)
+    local oid = old and string.match(old, '^(%d+):')
+    if oid then
+      redis.call('HDEL', bodies, oid)
     end
   end
 end
 
 -- Pops up to `max` most urgent ready messages after promoting what is due: each is
--- dead-lettered if it already had `maxd` deliveries, else its delivery count grows by one, its
--- receipt (l = the delivery number) is set and it is leased until now + lease_ms.
--- Returns {now_ms, lease_until_ms, wait_ms, id, body, priority, delivery, id, ...} where
--- wait_ms (only when nothing was delivered) is how long until a delayed message is due or a
--- lease ends (-1: never).
-local function lease_batch(ready, delayed, inflight, seq, dead, mp, max, lease_ms, maxd, reason, cap, wake)
+-- dead-lettered if it already had `maxd` deliveries, else it is leased until now + lease_ms
+-- under a new header (its delivery count grown by one).
+-- Returns {now_ms, lease_until_ms, wait_ms, header, body, header, body, ...} where wait_ms
+-- (only when nothing was delivered) is how long until a delayed message is due or a lease ends
+-- (-1: never), and each header is the delivery's receipt.
+local function lease_batch(ready, delayed, inflight, seq, dead, bodies, max, lease_ms, maxd, reason, cap, wake)
   local now = now_ms()
-  local moved = promote(ready, delayed, inflight, seq, mp, now)
+  local moved = promote(ready, delayed, inflight, seq, now)
   local lease_until = now + lease_ms
   local out = {num(now), num(lease_until), '-1'}
-  local n = 0
-  while n < max do
-    local popped = redis.call('ZPOPMIN', ready, max - n)
+  local heads = {}
+  local ids = {}
+  while #ids < max do
+    local popped = redis.call('ZPOPMIN', ready, max - #ids)
     if #popped == 0 then
       break
     end
     for i = 1, #popped, 2 do
-      local id = popped[i]
-      local key = mp .. id
-      local v = redis.call('HMGET', key, 'body', 'p', 'd')
-      if v[1] then
-        local d = tonumber(v[3]) or 0
+      local id, d, p, s = parse(popped[i])
+      if id then
+        d = tonumber(d)
         if d >= maxd then
-          bury(dead, key, id, reason, now, cap, mp)
+          bury(dead, bodies, popped[i], reason, now, cap)
         else
-          d = d + 1
-          redis.call('HSET', key, 'd', num(d), 'l', num(d))
-          redis.call('ZADD', inflight, num(lease_until), id)
-          out[#out + 1] = id
-          out[#out + 1] = v[1]
-          out[#out + 1] = v[2]
-          out[#out + 1] = num(d)
-          n = n + 1
+          ids[#ids + 1] = id
+          heads[#heads + 1] = header(id, num(d + 1), p, s)
         end
       end
     end
   end
-  if n == 0 then
+  if #ids > 0 then
+    local found = redis.call('HMGET', bodies, unpack(ids))
+    local leased = {}
+    local lu = lease_until
+    for i = 1, #ids do
+      -- A message without a body cannot be delivered (nothing writes one); it is dropped.
+      if found[i] then
+        leased[#leased + 1] = lu
+        leased[#leased + 1] = heads[i]
+        out[#out + 1] = heads[i]
+        out[#out + 1] = found[i]
+      end
+    end
+    if #leased > 0 then
+      redis.call('ZADD', inflight, unpack(leased))
+    end
+  end
+  if #out == 3 then
     local next_at = -1
     local nd = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
     if #nd > 0 then
@@ -129,42 +171,41 @@ local function lease_batch(ready, delayed, inflight, seq, dead, mp, max, lease_m
   return out
 end
 
--- Deletes a delivered message if its receipt `n` is still the live one (a newer delivery or a
--- nack makes an old receipt stale). Returns 1 if deleted, 0 otherwise.
-local function remove_message(ready, inflight, key, id, n)
-  if redis.call('HGET', key, 'l') ~= n then
+-- Takes the delivery of receipt `h` out of the in-flight set (or the ready set, where it is
+-- when its lease ended and a fetch or stats promoted it but nobody took it yet). Returns false
+-- when the receipt is stale: a newer delivery, or the message already settled or given back.
+local function take_live(ready, inflight, h)
+  return redis.call('ZREM', inflight, h) == 1 or redis.call('ZREM', ready, h) == 1
+end
+
+-- Deletes a delivered message if its receipt `h` is still the live one. Returns 1 if deleted,
+-- 0 otherwise.
+local function remove_message(ready, inflight, bodies, h)
+  if not take_live(ready, inflight, h) then
     return 0
   end
-  -- Usually leased; ready only if its lease ended and a fetch or stats promoted it.
-  if redis.call('ZREM', inflight, id) == 0 then
-    redis.call('ZREM', ready, id)
-  end
-  redis.call('DEL', key)
+  redis.call('HDEL', bodies, string.match(h, '^(%d+):'))
   return 1
 end
 
 -- Gives a live delivery back: ready again at the end of its priority (delay 0), or delayed.
 -- Returns 1 if given back, 0 if the receipt was stale.
-local function give_back(ready, delayed, inflight, seq, key, id, n, delay, wake)
-  if redis.call('HGET', key, 'l') ~= n then
+local function give_back(ready, delayed, inflight, seq, h, delay, wake)
+  if not take_live(ready, inflight, h) then
     return 0
   end
-  redis.call('ZREM', inflight, id)
-  redis.call('ZREM', ready, id)
-  local p = tonumber(redis.call('HGET', key, 'p'))
-  redis.call('HSET', key, 'l', '0')
+  local id, d, p = parse(h)
   if delay <= 0 then
     local was_empty = redis.call('ZCARD', ready) == 0
     local s = redis.call('INCR', seq)
-    redis.call('HSET', key, 's', num(s))
-    redis.call('ZADD', ready, ready_score(p, s), id)
+    redis.call('ZADD', ready, ready_score(p, s), header(id, d, p, num(s)))
     if was_empty then
       redis.call('PUBLISH', wake, '')
     end
   else
     local due = now_ms() + delay
     local f = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
-    redis.call('ZADD', delayed, num(due), id)
+    redis.call('ZADD', delayed, due, h)
     if #f == 0 or due < tonumber(f[2]) then
       redis.call('PUBLISH', wake, '')
     end

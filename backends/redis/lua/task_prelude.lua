@@ -1,7 +1,8 @@
 -- Shared by the registry scripts that change a task's state (prepended at build time).
 
--- Reads a task's status (the lab wrote 'TaskStatus.PENDING': read as 'PENDING') and attempt,
--- plus the named extra fields. Returns nil when the task does not exist.
+-- Reads a task's status (the lab wrote 'TaskStatus.PENDING': read as 'PENDING') and attempt
+-- (as stored: we write it in decimal; the lab wrote none, which reads as '0'), plus the named
+-- extra fields. Returns nil when the task does not exist.
 local function task_status(key, ...)
   local cur = redis.call('HMGET', key, 'status', 'attempt', ...)
   local status = cur[1]
@@ -11,19 +12,16 @@ local function task_status(key, ...)
   if string.byte(status, 1) == 84 then -- 'T'
     status = string.gsub(status, '^TaskStatus%.', '')
   end
-  return status, tonumber(cur[2] or '0') or 0, cur
+  return status, cur[2] or '0', cur
 end
 
 -- Writes a new state: `n` field/value pairs from args[first], then deletes the fields named
 -- after them (to the end of args). The task moves from the index of its old status to the
--- index of the new one (score: updated_at in µs); the lease index holds it while it has a
--- lease score ('' when the new status is not RUNNING).
-local function apply_state(key, leases, from_index, to_index, id, from_status, score, lease, args, first, n)
+-- index of the new one (score: updated_at in µs). The index of RUNNING is the lease index
+-- (score: the lease score, '' when the new status is not RUNNING).
+local function apply_state(key, leases, from_index, to_index, id, score, lease, args, first, n)
   if from_index ~= to_index then
     redis.call('ZREM', from_index, id)
-  end
-  if from_status == 'RUNNING' and lease == '' then
-    redis.call('ZREM', leases, id)
   end
   if n > 0 then
     redis.call('HSET', key, unpack(args, first, first + 2 * n - 1))
@@ -31,8 +29,9 @@ local function apply_state(key, leases, from_index, to_index, id, from_status, s
   if #args >= first + 2 * n then
     redis.call('HDEL', key, unpack(args, first + 2 * n))
   end
-  redis.call('ZADD', to_index, score, id)
   if lease ~= '' then
     redis.call('ZADD', leases, lease, id)
+  else
+    redis.call('ZADD', to_index, score, id)
   end
 end

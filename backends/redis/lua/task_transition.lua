@@ -12,10 +12,10 @@ local status, attempt, cur = task_status(KEYS[1], 'created_at', 'priority')
 if not status then
   return {'missing'}
 end
-if status ~= ARGV[2] or attempt ~= tonumber(ARGV[3]) then
-  return {'conflict', status, tostring(attempt)}
+if status ~= ARGV[2] or attempt ~= ARGV[3] then
+  return {'conflict', status, attempt}
 end
-apply_state(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], status, ARGV[4], ARGV[5], ARGV, 8,
+apply_state(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[4], ARGV[5], ARGV, 8,
   tonumber(ARGV[7]))
 if ARGV[6] == '1' then
   local all = redis.call('HGETALL', KEYS[1])
