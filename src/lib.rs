@@ -19,6 +19,7 @@ pub mod error;
 mod index;
 pub mod lock;
 pub mod model;
+#[cfg(feature = "nats")]
 mod presence;
 pub mod registry;
 pub mod task_queue;

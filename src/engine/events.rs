@@ -86,6 +86,7 @@ pub(crate) fn encode_parts(
 /// The text of an event after its task id and before its attempt number, and after the attempt
 /// number: for a backend script that knows the id and the attempt only when it runs.
 /// `{"task_id":"<id>` + the first + the attempt + the second is what [`encode_parts`] writes.
+#[cfg(any(feature = "redis", test))]
 pub(crate) fn around_attempt(
     queue: &QueueName,
     status: TaskStatus,
