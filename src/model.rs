@@ -323,6 +323,10 @@ pub struct TaskState {
     /// How many times the task has been claimed. Each claim increments it; it is the fencing
     /// token of the claim: a worker whose lease was lost cannot write over a newer attempt.
     pub attempt: u32,
+    /// How many of those claims a worker handed back unfinished when it shut down. They do not
+    /// count against `max_attempts` (see [`Task::charged_attempts`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub handed_back: u32,
     /// The worker that holds (or last held) the task.
     pub worker_id: Option<String>,
     /// The handler's output, when COMPLETED.
@@ -442,6 +446,7 @@ impl Task {
             state: TaskState {
                 status,
                 attempt: 0,
+                handed_back: 0,
                 worker_id: None,
                 result: None,
                 error: None,
@@ -473,10 +478,20 @@ impl Task {
             && self.state.lease_until.is_none_or(|until| until <= now)
     }
 
+    /// The attempts that count against `max_attempts`: the claims, less those handed back by a
+    /// worker shutting down (a hand-back is not a failure, so it costs no retry).
+    pub fn charged_attempts(&self) -> u32 {
+        self.state.attempt.saturating_sub(self.state.handed_back)
+    }
+
     /// Whether another attempt is allowed after the current one.
     pub fn attempts_left(&self) -> bool {
-        self.state.attempt < self.max_attempts
+        self.charged_attempts() < self.max_attempts
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Parses a JSON payload given as text, with a typed error for text that is not JSON.

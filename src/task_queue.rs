@@ -39,6 +39,7 @@ impl ClaimSpec {
         TaskState {
             status: TaskStatus::Running,
             attempt: found.attempt + 1,
+            handed_back: found.handed_back,
             worker_id: Some(self.worker_id.to_string()),
             result: None,
             error: found.error.clone(),

@@ -120,6 +120,11 @@ pub(crate) fn state_fields(s: &TaskState) -> (Vec<(&'static str, String)>, Vec<&
         ("updated_at", format_time(s.updated_at)),
     ];
     let mut del = Vec::new();
+    if s.handed_back > 0 {
+        set.push(("handed_back", s.handed_back.to_string()));
+    } else {
+        del.push("handed_back");
+    }
     let mut opt = |name: &'static str, v: Option<String>| match v {
         Some(v) => set.push((name, v)),
         None => del.push(name),
@@ -209,6 +214,7 @@ pub(crate) fn decode(id: &TaskId, fields: HashMap<String, String>) -> Result<Tas
         state: TaskState {
             status: parse_status(need("status")?)?,
             attempt: u32_field("attempt", 0)?,
+            handed_back: u32_field("handed_back", 0)?,
             worker_id: lab("worker_id").map(str::to_string),
             result,
             error: get("error").map(str::to_string),

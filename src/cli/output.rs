@@ -60,7 +60,16 @@ pub fn task_block(t: &Task) -> String {
         format!("{}  {}", t.task_id, s.status),
         format!("  queue        {}", t.queue),
         format!("  priority     {}", t.priority),
-        format!("  attempt      {} of {}", s.attempt, t.max_attempts),
+        if s.handed_back > 0 {
+            format!(
+                "  attempt      {} of {} ({} more handed back on worker shutdown, not counted)",
+                t.charged_attempts(),
+                t.max_attempts,
+                s.handed_back
+            )
+        } else {
+            format!("  attempt      {} of {}", s.attempt, t.max_attempts)
+        },
         format!("  worker       {}", s.worker_id.as_deref().unwrap_or("-")),
     ];
     if !t.depends_on.is_empty() {
@@ -100,7 +109,7 @@ pub fn task_row(t: &Task) -> String {
         t.state.status.as_str(),
         t.queue.as_str(),
         t.priority.get(),
-        t.state.attempt,
+        t.charged_attempts(),
         t.max_attempts,
         stamp(Some(t.state.updated_at))
     )

@@ -181,7 +181,8 @@ impl Monitor {
                     status: TaskStatus::Failed,
                     error: Some(format!(
                         "timeout: lease expired on attempt {} of {} (worker {who} died or hung)",
-                        task.state.attempt, task.max_attempts
+                        task.charged_attempts(),
+                        task.max_attempts
                     )),
                     lease_until: None,
                     finished_at: Some(now),

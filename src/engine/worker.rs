@@ -533,6 +533,7 @@ async fn process_inner(
         Outcome::Abandoned => {
             let next = TaskState {
                 status: TaskStatus::Pending,
+                handed_back: running.state.handed_back + 1,
                 error: Some("handed back by a worker shutting down".into()),
                 lease_until: None,
                 updated_at: now,
@@ -576,7 +577,7 @@ async fn process_inner(
                 ..running.state.clone()
             };
             let settle = if retry {
-                Settle::Nack(inner.config.retry.delay(attempt))
+                Settle::Nack(inner.config.retry.delay(running.charged_attempts()))
             } else {
                 Settle::Ack
             };
@@ -642,7 +643,7 @@ async fn fail_expired(inner: &Inner, d: &Delivery, task: &Task) -> Result<()> {
         status: TaskStatus::Failed,
         error: Some(format!(
             "lease expired on attempt {} of {} (worker {} died or hung)",
-            task.state.attempt,
+            task.charged_attempts(),
             task.max_attempts,
             task.state.worker_id.as_deref().unwrap_or("?")
         )),

@@ -561,6 +561,74 @@ pub async fn graceful_shutdown_loses_nothing(b: &Backends) {
     assert!(c.values().all(|n| *n == 1), "a task completed twice: {c:?}");
 }
 
+/// A task handed back by a worker shutting down keeps all its attempts: with `max_attempts` 2,
+/// a hand-back and then one failure still leave the retry that completes it.
+pub async fn hand_back_on_shutdown_costs_no_attempt(b: &Backends) {
+    let d = Dispatcher::new(b.clone());
+    let id = d
+        .dispatch(
+            "handback_q",
+            json!({}),
+            5,
+            DispatchOptions::default().max_attempts(2),
+        )
+        .await
+        .unwrap();
+    let hang = handler_fn(|_ctx| async {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok::<_, TaskError>(json!("never"))
+    });
+    let first = Worker::new(b.clone(), quick_config("leaving", 1))
+        .handle("handback_q", hang)
+        .unwrap()
+        .start()
+        .unwrap();
+    eventually("the first worker claims the task", LIMIT, || async {
+        match d.get(&id).await.unwrap().status() {
+            TaskStatus::Running => Ok(()),
+            other => Err(format!("{other}")),
+        }
+    })
+    .await;
+    let report = first.shutdown_within(Duration::from_millis(200)).await;
+    assert_eq!(report.handed_back, 1, "{report:?}");
+    let t = d.get(&id).await.unwrap();
+    assert_eq!(t.status(), TaskStatus::Pending);
+    assert_eq!((t.state.attempt, t.state.handed_back), (1, 1));
+    assert_eq!(t.charged_attempts(), 0);
+    assert!(t.attempts_left());
+
+    let calls = Arc::new(AtomicU32::new(0));
+    let flaky = {
+        let calls = calls.clone();
+        handler_fn(move |_ctx| {
+            let calls = calls.clone();
+            async move {
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Err(TaskError::retryable("first try fails"))
+                } else {
+                    Ok(json!("done"))
+                }
+            }
+        })
+    };
+    let second = Worker::new(b.clone(), quick_config("staying", 1))
+        .handle("handback_q", flaky)
+        .unwrap()
+        .start()
+        .unwrap();
+    let t = wait_done(&d, &id).await;
+    second.shutdown().await;
+    assert_eq!(
+        t.status(),
+        TaskStatus::Completed,
+        "the hand-back was charged as an attempt: {:?}",
+        t.state.error
+    );
+    assert_eq!((t.state.attempt, t.state.handed_back), (3, 1));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 /// Cancelling a PENDING task stops it from running; a RUNNING one cannot be cancelled.
 pub async fn cancelled_task_never_runs(b: &Backends) {
     let d = Dispatcher::new(b.clone());
@@ -755,6 +823,7 @@ macro_rules! engine_suite {
                 typed_handler_fails_bad_payload_without_retry,
                 malformed_message_is_dead_lettered_and_worker_keeps_running,
                 graceful_shutdown_loses_nothing,
+                hand_back_on_shutdown_costs_no_attempt,
                 cancelled_task_never_runs,
                 dispatcher_rejects_bad_input_with_typed_errors,
                 monitor_reannounces_a_pending_task_whose_message_was_lost,

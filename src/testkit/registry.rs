@@ -197,6 +197,7 @@ pub async fn create_then_get_round_trips_every_field(b: &Backends) {
         state: TaskState {
             status: TaskStatus::Waiting,
             attempt: 2,
+            handed_back: 1,
             worker_id: Some("worker-ü-1".to_string()),
             result: Some(json!({"summary": "résumé 📄", "score": 0.75, "tags": ["a", "b"]})),
             error: Some("previous attempt: boom — 💥".to_string()),

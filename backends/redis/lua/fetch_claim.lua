@@ -50,8 +50,10 @@ local function claim(body)
   local can = status == 'PENDING'
   if status == 'RUNNING' then
     local lease = redis.call('ZSCORE', leases, id)
+    -- Attempts handed back by a worker shutting down are not charged (Task::attempts_left).
+    local charged = attempt - (tonumber(f.handed_back or '0') or 0)
     can = not mine[id] and (not lease or tonumber(lease) <= now_us)
-      and attempt < (tonumber(f.max_attempts or '1') or 1)
+      and charged < (tonumber(f.max_attempts or '1') or 1)
   end
   if not can then
     table.insert(all, 1, 'unclaimable')
