@@ -290,6 +290,172 @@ fn task_registered_by_the_lab_is_readable_and_claimable_here() {
     });
 }
 
+/// `dead_letters` with a limit beyond what one Lua `unpack` takes (about 8,000 values).
+#[test]
+fn dead_letters_lists_ten_thousand() {
+    on_shared_redis("many_dead", |b, prefix| async move {
+        let url = broker_url(BrokerKind::Redis).await;
+        let mut con = raw_connection(&url).await;
+        let base = format!("{prefix}q:{{many_dead}}");
+        let mut pipe = redis::pipe();
+        for id in 1..=10_000u32 {
+            pipe.cmd("HSET")
+                .arg(format!("{base}:bodies"))
+                .arg(id)
+                .arg(format!("body {id}"))
+                .ignore();
+            pipe.cmd("LPUSH")
+                .arg(format!("{base}:dead"))
+                .arg(format!("{id}:3:5:1700000000000:too many"))
+                .ignore();
+        }
+        let () = pipe
+            .query_async(&mut con)
+            .await
+            .expect("write dead letters");
+        let dead = b
+            .bus
+            .dead_letters(&queue("many_dead"), 20_000)
+            .await
+            .expect("dead letters");
+        assert_eq!(dead.len(), 10_000);
+        assert_eq!(
+            (dead[0].message_id.as_str(), dead[0].payload.as_slice()),
+            ("10000", b"body 10000".as_slice()),
+            "newest first"
+        );
+        assert_eq!(dead[9_999].payload, b"body 1".to_vec());
+    });
+}
+
+/// Messages queued by a version before 2026-11-25 (a bare id in the sets and a hash per
+/// message) are delivered after the upgrade, with their bodies, priorities and delivery counts;
+/// an old dead letter still lists.
+#[test]
+fn messages_of_the_previous_layout_survive_the_upgrade() {
+    on_shared_redis("legacy_layout", |b, prefix| async move {
+        let url = broker_url(BrokerKind::Redis).await;
+        let mut con = raw_connection(&url).await;
+        let base = format!("{prefix}q:{{legacy}}");
+        let old = |id: u32| format!("{base}:m:{id}");
+        let p = 562_949_953_421_312u64;
+        let mut pipe = redis::pipe();
+        // Ready (priority 2), delayed and already due, leased with an ended lease (one
+        // delivery so far), and a dead letter.
+        pipe.cmd("HSET")
+            .arg(old(1))
+            .arg(&["body", "ready", "p", "2", "s", "1", "d", "0", "l", "0"]);
+        pipe.cmd("ZADD")
+            .arg(format!("{base}:ready"))
+            .arg(2 * p + 1)
+            .arg(1);
+        pipe.cmd("HSET")
+            .arg(old(2))
+            .arg(&["body", "delayed", "p", "5", "s", "2", "d", "0", "l", "0"]);
+        pipe.cmd("ZADD")
+            .arg(format!("{base}:delayed"))
+            .arg(1)
+            .arg(2);
+        pipe.cmd("HSET")
+            .arg(old(3))
+            .arg(&["body", "leased", "p", "5", "s", "3", "d", "1", "l", "1"]);
+        pipe.cmd("ZADD")
+            .arg(format!("{base}:inflight"))
+            .arg(1)
+            .arg(3);
+        pipe.cmd("HSET").arg(old(4)).arg(&[
+            "body",
+            "dead",
+            "p",
+            "7",
+            "s",
+            "4",
+            "d",
+            "3",
+            "l",
+            "0",
+            "reason",
+            "too many",
+            "dead_at",
+            "1700000000000",
+        ]);
+        pipe.cmd("LPUSH").arg(format!("{base}:dead")).arg(4);
+        pipe.cmd("SET").arg(format!("{base}:seq")).arg(4);
+        let () = pipe
+            .query_async(&mut con)
+            .await
+            .expect("write the old layout");
+
+        let q = queue("legacy");
+        let stats = b.bus.stats(&q).await.expect("stats");
+        assert_eq!(
+            (stats.waiting, stats.in_flight, stats.dead),
+            (3, 0, 1),
+            "{stats:?}"
+        );
+        let got = b
+            .bus
+            .fetch(
+                &q,
+                FetchOptions {
+                    max: 10,
+                    wait: Duration::ZERO,
+                    lease: Duration::from_secs(30),
+                },
+            )
+            .await
+            .expect("fetch");
+        let seen: Vec<(String, Vec<u8>, u8, u32)> = got
+            .iter()
+            .map(|d| {
+                (
+                    d.message_id.clone(),
+                    d.payload.clone(),
+                    d.priority.get(),
+                    d.delivery_count,
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("1".to_string(), b"ready".to_vec(), 2, 1),
+                ("3".to_string(), b"leased".to_vec(), 5, 2),
+                ("2".to_string(), b"delayed".to_vec(), 5, 1),
+            ],
+            "by priority, then the old lease's place, then the promoted delayed message"
+        );
+        for d in &got {
+            b.bus.ack(d).await.expect("ack");
+        }
+        let dead = b.bus.dead_letters(&q, 10).await.expect("dead letters");
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(
+            (
+                dead[0].message_id.as_str(),
+                dead[0].payload.as_slice(),
+                dead[0].delivery_count
+            ),
+            ("4", b"dead".as_slice(), 3)
+        );
+        assert_eq!(dead[0].reason, "too many");
+        let stats = b.bus.stats(&q).await.expect("stats");
+        assert_eq!(
+            (stats.waiting, stats.in_flight, stats.dead),
+            (0, 0, 1),
+            "{stats:?}"
+        );
+        for id in 1..=3 {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(old(id))
+                .query_async(&mut con)
+                .await
+                .expect("EXISTS");
+            assert!(!exists, "old hash {id} moved to the new layout");
+        }
+    });
+}
+
 #[test]
 fn task_hash_uses_the_lab_field_names_and_encodings() {
     on_shared_redis("lab_fields", |b, prefix| async move {

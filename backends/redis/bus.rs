@@ -446,7 +446,8 @@ impl Bus for RedisBus {
             .key(&k.delayed)
             .key(&k.inflight)
             .key(&k.seq)
-            .key(&k.dead);
+            .key(&k.dead)
+            .key(&k.bodies);
         let (waiting, in_flight, dead): (u64, u64, u64) = self.conn.eval("stats", &inv).await?;
         Ok(QueueStats {
             waiting,

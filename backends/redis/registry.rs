@@ -149,7 +149,7 @@ pub(crate) fn conflict_reply(
         .next()
         .map(text)
         .transpose()?
-        .and_then(|a| a.parse::<u32>().ok())
+        .and_then(|a| a.trim().parse::<u32>().ok())
         .unwrap_or(0);
     Ok(Error::Conflict {
         task_id: id.clone(),
@@ -436,8 +436,10 @@ impl Registry for RedisRegistry {
                 Some((cs, score, id)) if slot == *cs => Some((*score, id.as_str().to_string())),
                 _ => None,
             };
+            // A RUNNING task without a lease end has the score -inf (read back as i64::MIN).
             let min = from
                 .as_ref()
+                .filter(|(s, _)| *s != i64::MIN)
                 .map_or_else(|| "-inf".to_string(), |(s, _)| s.to_string());
             let index = keys::status_index(self.prefix(), status);
             let mut offset = 0usize;

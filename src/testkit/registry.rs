@@ -750,6 +750,16 @@ pub async fn list_paginates_by_status_and_queue(b: &Backends) {
         .await;
         running_alpha.insert(t.task_id);
     }
+    // RUNNING without a lease end (made so by create, not by a claim): they sort first.
+    let mut running_gamma = BTreeSet::new();
+    for i in 0..3 {
+        let mut t = task(&format!("list_gamma_unleased_{i}"), "list_gamma", &[]);
+        t.state.status = TaskStatus::Running;
+        t.state.attempt = 1;
+        t.state.worker_id = Some("w".into());
+        create(reg, &t).await;
+        running_gamma.insert(t.task_id);
+    }
     let union = |sets: &[&BTreeSet<TaskId>]| -> BTreeSet<TaskId> {
         sets.iter().flat_map(|s| s.iter().cloned()).collect()
     };
@@ -782,13 +792,24 @@ pub async fn list_paginates_by_status_and_queue(b: &Backends) {
             None,
             None,
             7,
-            union(&[&pending_alpha, &pending_beta, &running_alpha]),
+            union(&[
+                &pending_alpha,
+                &pending_beta,
+                &running_alpha,
+                &running_gamma,
+            ]),
         ),
         (
             Some(TaskStatus::Running),
             Some("list_beta"),
             5,
             BTreeSet::new(),
+        ),
+        (
+            Some(TaskStatus::Running),
+            Some("list_gamma"),
+            1,
+            running_gamma.clone(),
         ),
         (Some(TaskStatus::Completed), None, 5, BTreeSet::new()),
     ];

@@ -37,6 +37,36 @@ local function header(id, d, p, s)
   return id .. ':' .. d .. ':' .. p .. ':' .. s
 end
 
+-- Messages written before 2026-11-25 are a bare id in the sets and a HASH '<queue>:m:<id>'
+-- (body, p, s, d): the first script that meets one moves it to the current layout and returns
+-- its header, so that an upgrade with messages queued loses none (nil: no such message).
+local function legacy(bodies, id)
+  if not string.match(id, '^%d+$') then
+    return nil
+  end
+  local key = string.sub(bodies, 1, -7) .. 'm:' .. id
+  local v = redis.call('HMGET', key, 'body', 'p', 's', 'd')
+  redis.call('DEL', key)
+  if not v[1] then
+    return nil
+  end
+  redis.call('HSET', bodies, id, v[1])
+  return header(id, v[4] or '0', v[2] or '5', v[3] or id)
+end
+
+-- The header `m` (or the legacy message `m` moved to the current layout) and its parts.
+local function parse_member(bodies, m)
+  local id, d, p, s = parse(m)
+  if id then
+    return m, id, d, p, s
+  end
+  local h = legacy(bodies, m)
+  if h then
+    return h, parse(h)
+  end
+  return nil
+end
+
 -- redis.call(cmd, key, args...) in chunks of 4,000 arguments (unpack has a limit).
 local function call_chunked(cmd, key, args)
   local n = #args
@@ -51,14 +81,14 @@ end
 -- Moves due delayed messages (with a new sequence number: FIFO by the time they became ready)
 -- and messages whose lease ended (with their old sequence number: back where they were) to the
 -- ready set. Bounded per call so that one script never runs long.
-local function promote(ready, delayed, inflight, seq, now)
+local function promote(ready, delayed, inflight, seq, bodies, now)
   local moved = 0
   local add = {}
   local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
   if #due > 0 then
     local s = redis.call('INCRBY', seq, #due) - #due
     for i = 1, #due do
-      local id, d, p = parse(due[i])
+      local _, id, d, p = parse_member(bodies, due[i])
       if id then
         s = s + 1
         add[#add + 1] = ready_score(p, s)
@@ -71,10 +101,10 @@ local function promote(ready, delayed, inflight, seq, now)
   local expired = redis.call('ZRANGEBYSCORE', inflight, '-inf', now, 'LIMIT', 0, 1000)
   if #expired > 0 then
     for i = 1, #expired do
-      local id, _, p, s = parse(expired[i])
+      local h, id, _, p, s = parse_member(bodies, expired[i])
       if id then
         add[#add + 1] = ready_score(p, s)
-        add[#add + 1] = expired[i]
+        add[#add + 1] = h
         moved = moved + 1
       end
     end
@@ -96,9 +126,12 @@ local function bury(dead, bodies, h, reason, now, cap)
   end
   if redis.call('LPUSH', dead, header(id, d, p, num(now)) .. ':' .. reason) > cap then
     local old = redis.call('RPOP', dead)
-    local oid = old and string.match(old, '^(%d+):')
+    local oid = old and string.match(old, '^(%d+)')
     if oid then
       redis.call('HDEL', bodies, oid)
+      if oid == old then -- a legacy dead letter: its hash
+        redis.call('DEL', string.sub(bodies, 1, -7) .. 'm:' .. oid)
+      end
     end
   end
 end
@@ -111,7 +144,7 @@ end
 -- (-1: never), and each header is the delivery's receipt.
 local function lease_batch(ready, delayed, inflight, seq, dead, bodies, max, lease_ms, maxd, reason, cap, wake)
   local now = now_ms()
-  local moved = promote(ready, delayed, inflight, seq, now)
+  local moved = promote(ready, delayed, inflight, seq, bodies, now)
   local lease_until = now + lease_ms
   local out = {num(now), num(lease_until), '-1'}
   local heads = {}
@@ -122,11 +155,11 @@ local function lease_batch(ready, delayed, inflight, seq, dead, bodies, max, lea
       break
     end
     for i = 1, #popped, 2 do
-      local id, d, p, s = parse(popped[i])
+      local h, id, d, p, s = parse_member(bodies, popped[i])
       if id then
         d = tonumber(d)
         if d >= maxd then
-          bury(dead, bodies, popped[i], reason, now, cap)
+          bury(dead, bodies, h, reason, now, cap)
         else
           ids[#ids + 1] = id
           heads[#heads + 1] = header(id, num(d + 1), p, s)

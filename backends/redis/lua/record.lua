@@ -18,8 +18,8 @@ if not status then
   return {'missing'}
 end
 local id = ARGV[1]
-if status ~= ARGV[2] or attempt ~= ARGV[3] then
-  if status ~= ARGV[6] or attempt ~= ARGV[7] then
+if status ~= ARGV[2] or not same_attempt(attempt, ARGV[3]) then
+  if status ~= ARGV[6] or not same_attempt(attempt, ARGV[7]) then
     remove_message(KEYS[6], KEYS[8], KEYS[10], ARGV[8])
     return {'conflict', status, attempt}
   end

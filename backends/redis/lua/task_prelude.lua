@@ -15,6 +15,12 @@ local function task_status(key, ...)
   return status, cur[2] or '0', cur
 end
 
+-- Whether a stored attempt (text) is the expected one: compared as text first (we write plain
+-- decimal), as numbers only when the texts differ (a value edited by hand, such as ' 1').
+local function same_attempt(stored, expected)
+  return stored == expected or tonumber(stored) == tonumber(expected)
+end
+
 -- Writes a new state: `n` field/value pairs from args[first], then deletes the fields named
 -- after them (to the end of args). The task moves from the index of its old status to the
 -- index of the new one (score: updated_at in µs). The index of RUNNING is the lease index

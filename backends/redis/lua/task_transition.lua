@@ -12,7 +12,7 @@ local status, attempt, cur = task_status(KEYS[1], 'created_at', 'priority')
 if not status then
   return {'missing'}
 end
-if status ~= ARGV[2] or attempt ~= ARGV[3] then
+if status ~= ARGV[2] or not same_attempt(attempt, ARGV[3]) then
   return {'conflict', status, attempt}
 end
 apply_state(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[4], ARGV[5], ARGV, 8,
