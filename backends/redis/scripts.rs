@@ -33,7 +33,10 @@ lua_script!(
 );
 lua_script!(
     /// Reads the newest dead letters.
-    DEAD_LETTERS = include_str!("lua/dead_letters.lua")
+    DEAD_LETTERS = concat!(
+        include_str!("lua/queue_prelude.lua"),
+        include_str!("lua/dead_letters.lua")
+    )
 );
 lua_script!(
     /// Promotes what is due, then counts.

@@ -12,8 +12,8 @@ for i = 1, #entries do
     ids[#ids + 1] = id
     rows[#rows + 1] = {id, d, p, at, reason, #ids}
   elseif string.match(entries[i], '^%d+$') then
-    local v = redis.call('HMGET', string.sub(KEYS[2], 1, -7) .. 'm:' .. entries[i], 'body', 'p',
-      'd', 'reason', 'dead_at')
+    local v = redis.call('HMGET', legacy_key(KEYS[2], entries[i]), 'body', 'p', 'd', 'reason',
+      'dead_at')
     if v[1] then
       rows[#rows + 1] = {entries[i], v[3] or '0', v[2] or '5', v[5] or '0', v[4] or '', v[1]}
     end

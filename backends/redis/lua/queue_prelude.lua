@@ -40,11 +40,15 @@ end
 -- Messages written before 2026-11-25 are a bare id in the sets and a HASH '<queue>:m:<id>'
 -- (body, p, s, d): the first script that meets one moves it to the current layout and returns
 -- its header, so that an upgrade with messages queued loses none (nil: no such message).
+local function legacy_key(bodies, id)
+  return string.sub(bodies, 1, -7) .. 'm:' .. id
+end
+
 local function legacy(bodies, id)
   if not string.match(id, '^%d+$') then
     return nil
   end
-  local key = string.sub(bodies, 1, -7) .. 'm:' .. id
+  local key = legacy_key(bodies, id)
   local v = redis.call('HMGET', key, 'body', 'p', 's', 'd')
   redis.call('DEL', key)
   if not v[1] then
@@ -130,7 +134,7 @@ local function bury(dead, bodies, h, reason, now, cap)
     if oid then
       redis.call('HDEL', bodies, oid)
       if oid == old then -- a legacy dead letter: its hash
-        redis.call('DEL', string.sub(bodies, 1, -7) .. 'm:' .. oid)
+        redis.call('DEL', legacy_key(bodies, oid))
       end
     end
   end
