@@ -1245,6 +1245,133 @@ fn create_many_reports_each_existing_task_on_its_own() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The hot path's batching (submit, record) and its events
+
+/// Submits `t` to the queue `research` and claims it in a fetch.
+async fn submit_and_claim(b: &Backends, t: &Task) -> (Delivery, Task) {
+    b.tasks()
+        .submit(std::slice::from_ref(t))
+        .await
+        .expect("submit");
+    let options = FetchOptions {
+        max: 1,
+        wait: Duration::from_secs(5),
+        lease: Duration::from_secs(60),
+    };
+    let spec = ClaimSpec {
+        worker_id: "w-batch".into(),
+        lease: Duration::from_secs(60),
+    };
+    let (d, c) = b
+        .tasks()
+        .fetch_claim(&queue("research"), options, &spec)
+        .await
+        .expect("fetch_claim")
+        .pop()
+        .expect("one delivery");
+    match c {
+        Some(Claim::Claimed(running)) => (d, running),
+        other => panic!("claimed in the fetch: {other:?}"),
+    }
+}
+
+fn completed_with(running: &Task, result: Value) -> TaskState {
+    TaskState {
+        status: TaskStatus::Completed,
+        result: Some(result),
+        lease_until: None,
+        finished_at: Some(chrono::Utc::now()),
+        ..running.state.clone()
+    }
+}
+
+/// One submit batch that names an id twice creates it once (the batch's single EXISTS cannot
+/// see the first copy, which the script creates itself).
+#[test]
+fn submit_batch_naming_one_id_twice_creates_it_once() {
+    on_shared_redis("submit_dup", |b, _prefix| async move {
+        let t = new_task(json!({"once": true}), 5);
+        let other = new_task(json!({"other": true}), 5);
+        let r = b
+            .tasks()
+            .submit(&[t.clone(), other.clone(), t.clone()])
+            .await
+            .expect("submit");
+        assert!(r[0].is_ok() && r[1].is_ok(), "{r:?}");
+        assert!(
+            matches!(&r[2], Err(Error::TaskExists(id)) if *id == t.task_id),
+            "{r:?}"
+        );
+        let s = b.bus.stats(&queue("research")).await.expect("stats");
+        assert_eq!(s.waiting, 2, "one message per created task: {s:?}");
+    });
+}
+
+/// Two records of one task made at the same moment (a retry after a lost reply while the first
+/// is still queued) never share a script: the first applies, the second is a replay.
+#[test]
+fn two_records_of_one_task_at_once_are_applied_once() {
+    on_shared_redis("record_dup", |b, _prefix| async move {
+        let t = new_task(json!({}), 5);
+        let (d, running) = submit_and_claim(&b, &t).await;
+        let next = completed_with(&running, json!("done"));
+        let (a, z) = tokio::join!(
+            b.tasks().record(&d, &running, next.clone(), Settle::Ack),
+            b.tasks().record(&d, &running, next.clone(), Settle::Ack),
+        );
+        assert_eq!(a.expect("first").task.state, next);
+        assert_eq!(z.expect("second: a replay").task.state, next);
+        let stored = b
+            .registry
+            .get(&t.task_id)
+            .await
+            .expect("get")
+            .expect("stored");
+        assert_eq!(stored.state, next);
+        let s = b.bus.stats(&queue("research")).await.expect("stats");
+        assert_eq!((s.waiting, s.in_flight), (0, 0), "{s:?}");
+    });
+}
+
+/// The scripts publish an event only when someone listens, and a pattern subscriber counts:
+/// a client subscribed to `<prefix>events*` (no channel subscriber at all) gets the events of a
+/// submit, a claim and a record.
+#[test]
+fn a_pattern_subscriber_gets_the_events() {
+    on_shared_redis("events_pattern", |b, prefix| async move {
+        use futures::StreamExt;
+        let url = broker_url(BrokerKind::Redis).await;
+        let mut ps = redis::Client::open(url.as_str())
+            .expect("url")
+            .get_async_pubsub()
+            .await
+            .expect("pubsub connection");
+        ps.psubscribe(format!("{prefix}events*"))
+            .await
+            .expect("psubscribe");
+        let mut messages = ps.into_on_message();
+        let t = new_task(json!({}), 5);
+        let (d, running) = submit_and_claim(&b, &t).await;
+        let next = completed_with(&running, json!(1));
+        b.tasks()
+            .record(&d, &running, next, Settle::Ack)
+            .await
+            .expect("record");
+        let mut statuses = Vec::new();
+        while statuses.len() < 3 {
+            let m = tokio::time::timeout(Duration::from_secs(5), messages.next())
+                .await
+                .unwrap_or_else(|_| panic!("events so far: {statuses:?}"))
+                .expect("the subscription stays open");
+            let ev: Value = serde_json::from_slice(m.get_payload_bytes()).expect("an event");
+            assert_eq!(ev["task_id"], json!(t.task_id.as_str()));
+            statuses.push(ev["status"].as_str().unwrap_or_default().to_string());
+        }
+        assert_eq!(statuses, ["PENDING", "RUNNING", "COMPLETED"]);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Cost per operation (a measurement, not a test: run it by name with --ignored --nocapture)
 
 async fn redis_cpu_seconds(con: &mut redis::aio::MultiplexedConnection) -> f64 {

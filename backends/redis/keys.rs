@@ -61,7 +61,17 @@ pub(crate) fn status_index(prefix: &str, status: TaskStatus) -> String {
     if status == TaskStatus::Running {
         return lease_index(prefix);
     }
-    format!("{prefix}orchestra:status:{}", status.as_str())
+    format!("{}{}", status_prefix(prefix), status.as_str())
+}
+
+/// What the index of a status (other than RUNNING) is named after: `{prefix}orchestra:status:`.
+pub(crate) fn status_prefix(prefix: &str) -> String {
+    format!("{prefix}orchestra:status:")
+}
+
+/// What a dependents set is named after: `{prefix}orchestra:dependents:`.
+pub(crate) fn dependents_prefix(prefix: &str) -> String {
+    format!("{prefix}orchestra:dependents:")
 }
 
 /// ZSET of RUNNING tasks by lease end (µs).
@@ -71,7 +81,7 @@ pub(crate) fn lease_index(prefix: &str) -> String {
 
 /// ZSET of the children of `parent`, by their created_at (µs).
 pub(crate) fn dependents(prefix: &str, parent: &TaskId) -> String {
-    format!("{prefix}orchestra:dependents:{parent}")
+    format!("{}{parent}", dependents_prefix(prefix))
 }
 
 /// The lock key.

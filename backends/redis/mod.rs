@@ -22,6 +22,7 @@ mod conn;
 mod keys;
 mod lock;
 mod pubsub;
+mod records;
 mod registry;
 mod scripts;
 mod tasks;

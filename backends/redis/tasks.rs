@@ -14,13 +14,14 @@ use super::bus::{fetch_reply, millis, parse_receipt, RedisBus};
 use super::codec::{self, micros, text};
 use super::conn::{Conn, BACKEND};
 use super::keys;
+use super::records::Records;
 use super::registry::{conflict_reply, lease_score, RedisRegistry};
 use super::scripts;
 use crate::bus::{Delivery, FetchOptions};
 use crate::engine::events::{around_attempt, encode_parts, EVENTS_TOPIC};
 use crate::engine::flow::TaskMessage;
 use crate::error::{Error, Result};
-use crate::model::{QueueName, Task, TaskId, TaskState, TaskStatus};
+use crate::model::{Expected, QueueName, Task, TaskId, TaskState, TaskStatus};
 use crate::registry::check_transition;
 use crate::task_queue::{Claim, ClaimSpec, Composed, Recorded, Settle, TaskQueue};
 
@@ -31,12 +32,14 @@ pub struct RedisTaskQueue {
     bus: Arc<RedisBus>,
     registry: Arc<RedisRegistry>,
     composed: Composed,
+    records: Records,
 }
 
 impl RedisTaskQueue {
     pub(crate) fn new(conn: Conn, bus: Arc<RedisBus>, registry: Arc<RedisRegistry>) -> Self {
         let composed = Composed::new(bus.clone(), registry.clone());
         RedisTaskQueue {
+            records: Records::new(conn.clone(), bus.clone()),
             conn,
             bus,
             registry,
@@ -52,8 +55,9 @@ impl RedisTaskQueue {
         reply: Value,
         claimed: impl FnOnce(&TaskState) -> TaskState,
     ) -> Result<Claim> {
-        let mut it = match reply {
-            Value::Array(v) => v.into_iter(),
+        // The script puts the tag last.
+        let (tag, it) = match reply {
+            Value::Array(mut v) => (v.pop(), v.into_iter()),
             other => {
                 return Err(Error::permanent(
                     BACKEND,
@@ -62,7 +66,7 @@ impl RedisTaskQueue {
                 ))
             }
         };
-        let tag = it.next().map(text).transpose()?.unwrap_or_default();
+        let tag = tag.map(text).transpose()?.unwrap_or_default();
         // The script read the id with cjson; read it again here, with the model's rules.
         let id = match TaskMessage::decode(&d.payload) {
             Ok(m) => m.task_id,
@@ -109,7 +113,7 @@ impl RedisTaskQueue {
             .bus
             .fetch_command(&scripts::FETCH_CLAIM, &k, options.max, options.lease);
         inv.arg(format!("{p}task_registry:"))
-            .arg(format!("{p}orchestra:status:"))
+            .arg(keys::status_prefix(p))
             .arg(keys::lease_index(p))
             .arg(micros(now))
             .arg(micros(lease_until))
@@ -147,6 +151,71 @@ impl RedisTaskQueue {
             .collect();
         Ok((out, next))
     }
+}
+
+/// The fields a record writes and deletes: only those that differ from `current`, the state
+/// the compare-and-set on (status, attempt) finds stored. (A heartbeat may have renewed the
+/// lease fields since; a record keeps what it does not change, so a later heartbeat time is
+/// not set back.) Writing the unchanged fields again, as a generic transition does, costs
+/// Redis a field lookup in the task's hash per field.
+fn changed_fields(
+    current: &TaskState,
+    next: &TaskState,
+) -> (Vec<(&'static str, String)>, Vec<&'static str>) {
+    let (was, _) = codec::state_fields(current);
+    let (set, del) = codec::state_fields(next);
+    let set = set
+        .into_iter()
+        .filter(|(name, value)| !was.iter().any(|(n, v)| n == name && v == value))
+        .collect();
+    let del = del
+        .into_iter()
+        .filter(|name| was.iter().any(|(n, _)| n == name))
+        .collect();
+    (set, del)
+}
+
+/// One record's arguments to record.lua (after the script's fixed ones).
+fn record_args(
+    d: &Delivery,
+    current: &Task,
+    expected: &Expected,
+    next: &TaskState,
+    settle: Settle,
+) -> redis::Cmd {
+    let id = &current.task_id;
+    let event = encode_parts(
+        id,
+        &current.queue,
+        next.status,
+        next.attempt,
+        next.worker_id.as_deref(),
+        next.updated_at,
+    );
+    let (set, del) = changed_fields(&current.state, next);
+    let mut args = redis::Cmd::new();
+    args.arg(id.as_str())
+        .arg(expected.status.as_str())
+        .arg(expected.attempt)
+        .arg(micros(next.updated_at))
+        .arg(lease_score(next))
+        .arg(next.status.as_str())
+        .arg(next.attempt)
+        .arg(&d.receipt)
+        .arg(match settle {
+            Settle::Ack => -1i64,
+            Settle::Nack(delay) => i64::try_from(millis(delay)).unwrap_or(i64::MAX),
+        })
+        .arg(event)
+        .arg(set.len())
+        .arg(del.len());
+    for (name, value) in set {
+        args.arg(name).arg(value);
+    }
+    for name in del {
+        args.arg(name);
+    }
+    args
 }
 
 /// Most tasks, and most argument bytes, per submit script, so that one script stays short.
@@ -298,52 +367,18 @@ impl TaskQueue for RedisTaskQueue {
         let expected = current.expect();
         check_transition(id, &expected, &next)?;
         parse_receipt(&d.receipt)?;
-        let p = self.conn.prefix();
-        let k = self.bus.keys(&d.queue);
-        let event = encode_parts(
-            id,
-            &current.queue,
-            next.status,
-            next.attempt,
-            next.worker_id.as_deref(),
-            next.updated_at,
-        );
-        let (set, del) = codec::state_fields(&next);
-        let mut inv = scripts::RECORD.evalsha(10);
-        inv.arg(keys::task(p, id))
-            .arg(keys::lease_index(p))
-            .arg(keys::status_index(p, expected.status))
-            .arg(keys::status_index(p, next.status))
-            .arg(keys::dependents(p, id))
-            .arg(&k.ready)
-            .arg(&k.delayed)
-            .arg(&k.inflight)
-            .arg(&k.seq)
-            .arg(&k.bodies)
-            .arg(id.as_str())
-            .arg(expected.status.as_str())
-            .arg(expected.attempt)
-            .arg(micros(next.updated_at))
-            .arg(lease_score(&next))
-            .arg(next.status.as_str())
-            .arg(next.attempt)
-            .arg(&d.receipt)
-            .arg(match settle {
-                Settle::Ack => -1i64,
-                Settle::Nack(delay) => i64::try_from(millis(delay)).unwrap_or(i64::MAX),
-            })
-            .arg(&k.wake)
-            .arg(keys::events(p, EVENTS_TOPIC))
-            .arg(event)
-            .arg(set.len());
-        for (name, value) in set {
-            inv.arg(name).arg(value);
-        }
-        for name in del {
-            inv.arg(name);
-        }
-        let reply: Vec<Value> = self.conn.eval_cmd("record", &inv).await?;
-        let mut it = reply.into_iter();
+        let args = record_args(d, current, &expected, &next, settle);
+        let reply = self.records.run(&d.queue, id, args).await?;
+        let mut it = match reply {
+            Value::Array(v) => v.into_iter(),
+            other => {
+                return Err(Error::permanent(
+                    BACKEND,
+                    format!("record returned {other:?} for a record"),
+                    None,
+                ))
+            }
+        };
         let tag = it.next().map(text).transpose()?.unwrap_or_default();
         match tag.as_str() {
             "ok" => {

@@ -448,3 +448,122 @@ pub async fn record_from_a_lost_attempt_conflicts_and_acks(b: &Backends) {
     assert_eq!(replay.task.state, done);
     queue_is_empty(b, &q).await;
 }
+
+/// Outcomes recorded at the same moment by many worker slots (which a backend may send in one
+/// batch) each get their own reply and their own effect: completions, retries and the
+/// conflicts of attempts that lost their lease, for tasks of one queue.
+pub async fn records_made_at_once_each_get_their_own_outcome(b: &Backends) {
+    let q = queue("wave");
+    let tasks: Vec<Task> = (0..24)
+        .map(|i| task(&format!("wave-{i}"), &q, 1 + i % 10, 3))
+        .collect();
+    submit_all(b, &tasks).await;
+    let mut got = Vec::new();
+    while got.len() < tasks.len() {
+        let more = fetch_and_claim(b, &q, tasks.len() - got.len(), &spec("w1")).await;
+        assert!(!more.is_empty(), "{} of 24 tasks delivered", got.len());
+        got.extend(more);
+    }
+    let running: Vec<(Delivery, Task)> = got.into_iter().map(|(d, c)| (d, claimed(c))).collect();
+    // By position: 0..12 complete, 12..18 fail and retry at once, 18..24 record from an attempt
+    // that is not the stored one (a lost lease): Conflict, and the message is acked.
+    let calls = running.iter().enumerate().map(|(i, (d, t))| async move {
+        let r = match i {
+            0..=11 => b.tasks().record(d, t, completed(t), Settle::Ack).await,
+            12..=17 => {
+                let next = TaskState {
+                    status: TaskStatus::Pending,
+                    error: Some(format!("again {i}")),
+                    lease_until: None,
+                    updated_at: Utc::now(),
+                    ..t.state.clone()
+                };
+                b.tasks()
+                    .record(d, t, next, Settle::Nack(Duration::ZERO))
+                    .await
+            }
+            _ => {
+                let stale = Task {
+                    state: TaskState {
+                        attempt: 9,
+                        ..t.state.clone()
+                    },
+                    ..t.clone()
+                };
+                b.tasks()
+                    .record(d, &stale, completed(&stale), Settle::Ack)
+                    .await
+            }
+        };
+        (i, t, r)
+    });
+    let results = within(
+        "24 records at once",
+        CALL_TIMEOUT,
+        futures::future::join_all(calls),
+    )
+    .await;
+    for (i, t, r) in results {
+        let stored = must("get", b.registry.get(&t.task_id))
+            .await
+            .expect("stored");
+        match (i, r) {
+            (0..=11, Ok(r)) => {
+                assert_eq!(r.task.state.status, TaskStatus::Completed, "record {i}");
+                assert_eq!(stored, r.task, "record {i}: returns the task as stored");
+            }
+            (12..=17, Ok(r)) => {
+                assert_eq!(
+                    (r.task.state.status, r.task.state.error.clone()),
+                    (TaskStatus::Pending, Some(format!("again {i}"))),
+                    "record {i}"
+                );
+                assert_eq!(stored, r.task, "record {i}: returns the task as stored");
+            }
+            (
+                18..,
+                Err(Error::Conflict {
+                    actual_status,
+                    actual_attempt,
+                    ..
+                }),
+            ) => {
+                assert_eq!((actual_status, actual_attempt), (TaskStatus::Running, 1));
+                assert_eq!(&stored, t, "record {i}: a conflict changes nothing");
+            }
+            (i, other) => panic!("record {i}: unexpected {other:?}"),
+        }
+    }
+    let counts = must("counts", b.registry.counts()).await;
+    assert_eq!(
+        (
+            counts.get(TaskStatus::Completed),
+            counts.get(TaskStatus::Pending),
+            counts.get(TaskStatus::Running)
+        ),
+        (12, 6, 6),
+        "the status indexes follow every record: {counts:?}"
+    );
+    // A retry given back at once is waiting, or still counted in flight where the broker
+    // redelivers on its own schedule (JetStream); everything else is acked.
+    let s = must("stats", b.bus.stats(&q)).await;
+    assert_eq!(
+        s.waiting + s.in_flight,
+        6,
+        "only the retries are left: {s:?}"
+    );
+    let mut ids: Vec<String> = Vec::new();
+    while ids.len() < 6 {
+        let back = fetch_and_claim(b, &q, 24, &spec("w2")).await;
+        assert!(!back.is_empty(), "{} of 6 retries came back", ids.len());
+        for (_, c) in back {
+            let t = claimed(c);
+            assert_eq!(t.state.attempt, 2, "{}", t.task_id);
+            ids.push(t.task_id.to_string());
+        }
+    }
+    ids.sort();
+    let mut want: Vec<String> = (12..18).map(|i| running[i].1.task_id.to_string()).collect();
+    want.sort();
+    assert_eq!(ids, want, "exactly the retried tasks come back");
+}

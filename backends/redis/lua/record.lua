@@ -1,43 +1,132 @@
--- KEYS: 1 task hash, 2 lease index, 3 index of the expected status, 4 index of the new status,
---       5 the task's dependents set, 6 ready, 7 delayed, 8 inflight, 9 seq (6-9: the queue's
---       keys), 10 the queue's bodies
--- ARGV: 1 task id, 2 expected status, 3 expected attempt, 4 new status score (µs), 5 lease
---       score ('' unless RUNNING), 6 new status, 7 new attempt, 8 the delivery's receipt,
---       9 '-1' to ack, else the nack delay (ms), 10 wake channel, 11 events channel, 12 the
---       event, 13 number of fields to set (n), 14 .. 13+2n field, value pairs, then the names
---       of the fields to delete
--- task_queue::Composed::record in one step: compare-and-set on (status, attempt) as
--- task_transition.lua, then the message is acked or given back (nack.lua) and the event
--- published. When the task already has the new status and attempt (this call's own earlier
--- write, whose reply was lost), only the message is settled. On any other mismatch the message
--- is acked and nothing else changes.
--- Returns {'ok', dependents...} (dependents only for a terminal status), {'missing'}, or
--- {'conflict', status, attempt}.
-local status, attempt = task_status(KEYS[1])
-if not status then
-  return {'missing'}
-end
-local id = ARGV[1]
-if status ~= ARGV[2] or not same_attempt(attempt, ARGV[3]) then
-  if status ~= ARGV[6] or not same_attempt(attempt, ARGV[7]) then
-    remove_message(KEYS[6], KEYS[8], KEYS[10], ARGV[8])
-    return {'conflict', status, attempt}
+-- KEYS: 1 lease index (the index of RUNNING), 2 ready, 3 delayed, 4 inflight, 5 seq,
+--       6 bodies (2-6: the queue's keys)
+-- ARGV: 1 wake channel, 2 events channel, 3 task key prefix ('<prefix>task_registry:'),
+--       4 status index prefix, 5 dependents key prefix, then one record after the other, each
+--       12 + 2n + m values: task id, expected status, expected attempt, new status score (µs),
+--       lease score ('' unless the new status is RUNNING), new status, new attempt, the
+--       delivery's receipt, '-1' to ack else the nack delay (ms), the event, n, m, then n
+--       field/value pairs to set and m names of fields to delete
+-- task_queue::Composed::record for a batch of outcomes of one queue (the worker's records,
+-- gathered while the previous batch was on its way), each as if alone: compare-and-set on
+-- (status, attempt) as task_transition.lua, then the message is acked or given back (nack.lua)
+-- and the event published. When the task already has the new status and attempt (this
+-- record's own earlier write, whose reply was lost), only the message is settled. On any other
+-- mismatch the message is acked and nothing else changes. A batch never holds two records of
+-- one task (the caller keeps them apart), so the index moves and the acks of the batch are made
+-- once for all of them, after the loop. The task hashes and indexes are not in KEYS: see
+-- docs/backends/redis.md about Redis Cluster.
+-- Returns one reply per record: {'ok', dependents...} (dependents only for a terminal status),
+-- {'missing'}, or {'conflict', status, attempt}.
+local leases = KEYS[1]
+local tp, sp, dp = ARGV[3], ARGV[4], ARGV[5]
+
+local function index(status)
+  if status == 'RUNNING' then
+    return leases
   end
-else
-  apply_state(KEYS[1], KEYS[2], KEYS[3], KEYS[4], id, ARGV[4], ARGV[5], ARGV, 14,
-    tonumber(ARGV[13]))
-  redis.call('PUBLISH', ARGV[11], ARGV[12])
+  return sp .. status
 end
-local delay = tonumber(ARGV[9])
-if delay < 0 then
-  remove_message(KEYS[6], KEYS[8], KEYS[10], ARGV[8])
-else
-  give_back(KEYS[6], KEYS[7], KEYS[8], KEYS[9], ARGV[8], delay, ARGV[10])
+
+-- index key -> ids leaving it; index key -> (score, id) pairs entering it
+local leaving, entering = {}, {}
+
+local acks = {}
+-- Events are published only when someone listens (asked once, at the first event).
+local events = nil
+-- {reply, dependents key} of each record that reached a terminal status
+local terminal = {}
+local out = {}
+local i = 6
+while i <= #ARGV do
+  local id = ARGV[i]
+  local n, m = tonumber(ARGV[i + 10]), tonumber(ARGV[i + 11])
+  local first = i + 12
+  local after = first + 2 * n + m
+  local key = tp .. id
+  local status, attempt = task_status(key)
+  local r
+  if not status then
+    r = {'missing'}
+  elseif status ~= ARGV[i + 1] or not same_attempt(attempt, ARGV[i + 2]) then
+    if status ~= ARGV[i + 5] or not same_attempt(attempt, ARGV[i + 6]) then
+      acks[#acks + 1] = ARGV[i + 7]
+      r = {'conflict', status, attempt}
+    end
+  else
+    local from, to = index(ARGV[i + 1]), index(ARGV[i + 5])
+    if from ~= to then
+      push(leaving, from, id)
+    end
+    if n > 0 then
+      redis.call('HSET', key, unpack(ARGV, first, first + 2 * n - 1))
+    end
+    if m > 0 then
+      redis.call('HDEL', key, unpack(ARGV, first + 2 * n, after - 1))
+    end
+    if ARGV[i + 4] ~= '' then
+      push(entering, leases, ARGV[i + 4], id)
+    else
+      push(entering, to, ARGV[i + 3], id)
+    end
+    if events == nil then
+      events = listened(ARGV[2])
+    end
+    if events then
+      redis.call('PUBLISH', ARGV[2], ARGV[i + 9])
+    end
+  end
+  if not r then
+    local delay = tonumber(ARGV[i + 8])
+    if delay < 0 then
+      acks[#acks + 1] = ARGV[i + 7]
+    else
+      give_back(KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[i + 7], delay, ARGV[1])
+    end
+    r = {'ok'}
+    local s = ARGV[i + 5]
+    if s == 'COMPLETED' or s == 'FAILED' or s == 'CANCELLED' then
+      terminal[#terminal + 1] = {r, dp .. id}
+    end
+  end
+  out[#out + 1] = r
+  i = after
 end
-local s = ARGV[6]
-if s == 'COMPLETED' or s == 'FAILED' or s == 'CANCELLED' then
-  local deps = redis.call('ZRANGE', KEYS[5], 0, -1)
-  table.insert(deps, 1, 'ok')
-  return deps
+
+for key, ids in pairs(leaving) do
+  call_chunked('ZREM', key, ids)
 end
-return {'ok'}
+for key, pairs_ in pairs(entering) do
+  call_chunked('ZADD', key, pairs_)
+end
+
+-- The acks, as remove_message for each (one ZREM per receipt: its reply says whether that
+-- delivery was live, so a stale receipt never deletes the body of a newer delivery), and one
+-- HDEL for the bodies.
+if #acks > 0 then
+  local ids = {}
+  for j = 1, #acks do
+    if take_live(KEYS[2], KEYS[4], acks[j]) then
+      ids[#ids + 1] = string.match(acks[j], '^(%d+):')
+    end
+  end
+  if #ids > 0 then
+    redis.call('HDEL', KEYS[6], unpack(ids))
+  end
+end
+
+if #terminal > 0 then
+  local keys = {}
+  for j = 1, #terminal do
+    keys[j] = terminal[j][2]
+  end
+  if redis.call('EXISTS', unpack(keys)) > 0 then
+    for j = 1, #terminal do
+      local deps = redis.call('ZRANGE', keys[j], 0, -1)
+      local r = terminal[j][1]
+      for k = 1, #deps do
+        r[#r + 1] = deps[k]
+      end
+    end
+  end
+end
+return out

@@ -8,21 +8,40 @@
 -- Returns one 1 (created) or 0 (the id was taken) per task.
 local tp = ARGV[2]
 local was_empty = redis.call('ZCARD', KEYS[1]) == 0
-local out = {}
-local new = {}
-local pending = {}
+local events = listened(ARGV[3])
+-- One EXISTS for the whole batch: only when some id is taken is each one asked about.
+local keys = {}
 local i = 4
 while i <= #ARGV do
+  keys[#keys + 1] = tp .. ARGV[i]
+  i = i + 5 + 2 * tonumber(ARGV[i + 4])
+end
+local taken = 0
+for j = 1, #keys, 1000 do
+  taken = taken + redis.call('EXISTS', unpack(keys, j, math.min(#keys, j + 999)))
+end
+local out = {}
+local new = {}
+local seen = {}
+local pending = {}
+local k = 0
+i = 4
+while i <= #ARGV do
   local id, n = ARGV[i], tonumber(ARGV[i + 4])
-  local key = tp .. id
-  if redis.call('EXISTS', key) == 1 then
+  k = k + 1
+  local key = keys[k]
+  -- (a batch may name one id twice: the second finds the hash the first created)
+  if taken > 0 and redis.call('EXISTS', key) == 1 or seen[id] then
     out[#out + 1] = 0
   else
     redis.call('HSET', key, unpack(ARGV, i + 5, i + 4 + 2 * n))
-    redis.call('PUBLISH', ARGV[3], ARGV[i + 3])
+    if events then
+      redis.call('PUBLISH', ARGV[3], ARGV[i + 3])
+    end
     pending[#pending + 1] = ARGV[i + 1]
     pending[#pending + 1] = id
     new[#new + 1] = i
+    seen[id] = true
     out[#out + 1] = 1
   end
   i = i + 5 + 2 * n

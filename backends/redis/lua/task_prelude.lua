@@ -15,6 +15,19 @@ local function task_status(key, ...)
   return status, cur[2] or '0', cur
 end
 
+-- Appends `a` (and `b`, if given) to the list t[key], creating the list.
+local function push(t, key, a, b)
+  local l = t[key]
+  if not l then
+    l = {}
+    t[key] = l
+  end
+  l[#l + 1] = a
+  if b then
+    l[#l + 1] = b
+  end
+end
+
 -- Whether a stored attempt (text) is the expected one: compared as text first (we write plain
 -- decimal), as numbers only when the texts differ (a value edited by hand, such as ' 1').
 local function same_attempt(stored, expected)
