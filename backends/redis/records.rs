@@ -33,7 +33,7 @@ pub(crate) const BATCH_MAX: usize = 64;
 /// Most argument bytes in one batch (a batch's first record is always taken, however large).
 pub(crate) const BATCH_BYTES: usize = 1024 * 1024;
 /// Batches on their way at once.
-pub(crate) const IN_FLIGHT: usize = 2;
+pub(crate) const IN_FLIGHT: usize = 1;
 
 /// One record waiting for its batch.
 struct Job {

@@ -27,7 +27,10 @@ use super::retry::{with_backend_retry, Backoff};
 pub struct WorkerConfig {
     /// This worker's id, recorded as `worker_id` on the tasks it claims.
     pub worker_id: String,
-    /// Tasks run at once (slots), across all queues. Also the most messages fetched at once.
+    /// Tasks run at once (slots), across all queues. Also the most messages fetched at once
+    /// for running. A slot is free again as soon as its handler returns: the outcome is
+    /// recorded while the slot runs the next task, so up to `concurrency` more messages (of
+    /// finished tasks whose outcome is on its way) can be held at a time.
     pub concurrency: usize,
     /// How long a claim lasts without a heartbeat (bus lease and registry lease).
     pub lease: Duration,
@@ -123,6 +126,9 @@ struct Inner {
     observer: Option<Observer>,
     in_progress: std::sync::atomic::AtomicUsize,
     claim: ClaimSpec,
+    /// Outcomes being recorded (at most `concurrency`): taken when a handler returns, before
+    /// its slot is given back.
+    recording: Arc<Semaphore>,
 }
 
 /// Serves one or more queues.
@@ -168,6 +174,9 @@ impl Worker {
                 metrics: Arc::new(WorkerMetrics::default()),
                 observer: None,
                 in_progress: Default::default(),
+                recording: Arc::new(Semaphore::new(
+                    config.concurrency.min(Semaphore::MAX_PERMITS),
+                )),
                 claim: ClaimSpec {
                     worker_id: Arc::from(config.worker_id.as_str()),
                     lease: config.lease,
@@ -298,18 +307,15 @@ impl WorkerHandle {
             .metrics
             .handed_back
             .load(std::sync::atomic::Ordering::Relaxed);
-        let mut clean = tokio::time::timeout(timeout, self.slots.acquire_many(total))
+        let mut clean = tokio::time::timeout(timeout, self.idle(total))
             .await
             .is_ok();
         if !clean {
             tracing::warn!(worker_id = %self.inner.worker_id, running = self.running(), "shutdown deadline reached; handing running tasks back");
             let _ = self.abandon_tx.send(true);
-            clean = tokio::time::timeout(
-                self.inner.config.backend_retry_budget,
-                self.slots.acquire_many(total),
-            )
-            .await
-            .is_ok();
+            clean = tokio::time::timeout(self.inner.config.backend_retry_budget, self.idle(total))
+                .await
+                .is_ok();
         }
         for l in self.loops.iter() {
             l.abort();
@@ -325,6 +331,13 @@ impl WorkerHandle {
             clean,
             metrics: self.inner.metrics.snapshot(),
         }
+    }
+
+    /// Resolves when no slot runs a task and no outcome is being recorded (the fetch loops
+    /// are stopped first, so none starts again).
+    async fn idle(&self, total: u32) {
+        let _slots = self.slots.acquire_many(total).await;
+        let _recording = self.inner.recording.acquire_many(total).await;
     }
 
     /// Stops everything at once without recording anything, as if the process had crashed:
@@ -413,13 +426,12 @@ async fn fetch_loop(
             let abandon = abandon.clone();
             let mut kill = kill.clone();
             tokio::spawn(async move {
-                let _permit: OwnedSemaphorePermit = permit;
                 let _busy = InProgress::enter(&inner.in_progress);
                 tokio::select! {
                     _ = kill.changed() => {}
                     // Boxed: the processing future is large, and tokio moves a spawned future
                     // several times; moving a pointer instead is measurably cheaper.
-                    _ = Box::pin(process(&inner, handler, delivery, claim, abandon)) => {}
+                    _ = Box::pin(process(&inner, handler, delivery, claim, abandon, permit)) => {}
                 }
             });
         }
@@ -463,8 +475,9 @@ async fn process(
     delivery: Delivery,
     claim: Option<Claim>,
     abandon: watch::Receiver<bool>,
+    slot: OwnedSemaphorePermit,
 ) {
-    if let Err(e) = process_inner(inner, handler, &delivery, claim, abandon).await {
+    if let Err(e) = process_inner(inner, handler, &delivery, claim, abandon, slot).await {
         // The message was neither acked nor nacked: its lease will end and it will be
         // delivered again; the registry lease likewise lets the monitor recover the task.
         tracing::error!(
@@ -482,6 +495,7 @@ async fn process_inner(
     d: &Delivery,
     claim: Option<Claim>,
     abandon: watch::Receiver<bool>,
+    slot: OwnedSemaphorePermit,
 ) -> Result<()> {
     let bus = inner.backends.bus.as_ref();
     let tasks = inner.backends.tasks().as_ref();
@@ -523,6 +537,10 @@ async fn process_inner(
         started.elapsed().as_micros() as u64,
         std::sync::atomic::Ordering::Relaxed,
     );
+    // The handler is done: the slot runs the next task while this outcome is recorded (the
+    // recording permit bounds how many are, and a shutdown waits for them).
+    let _recording = inner.recording.clone().acquire_owned().await;
+    drop(slot);
     let now = Utc::now();
     match outcome {
         Outcome::LeaseLost => {

@@ -561,6 +561,61 @@ pub async fn graceful_shutdown_loses_nothing(b: &Backends) {
     assert!(c.values().all(|n| *n == 1), "a task completed twice: {c:?}");
 }
 
+/// A slot is free as soon as its handler returns, while the outcome is still being recorded:
+/// a graceful shutdown waits for those records too, so every task whose handler returned is
+/// COMPLETED when it returns (none is left RUNNING for another worker to run again).
+pub async fn shutdown_waits_for_the_outcomes_being_recorded(b: &Backends) {
+    let ran: Arc<Mutex<Vec<TaskId>>> = Arc::default();
+    let handler = {
+        let ran = ran.clone();
+        handler_fn(move |ctx: TaskContext| {
+            let ran = ran.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                ran.lock().push(ctx.task.task_id.clone());
+                Ok::<_, TaskError>(json!("ok"))
+            }
+        })
+    };
+    let d = Dispatcher::new(b.clone());
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        ids.push(
+            d.dispatch("record_q", json!({ "i": i }), 5, DispatchOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let w = Worker::new(b.clone(), quick_config("recorder", 4))
+        .handle("record_q", handler)
+        .unwrap()
+        .start()
+        .unwrap();
+    eventually("4 tasks running", LIMIT, || async {
+        match w.running() {
+            4 => Ok(()),
+            n => Err(format!("{n} running")),
+        }
+    })
+    .await;
+    let report = w.shutdown_within(Duration::from_secs(10)).await;
+    assert!(report.clean, "{report:?}");
+    let ran = ran.lock().clone();
+    assert!(
+        !ran.is_empty(),
+        "the handlers ran before the shutdown ended"
+    );
+    for id in &ids {
+        let t = b.registry.get(id).await.unwrap().expect("stored");
+        let want = if ran.contains(id) {
+            TaskStatus::Completed
+        } else {
+            TaskStatus::Pending
+        };
+        assert_eq!(t.status(), want, "task {id} after the shutdown");
+    }
+}
+
 /// A task handed back by a worker shutting down keeps all its attempts: with `max_attempts` 2,
 /// a hand-back and then one failure still leave the retry that completes it.
 pub async fn hand_back_on_shutdown_costs_no_attempt(b: &Backends) {
@@ -823,6 +878,7 @@ macro_rules! engine_suite {
                 typed_handler_fails_bad_payload_without_retry,
                 malformed_message_is_dead_lettered_and_worker_keeps_running,
                 graceful_shutdown_loses_nothing,
+                shutdown_waits_for_the_outcomes_being_recorded,
                 hand_back_on_shutdown_costs_no_attempt,
                 cancelled_task_never_runs,
                 dispatcher_rejects_bad_input_with_typed_errors,
