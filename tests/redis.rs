@@ -1247,14 +1247,10 @@ fn create_many_reports_each_existing_task_on_its_own() {
 // ---------------------------------------------------------------------------------------------
 // The hot path's batching (submit, record) and its events
 
-/// Submits `t` to the queue `research` and claims it in a fetch.
-async fn submit_and_claim(b: &Backends, t: &Task) -> (Delivery, Task) {
-    b.tasks()
-        .submit(std::slice::from_ref(t))
-        .await
-        .expect("submit");
+/// Fetches and claims up to `max` messages of the queue `research` (one fetch_claim).
+async fn fetch_claim_research(b: &Backends, max: usize) -> Vec<(Delivery, Option<Claim>)> {
     let options = FetchOptions {
-        max: 1,
+        max,
         wait: Duration::from_secs(5),
         lease: Duration::from_secs(60),
     };
@@ -1262,11 +1258,20 @@ async fn submit_and_claim(b: &Backends, t: &Task) -> (Delivery, Task) {
         worker_id: "w-batch".into(),
         lease: Duration::from_secs(60),
     };
-    let (d, c) = b
-        .tasks()
+    b.tasks()
         .fetch_claim(&queue("research"), options, &spec)
         .await
         .expect("fetch_claim")
+}
+
+/// Submits `t` to the queue `research` and claims it in a fetch.
+async fn submit_and_claim(b: &Backends, t: &Task) -> (Delivery, Task) {
+    b.tasks()
+        .submit(std::slice::from_ref(t))
+        .await
+        .expect("submit");
+    let (d, c) = fetch_claim_research(b, 1)
+        .await
         .pop()
         .expect("one delivery");
     match c {
@@ -1330,6 +1335,74 @@ fn two_records_of_one_task_at_once_are_applied_once() {
         assert_eq!(stored.state, next);
         let s = b.bus.stats(&queue("research")).await.expect("stats");
         assert_eq!((s.waiting, s.in_flight), (0, 0), "{s:?}");
+    });
+}
+
+/// A task key that holds no hash (written by hand) fails only what touches it: the claim of its
+/// message comes back malformed (the worker dead-letters it) while the other messages of the
+/// fetch are claimed, and its record fails alone while the records sent with it apply in full.
+#[test]
+fn a_task_key_that_is_no_hash_fails_only_its_own_claim_and_record() {
+    on_shared_redis("wrongtype", |b, prefix| async move {
+        let url = broker_url(BrokerKind::Redis).await;
+        let mut raw = raw_connection(&url).await;
+        let spoil = |id: &TaskId| {
+            let mut set = redis::cmd("SET");
+            set.arg(format!("{prefix}task_registry:{id}"))
+                .arg("not a hash");
+            set
+        };
+        // A claim: one of three messages names a task whose key is a string.
+        let tasks: Vec<Task> = (0..3).map(|i| new_task(json!({ "i": i }), 5)).collect();
+        b.tasks().submit(&tasks).await.expect("submit");
+        spoil(&tasks[1].task_id)
+            .exec_async(&mut raw)
+            .await
+            .expect("SET");
+        let got = fetch_claim_research(&b, 3).await;
+        assert_eq!(got.len(), 3);
+        let mut running = Vec::new();
+        for (d, c) in got {
+            match c {
+                Some(Claim::Claimed(t)) => running.push((d, t)),
+                Some(Claim::Malformed(why)) => {
+                    assert!(why.contains(tasks[1].task_id.as_str()), "{why}");
+                    assert!(why.contains("WRONGTYPE"), "{why}");
+                }
+                other => panic!("unexpected claim {other:?}"),
+            }
+        }
+        assert_eq!(running.len(), 2, "the two readable tasks are claimed");
+        // Records: the first task's key is spoiled after its claim; three records at once.
+        let (d0, t0) = &running[0];
+        let (d1, t1) = &running[1];
+        let extra = new_task(json!({}), 5);
+        let (d2, t2) = submit_and_claim(&b, &extra).await;
+        spoil(&t0.task_id).exec_async(&mut raw).await.expect("SET");
+        let (r0, r1, r2) = tokio::join!(
+            b.tasks()
+                .record(d0, t0, completed_with(t0, json!(0)), Settle::Ack),
+            b.tasks()
+                .record(d1, t1, completed_with(t1, json!(1)), Settle::Ack),
+            b.tasks()
+                .record(&d2, &t2, completed_with(&t2, json!(2)), Settle::Ack),
+        );
+        match r0 {
+            Err(e) => assert!(e.to_string().contains("WRONGTYPE"), "{e}"),
+            Ok(r) => panic!("a record over a string key succeeded: {r:?}"),
+        }
+        for (r, t) in [(r1, t1), (r2, &t2)] {
+            let r = r.expect("the other records apply");
+            let stored = b
+                .registry
+                .get(&t.task_id)
+                .await
+                .expect("get")
+                .expect("stored");
+            assert_eq!(stored, r.task);
+        }
+        let counts = b.registry.counts().await.expect("counts");
+        assert_eq!(counts.get(TaskStatus::Completed), 2, "{counts:?}");
     });
 }
 

@@ -56,7 +56,7 @@ impl RedisTaskQueue {
         claimed: impl FnOnce(&TaskState) -> TaskState,
     ) -> Result<Claim> {
         // The script puts the tag last.
-        let (tag, it) = match reply {
+        let (tag, mut it) = match reply {
             Value::Array(mut v) => (v.pop(), v.into_iter()),
             other => {
                 return Err(Error::permanent(
@@ -85,6 +85,12 @@ impl RedisTaskQueue {
                 codec::field_map(it.collect())?,
             )?)),
             "missing" => Ok(Claim::Missing(id)),
+            "unreadable" => {
+                let why = it.nth(1).map(text).transpose()?.unwrap_or_default();
+                Ok(Claim::Malformed(format!(
+                    "the registry entry of task {id} cannot be read: {why}"
+                )))
+            }
             "malformed" => Ok(Claim::Malformed(format!(
                 "malformed message {:?}: expected {{\"task_id\": \"...\"}}",
                 String::from_utf8_lossy(&d.payload[..d.payload.len().min(80)])
@@ -401,6 +407,14 @@ impl TaskQueue for RedisTaskQueue {
             }
             "missing" => Err(Error::TaskNotFound(id.clone())),
             "conflict" => Err(conflict_reply(id, &expected, it)?),
+            "error" => Err(Error::permanent(
+                BACKEND,
+                format!(
+                    "record of task {id}: {}",
+                    it.next().map(text).transpose()?.unwrap_or_default()
+                ),
+                None,
+            )),
             other => Err(Error::permanent(
                 BACKEND,
                 format!("record script returned {other:?}"),

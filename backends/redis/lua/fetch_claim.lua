@@ -11,8 +11,8 @@
 -- see docs/backends/redis.md about Redis Cluster.
 -- Returns {fetch reply, claims} where claims[i] is, for the i-th delivered message,
 -- {field, value, ..., 'claimed'} (the task as it was before the claim), {field, value, ...,
--- 'unclaimable'}, {task id, 'missing'} or {'malformed'}: the tag comes last (appending is
--- cheaper than inserting in front).
+-- 'unclaimable'}, {task id, 'missing'}, {task id, error, 'unreadable'} (the task key holds no
+-- hash) or {'malformed'}: the tag comes last (appending is cheaper than inserting in front).
 local out = lease_batch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], tonumber(ARGV[1]),
   tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6])
 local tp, sp, leases = ARGV[7], ARGV[8], ARGV[9]
@@ -42,7 +42,12 @@ local function claim(body)
     return {'malformed'}
   end
   local key = tp .. id
-  local all = redis.call('HGETALL', key)
+  -- pcall: a task key that holds no hash (written by hand) makes this claim unreadable, not
+  -- the whole script fail after its fetch already leased the batch.
+  local all = redis.pcall('HGETALL', key)
+  if all.err then
+    return {id, all.err, 'unreadable'}
+  end
   if #all == 0 then
     return {id, 'missing'}
   end

@@ -16,7 +16,8 @@
 -- once for all of them, after the loop. The task hashes and indexes are not in KEYS: see
 -- docs/backends/redis.md about Redis Cluster.
 -- Returns one reply per record: {'ok', dependents...} (dependents only for a terminal status),
--- {'missing'}, or {'conflict', status, attempt}.
+-- {'missing'}, {'conflict', status, attempt}, or {'error', message} (the task key holds no hash;
+-- nothing was changed for that record).
 local leases = KEYS[1]
 local tp, sp, dp = ARGV[3], ARGV[4], ARGV[5]
 
@@ -43,9 +44,19 @@ while i <= #ARGV do
   local first = i + 12
   local after = first + 2 * n + m
   local key = tp .. id
-  local status, attempt = task_status(key)
-  local r
-  if not status then
+  -- pcall: a key that is not a hash (written by hand) fails this record alone. A script that
+  -- raises an error keeps what it wrote before, so the batch's other records must not stop
+  -- half-done (their index moves and acks come after the loop).
+  local cur = redis.pcall('HMGET', key, 'status', 'attempt')
+  local status, attempt, r
+  if cur.err then
+    r = {'error', cur.err}
+  else
+    status, attempt = status_of(cur)
+  end
+  if r then
+    -- (nothing changed: the caller gets the error)
+  elseif not status then
     r = {'missing'}
   elseif status ~= ARGV[i + 1] or not same_attempt(attempt, ARGV[i + 2]) then
     if status ~= ARGV[i + 5] or not same_attempt(attempt, ARGV[i + 6]) then

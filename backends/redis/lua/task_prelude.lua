@@ -1,10 +1,9 @@
 -- Shared by the registry scripts that change a task's state (prepended at build time).
 
--- Reads a task's status (the lab wrote 'TaskStatus.PENDING': read as 'PENDING') and attempt
--- (as stored: we write it in decimal; the lab wrote none, which reads as '0'), plus the named
--- extra fields. Returns nil when the task does not exist.
-local function task_status(key, ...)
-  local cur = redis.call('HMGET', key, 'status', 'attempt', ...)
+-- The status (the lab wrote 'TaskStatus.PENDING': read as 'PENDING') and attempt (as stored:
+-- we write it in decimal; the lab wrote none, which reads as '0') of an `HMGET key status
+-- attempt ...` reply, and the reply. Nil when the task does not exist.
+local function status_of(cur)
   local status = cur[1]
   if not status then
     return nil
@@ -13,6 +12,11 @@ local function task_status(key, ...)
     status = string.gsub(status, '^TaskStatus%.', '')
   end
   return status, cur[2] or '0', cur
+end
+
+-- Reads a task's status and attempt, plus the named extra fields (as status_of).
+local function task_status(key, ...)
+  return status_of(redis.call('HMGET', key, 'status', 'attempt', ...))
 end
 
 -- Appends `a` (and `b`, if given) to the list t[key], creating the list.
