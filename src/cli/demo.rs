@@ -21,14 +21,15 @@ use tokio::sync::{mpsc, Notify};
 use super::output::{clock, short_json};
 use super::{CliError, Ctx, Output};
 
+/// The demo's queues, one per part that has its own.
+const LIFECYCLE: &str = "lifecycle";
+const RESEARCH: &str = "research_tasks";
+const WRITING: &str = "writing_tasks";
+const TRIAGE: &str = "triage";
+const FRAGILE: &str = "fragile";
+
 /// The queues the demo uses (its namespace is deleted at the end, on a broker).
-const DEMO_QUEUES: [&str; 5] = [
-    "lifecycle",
-    "research_tasks",
-    "writing_tasks",
-    "triage",
-    "fragile",
-];
+const DEMO_QUEUES: [&str; 5] = [LIFECYCLE, RESEARCH, WRITING, TRIAGE, FRAGILE];
 
 /// Every wait in the demo is bounded by this, so a broken backend fails instead of hanging.
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -251,7 +252,7 @@ impl Demo {
         let id = self
             .dispatcher
             .dispatch(
-                "lifecycle",
+                LIFECYCLE,
                 json!({"topic": "quantum computing"}),
                 5,
                 DispatchOptions::default(),
@@ -270,7 +271,7 @@ impl Demo {
             self.backends.clone(),
             worker_config("demo-worker", 1, Duration::from_secs(10)),
         )
-        .handle("lifecycle", handler)?
+        .handle(LIFECYCLE, handler)?
         .start()?;
         within("the worker to claim the task", started_rx.recv()).await?;
         let running = self.get(&id).await?;
@@ -298,7 +299,7 @@ impl Demo {
         );
         self.say("      heartbeats renewing the lease, then COMPLETED with its result.");
         self.summary.insert(
-            "lifecycle".into(),
+            LIFECYCLE.into(),
             json!({"task_id": id, "records": [pending, running, done]}),
         );
         Ok(())
@@ -346,7 +347,7 @@ impl Demo {
         let research_id = self
             .dispatcher
             .dispatch(
-                "research_tasks",
+                RESEARCH,
                 json!({"topic": "AI agents in logistics"}),
                 5,
                 DispatchOptions::default(),
@@ -355,7 +356,7 @@ impl Demo {
         let writer_id = self
             .dispatcher
             .dispatch(
-                "writing_tasks",
+                WRITING,
                 json!({"style": "short"}),
                 5,
                 DispatchOptions::default().after([research_id.clone()]),
@@ -378,8 +379,8 @@ impl Demo {
             self.backends.clone(),
             worker_config("demo-agents", 2, Duration::from_secs(10)),
         )
-        .handle("research_tasks", researcher)?
-        .handle("writing_tasks", writer)?
+        .handle(RESEARCH, researcher)?
+        .handle(WRITING, writer)?
         .start()?;
         let research = self.wait(&research_id).await?;
         let n = research
@@ -435,7 +436,7 @@ impl Demo {
             let id = self
                 .dispatcher
                 .dispatch(
-                    "triage",
+                    TRIAGE,
                     json!({"title": title}),
                     p,
                     DispatchOptions::default(),
@@ -466,7 +467,7 @@ impl Demo {
             self.backends.clone(),
             worker_config("demo-triage", 1, Duration::from_secs(10)),
         )
-        .handle("triage", handler)?
+        .handle(TRIAGE, handler)?
         .start()?;
         for id in &ids {
             self.wait(id).await?;
@@ -536,13 +537,13 @@ impl Demo {
                 self.backends.clone(),
                 worker_config("demo-doomed", 1, lease),
             )
-            .handle("fragile", stuck)?
+            .handle(FRAGILE, stuck)?
             .start()?
         };
         let id = self
             .dispatcher
             .dispatch(
-                "fragile",
+                FRAGILE,
                 json!({"job": "long analysis"}),
                 5,
                 DispatchOptions::default(),
@@ -594,7 +595,7 @@ impl Demo {
             self.backends.clone(),
             worker_config("demo-rescuer", 1, Duration::from_secs(10)),
         )
-        .handle("fragile", finish)?
+        .handle(FRAGILE, finish)?
         .start()?;
         let done = self.wait(&id).await?;
         // The killed worker's own delivery comes back when its bus lease ends: the rescuer
