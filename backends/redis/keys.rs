@@ -166,18 +166,23 @@ mod tests {
         assert_eq!(slot("foo{{bar}}zap"), slot("{bar"));
     }
 
+    /// Every key of a queue that holds data (not the wake channel).
+    fn stored(q: &QueueKeys) -> Vec<String> {
+        vec![
+            q.ready.clone(),
+            q.delayed.clone(),
+            q.inflight.clone(),
+            q.seq.clone(),
+            q.dead.clone(),
+            q.bodies.clone(),
+        ]
+    }
+
     #[test]
     fn every_key_of_a_queue_shares_one_slot_with_any_prefix() {
         for prefix in ["", "app:", "{orchestra}:"] {
             let q = QueueKeys::new(prefix, &QueueName::parse("research").unwrap());
-            let keys = vec![
-                q.ready.clone(),
-                q.delayed.clone(),
-                q.inflight.clone(),
-                q.seq.clone(),
-                q.dead.clone(),
-                q.bodies.clone(),
-            ];
+            let keys = stored(&q);
             assert!(same_slot(&keys), "prefix {prefix:?}: {keys:?}");
         }
         let a = QueueKeys::new("", &QueueName::parse("research").unwrap());
@@ -202,13 +207,8 @@ mod tests {
             dependents(prefix, &id),
             lock(prefix, "monitor"),
             fence(prefix, "monitor"),
-            q.ready.clone(),
-            q.delayed.clone(),
-            q.inflight.clone(),
-            q.seq.clone(),
-            q.dead.clone(),
-            q.bodies.clone(),
         ];
+        all.extend(stored(&q));
         all.extend(TaskStatus::ALL.iter().map(|s| status_index(prefix, *s)));
         for key in all {
             assert_eq!(
