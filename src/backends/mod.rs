@@ -65,6 +65,13 @@ impl Backends {
         &self.tasks
     }
 
+    /// The same roles with another hot path: for a layer around [`Backends::tasks`] (metrics,
+    /// tracing, fault injection in tests). The layer must keep the [`TaskQueue`] contract.
+    pub fn with_task_queue(mut self, tasks: Arc<dyn TaskQueue>) -> Self {
+        self.tasks = tasks;
+        self
+    }
+
     /// A fresh, private in-memory bundle (the embedded default).
     pub fn memory() -> Self {
         let opts = ConnectOptions::default();

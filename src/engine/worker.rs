@@ -290,7 +290,8 @@ impl WorkerHandle {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Graceful shutdown: stops fetching at once, lets running tasks finish until
+    /// Graceful shutdown: stops fetching (a fetch already on its way is awaited, and the tasks
+    /// it brought are handed back unrun), lets running tasks finish until
     /// `shutdown_timeout`, then hands the rest back to their queues (RUNNING → PENDING, message
     /// released) so that another worker runs them. Nothing is lost.
     pub async fn shutdown(self) -> ShutdownReport {
@@ -393,10 +394,15 @@ async fn fetch_loop(
             wait,
             lease: inner.config.lease,
         };
-        let fetched = tokio::select! {
-            _ = stop.changed() => return,
-            r = inner.backends.tasks().fetch_claim(&queue, options, &inner.claim) => r,
-        };
+        // Not cancelled by a stop: once sent, the fetch may already have leased and claimed
+        // tasks (a script that ran, a reply on its way), and dropping it would leave them
+        // RUNNING until their lease ends. A stop waits for it (at most `fetch_wait` and a
+        // round trip) and hands what it brought back below.
+        let fetched = inner
+            .backends
+            .tasks()
+            .fetch_claim(&queue, options, &inner.claim)
+            .await;
         let deliveries = match fetched {
             Ok(d) => {
                 errors = 0;
@@ -420,8 +426,17 @@ async fn fetch_loop(
             deliveries.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        let stopping = *stop.borrow();
         for ((delivery, claim), permit) in deliveries.into_iter().zip(permits.drain(..)) {
             let inner = inner.clone();
+            if stopping {
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    let _busy = InProgress::enter(&inner.in_progress);
+                    return_unstarted(&inner, handler, delivery, claim, permit).await;
+                });
+                continue;
+            }
             let handler = handler.clone();
             let abandon = abandon.clone();
             let mut kill = kill.clone();
@@ -436,6 +451,57 @@ async fn fetch_loop(
             });
         }
     }
+}
+
+/// A delivery fetched while the worker was stopping: its task is handed back unrun (a claimed
+/// task goes back to PENDING at no attempt's cost, an unclaimed message is released at once);
+/// deliveries that would not run a handler anyway (malformed, missing or unclaimable tasks)
+/// are settled as usual.
+async fn return_unstarted(
+    inner: &Inner,
+    handler: Arc<dyn Handler>,
+    delivery: Delivery,
+    claim: Option<Claim>,
+    slot: OwnedSemaphorePermit,
+) {
+    let result = match claim {
+        Some(Claim::Claimed(running)) => hand_back(inner, &delivery, &running).await,
+        None => {
+            let bus = inner.backends.bus.as_ref();
+            step(inner, "release", || bus.nack(&delivery, Duration::ZERO)).await
+        }
+        Some(other) => {
+            // Settled without running the handler (only a claimed task runs it).
+            let (_, abandon) = watch::channel(true);
+            process(inner, handler, delivery, Some(other), abandon, slot).await;
+            return;
+        }
+    };
+    drop(slot);
+    if let Err(e) = result {
+        tracing::error!(queue = %delivery.queue, message_id = %delivery.message_id, error = %e, "could not hand back a task fetched during shutdown; it will be redelivered when its lease ends");
+    }
+}
+
+/// Hands a claimed task back to its queue (RUNNING → PENDING, message released at once) without
+/// charging the attempt: a worker shutting down.
+async fn hand_back(inner: &Inner, d: &Delivery, running: &Task) -> Result<()> {
+    let next = TaskState {
+        status: TaskStatus::Pending,
+        handed_back: running.state.handed_back + 1,
+        error: Some("handed back by a worker shutting down".into()),
+        lease_until: None,
+        updated_at: Utc::now(),
+        ..running.state.clone()
+    };
+    if record(inner, d, running, next, Settle::Nack(Duration::ZERO))
+        .await?
+        .is_some()
+    {
+        WorkerMetrics::inc(&inner.metrics.handed_back);
+        tracing::info!(task_id = %running.task_id, "handed back on shutdown");
+    }
+    Ok(())
 }
 
 /// Counts a delivery as being processed while alive.
@@ -548,22 +614,7 @@ async fn process_inner(
             tracing::warn!(task_id = %id, attempt, "lease lost to a newer attempt; discarding this attempt");
             step(inner, "ack", || bus.ack(d)).await
         }
-        Outcome::Abandoned => {
-            let next = TaskState {
-                status: TaskStatus::Pending,
-                handed_back: running.state.handed_back + 1,
-                error: Some("handed back by a worker shutting down".into()),
-                lease_until: None,
-                updated_at: now,
-                ..running.state.clone()
-            };
-            let done = record(inner, d, &running, next, Settle::Nack(Duration::ZERO)).await?;
-            if done.is_some() {
-                WorkerMetrics::inc(&inner.metrics.handed_back);
-                tracing::info!(task_id = %id, "handed back on shutdown");
-            }
-            Ok(())
-        }
+        Outcome::Abandoned => hand_back(inner, d, &running).await,
         Outcome::Done(Ok(result)) => {
             let next = TaskState {
                 status: TaskStatus::Completed,

@@ -616,6 +616,128 @@ pub async fn shutdown_waits_for_the_outcomes_being_recorded(b: &Backends) {
     }
 }
 
+/// A hot path whose fetch replies arrive `delay` late: the fetch has leased and claimed its
+/// tasks on the backend, and the worker is still waiting for the answer.
+#[derive(Debug)]
+struct LateFetchReply {
+    inner: Arc<dyn crate::task_queue::TaskQueue>,
+    delay: Duration,
+    fetched: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl crate::task_queue::TaskQueue for LateFetchReply {
+    async fn submit(&self, tasks: &[crate::model::Task]) -> crate::Result<Vec<crate::Result<()>>> {
+        self.inner.submit(tasks).await
+    }
+
+    async fn fetch_claim(
+        &self,
+        queue: &QueueName,
+        options: crate::bus::FetchOptions,
+        spec: &crate::task_queue::ClaimSpec,
+    ) -> crate::Result<Vec<(crate::bus::Delivery, Option<crate::task_queue::Claim>)>> {
+        let r = self.inner.fetch_claim(queue, options, spec).await;
+        if matches!(&r, Ok(d) if !d.is_empty()) {
+            self.fetched.notify_one();
+            tokio::time::sleep(self.delay).await;
+        }
+        r
+    }
+
+    async fn claim(
+        &self,
+        delivery: &crate::bus::Delivery,
+        spec: &crate::task_queue::ClaimSpec,
+    ) -> crate::Result<crate::task_queue::Claim> {
+        self.inner.claim(delivery, spec).await
+    }
+
+    async fn record(
+        &self,
+        delivery: &crate::bus::Delivery,
+        current: &crate::model::Task,
+        next: crate::model::TaskState,
+        settle: crate::task_queue::Settle,
+    ) -> crate::Result<crate::task_queue::Recorded> {
+        self.inner.record(delivery, current, next, settle).await
+    }
+}
+
+/// A shutdown that comes while a fetch's reply is on its way waits for it and hands the tasks
+/// it brought back unrun, at no attempt's cost: none is left RUNNING until its lease ends, and
+/// another worker completes them all.
+pub async fn shutdown_hands_back_what_a_fetch_on_its_way_claimed(b: &Backends) {
+    let d = Dispatcher::new(b.clone());
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            d.dispatch("late_q", json!({ "i": i }), 5, DispatchOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let late = Arc::new(LateFetchReply {
+        inner: b.tasks().clone(),
+        delay: Duration::from_millis(500),
+        fetched: tokio::sync::Notify::new(),
+    });
+    let slow = b.clone().with_task_queue(late.clone());
+    let ran = Arc::new(AtomicU32::new(0));
+    let handler = {
+        let ran = ran.clone();
+        handler_fn(move |_ctx: TaskContext| {
+            let ran = ran.clone();
+            async move {
+                ran.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, TaskError>(json!("ran"))
+            }
+        })
+    };
+    let w = Worker::new(slow, quick_config("late-reply", 3))
+        .handle("late_q", handler.clone())
+        .unwrap()
+        .start()
+        .unwrap();
+    tokio::time::timeout(LIMIT, late.fetched.notified())
+        .await
+        .expect("the worker fetched");
+    let report = w.shutdown_within(Duration::from_secs(10)).await;
+    assert!(report.clean, "{report:?}");
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "no handler ran");
+    let mut handed_back = 0;
+    for id in &ids {
+        let t = d.get(id).await.unwrap();
+        assert_ne!(
+            t.status(),
+            TaskStatus::Running,
+            "task {id} was left RUNNING"
+        );
+        if t.state.attempt > 0 {
+            assert_eq!(t.status(), TaskStatus::Pending, "task {id}");
+            assert_eq!(
+                t.charged_attempts(),
+                0,
+                "task {id}: a hand-back costs no attempt"
+            );
+            handed_back += 1;
+        }
+    }
+    // Claimed by the fetch itself only where the backend claims in the same step.
+    assert_eq!(report.handed_back, handed_back);
+    let w2 = Worker::new(b.clone(), quick_config("after-late-reply", 3))
+        .handle("late_q", handler)
+        .unwrap()
+        .start()
+        .unwrap();
+    for id in &ids {
+        let t = d.wait(id, LIMIT).await.unwrap();
+        assert_eq!(t.status(), TaskStatus::Completed, "task {id}");
+    }
+    w2.shutdown().await;
+    assert_eq!(ran.load(Ordering::SeqCst), 3, "each task ran once");
+}
+
 /// A task handed back by a worker shutting down keeps all its attempts: with `max_attempts` 2,
 /// a hand-back and then one failure still leave the retry that completes it.
 pub async fn hand_back_on_shutdown_costs_no_attempt(b: &Backends) {
@@ -880,6 +1002,7 @@ macro_rules! engine_suite {
                 graceful_shutdown_loses_nothing,
                 shutdown_waits_for_the_outcomes_being_recorded,
                 hand_back_on_shutdown_costs_no_attempt,
+                shutdown_hands_back_what_a_fetch_on_its_way_claimed,
                 cancelled_task_never_runs,
                 dispatcher_rejects_bad_input_with_typed_errors,
                 monitor_reannounces_a_pending_task_whose_message_was_lost,
