@@ -221,7 +221,7 @@ impl TaskQueue for Composed {
         next: TaskState,
         settle: Settle,
     ) -> Result<Recorded> {
-        let (status, attempt) = (next.status, next.attempt);
+        let (status, attempt, updated_at) = (next.status, next.attempt, next.updated_at);
         let stored = match self
             .registry
             .transition(&current.task_id, current.expect(), next)
@@ -229,15 +229,26 @@ impl TaskQueue for Composed {
         {
             Ok(t) => t,
             // Our own write, made by an earlier call whose reply was lost: settle as intended.
-            Err(Error::Conflict {
-                actual_status,
-                actual_attempt,
-                ..
-            }) if actual_status == status && actual_attempt == attempt => self
-                .registry
-                .get(&current.task_id)
-                .await?
-                .ok_or_else(|| Error::TaskNotFound(current.task_id.clone()))?,
+            // (Same status and attempt, but another `updated_at`, is another writer's: the
+            // monitor hands an expired lease back just as a worker's retry would.)
+            Err(
+                e @ Error::Conflict {
+                    actual_status,
+                    actual_attempt,
+                    ..
+                },
+            ) if actual_status == status && actual_attempt == attempt => {
+                let stored = self
+                    .registry
+                    .get(&current.task_id)
+                    .await?
+                    .ok_or_else(|| Error::TaskNotFound(current.task_id.clone()))?;
+                if stored.state.updated_at != updated_at {
+                    self.bus.ack(delivery).await?;
+                    return Err(e);
+                }
+                stored
+            }
             Err(e @ Error::Conflict { .. }) => {
                 self.bus.ack(delivery).await?;
                 return Err(e);

@@ -937,6 +937,64 @@ async fn acl_user_and_password_come_from_the_url_and_are_never_shown() {
     }
 }
 
+/// The scripts ask `PUBSUB` whether anyone listens before publishing an event. An ACL user
+/// that may not run `PUBSUB` still runs the whole lifecycle: a refused `PUBSUB` counts as
+/// someone listening (before, the claim script stopped after its first write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_without_pubsub_runs_the_whole_lifecycle() {
+    let server = OwnRedis::start(|port, dir| {
+        plain_args(
+            port,
+            dir,
+            &[
+                "--user",
+                "bob",
+                "on",
+                ">no-pubsub-4e2",
+                "~*",
+                "&*",
+                "+@all",
+                "-pubsub",
+            ],
+        )
+    })
+    .await;
+    let url = format!("redis://bob:no-pubsub-4e2@127.0.0.1:{}", server.port);
+    let mut raw = raw_connection(&url).await;
+    let refused = redis::cmd("PUBSUB")
+        .arg("NUMPAT")
+        .query_async::<i64>(&mut raw)
+        .await;
+    assert!(refused.is_err(), "bob may not run PUBSUB: {refused:?}");
+    let b = open_url(&url, "t_nopubsub_").await;
+    let tasks: Vec<Task> = (0..4).map(|i| new_task(json!({ "i": i }), 5)).collect();
+    for r in b.tasks().submit(&tasks).await.expect("submit") {
+        r.expect("each task submitted");
+    }
+    let got = fetch_claim_research(&b, 4).await;
+    assert_eq!(got.len(), 4);
+    for (d, c) in got {
+        let running = match c {
+            Some(Claim::Claimed(t)) => t,
+            other => panic!("claimed, got {other:?}"),
+        };
+        b.tasks()
+            .record(
+                &d,
+                &running,
+                completed_with(&running, json!("done")),
+                Settle::Ack,
+            )
+            .await
+            .expect("record");
+    }
+    let counts = b.registry.counts().await.expect("counts");
+    assert_eq!(counts.get(TaskStatus::Completed), 4, "{counts:?}");
+    assert_eq!(counts.get(TaskStatus::Running), 0, "{counts:?}");
+    let stats = b.bus.stats(&queue("research")).await.expect("stats");
+    assert_eq!((stats.waiting, stats.in_flight), (0, 0), "{stats:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_refused_is_a_temporary_error() {
     let url = format!("redis://127.0.0.1:{}", free_port());
@@ -1403,6 +1461,71 @@ fn a_task_key_that_is_no_hash_fails_only_its_own_claim_and_record() {
         }
         let counts = b.registry.counts().await.expect("counts");
         assert_eq!(counts.get(TaskStatus::Completed), 2, "{counts:?}");
+    });
+}
+
+/// A status index or a dependents set whose key holds another type (written by hand) does not
+/// stop a batch of records half-way: the outcomes are stored and their messages acked, the index
+/// key is passed over (logged by Redis), and a record whose dependents cannot be read says so.
+#[test]
+fn a_spoiled_index_key_does_not_stop_a_batch_half_way() {
+    on_shared_redis("spoiled_index", |b, prefix| async move {
+        let url = broker_url(BrokerKind::Redis).await;
+        let mut raw = raw_connection(&url).await;
+        let tasks: Vec<Task> = (0..3).map(|i| new_task(json!({ "i": i }), 5)).collect();
+        b.tasks().submit(&tasks).await.expect("submit");
+        let got = fetch_claim_research(&b, 3).await;
+        let running: Vec<(Delivery, Task)> = got
+            .into_iter()
+            .map(|(d, c)| match c {
+                Some(Claim::Claimed(t)) => (d, t),
+                other => panic!("claimed, got {other:?}"),
+            })
+            .collect();
+        for key in [
+            format!("{prefix}orchestra:status:COMPLETED"),
+            format!("{prefix}orchestra:dependents:{}", running[2].1.task_id),
+        ] {
+            redis::cmd("SET")
+                .arg(key)
+                .arg("not a sorted set")
+                .exec_async(&mut raw)
+                .await
+                .expect("SET");
+        }
+        let records = running.iter().map(|(d, t)| {
+            b.tasks()
+                .record(d, t, completed_with(t, json!("done")), Settle::Ack)
+        });
+        let results = futures::future::join_all(records).await;
+        for r in &results[..2] {
+            r.as_ref().expect("recorded");
+        }
+        match &results[2] {
+            Err(e) => assert!(e.to_string().contains("WRONGTYPE"), "{e}"),
+            Ok(r) => panic!("its dependents were unreadable, got {r:?}"),
+        }
+        for (_, t) in &running {
+            let stored = b
+                .registry
+                .get(&t.task_id)
+                .await
+                .expect("get")
+                .expect("stored");
+            assert_eq!(stored.status(), TaskStatus::Completed, "{}", t.task_id);
+        }
+        let stats = b.bus.stats(&queue("research")).await.expect("stats");
+        assert_eq!(
+            (stats.waiting, stats.in_flight),
+            (0, 0),
+            "every message acked: {stats:?}"
+        );
+        let leases: i64 = redis::cmd("ZCARD")
+            .arg(format!("{prefix}orchestra:leases"))
+            .query_async(&mut raw)
+            .await
+            .expect("ZCARD");
+        assert_eq!(leases, 0, "the lease index was cleared");
     });
 }
 

@@ -22,8 +22,21 @@ fn main() -> std::process::ExitCode {
 /// (docs/performance.md). Ordinary 4 KiB pages cost more page faults and much less zeroing.
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
-    // SAFETY: PR_SET_THP_DISABLE takes plain integers and only sets a flag on this process.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    {
+        // prctl is variadic and the kernel reads each argument as an unsigned long (and refuses
+        // PR_SET_THP_DISABLE unless the last three are 0): pass them at that width.
+        let zero: libc::c_ulong = 0;
+        // SAFETY: PR_SET_THP_DISABLE takes plain integers and only sets a flag on this process.
+        // Its result is not needed: where it fails (a kernel before 3.15) the process is only
+        // slower, never wrong.
+        let _ = unsafe {
+            libc::prctl(
+                libc::PR_SET_THP_DISABLE,
+                1 as libc::c_ulong,
+                zero,
+                zero,
+                zero,
+            )
+        };
     }
 }

@@ -176,6 +176,7 @@ macro_rules! conformance_suite {
                 record_with_nack_gives_the_message_back_once,
                 record_from_a_lost_attempt_conflicts_and_acks,
                 records_made_at_once_each_get_their_own_outcome,
+                record_does_not_take_another_writers_state_for_its_own,
             ];
             locks: [
                 second_acquire_by_another_owner_gets_none,

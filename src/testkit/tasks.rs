@@ -449,6 +449,54 @@ pub async fn record_from_a_lost_attempt_conflicts_and_acks(b: &Backends) {
     queue_is_empty(b, &q).await;
 }
 
+/// A task that another writer (the monitor handing an expired lease back) already moved to the
+/// status and attempt of a worker's retry is not taken for the worker's own earlier write: the
+/// worker's record conflicts, changes nothing, and its message is acked.
+pub async fn record_does_not_take_another_writers_state_for_its_own(b: &Backends) {
+    let q = queue("other_writer");
+    let t = task("o-1", &q, 5, 3);
+    submit_all(b, std::slice::from_ref(&t)).await;
+    let (d, c) = claim_one(b, &q, &spec("w1")).await;
+    let running = claimed(c);
+    let handed_back = TaskState {
+        status: TaskStatus::Pending,
+        error: Some("lease expired".into()),
+        lease_until: None,
+        updated_at: Utc::now(),
+        ..running.state.clone()
+    };
+    let current = must(
+        "the monitor hands the task back",
+        b.registry
+            .transition(&t.task_id, running.expect(), handed_back),
+    )
+    .await;
+    let retry = TaskState {
+        status: TaskStatus::Pending,
+        error: Some("try again".into()),
+        lease_until: None,
+        updated_at: current.state.updated_at + chrono::Duration::milliseconds(3),
+        ..running.state.clone()
+    };
+    match b
+        .tasks()
+        .record(&d, &running, retry, Settle::Nack(Duration::ZERO))
+        .await
+    {
+        Err(Error::Conflict {
+            actual_status,
+            actual_attempt,
+            ..
+        }) => assert_eq!((actual_status, actual_attempt), (TaskStatus::Pending, 1)),
+        other => panic!("another writer's state is no replay of this record, got {other:?}"),
+    }
+    let stored = must("get", b.registry.get(&t.task_id))
+        .await
+        .expect("stored");
+    assert_eq!(stored, current, "nothing changed");
+    queue_is_empty(b, &q).await;
+}
+
 /// Outcomes recorded at the same moment by many worker slots (which a backend may send in one
 /// batch) each get their own reply and their own effect: completions, retries and the
 /// conflicts of attempts that lost their lease, for tasks of one queue.

@@ -100,7 +100,7 @@ local function claim(body)
     events = listened(ARGV[15])
   end
   if events then
-    redis.call('PUBLISH', ARGV[15], '{"task_id":"' .. id .. ARGV[16] .. a .. ARGV[17])
+    publish_event(ARGV[15], '{"task_id":"' .. id .. ARGV[16] .. a .. ARGV[17])
   end
   -- The task as it was: the caller applies the claim it asked for (ClaimSpec::claimed_state).
   all[#all + 1] = 'claimed'
@@ -111,10 +111,10 @@ local claims = {}
 for i = 4, #out, 2 do
   claims[#claims + 1] = claim(out[i + 1])
 end
+-- The batch is leased and its tasks claimed: an index key of another type (written by hand) must
+-- not stop the script now (its writes are kept), so it is logged and passed over.
 for status, ids in pairs(leaving) do
-  redis.call('ZREM', sp .. status, unpack(ids))
+  call_chunked_or_log('ZREM', sp .. status, ids)
 end
-if #leased > 0 then
-  redis.call('ZADD', leases, unpack(leased))
-end
+call_chunked_or_log('ZADD', leases, leased)
 return {out, claims}

@@ -76,12 +76,37 @@ end
 -- Whether a PUBLISH on `channel` reaches anyone on this server: a subscriber of the channel or
 -- of any pattern. Events are published only then (a message nobody receives costs Redis a
 -- command per task state change for nothing); a client subscribed on a replica of this server
--- does not count (docs/backends/redis.md).
+-- does not count (docs/backends/redis.md). Through pcall: a refused PUBSUB (an ACL user without
+-- it) counts as someone listening, so a script never stops half-way over an advisory event.
 local function listened(channel)
-  if redis.call('PUBSUB', 'NUMPAT') > 0 then
+  local pats = redis.pcall('PUBSUB', 'NUMPAT')
+  if type(pats) ~= 'number' or pats > 0 then
     return true
   end
-  return redis.call('PUBSUB', 'NUMSUB', channel)[2] > 0
+  local subs = redis.pcall('PUBSUB', 'NUMSUB', channel)
+  return subs.err ~= nil or not subs[2] or subs[2] > 0
+end
+
+-- Publishes an event (advisory, at most once): a refused PUBLISH drops the event instead of
+-- stopping the script after its writes.
+local function publish_event(channel, message)
+  redis.pcall('PUBLISH', channel, message)
+end
+
+-- call_chunked through pcall: an error (a key of another type, written by hand) goes to the
+-- server's log instead of stopping a script whose earlier writes are kept.
+local function call_chunked_or_log(cmd, key, args)
+  local n = #args
+  local i = 1
+  while i <= n do
+    local j = math.min(n, i + 3999)
+    local r = redis.pcall(cmd, key, unpack(args, i, j))
+    if type(r) == 'table' and r.err then
+      redis.log(redis.LOG_WARNING, 'agent-orchestra: ' .. cmd .. ' ' .. key .. ': ' .. r.err)
+      return
+    end
+    i = j + 1
+  end
 end
 
 -- redis.call(cmd, key, args...) in chunks of 4,000 arguments (unpack has a limit).

@@ -31,6 +31,31 @@ end
 -- index key -> ids leaving it; index key -> (score, id) pairs entering it
 local leaving, entering = {}, {}
 
+-- The index moves of the record at ARGV[i] (made once for the batch, after the loop).
+local function move(i, id)
+  local from, to = index(ARGV[i + 1]), index(ARGV[i + 5])
+  if from ~= to then
+    push(leaving, from, id)
+  end
+  if ARGV[i + 4] ~= '' then
+    push(entering, leases, ARGV[i + 4], id)
+  else
+    push(entering, to, ARGV[i + 3], id)
+  end
+end
+
+-- Whether the task, already at this record's new status and attempt, holds this record's own
+-- updated_at: its earlier write, not another writer's (the monitor hands an expired lease back
+-- with the same status and attempt as a worker's retry).
+local function own_write(key, first, n)
+  for j = first, first + 2 * n - 2, 2 do
+    if ARGV[j] == 'updated_at' then
+      return redis.call('HGET', key, 'updated_at') == ARGV[j + 1]
+    end
+  end
+  return true
+end
+
 local acks = {}
 -- Events are published only when someone listens (asked once, at the first event).
 local events = nil
@@ -59,31 +84,28 @@ while i <= #ARGV do
   elseif not status then
     r = {'missing'}
   elseif status ~= ARGV[i + 1] or not same_attempt(attempt, ARGV[i + 2]) then
-    if status ~= ARGV[i + 5] or not same_attempt(attempt, ARGV[i + 6]) then
+    if status ~= ARGV[i + 5] or not same_attempt(attempt, ARGV[i + 6])
+      or not own_write(key, first, n) then
       acks[#acks + 1] = ARGV[i + 7]
       r = {'conflict', status, attempt}
+    else
+      -- This record's own earlier write (its reply was lost): the index moves again (both
+      -- are idempotent), in case the earlier script stopped before making them.
+      move(i, id)
     end
   else
-    local from, to = index(ARGV[i + 1]), index(ARGV[i + 5])
-    if from ~= to then
-      push(leaving, from, id)
-    end
+    move(i, id)
     if n > 0 then
       redis.call('HSET', key, unpack(ARGV, first, first + 2 * n - 1))
     end
     if m > 0 then
       redis.call('HDEL', key, unpack(ARGV, first + 2 * n, after - 1))
     end
-    if ARGV[i + 4] ~= '' then
-      push(entering, leases, ARGV[i + 4], id)
-    else
-      push(entering, to, ARGV[i + 3], id)
-    end
     if events == nil then
       events = listened(ARGV[2])
     end
     if events then
-      redis.call('PUBLISH', ARGV[2], ARGV[i + 9])
+      publish_event(ARGV[2], ARGV[i + 9])
     end
   end
   if not r then
@@ -103,11 +125,14 @@ while i <= #ARGV do
   i = after
 end
 
+-- After the loop nothing may stop the batch half-way (a script that raises an error keeps what it
+-- wrote before): an index key of another type (written by hand) is logged and passed over, and
+-- the acks still happen.
 for key, ids in pairs(leaving) do
-  call_chunked('ZREM', key, ids)
+  call_chunked_or_log('ZREM', key, ids)
 end
 for key, pairs_ in pairs(entering) do
-  call_chunked('ZADD', key, pairs_)
+  call_chunked_or_log('ZADD', key, pairs_)
 end
 
 -- The acks, as remove_message for each (one ZREM per receipt: its reply says whether that
@@ -132,10 +157,17 @@ if #terminal > 0 then
   end
   if redis.call('EXISTS', unpack(keys)) > 0 then
     for j = 1, #terminal do
-      local deps = redis.call('ZRANGE', keys[j], 0, -1)
+      local deps = redis.pcall('ZRANGE', keys[j], 0, -1)
       local r = terminal[j][1]
-      for k = 1, #deps do
-        r[#r + 1] = deps[k]
+      if deps.err then
+        -- The outcome is stored and settled; the caller learns that its dependents could not
+        -- be read (the monitor's sweep of WAITING tasks covers them).
+        r[1] = 'error'
+        r[2] = deps.err
+      else
+        for k = 1, #deps do
+          r[#r + 1] = deps[k]
+        end
       end
     end
   end

@@ -36,7 +36,7 @@ while i <= #ARGV do
   else
     redis.call('HSET', key, unpack(ARGV, i + 5, i + 4 + 2 * n))
     if events then
-      redis.call('PUBLISH', ARGV[3], ARGV[i + 3])
+      publish_event(ARGV[3], ARGV[i + 3])
     end
     pending[#pending + 1] = ARGV[i + 1]
     pending[#pending + 1] = id
