@@ -93,31 +93,30 @@ local function publish_event(channel, message)
   redis.pcall('PUBLISH', channel, message)
 end
 
--- call_chunked through pcall: an error (a key of another type, written by hand) goes to the
--- server's log instead of stopping a script whose earlier writes are kept.
-local function call_chunked_or_log(cmd, key, args)
+-- redis.call(cmd, key, args...) in chunks of 4,000 arguments (unpack has a limit). `guarded`:
+-- through pcall, an error (a key of another type, written by hand) going to the server's log
+-- instead of stopping a script whose earlier writes are kept.
+local function call_chunked(cmd, key, args, guarded)
   local n = #args
   local i = 1
   while i <= n do
     local j = math.min(n, i + 3999)
-    local r = redis.pcall(cmd, key, unpack(args, i, j))
-    if type(r) == 'table' and r.err then
-      redis.log(redis.LOG_WARNING, 'agent-orchestra: ' .. cmd .. ' ' .. key .. ': ' .. r.err)
-      return
+    if guarded then
+      local r = redis.pcall(cmd, key, unpack(args, i, j))
+      if type(r) == 'table' and r.err then
+        redis.log(redis.LOG_WARNING, 'agent-orchestra: ' .. cmd .. ' ' .. key .. ': ' .. r.err)
+        return
+      end
+    else
+      redis.call(cmd, key, unpack(args, i, j))
     end
     i = j + 1
   end
 end
 
--- redis.call(cmd, key, args...) in chunks of 4,000 arguments (unpack has a limit).
-local function call_chunked(cmd, key, args)
-  local n = #args
-  local i = 1
-  while i <= n do
-    local j = math.min(n, i + 3999)
-    redis.call(cmd, key, unpack(args, i, j))
-    i = j + 1
-  end
+-- The per-batch index moves, after a script's first writes (call_chunked, guarded).
+local function call_chunked_or_log(cmd, key, args)
+  call_chunked(cmd, key, args, true)
 end
 
 -- Moves due delayed messages (with a new sequence number: FIFO by the time they became ready)
