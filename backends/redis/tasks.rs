@@ -387,13 +387,14 @@ impl TaskQueue for RedisTaskQueue {
         };
         let tag = it.next().map(text).transpose()?.unwrap_or_default();
         match tag.as_str() {
-            "ok" => {
-                let dependents = it
-                    .map(text)
-                    .collect::<Result<Vec<String>>>()?
-                    .into_iter()
-                    .filter_map(|m| TaskId::parse(&m).ok())
-                    .collect();
+            "ok" | "ok_unread" => {
+                let rest = it.map(text).collect::<Result<Vec<String>>>()?;
+                let dependents = if tag == "ok" {
+                    rest.iter().filter_map(|m| TaskId::parse(m).ok()).collect()
+                } else {
+                    tracing::warn!(task_id = %id, error = %rest.join(" "), "outcome recorded, but the task's dependents set is unreadable; the monitor moves its dependents on");
+                    Vec::new()
+                };
                 if next.status.is_terminal() {
                     self.registry.forget(id);
                 }

@@ -300,8 +300,13 @@ impl WorkerHandle {
     }
 
     /// [`shutdown`](Self::shutdown) with an explicit deadline for running tasks.
-    pub async fn shutdown_within(self, timeout: Duration) -> ShutdownReport {
+    pub async fn shutdown_within(mut self, timeout: Duration) -> ShutdownReport {
         let _ = self.stop_tx.send(true);
+        // The fetch loops end once a fetch on its way has answered (at most `fetch_wait` and a
+        // round trip) and what it brought is being handed back; the running tasks' deadline
+        // starts after that, so a short deadline never cuts such a fetch off.
+        let bound = self.inner.config.fetch_wait + self.inner.config.backend_retry_budget;
+        let _ = tokio::time::timeout(bound, futures::future::join_all(self.loops.iter_mut())).await;
         let total = self.inner.config.concurrency as u32;
         let before = self
             .inner

@@ -616,13 +616,13 @@ pub async fn shutdown_waits_for_the_outcomes_being_recorded(b: &Backends) {
     }
 }
 
-/// A hot path whose fetch replies arrive `delay` late: the fetch has leased and claimed its
-/// tasks on the backend, and the worker is still waiting for the answer.
+/// A hot path whose fetch replies are held back until `release`: the fetch has leased and
+/// claimed its tasks on the backend, and the worker is still waiting for the answer.
 #[derive(Debug)]
 struct LateFetchReply {
     inner: Arc<dyn crate::task_queue::TaskQueue>,
-    delay: Duration,
     fetched: tokio::sync::Notify,
+    release: tokio::sync::Notify,
 }
 
 #[async_trait::async_trait]
@@ -640,7 +640,7 @@ impl crate::task_queue::TaskQueue for LateFetchReply {
         let r = self.inner.fetch_claim(queue, options, spec).await;
         if matches!(&r, Ok(d) if !d.is_empty()) {
             self.fetched.notify_one();
-            tokio::time::sleep(self.delay).await;
+            self.release.notified().await;
         }
         r
     }
@@ -679,8 +679,8 @@ pub async fn shutdown_hands_back_what_a_fetch_on_its_way_claimed(b: &Backends) {
     }
     let late = Arc::new(LateFetchReply {
         inner: b.tasks().clone(),
-        delay: Duration::from_millis(500),
         fetched: tokio::sync::Notify::new(),
+        release: tokio::sync::Notify::new(),
     });
     let slow = b.clone().with_task_queue(late.clone());
     let ran = Arc::new(AtomicU32::new(0));
@@ -702,7 +702,12 @@ pub async fn shutdown_hands_back_what_a_fetch_on_its_way_claimed(b: &Backends) {
     tokio::time::timeout(LIMIT, late.fetched.notified())
         .await
         .expect("the worker fetched");
-    let report = w.shutdown_within(Duration::from_secs(10)).await;
+    // The shutdown's first step (the stop) is taken on its first poll; only then does the
+    // fetch's reply arrive. A deadline shorter than the fetch's wait must not cut it off.
+    let mut shutdown = Box::pin(w.shutdown_within(Duration::ZERO));
+    assert!(futures::poll!(shutdown.as_mut()).is_pending());
+    late.release.notify_one();
+    let report = shutdown.await;
     assert!(report.clean, "{report:?}");
     assert_eq!(ran.load(Ordering::SeqCst), 0, "no handler ran");
     let mut handed_back = 0;

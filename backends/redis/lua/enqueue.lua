@@ -51,6 +51,6 @@ if #delayed > 0 then
   call_chunked('ZADD', KEYS[2], delayed)
 end
 if wake then
-  redis.call('PUBLISH', ARGV[1], '')
+  publish_advisory(ARGV[1], '')
 end
 return ids

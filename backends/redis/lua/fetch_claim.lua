@@ -100,7 +100,7 @@ local function claim(body)
     events = listened(ARGV[15])
   end
   if events then
-    publish_event(ARGV[15], '{"task_id":"' .. id .. ARGV[16] .. a .. ARGV[17])
+    publish_advisory(ARGV[15], '{"task_id":"' .. id .. ARGV[16] .. a .. ARGV[17])
   end
   -- The task as it was: the caller applies the claim it asked for (ClaimSpec::claimed_state).
   all[#all + 1] = 'claimed'

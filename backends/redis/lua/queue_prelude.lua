@@ -87,9 +87,10 @@ local function listened(channel)
   return subs.err ~= nil or not subs[2] or subs[2] > 0
 end
 
--- Publishes an event (advisory, at most once): a refused PUBLISH drops the event instead of
--- stopping the script after its writes.
-local function publish_event(channel, message)
+-- Publishes an advisory message: an event (at most once) or a queue's wake-up (a waiting fetch
+-- also looks again every second). A refused PUBLISH (an ACL user without the channel) drops it
+-- instead of stopping the script after its writes.
+local function publish_advisory(channel, message)
   redis.pcall('PUBLISH', channel, message)
 end
 
@@ -243,7 +244,7 @@ local function lease_batch(ready, delayed, inflight, seq, dead, bodies, max, lea
     end
   elseif moved > 0 and redis.call('ZCARD', ready) > 0 then
     -- Promoted messages this fetch could not take: wake the other consumers.
-    redis.call('PUBLISH', wake, '')
+    publish_advisory(wake, '')
   end
   return out
 end
@@ -277,14 +278,14 @@ local function give_back(ready, delayed, inflight, seq, h, delay, wake)
     local s = redis.call('INCR', seq)
     redis.call('ZADD', ready, ready_score(p, s), header(id, d, p, num(s)))
     if was_empty then
-      redis.call('PUBLISH', wake, '')
+      publish_advisory(wake, '')
     end
   else
     local due = now_ms() + delay
     local f = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
     redis.call('ZADD', delayed, due, h)
     if #f == 0 or due < tonumber(f[2]) then
-      redis.call('PUBLISH', wake, '')
+      publish_advisory(wake, '')
     end
   end
   return 1

@@ -16,6 +16,7 @@
 -- once for all of them, after the loop. The task hashes and indexes are not in KEYS: see
 -- docs/backends/redis.md about Redis Cluster.
 -- Returns one reply per record: {'ok', dependents...} (dependents only for a terminal status),
+-- {'ok_unread', message} (recorded and settled, but the dependents set holds no sorted set),
 -- {'missing'}, {'conflict', status, attempt}, or {'error', message} (the task key holds no hash;
 -- nothing was changed for that record).
 local leases = KEYS[1]
@@ -105,7 +106,7 @@ while i <= #ARGV do
       events = listened(ARGV[2])
     end
     if events then
-      publish_event(ARGV[2], ARGV[i + 9])
+      publish_advisory(ARGV[2], ARGV[i + 9])
     end
   end
   if not r then
@@ -160,9 +161,9 @@ if #terminal > 0 then
       local deps = redis.pcall('ZRANGE', keys[j], 0, -1)
       local r = terminal[j][1]
       if deps.err then
-        -- The outcome is stored and settled; the caller learns that its dependents could not
-        -- be read (the monitor's sweep of WAITING tasks covers them).
-        r[1] = 'error'
+        -- The outcome is stored and settled, but its dependents could not be read: the caller
+        -- logs it, and the monitor's sweep of WAITING tasks moves them on.
+        r[1] = 'ok_unread'
         r[2] = deps.err
       else
         for k = 1, #deps do

@@ -36,7 +36,7 @@ while i <= #ARGV do
   else
     redis.call('HSET', key, unpack(ARGV, i + 5, i + 4 + 2 * n))
     if events then
-      publish_event(ARGV[3], ARGV[i + 3])
+      publish_advisory(ARGV[3], ARGV[i + 3])
     end
     pending[#pending + 1] = ARGV[i + 1]
     pending[#pending + 1] = id
@@ -63,7 +63,7 @@ if #new > 0 then
   call_chunked('HSET', KEYS[3], bodies)
   call_chunked('ZADD', KEYS[1], ready)
   if was_empty then
-    redis.call('PUBLISH', ARGV[1], '')
+    publish_advisory(ARGV[1], '')
   end
 end
 return out
