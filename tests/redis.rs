@@ -91,6 +91,15 @@ where
     );
 }
 
+/// The size of a sorted set (an index), read directly.
+async fn zcard(con: &mut redis::aio::MultiplexedConnection, key: String) -> u64 {
+    redis::cmd("ZCARD")
+        .arg(key)
+        .query_async(con)
+        .await
+        .expect("ZCARD")
+}
+
 fn queue(name: &str) -> QueueName {
     QueueName::parse(name).expect("valid queue name")
 }
@@ -489,11 +498,7 @@ fn task_hash_uses_the_lab_field_names_and_encodings() {
             !fields.contains_key("result"),
             "no result yet: absent, not 'None'"
         );
-        let pending: u64 = redis::cmd("ZCARD")
-            .arg(format!("{prefix}orchestra:status:PENDING"))
-            .query_async(&mut con)
-            .await
-            .expect("ZCARD");
+        let pending = zcard(&mut con, format!("{prefix}orchestra:status:PENDING")).await;
         assert_eq!(pending, 1, "the status index is written with the task");
     });
 }
@@ -1229,11 +1234,7 @@ fn purge_removes_the_hash_the_indexes_and_the_dependents_entries() {
             .expect("deps")
             .is_empty());
         let mut con = raw_connection(&url).await;
-        let failed_index: u64 = redis::cmd("ZCARD")
-            .arg(format!("{prefix}orchestra:status:FAILED"))
-            .query_async(&mut con)
-            .await
-            .expect("ZCARD");
+        let failed_index = zcard(&mut con, format!("{prefix}orchestra:status:FAILED")).await;
         assert_eq!(failed_index, 0);
         assert_eq!(
             b.registry
@@ -1519,11 +1520,7 @@ fn a_spoiled_index_key_does_not_stop_a_batch_half_way() {
             (0, 0),
             "every message acked: {stats:?}"
         );
-        let leases: i64 = redis::cmd("ZCARD")
-            .arg(format!("{prefix}orchestra:leases"))
-            .query_async(&mut raw)
-            .await
-            .expect("ZCARD");
+        let leases = zcard(&mut raw, format!("{prefix}orchestra:leases")).await;
         assert_eq!(leases, 0, "the lease index was cleared");
     });
 }
