@@ -660,3 +660,27 @@ async fn drop_namespace_deletes_every_stream_and_bucket_of_the_prefix_and_nothin
         "work queue, dead letters, tasks, locks: {had:?}"
     );
 }
+
+/// `subscribe` returns only once the server has the interest: an event another connection
+/// publishes right after it returns is delivered. (Flushing the socket is not enough: the
+/// server reads the two connections concurrently, and a publish it reads first is lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_published_elsewhere_right_after_subscribe_returns_is_delivered() {
+    let prefix = agent_orchestra::testkit::harness::unique_prefix("sub_in_force");
+    let subscriber = make_backends(&prefix).await;
+    let publisher = make_backends(&prefix).await;
+    for i in 0..2000 {
+        let topic = format!("topic_{i}");
+        let mut sub = subscriber.bus.subscribe(&topic).await.expect("subscribe");
+        publisher
+            .bus
+            .publish(&topic, b"first")
+            .await
+            .expect("publish");
+        let got = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .unwrap_or_else(|_| panic!("round {i}: the event published after subscribe was lost"))
+            .expect("subscription open");
+        assert_eq!(got, b"first".to_vec());
+    }
+}

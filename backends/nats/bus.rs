@@ -37,6 +37,44 @@ const SUBSCRIBER_BUFFER: usize = 65_536;
 const PULL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Delayed messages moved per round.
 const DELAYED_BATCH: usize = 256;
+/// How long [`server_has_processed`] waits for its own message to come back.
+const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Returns once the server has processed everything this client sent before the call.
+///
+/// `Client::flush` only writes the client's buffer to the socket; a subscription is in force
+/// once the server has read its `SUB`, and a message another connection publishes before that
+/// is not delivered to it. The server handles one connection's operations in order, so a
+/// message this client publishes to its own fresh inbox and receives back proves every earlier
+/// operation (a `SUB`, a hello) done.
+pub(crate) async fn server_has_processed(client: &async_nats::Client) -> Result<()> {
+    let inbox = client.new_inbox();
+    let mut echo = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| nats_err("cannot subscribe", e))?;
+    client
+        .publish(inbox, Vec::new().into())
+        .await
+        .map_err(|e| nats_err("cannot subscribe", e))?;
+    match tokio::time::timeout(ROUND_TRIP_TIMEOUT, echo.next()).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(Error::temporary(
+            BACKEND,
+            "cannot subscribe: the connection closed before the server confirmed the subscription",
+            None,
+        )),
+        Err(_) => Err(Error::temporary(
+            BACKEND,
+            format!(
+                "cannot subscribe: the server did not confirm the subscription within {} s",
+                ROUND_TRIP_TIMEOUT.as_secs()
+            ),
+            None,
+        )),
+    }
+}
+
 /// Header with the dead-letter reason.
 const REASON_HEADER: &str = "Orch-Reason";
 /// Header with the delivery count at the time of dead-lettering.
@@ -524,12 +562,8 @@ impl Bus for NatsBus {
             None
         };
         // Make sure the server has the interest (and the hello) before returning, so events
-        // published after this call are delivered.
-        self.shared
-            .client
-            .flush()
-            .await
-            .map_err(|e| nats_err("cannot subscribe", e))?;
+        // published after this call, from any connection, are delivered.
+        server_has_processed(&self.shared.client).await?;
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         let client = self.shared.client.clone();
         tokio::spawn(async move {
