@@ -587,6 +587,42 @@ fn bad_credentials_fail_without_leaking_the_password() {
     );
 }
 
+/// The CLI's answer to a refused login is one line naming the backend and the reason, with
+/// the password redacted, and exit code 1 (not also lapin's own log lines).
+#[test]
+fn the_cli_reports_a_refused_login_in_one_line() {
+    let url = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(broker_url(BrokerKind::Amqp));
+    let mut parsed = url::Url::parse(&url).expect("url");
+    parsed.set_username("orchestra_nobody").expect("user");
+    parsed
+        .set_password(Some("hunter2-secret"))
+        .expect("password");
+    let out = Command::new(env!("CARGO_BIN_EXE_orchestra"))
+        .args([
+            "--url",
+            parsed.as_str(),
+            "--prefix",
+            "t_cli_login_",
+            "stats",
+        ])
+        .env_remove("RUST_LOG")
+        .env_remove("ORCHESTRA_URL")
+        .output()
+        .expect("the orchestra binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {stderr}");
+    assert!(
+        lines[0].starts_with("error: rabbitmq backend: cannot connect to amqp")
+            && lines[0].contains("ACCESS_REFUSED")
+            && !lines[0].contains("hunter2-secret"),
+        "{stderr}"
+    );
+}
+
 /// There is no TLS listener here: `amqps://` to the plain port fails cleanly (an error, no
 /// hang, no panic). URL parsing of `amqps://` is unit-tested in the backend.
 #[test]

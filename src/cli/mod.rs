@@ -266,8 +266,15 @@ fn init_logging(verbose: u8, quiet_default: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = match verbose {
         0 => EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-            // The demo narrates warnings (a killed worker, a recovered task) itself.
-            EnvFilter::new(if quiet_default { "error" } else { "warn" })
+            // The demo narrates warnings (a killed worker, a recovered task) itself. lapin's own
+            // logs are off: the RabbitMQ backend reports its failures itself, as typed errors and
+            // its own warnings, and lapin's say misleading things ("Exponential backoff attempts
+            // exhausted" for a refused login). `-v` or RUST_LOG shows them.
+            EnvFilter::new(if quiet_default {
+                "error,lapin=off"
+            } else {
+                "warn,lapin=off"
+            })
         }),
         1 => EnvFilter::new("info"),
         2 => EnvFilter::new("debug"),
