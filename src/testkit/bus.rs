@@ -122,6 +122,30 @@ fn payload_json(d: &Delivery) -> Value {
         .unwrap_or_else(|e| panic!("payload of {d:?} is not the JSON that was enqueued: {e}"))
 }
 
+/// `subscribe` returns once the subscription is in force: an event published right after it
+/// returns is delivered, round after round on fresh topics (a backend whose subscription is
+/// still on its way to the server when `subscribe` returns loses some of them).
+pub async fn an_event_published_right_after_subscribe_is_delivered(b: &Backends) {
+    const ROUNDS: usize = 200;
+    for i in 0..ROUNDS {
+        let topic = format!("in_force_{i}");
+        let mut sub = must(format!("subscribe to {topic}"), b.bus.subscribe(&topic)).await;
+        must(
+            format!("publish to {topic}"),
+            b.bus.publish(&topic, b"{\"first\":true}"),
+        )
+        .await;
+        let got = within(
+            format!("round {i} of {ROUNDS}: the event published right after subscribe returned"),
+            CALL_TIMEOUT,
+            sub.recv(),
+        )
+        .await
+        .unwrap_or_else(|| panic!("round {i}: subscription closed"));
+        assert_eq!(got, b"{\"first\":true}".to_vec(), "round {i}");
+    }
+}
+
 /// Every current subscriber of a topic gets every event published after it subscribed, in
 /// publish order; subscribers of another topic get none of them; publishing to a topic nobody
 /// listens to is not an error.

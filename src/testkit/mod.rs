@@ -139,6 +139,7 @@ macro_rules! conformance_suite {
             $make, $cleanup;
             bus: [
                 fan_out_reaches_every_subscriber_in_order,
+                an_event_published_right_after_subscribe_is_delivered,
                 competing_consumers_get_each_message_exactly_once,
                 fetch_from_an_empty_queue_returns_nothing_after_waiting,
                 ack_removes_the_message,
