@@ -684,3 +684,73 @@ async fn an_event_published_elsewhere_right_after_subscribe_returns_is_delivered
         assert_eq!(got, b"first".to_vec());
     }
 }
+
+/// `subscribe` proves its subscription in force with a message to itself under the namespace
+/// (`{prefix}orch.echo.*`), not under `_INBOX.>`: an account that may not publish to
+/// `_INBOX.>` subscribes at once and gets the events another connection publishes right
+/// after. An account that may not publish the echo either still subscribes (after the echo's
+/// 5 s timeout, with a warning) instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_works_for_accounts_that_may_not_publish_to_inboxes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("nats.conf");
+    std::fs::write(
+        &config,
+        format!(
+            r#"jetstream {{ store_dir: "{}" }}
+authorization {{
+  users = [
+    {{ user: "all", password: "pw" }}
+    {{ user: "noinbox", password: "pw",
+       permissions: {{ publish: {{ allow: [">"], deny: ["_INBOX.>"] }}, subscribe: {{ allow: [">"] }} }} }}
+    {{ user: "noecho", password: "pw",
+       permissions: {{ publish: {{ allow: [">"], deny: ["_INBOX.>", "perm_orch.echo.>"] }}, subscribe: {{ allow: [">"] }} }} }}
+  ]
+}}
+"#,
+            dir.path().join("js").display()
+        ),
+    )
+    .expect("write the server's configuration");
+    let port = free_port();
+    let _server = OwnServer::start(port, &["-c".to_string(), config.display().to_string()]);
+    let url = |user: &str| format!("nats://{user}:pw@127.0.0.1:{port}");
+    let publisher = connect(&BackendUrls::all(url("all").as_str()), &opts("perm_"))
+        .await
+        .expect("connect as the publisher");
+    for user in ["noinbox", "noecho"] {
+        let b = connect(&BackendUrls::all(url(user).as_str()), &opts("perm_"))
+            .await
+            .unwrap_or_else(|e| panic!("connect as {user}: {e}"));
+        // One round for "noecho": each of its subscribes waits for the echo's timeout.
+        let rounds = if user == "noinbox" { 3 } else { 1 };
+        for i in 0..rounds {
+            let topic = format!("{user}_{i}");
+            let started = Instant::now();
+            let mut sub = b
+                .bus
+                .subscribe(&topic)
+                .await
+                .unwrap_or_else(|e| panic!("{user} subscribes to {topic}: {e}"));
+            let took = started.elapsed();
+            if user == "noinbox" {
+                // Not a timing assertion: the echo either came back or the 5 s timeout ran.
+                assert!(
+                    took < Duration::from_secs(5),
+                    "{user}: subscribe waited for the echo's timeout ({took:?}): the echo is not \
+                     where this account may publish"
+                );
+            }
+            publisher
+                .bus
+                .publish(&topic, b"hello")
+                .await
+                .expect("publish");
+            let got = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{user}: the event on {topic} was not delivered"))
+                .expect("subscription open");
+            assert_eq!(got, b"hello".to_vec());
+        }
+    }
+}

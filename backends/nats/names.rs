@@ -83,6 +83,17 @@ impl Names {
         format!("{}orch.listeners.{}", self.subject, topic_tokens(topic))
     }
 
+    /// `{prefix}orch.echo.<random>`: where `subscribe` sends itself the message that proves
+    /// the server has processed its `SUB` (inside the namespace's `orch.>` subjects, which the
+    /// backend needs anyway; not `_INBOX.>`, which some accounts may not publish to).
+    pub(crate) fn echo_subject(&self) -> String {
+        format!(
+            "{}orch.echo.{}",
+            self.subject,
+            uuid::Uuid::new_v4().simple()
+        )
+    }
+
     /// The work stream of a queue.
     pub(crate) fn work_stream(&self, q: &QueueName) -> String {
         format!("{}ORCH_Q_{}", self.name, q)
