@@ -88,6 +88,7 @@ pub mod duration_opt {
 /// assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
 /// assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
 /// assert!(parse_duration("soon").is_err());
+/// assert!(parse_duration("99999999999d").is_err());
 /// ```
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let t = text.trim();
@@ -114,6 +115,10 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
             ))
         }
     };
+    // A hundred years at most: longer is a typo, and no clock can add it.
+    if secs > crate::clock::FAR.as_secs_f64() {
+        return Err(format!("{text:?} is too long (at most 36500d)"));
+    }
     std::time::Duration::try_from_secs_f64(secs).map_err(|_| format!("{text:?} is too long"))
 }
 

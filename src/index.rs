@@ -118,8 +118,7 @@ pub(crate) fn beyond_retention(
 ) -> Vec<TaskId> {
     let cut = retention
         .max_age
-        .and_then(|age| chrono::Duration::from_std(age).ok())
-        .map(|age| (now - age).timestamp_micros());
+        .map(|age| crate::clock::before(now, age).timestamp_micros());
     let mut doomed = Vec::new();
     for status in [
         TaskStatus::Completed,

@@ -13,6 +13,7 @@
 
 pub mod backends;
 pub mod bus;
+mod clock;
 pub mod config;
 pub mod engine;
 pub mod error;

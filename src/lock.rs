@@ -81,6 +81,26 @@ pub trait LockManager: Send + Sync + fmt::Debug + 'static {
     async fn holder(&self, key: &str) -> Result<Option<LockHolder>>;
 }
 
+/// The longest lock TTL any backend accepts: 365 days.
+pub const MAX_TTL: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+
+/// Checks a lock TTL (more than zero, at most [`MAX_TTL`]) and returns it as a chrono span.
+pub(crate) fn ttl_span(ttl: std::time::Duration) -> Result<chrono::Duration> {
+    if ttl.is_zero() {
+        return Err(crate::Error::invalid("ttl", "must be greater than zero"));
+    }
+    if ttl > MAX_TTL {
+        return Err(crate::Error::invalid(
+            "ttl",
+            format!(
+                "must be at most 365 days, got {}",
+                crate::config::format_duration(ttl)
+            ),
+        ));
+    }
+    Ok(crate::clock::span(ttl))
+}
+
 /// Validates a lock key: 1..=200 characters from `[A-Za-z0-9_.:-]`.
 pub fn validate_lock_key(key: &str) -> Result<()> {
     let ok = !key.is_empty()

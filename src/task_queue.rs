@@ -43,7 +43,7 @@ impl ClaimSpec {
             worker_id: Some(self.worker_id.to_string()),
             result: None,
             error: found.error.clone(),
-            lease_until: Some(now + chrono::Duration::from_std(self.lease).unwrap_or_default()),
+            lease_until: Some(crate::clock::after(now, self.lease)),
             heartbeat_at: Some(now),
             started_at: Some(now),
             finished_at: None,

@@ -396,3 +396,97 @@ fn bench_rejects_nonsense_numbers() {
     let r = run(&["bench", "--rate", "-5"]);
     assert_eq!(r.code, 2, "{}", r.all());
 }
+
+/// Durations too long for any clock are typed usage errors, wherever they come from: before,
+/// `purge --older-than 99999999999d` and such a retention in a file panicked, and a worker
+/// with such a lease panicked in its fetch loop yet reported a clean stop.
+#[test]
+fn absurd_durations_are_usage_errors_not_panics() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("orchestra.toml");
+    std::fs::write(&file, "[monitor.retention]\nmax_age = \"99999999999d\"\n").expect("write");
+    let file = file.to_string_lossy().into_owned();
+    for (args, says) in [
+        (&["purge", "--older-than", "99999999999d"][..], "too long"),
+        (&["--config", &file, "monitor", "--once"][..], "too long"),
+        (&["--config", &file, "config"][..], "too long"),
+        (
+            &[
+                "worker",
+                "-q",
+                "q",
+                "--lease",
+                "99999999999d",
+                "--for",
+                "1s",
+            ][..],
+            "too long",
+        ),
+        (
+            &["worker", "-q", "q", "--lease", "30d", "--for", "1s"][..],
+            "worker.lease",
+        ),
+        (
+            &["monitor", "--once", "--interval", "1000d"][..],
+            "monitor.interval",
+        ),
+        (
+            &["dispatch", "q", "{}", "--delay", "99999999999d"][..],
+            "too long",
+        ),
+    ] {
+        let r = run(args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.all());
+        assert!(r.stderr.contains(says), "{args:?}: {}", r.stderr);
+        assert!(!r.all().contains("panicked"), "{args:?}: {}", r.all());
+    }
+    // The longest accepted ones still work.
+    let r = run(&["purge", "--older-than", "36500d"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+}
+
+/// With `--json`, a command line clap refuses is reported as the same one-line JSON as every
+/// other error; `--help` is still text.
+#[test]
+fn usage_errors_are_json_with_json() {
+    for args in [
+        &["--json", "dispatch", "q", "{}", "--priority", "abc"][..],
+        &["--json", "no-such-command"][..],
+        &["dispatch", "--json"][..],
+    ] {
+        let r = run(args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.all());
+        let lines: Vec<&str> = r.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {}", r.stderr);
+        let v: serde_json::Value = serde_json::from_str(lines[0]).expect("JSON error");
+        assert_eq!(v["exit_code"], 2, "{v}");
+        assert!(!v["error"].as_str().unwrap_or("").is_empty(), "{v}");
+    }
+    let r = run(&["--json", "--help"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains("Usage"), "{}", r.stdout);
+}
+
+/// A one-shot command with some roles on memory:// and others on a broker is refused before it
+/// connects: a task dispatched into a memory registry would vanish with the process while its
+/// message waited on the broker.
+#[test]
+fn memory_mixed_with_a_broker_is_refused_for_one_shot_commands() {
+    let r = run(&["--bus-url", "redis://127.0.0.1:1", "dispatch", "q", "{}"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr
+            .contains("memory:// (this process only) holds the registry and locks"),
+        "{}",
+        r.stderr
+    );
+    let r = run(&[
+        "--url",
+        "redis://127.0.0.1:1",
+        "--locks-url",
+        "memory://",
+        "stats",
+    ]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("holds the locks while"), "{}", r.stderr);
+}

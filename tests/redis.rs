@@ -2033,3 +2033,166 @@ async fn cli_worker_with_monitor_recovers_a_task_its_dead_worker_left_running() 
     );
     cleanup(&prefix).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The CLI on Redis: what an operator's Ctrl-C, a missed deadline and `monitor --once` leave
+
+/// The `orchestra` binary against the shared test Redis under `prefix`, with `env` set.
+fn orchestra(url: &str, prefix: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_orchestra"));
+    cmd.args(["--url", url, "--prefix", prefix])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("ORCHESTRA_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Runs it to the end: (exit code, stdout, stderr).
+fn orchestra_run(url: &str, prefix: &str, args: &[&str]) -> (i32, String, String) {
+    let out = orchestra(url, prefix, args, &[])
+        .output()
+        .expect("the orchestra binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Sends SIGINT (an operator's Ctrl-C) to `child`, then waits at most a minute for its exit:
+/// (exit code, stdout, stderr).
+fn interrupt(mut child: Child) -> (i32, String, String) {
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let started = std::time::Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("orchestra did not stop within a minute of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `monitor --once` releases the monitor lock as it exits: a second one right after acts too
+/// (before, it was on standby for the lock's TTL, three intervals).
+#[test]
+fn monitor_once_releases_the_monitor_lock() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = rt.block_on(broker_url(BrokerKind::Redis));
+    let prefix = unique_prefix("cli_monitor_once");
+    for round in 0..2 {
+        let (code, stdout, stderr) = orchestra_run(&url, &prefix, &["--json", "monitor", "--once"]);
+        assert_eq!(code, 0, "round {round}: {stdout}\n{stderr}");
+        let report: Value = serde_json::from_str(stdout.trim()).expect("the report as JSON");
+        assert_eq!(report["leader"], true, "round {round}: {report}");
+    }
+    let left = rt.block_on(support::redis_keys(&url, &prefix));
+    // (its fencing counter stays: tokens only grow)
+    assert!(
+        !left.iter().any(|k| k.ends_with("lock:{monitor}")),
+        "the monitor lock is gone: {left:?}"
+    );
+    rt.block_on(cleanup(&prefix));
+}
+
+/// A worker whose running task outlives `worker.shutdown_timeout` hands it back and exits 1
+/// saying so (docs/cli.md), and the task is PENDING again for another worker.
+#[test]
+fn a_worker_that_misses_its_shutdown_deadline_exits_1() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = rt.block_on(broker_url(BrokerKind::Redis));
+    let prefix = unique_prefix("cli_deadline");
+    let (code, out, err) = orchestra_run(
+        &url,
+        &prefix,
+        &["dispatch", "slow", r#"{"ms": 60000}"#, "--id", "long_one"],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let worker = orchestra(
+        &url,
+        &prefix,
+        &["worker", "-q", "slow=sleep"],
+        &[("ORCHESTRA_SHUTDOWN_TIMEOUT", "1s")],
+    )
+    .spawn()
+    .expect("the worker starts");
+    let started = std::time::Instant::now();
+    loop {
+        let (_, out, _) = orchestra_run(&url, &prefix, &["--json", "task", "get", "long_one"]);
+        if out.contains("\"RUNNING\"") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the task did not start: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, stdout, stderr) = interrupt(worker);
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(stdout.contains("deadline passed"), "{stdout}");
+    assert!(
+        stderr.contains("the shutdown deadline (1s) passed: 1 running task(s) were handed back"),
+        "{stderr}"
+    );
+    let (_, out, _) = orchestra_run(&url, &prefix, &["--json", "task", "get", "long_one"]);
+    assert!(out.contains("\"PENDING\""), "handed back: {out}");
+    rt.block_on(cleanup(&prefix));
+}
+
+/// Ctrl-C during a bench or the demo stops it, deletes its namespace (as a finished run does)
+/// and exits 130; before, everything it had created stayed.
+#[test]
+fn ctrl_c_during_the_bench_or_the_demo_leaves_nothing_behind() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = rt.block_on(broker_url(BrokerKind::Redis));
+    for (name, args) in [
+        (
+            "cli_bench_int",
+            &["bench", "-n", "100000", "-c", "4", "--rate", "300"][..],
+        ),
+        ("cli_demo_int", &["demo"][..]),
+    ] {
+        let prefix = unique_prefix(name);
+        let child = orchestra(&url, &prefix, args, &[])
+            .spawn()
+            .expect("orchestra starts");
+        // Until it has written something under its prefix.
+        let started = std::time::Instant::now();
+        while rt.block_on(support::redis_keys(&url, &prefix)).is_empty() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{name} wrote nothing"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let (code, stdout, stderr) = interrupt(child);
+        assert_eq!(code, 130, "{name}: {stdout}\n{stderr}");
+        assert!(stderr.contains("interrupted"), "{name}: {stderr}");
+        let left = rt.block_on(support::redis_keys(&url, &prefix));
+        assert!(left.is_empty(), "{name} left {} keys: {left:?}", left.len());
+    }
+}

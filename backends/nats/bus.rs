@@ -169,7 +169,7 @@ fn header_safe(text: &str) -> String {
 
 fn to_utc(at: Instant) -> DateTime<Utc> {
     let delta = at.saturating_duration_since(Instant::now());
-    Utc::now() + chrono::Duration::from_std(delta).unwrap_or_default()
+    crate::clock::after(Utc::now(), delta)
 }
 
 impl NatsBus {
@@ -229,8 +229,7 @@ impl NatsBus {
             let level = m.priority.index();
             return Ok((Ok(level), q.subject(level), publish, id));
         }
-        let due = (Utc::now() + chrono::Duration::from_std(m.delay).unwrap_or_default())
-            .timestamp_millis();
+        let due = crate::clock::after(Utc::now(), m.delay).timestamp_millis();
         publish = publish
             .header(DUE_HEADER, due.to_string().as_str())
             .header(PRIORITY_HEADER, m.priority.get().to_string().as_str());
@@ -450,7 +449,7 @@ impl NatsBus {
                 Some(b) => format!("{reply}#{}", b.header_value()),
                 None => reply.clone(),
             };
-            let lease_until = sent_at + lease;
+            let lease_until = sent_at + crate::clock::capped(lease);
             self.leases.hold(
                 &receipt,
                 reply,
@@ -625,7 +624,7 @@ impl Bus for NatsBus {
             return Err(Error::invalid("fetch lease", "must be greater than zero"));
         }
         let q = self.queue(queue);
-        let deadline = Instant::now() + options.wait;
+        let deadline = Instant::now() + crate::clock::capped(options.wait);
         loop {
             let notified = q.notify.notified();
             tokio::pin!(notified);
@@ -680,7 +679,7 @@ impl Bus for NatsBus {
             q.notify.notify_waiters();
         } else {
             q.wake.lock().add_timer(
-                Instant::now() + delay + TIMER_SLACK,
+                Instant::now() + crate::clock::capped(delay) + TIMER_SLACK,
                 delivery.priority.index(),
             );
             q.notify.notify_waiters();
@@ -701,7 +700,7 @@ impl Bus for NatsBus {
             "cannot extend a lease",
         )
         .await?;
-        let until = sent_at + lease;
+        let until = sent_at + crate::clock::capped(lease);
         if !self.leases.extend(&delivery.receipt, until, sent_at) {
             return Err(Self::lease_ended(&delivery.message_id));
         }

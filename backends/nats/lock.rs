@@ -75,7 +75,7 @@ fn check_ttl(ttl: Duration) -> Result<chrono::Duration> {
             ),
         ));
     }
-    chrono::Duration::from_std(ttl).map_err(|_| Error::invalid("ttl", "is too large"))
+    crate::lock::ttl_span(ttl)
 }
 
 fn encode(s: &Stored) -> Result<Vec<u8>> {

@@ -166,10 +166,7 @@ const LOCK_LOG_MAX_AGE: &str = "7D";
 const LOCK_LOG_SEGMENT_BYTES: i64 = 1_000_000;
 
 fn ttl_to_chrono(ttl: Duration) -> Result<chrono::Duration> {
-    if ttl.is_zero() {
-        return Err(Error::invalid("ttl", "must be greater than zero"));
-    }
-    chrono::Duration::from_std(ttl).map_err(|_| Error::invalid("ttl", "is too large"))
+    crate::lock::ttl_span(ttl)
 }
 
 impl RabbitLockManager {

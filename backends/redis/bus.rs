@@ -216,7 +216,7 @@ impl RedisBus {
         if wait.is_zero() {
             return Ok(once(k).await?.0);
         }
-        let deadline = Instant::now() + wait;
+        let deadline = Instant::now() + crate::clock::capped(wait);
         let wake = self.pubsub().await?.wake(&k.wake).await?;
         loop {
             // Registered before the script runs: a wake-up published after the script saw an

@@ -29,13 +29,9 @@ impl std::fmt::Debug for RedisLockManager {
 }
 
 fn ttl_ms(ttl: Duration) -> Result<(u64, chrono::Duration)> {
-    if ttl.is_zero() {
-        return Err(Error::invalid("ttl", "must be greater than zero"));
-    }
-    let ms = u64::try_from(ttl.as_millis()).map_err(|_| Error::invalid("ttl", "is too large"))?;
-    let chrono_ttl =
-        chrono::Duration::from_std(ttl).map_err(|_| Error::invalid("ttl", "is too large"))?;
-    Ok((ms.max(1), chrono_ttl))
+    let chrono_ttl = crate::lock::ttl_span(ttl)?;
+    // (at most 365 days: the milliseconds fit)
+    Ok((ttl.as_millis().max(1) as u64, chrono_ttl))
 }
 
 /// Splits a stored lock value into (token, fencing token, owner).

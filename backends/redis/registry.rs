@@ -553,11 +553,7 @@ impl Registry for RedisRegistry {
             return Ok(0);
         }
         let cut = match retention.max_age {
-            Some(age) => {
-                let age = chrono::Duration::from_std(age)
-                    .map_err(|_| Error::invalid("retention max_age", "is too large"))?;
-                micros(Utc::now() - age)
-            }
+            Some(age) => micros(crate::clock::before(Utc::now(), age)),
             None => String::new(),
         };
         let keep = retention

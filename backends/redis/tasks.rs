@@ -112,7 +112,7 @@ impl RedisTaskQueue {
     ) -> Result<(Vec<(Delivery, Option<Claim>)>, Option<std::time::Duration>)> {
         let p = self.conn.prefix();
         let now = Utc::now();
-        let lease_until = now + chrono::Duration::from_std(spec.lease).unwrap_or_default();
+        let lease_until = crate::clock::after(now, spec.lease);
         let (before, after) =
             around_attempt(queue, TaskStatus::Running, Some(&spec.worker_id), now);
         let mut inv = self

@@ -241,6 +241,7 @@ pub async fn run(ctx: &Ctx, a: WorkerArgs) -> Result<(), CliError> {
             "worker_id": worker_id,
             "handed_back": report.handed_back,
             "clean": report.clean,
+            "deadline_passed": report.deadline_passed,
             "completed": completed,
             "retried": retried,
             "failed": failed,
@@ -248,16 +249,26 @@ pub async fn run(ctx: &Ctx, a: WorkerArgs) -> Result<(), CliError> {
     } else {
         println!(
             "worker {worker_id} stopped ({}): completed {completed}, retried {retried}, failed {failed}, handed back {}",
-            if report.clean { "clean" } else { "deadline passed" },
+            match (report.clean, report.deadline_passed) {
+                (true, false) => "clean",
+                (true, true) => "deadline passed",
+                (false, _) => "not clean",
+            },
             report.handed_back,
         );
     }
-    if report.clean {
-        Ok(())
-    } else {
+    if !report.clean {
         Err(CliError::Failed(
             "shutdown did not finish cleanly; unfinished tasks return to their queue when their lease ends".into(),
         ))
+    } else if report.deadline_passed {
+        Err(CliError::Failed(format!(
+            "the shutdown deadline ({}) passed: {} running task(s) were handed back to their queue",
+            agent_orchestra::config::format_duration(worker_config.shutdown_timeout),
+            report.handed_back
+        )))
+    } else {
+        Ok(())
     }
 }
 

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio::sync::{Notify, Semaphore};
 
-use super::{duration_arg, CliError, Ctx};
+use super::{duration_arg, shutdown_signal, CliError, Ctx};
 
 /// `orchestra bench`.
 #[derive(Args)]
@@ -192,11 +192,19 @@ pub async fn run(ctx: &Ctx, a: BenchArgs) -> Result<(), CliError> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let mut last = (state.micros(), 0u64);
+    // Ctrl-C or SIGTERM ends the run early; the namespace is still deleted below.
+    let interrupt = shutdown_signal();
+    tokio::pin!(interrupt);
+    let mut interrupted = false;
     loop {
         if state.done.load(Ordering::Acquire) >= a.n || state.stop.load(Ordering::Relaxed) {
             break;
         }
         tokio::select! {
+            _ = &mut interrupt => {
+                interrupted = true;
+                break;
+            }
             _ = state.all_done.notified() => {}
             _ = tick.tick() => {
                 let (now, done) = (state.micros(), state.done.load(Ordering::Relaxed));
@@ -247,6 +255,16 @@ pub async fn run(ctx: &Ctx, a: BenchArgs) -> Result<(), CliError> {
     } else {
         false
     };
+    if interrupted {
+        return Err(CliError::Interrupted(if cleaned {
+            format!(
+                "the bench was interrupted; deleted everything under the prefix {}",
+                config.prefix
+            )
+        } else {
+            "the bench was interrupted".into()
+        }));
+    }
     if let Some(e) = error {
         return Err(CliError::Failed(e));
     }
@@ -287,6 +305,7 @@ pub async fn run(ctx: &Ctx, a: BenchArgs) -> Result<(), CliError> {
             );
         }
     }
+    // Also with --json: scripts read this last line whatever the mode (docs/cli.md).
     println!("tasks_per_s={tasks_per_s:.1} p50_ms={p50:.3} p99_ms={p99:.3}");
     Ok(())
 }

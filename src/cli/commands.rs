@@ -387,7 +387,12 @@ pub async fn monitor(ctx: &Ctx, a: MonitorArgs) -> Result<(), CliError> {
     let backends = ctx.connect_shared().await?;
     let monitor = Monitor::new(backends, config.clone());
     if a.once {
-        let r = monitor.tick().await?;
+        let r = monitor.tick().await;
+        // The lock goes at once: a later `--once` (or a running monitor) acts without waiting
+        // for its TTL.
+        let released = monitor.step_down().await;
+        let r = r?;
+        released?;
         print_report(ctx, &r);
         return Ok(());
     }

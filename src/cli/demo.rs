@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
 
 use super::output::{clock, short_json};
-use super::{CliError, Ctx, Output};
+use super::{shutdown_signal, CliError, Ctx, Output};
 
 /// The demo's queues, one per part that has its own.
 const LIFECYCLE: &str = "lifecycle";
@@ -96,14 +96,18 @@ pub async fn run(ctx: &Ctx) -> Result<(), CliError> {
         out,
         summary: serde_json::Map::new(),
     };
-    let result = async {
-        demo.pubsub().await?;
-        demo.lifecycle().await?;
-        demo.pipeline().await?;
-        demo.priorities().await?;
-        demo.recovery().await
-    }
-    .await;
+    // Ctrl-C or SIGTERM stops the demo where it is (its workers are dropped like crashed
+    // ones) and the cleanup below still runs.
+    let result = tokio::select! {
+        r = async {
+            demo.pubsub().await?;
+            demo.lifecycle().await?;
+            demo.pipeline().await?;
+            demo.priorities().await?;
+            demo.recovery().await
+        } => r,
+        _ = shutdown_signal() => Err(CliError::Interrupted("the demo was interrupted".into())),
+    };
 
     let counts = demo.backends.registry.counts().await.ok();
     if on_broker {

@@ -172,6 +172,8 @@ pub enum CliError {
     Usage(String),
     /// A task failed, or an operation did not succeed (exit 1).
     Failed(String),
+    /// Stopped by Ctrl-C or SIGTERM before it finished (exit 130, as a shell reports SIGINT).
+    Interrupted(String),
 }
 
 impl From<Error> for CliError {
@@ -185,6 +187,7 @@ impl CliError {
         match self {
             CliError::Usage(_) => 2,
             CliError::Failed(_) => 1,
+            CliError::Interrupted(_) => 130,
             CliError::Lib(e) => match e {
                 Error::Config { .. }
                 | Error::InvalidInput { .. }
@@ -198,7 +201,7 @@ impl CliError {
     fn message(&self) -> String {
         match self {
             CliError::Lib(e) => e.to_string(),
-            CliError::Usage(m) | CliError::Failed(m) => m.clone(),
+            CliError::Usage(m) | CliError::Failed(m) | CliError::Interrupted(m) => m.clone(),
         }
     }
 }
@@ -212,7 +215,7 @@ pub fn duration_arg(s: &str) -> Result<Duration, String> {
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => e.exit(), // 2 for usage errors, 0 for --help / --version
+        Err(e) => return usage_error(e),
     };
     let out = Output {
         json: cli.global.json,
@@ -247,6 +250,55 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => report(out, &e),
     }
+}
+
+/// A command line clap refused (or `--help`, `--version`): clap's text, or with `--json` (its
+/// parse failed, so the raw arguments are asked) the same one-line JSON as every other error.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let shown = matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    if shown || !json {
+        e.exit() // 2 for usage errors, 0 for --help / --version
+    }
+    let text = e.kind().to_string();
+    let first = e.to_string();
+    let message = first
+        .lines()
+        .next()
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l).trim().to_string())
+        .filter(|l| !l.is_empty())
+        .unwrap_or(text);
+    report(Output { json: true }, &CliError::Usage(message))
+}
+
+/// Refuses a configuration whose roles mix the in-memory backend with a broker for a command
+/// that ends with its process: what the memory roles held (a task dispatched into a memory
+/// registry, say) would be gone when it exits, while the broker roles kept the rest.
+fn check_roles(config: &Config) -> Result<(), CliError> {
+    let u = config.backend_urls();
+    let memory = |u: &str| u.trim_start().to_ascii_lowercase().starts_with("memory:");
+    let roles = [
+        ("bus", &u.bus),
+        ("registry", &u.registry),
+        ("locks", &u.locks),
+    ];
+    let on_memory: Vec<&str> = roles.iter().filter(|r| memory(r.1)).map(|r| r.0).collect();
+    if on_memory.is_empty() || on_memory.len() == roles.len() {
+        return Ok(());
+    }
+    Err(CliError::Usage(format!(
+        "memory:// (this process only) holds the {} while the rest is on a broker: what this command left there would be gone when it exits; give every role a broker (--url, or --bus-url, --registry-url and --locks-url together)",
+        on_memory.join(" and ")
+    )))
 }
 
 fn report(out: Output, e: &CliError) -> ExitCode {
@@ -311,6 +363,10 @@ fn load_config(g: &GlobalArgs) -> Result<Config, CliError> {
 }
 
 async fn run(ctx: &Ctx, command: Command) -> Result<(), CliError> {
+    // The demo and the bench run every role in this one process; `config` only prints.
+    if !matches!(command, Command::Demo | Command::Bench(_) | Command::Config) {
+        check_roles(&ctx.config)?;
+    }
     match command {
         Command::Demo => demo::run(ctx).await,
         Command::Dispatch(a) => commands::dispatch(ctx, a).await,

@@ -230,7 +230,7 @@ impl Dispatcher {
     /// also re-reads after 5 s of silence (a safety net against a lost event, not a poll loop).
     pub async fn wait(&self, id: &TaskId, timeout: Duration) -> Result<Task> {
         let mut sub = self.backends.bus.subscribe(EVENTS_TOPIC).await?;
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + crate::clock::capped(timeout);
         loop {
             let task = self.get(id).await?;
             if task.state.status.is_terminal() {

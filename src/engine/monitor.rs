@@ -53,8 +53,17 @@ impl Default for MonitorConfig {
 impl MonitorConfig {
     /// Checks the numbers; errors name the key.
     pub fn validate(&self) -> Result<()> {
-        if self.interval < Duration::from_millis(10) {
-            return Err(Error::config("monitor.interval", "must be at least 10ms"));
+        // At most a day: the monitor lock is held for three intervals, and a monitor that
+        // stops for good keeps every other one on standby that long.
+        if self.interval < Duration::from_millis(10) || self.interval > Duration::from_secs(86_400)
+        {
+            return Err(Error::config(
+                "monitor.interval",
+                format!(
+                    "must be between 10ms and 1d, got {}",
+                    crate::config::format_duration(self.interval)
+                ),
+            ));
         }
         if self.batch == 0 {
             return Err(Error::config("monitor.batch", "must be at least 1"));
@@ -133,6 +142,19 @@ impl Monitor {
         }
         *held = got;
         Ok(leader)
+    }
+
+    /// Releases the monitor lock if this monitor holds it, so that another monitor acts at once
+    /// instead of after the lock's TTL (three intervals). For a monitor driven by
+    /// [`tick`](Self::tick) that stops: [`start`](Self::start)'s loop does it on shutdown.
+    pub async fn step_down(&self) -> Result<()> {
+        match self.lease.lock().await.take() {
+            Some(lease) => match self.backends.locks.release(&lease).await {
+                Ok(_) | Err(Error::NotLockOwner { .. }) => Ok(()),
+                Err(e) => Err(e),
+            },
+            None => Ok(()),
+        }
     }
 
     /// One pass: counts, and if this monitor holds the lock, recovery, unblocking,
@@ -236,7 +258,7 @@ impl Monitor {
             return Ok(());
         };
         let b = &self.backends;
-        let cutoff = Utc::now() - chrono::Duration::from_std(after).unwrap_or_default();
+        let cutoff = crate::clock::before(Utc::now(), after);
         let filter = TaskFilter {
             status: Some(TaskStatus::Pending),
             queue: None,
@@ -311,8 +333,8 @@ impl Monitor {
                     }
                 }
             }
-            if let Some(lease) = monitor.lease.lock().await.take() {
-                let _ = monitor.backends.locks.release(&lease).await;
+            if let Err(e) = monitor.step_down().await {
+                tracing::warn!(error = %e, "could not release the monitor lock; it ends with its TTL");
             }
         });
         Ok(MonitorHandle { stop_tx, join })

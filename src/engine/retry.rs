@@ -92,7 +92,7 @@ where
     Fut: Future<Output = Result<T>>,
 {
     let policy = Backoff::backend();
-    let deadline = tokio::time::Instant::now() + budget;
+    let deadline = tokio::time::Instant::now() + crate::clock::capped(budget);
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -100,7 +100,7 @@ where
             Ok(v) => return Ok(v),
             Err(e) if e.is_temporary() => {
                 let wait = policy.delay(attempt);
-                if tokio::time::Instant::now() + wait > deadline {
+                if tokio::time::Instant::now() + crate::clock::capped(wait) > deadline {
                     return Err(Error::Timeout(format!(
                         "{what}: backend still failing after {attempt} tries: {e}"
                     )));

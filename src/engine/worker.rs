@@ -74,6 +74,10 @@ pub fn default_worker_id() -> String {
     )
 }
 
+/// The longest lease a worker takes on a task (a longer one would only delay the recovery of a
+/// crashed worker's tasks: a running task's lease is extended by heartbeats).
+pub const MAX_LEASE: Duration = Duration::from_secs(7 * 86_400);
+
 impl WorkerConfig {
     /// Checks the numbers; errors name the key.
     pub fn validate(&self) -> Result<()> {
@@ -86,8 +90,14 @@ impl WorkerConfig {
                 format!("must be between 1 and 10000, got {}", self.concurrency),
             ));
         }
-        if self.lease < Duration::from_millis(100) {
-            return Err(Error::config("worker.lease", "must be at least 100ms"));
+        if self.lease < Duration::from_millis(100) || self.lease > MAX_LEASE {
+            return Err(Error::config(
+                "worker.lease",
+                format!(
+                    "must be between 100ms and 7d, got {}",
+                    crate::config::format_duration(self.lease)
+                ),
+            ));
         }
         if let Some(hb) = self.heartbeat {
             if hb.is_zero() || hb >= self.lease {
@@ -265,8 +275,12 @@ impl std::fmt::Debug for WorkerHandle {
 pub struct ShutdownReport {
     /// Tasks that were still running at the deadline and were handed back to their queue.
     pub handed_back: u64,
-    /// True if every running task finished or was handed back in time.
+    /// True if every running task finished or was handed back in time, and every fetch loop
+    /// ended normally (false after a panic in one: it had stopped fetching).
     pub clean: bool,
+    /// True if tasks were still running at the deadline (they were handed back: see
+    /// `handed_back`).
+    pub deadline_passed: bool,
     /// The worker's counters at the end.
     pub metrics: MetricsSnapshot,
 }
@@ -306,7 +320,16 @@ impl WorkerHandle {
         // round trip) and what it brought is being handed back; the running tasks' deadline
         // starts after that, so a short deadline never cuts such a fetch off.
         let bound = self.inner.config.fetch_wait + self.inner.config.backend_retry_budget;
-        let _ = tokio::time::timeout(bound, futures::future::join_all(self.loops.iter_mut())).await;
+        let ended =
+            tokio::time::timeout(bound, futures::future::join_all(self.loops.iter_mut())).await;
+        let panicked = ended.map_or(0, |all| {
+            all.iter()
+                .filter(|r| r.as_ref().is_err_and(|e| e.is_panic()))
+                .count()
+        });
+        if panicked > 0 {
+            tracing::error!(worker_id = %self.inner.worker_id, panicked, "a fetch loop had stopped on a panic (a bug: please report it); its queue was no longer served");
+        }
         let total = self.inner.config.concurrency as u32;
         let before = self
             .inner
@@ -316,7 +339,8 @@ impl WorkerHandle {
         let mut clean = tokio::time::timeout(timeout, self.idle(total))
             .await
             .is_ok();
-        if !clean {
+        let deadline_passed = !clean;
+        if deadline_passed {
             tracing::warn!(worker_id = %self.inner.worker_id, running = self.running(), "shutdown deadline reached; handing running tasks back");
             let _ = self.abandon_tx.send(true);
             clean = tokio::time::timeout(self.inner.config.backend_retry_budget, self.idle(total))
@@ -334,7 +358,8 @@ impl WorkerHandle {
         tracing::info!(worker_id = %self.inner.worker_id, handed_back = after - before, clean, "worker stopped");
         ShutdownReport {
             handed_back: after - before,
-            clean,
+            clean: clean && panicked == 0,
+            deadline_passed,
             metrics: self.inner.metrics.snapshot(),
         }
     }
@@ -832,7 +857,7 @@ async fn heartbeat(inner: &Inner, current: &Task, d: &Delivery) -> Result<Task> 
     let now = Utc::now();
     let lease = inner.config.lease;
     let next = TaskState {
-        lease_until: Some(now + chrono::Duration::from_std(lease).unwrap_or_default()),
+        lease_until: Some(crate::clock::after(now, lease)),
         heartbeat_at: Some(now),
         updated_at: now,
         ..current.state.clone()

@@ -547,6 +547,10 @@ pub async fn graceful_shutdown_loses_nothing(b: &Backends) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = first.shutdown_within(Duration::from_millis(300)).await;
     assert!(report.clean, "{report:?}");
+    assert!(
+        report.deadline_passed && report.handed_back > 0,
+        "5 s tasks were running at the 300 ms deadline: {report:?}"
+    );
     let second = Worker::new(b.clone(), quick_config("staying", 8))
         .handle("shutdown_q", make_handler(completions.clone()))
         .unwrap()
@@ -599,7 +603,7 @@ pub async fn shutdown_waits_for_the_outcomes_being_recorded(b: &Backends) {
     })
     .await;
     let report = w.shutdown_within(Duration::from_secs(10)).await;
-    assert!(report.clean, "{report:?}");
+    assert!(report.clean && !report.deadline_passed, "{report:?}");
     let ran = ran.lock().clone();
     assert!(
         !ran.is_empty(),

@@ -164,7 +164,7 @@ async fn reap_expired_leases(inner: Arc<BusInner>) {
 
 fn to_utc(at: Instant) -> DateTime<Utc> {
     let ahead = at.saturating_duration_since(Instant::now());
-    Utc::now() + chrono::Duration::from_std(ahead).unwrap_or_default()
+    crate::clock::after(Utc::now(), ahead)
 }
 
 impl BusInner {
@@ -289,7 +289,7 @@ impl BusInner {
         lease: Duration,
     ) -> Vec<Delivery> {
         let mut out = Vec::with_capacity(got.len());
-        let deadline = Instant::now() + lease;
+        let deadline = Instant::now() + crate::clock::capped(lease);
         for d in got {
             let props = &d.properties;
             let before = header_u64(props.headers().as_ref(), H_DELIVERIES).unwrap_or(0);
@@ -398,7 +398,7 @@ impl BusInner {
     async fn fetch(&self, queue: &QueueName, options: FetchOptions) -> Result<Vec<Delivery>> {
         self.ensure(&Target::Work(queue.clone()), false).await?;
         let name = short(self.names.work(queue))?;
-        let deadline = Instant::now() + options.wait;
+        let deadline = Instant::now() + crate::clock::capped(options.wait);
         loop {
             let slot = self.round_robin.fetch_add(1, Ordering::Relaxed) % GETTERS;
             let (ch, _, _) = self.getters[slot].get().await?;
@@ -520,7 +520,7 @@ impl Bus for RabbitBus {
     }
 
     async fn extend(&self, delivery: &Delivery, lease: Duration) -> Result<DateTime<Utc>> {
-        let deadline = Instant::now() + lease;
+        let deadline = Instant::now() + crate::clock::capped(lease);
         let extended = match self.inner.lease_of(&delivery.receipt)? {
             Some(id) => self.inner.leases.extend(id, deadline),
             None => false,

@@ -161,7 +161,7 @@ impl MemoryBus {
     }
 
     fn to_instant(delay: Duration) -> Instant {
-        Instant::now() + delay
+        Instant::now() + crate::clock::capped(delay)
     }
 
     fn parse_receipt(receipt: &str) -> Result<(u64, u64)> {
@@ -213,7 +213,7 @@ impl MemoryBus {
 fn to_utc(at: Instant) -> DateTime<Utc> {
     let now = Instant::now();
     let delta = at.saturating_duration_since(now);
-    Utc::now() + chrono::Duration::from_std(delta).unwrap_or_default()
+    crate::clock::after(Utc::now(), delta)
 }
 
 #[async_trait]
@@ -277,7 +277,7 @@ impl Bus for MemoryBus {
             return Err(Error::invalid("fetch max", "must be at least 1"));
         }
         let q = self.queue(queue);
-        let deadline = Instant::now() + options.wait;
+        let deadline = Instant::now() + crate::clock::capped(options.wait);
         loop {
             let notified = q.notify.notified();
             tokio::pin!(notified);
@@ -286,7 +286,7 @@ impl Bus for MemoryBus {
                 let now = Instant::now();
                 let mut st = q.state.lock();
                 st.promote(now);
-                let lease_until = now + options.lease;
+                let lease_until = now + crate::clock::capped(options.lease);
                 let mut out = Vec::new();
                 while out.len() < options.max {
                     let Some(mut m) = st.pop_ready() else { break };
@@ -359,7 +359,7 @@ impl Bus for MemoryBus {
         let q = self.queue(&delivery.queue);
         let (id, generation) = Self::parse_receipt(&delivery.receipt)?;
         let mut st = q.state.lock();
-        let until = Instant::now() + lease;
+        let until = Instant::now() + crate::clock::capped(lease);
         let old = match st.leased.get_mut(&id) {
             Some(l) if l.generation == generation => std::mem::replace(&mut l.lease_until, until),
             _ => {

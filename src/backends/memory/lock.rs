@@ -44,10 +44,7 @@ impl MemoryLockManager {
 }
 
 fn ttl_to_chrono(ttl: Duration) -> Result<chrono::Duration> {
-    if ttl.is_zero() {
-        return Err(Error::invalid("ttl", "must be greater than zero"));
-    }
-    chrono::Duration::from_std(ttl).map_err(|_| Error::invalid("ttl", "is too large"))
+    crate::lock::ttl_span(ttl)
 }
 
 #[async_trait]
