@@ -667,3 +667,19 @@ async fn drop_namespace_deletes_the_queues_of_the_prefix_and_nothing_else() {
         "rabbitmqctl should list the queues, a delay queue among them: {had:?}"
     );
 }
+
+/// An amqp:// URL naming a port where something else answers is one clear error, not lapin's
+/// Debug dump of its parser.
+#[tokio::test]
+async fn a_port_that_does_not_speak_amqp_is_one_clear_error() {
+    let port = support::wrong_protocol_server();
+    let url = format!("amqp://guest:guest@127.0.0.1:{port}");
+    let e = match connect(&BackendUrls::all(&url), &options("t_wrongport_")).await {
+        Ok(_) => panic!("connected to a server that is not RabbitMQ"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("not AMQP 0-9-1") && !e.contains("ParserErrors"),
+        "{e}"
+    );
+}

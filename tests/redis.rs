@@ -2196,3 +2196,19 @@ fn ctrl_c_during_the_bench_or_the_demo_leaves_nothing_behind() {
         assert!(left.is_empty(), "{name} left {} keys: {left:?}", left.len());
     }
 }
+
+/// A redis:// URL naming a port where something else answers is one clear line, not the
+/// client's multi-line parser dump.
+#[tokio::test]
+async fn a_port_that_does_not_speak_redis_is_one_clear_error() {
+    let port = support::wrong_protocol_server();
+    let url = format!("redis://127.0.0.1:{port}");
+    let e = match connect(&BackendUrls::all(&url), &options("t_wrongport_")).await {
+        Ok(_) => panic!("connected to a server that is not Redis"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("not the Redis protocol") && !e.contains('\n'),
+        "{e}"
+    );
+}

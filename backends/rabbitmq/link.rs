@@ -270,7 +270,13 @@ fn classify(context: String, e: lapin::Error) -> Error {
         | ErrorKind::NoDefaultRuntime => true,
         _ => false,
     };
-    let message = format!("{context}: {e}");
+    let message = match e.kind() {
+        // lapin's text is a Debug dump of its parser's state.
+        ErrorKind::ParsingError(_) => format!(
+            "{context}: the server's reply is not AMQP 0-9-1 (is this the port of a RabbitMQ server?)"
+        ),
+        _ => format!("{context}: {e}"),
+    };
     if permanent {
         Error::permanent(BACKEND, message, Some(Box::new(e) as _))
     } else {

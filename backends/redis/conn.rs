@@ -197,7 +197,18 @@ impl Target {
     /// (a long script) are temporary; everything else is permanent. The password never appears.
     pub fn error(&self, what: &str, e: RedisError) -> Error {
         let temporary = is_temporary(&e);
-        let raw = format!("{what} on {}: {e}", self.redacted);
+        // The redis crate's own text for these is a multi-line parser dump, or a bare "timed
+        // out": say what they most likely mean.
+        let detail = if e.kind() == redis::ErrorKind::Parse || e.to_string().contains("Parse error")
+        {
+            "the server's reply is not the Redis protocol (is this the port of a Redis server?)"
+                .to_string()
+        } else if self.tls && e.is_timeout() {
+            format!("{e} (a server that does not speak TLS never answers a rediss:// handshake)")
+        } else {
+            e.to_string()
+        };
+        let raw = format!("{what} on {}: {detail}", self.redacted);
         let message = self.scrub(&raw);
         let source: Option<crate::error::BoxError> = if message == raw {
             Some(Box::new(e))
