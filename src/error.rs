@@ -70,7 +70,10 @@ pub enum Error {
         actual_attempt: u32,
     },
     /// The task model does not allow this change of status.
-    #[error("illegal transition of task {task_id}: {from} -> {to}")]
+    #[error(
+        "illegal transition of task {task_id}: {from} -> {to} ({})",
+        crate::model::TaskStatus::moves_from(*from)
+    )]
     IllegalTransition {
         /// The task.
         task_id: TaskId,

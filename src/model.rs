@@ -294,6 +294,22 @@ impl TaskStatus {
     }
 }
 
+impl TaskStatus {
+    /// Where a task of status `from` may go, in words (for the error that refuses a move).
+    pub(crate) fn moves_from(from: TaskStatus) -> String {
+        let to: Vec<&str> = TaskStatus::ALL
+            .into_iter()
+            .filter(|t| *t != from && from.can_transition_to(*t))
+            .map(TaskStatus::as_str)
+            .collect();
+        if to.is_empty() {
+            format!("a {from} task never changes")
+        } else {
+            format!("a {from} task may only become {}", to.join(" or "))
+        }
+    }
+}
+
 impl fmt::Display for TaskStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -533,6 +549,26 @@ pub struct Expected {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_transition_says_where_the_task_may_go() {
+        let e = |from, to| {
+            Error::IllegalTransition {
+                task_id: TaskId::parse("r1").unwrap(),
+                from,
+                to,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            e(TaskStatus::Running, TaskStatus::Cancelled),
+            "illegal transition of task r1: RUNNING -> CANCELLED (a RUNNING task may only become PENDING or COMPLETED or FAILED)"
+        );
+        assert_eq!(
+            e(TaskStatus::Completed, TaskStatus::Pending),
+            "illegal transition of task r1: COMPLETED -> PENDING (a COMPLETED task never changes)"
+        );
+    }
 
     #[test]
     fn transition_table_is_closed_over_terminal_completed() {
