@@ -477,7 +477,14 @@ impl Config {
     ) -> Result<Config> {
         let from_env = env(ENV_CONFIG).filter(|p| !p.trim().is_empty());
         let mut config = match (path, from_env) {
-            (Some(p), _) => Config::from_file(p)?,
+            // An unreadable file given as a flag is named as the flag, not as the variable.
+            (Some(p), _) => Config::from_file(p).map_err(|e| match e {
+                Error::Config { key, reason } if key == ENV_CONFIG => Error::Config {
+                    key: "--config".into(),
+                    reason,
+                },
+                e => e,
+            })?,
             (None, Some(p)) => Config::from_file(Path::new(&p))?,
             (None, None) => Config::default(),
         };

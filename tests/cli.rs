@@ -490,3 +490,21 @@ fn memory_mixed_with_a_broker_is_refused_for_one_shot_commands() {
     assert_eq!(r.code, 2, "{}", r.all());
     assert!(r.stderr.contains("holds the locks while"), "{}", r.stderr);
 }
+
+/// An unreadable file is named by where it came from: the flag or the variable.
+#[test]
+fn an_unreadable_config_file_names_the_flag_or_the_variable() {
+    let r = run(&["--config", "/nonexistent/orchestra.toml", "config"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("`--config`: cannot read"), "{}", r.stderr);
+    let r = run_env(
+        &["config"],
+        &[("ORCHESTRA_CONFIG", "/nonexistent/orchestra.toml")],
+    );
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("`ORCHESTRA_CONFIG`: cannot read"),
+        "{}",
+        r.stderr
+    );
+}
