@@ -2212,3 +2212,78 @@ async fn a_port_that_does_not_speak_redis_is_one_clear_error() {
         "{e}"
     );
 }
+
+/// A second Ctrl-C during a graceful shutdown stops the worker at once (exit 130): its running
+/// task is left RUNNING, as a crash would leave it, for its lease to hand it on.
+#[test]
+fn a_second_ctrl_c_stops_the_worker_at_once() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = rt.block_on(broker_url(BrokerKind::Redis));
+    let prefix = unique_prefix("cli_cold");
+    let (code, out, err) = orchestra_run(
+        &url,
+        &prefix,
+        &["dispatch", "slow", r#"{"ms": 60000}"#, "--id", "cold_one"],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let worker = orchestra(
+        &url,
+        &prefix,
+        &["worker", "-q", "slow=sleep"],
+        &[("ORCHESTRA_SHUTDOWN_TIMEOUT", "60s")],
+    )
+    .spawn()
+    .expect("the worker starts");
+    let started = std::time::Instant::now();
+    loop {
+        let (_, out, _) = orchestra_run(&url, &prefix, &["--json", "task", "get", "cold_one"]);
+        if out.contains("\"RUNNING\"") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the task did not start: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let first = Command::new("kill")
+        .args(["-INT", &worker.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(first.success());
+    // The graceful shutdown now waits up to 60 s for the task; the second signal ends it.
+    std::thread::sleep(Duration::from_millis(1000));
+    let asked = std::time::Instant::now();
+    let (code, stdout, stderr) = interrupt(worker);
+    assert_eq!(code, 130, "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("a second signal: stopped at once"),
+        "{stderr}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "stopped {:?} after the second signal",
+        asked.elapsed()
+    );
+    let (_, out, _) = orchestra_run(&url, &prefix, &["--json", "task", "get", "cold_one"]);
+    assert!(out.contains("\"RUNNING\""), "left for its lease: {out}");
+    rt.block_on(cleanup(&prefix));
+}
+
+/// bench and demo add `<kind>_<8 hex>_` to the prefix: a prefix too long for that is refused
+/// with how long it may be, before anything is created.
+#[test]
+fn bench_and_demo_say_how_long_the_prefix_may_be() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = rt.block_on(broker_url(BrokerKind::Redis));
+    let prefix = format!("t_long_{}", "x".repeat(53));
+    for (args, room) in [(&["bench", "-n", "10"][..], 49), (&["demo"][..], 50)] {
+        let (code, out, err) = orchestra_run(&url, &prefix, args);
+        assert_eq!(code, 2, "{args:?}: {out}\n{err}");
+        assert!(
+            err.contains(&format!("at most {room} characters here, not 60")),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(rt.block_on(support::redis_keys(&url, "t_long_")).is_empty());
+}

@@ -233,7 +233,17 @@ pub async fn run(ctx: &Ctx, a: WorkerArgs) -> Result<(), CliError> {
         m.shutdown().await;
     }
     let worker_id = handle.worker_id().to_string();
-    let report = handle.shutdown().await;
+    // A second Ctrl-C or SIGTERM stops at once (a cold shutdown): dropping the handle stops
+    // the running tasks without recording anything, as a crash would; they stay RUNNING until
+    // their lease ends and then go to another worker.
+    let report = tokio::select! {
+        r = handle.shutdown() => r,
+        _ = shutdown_signal() => {
+            return Err(CliError::Interrupted(
+                "a second signal: stopped at once; the tasks that were running return to their queue when their lease ends".into(),
+            ));
+        }
+    };
     let (completed, retried, failed) = tally.get();
     if ctx.out.json {
         ctx.out.json(&json!({

@@ -124,7 +124,7 @@ pub async fn run(ctx: &Ctx, a: BenchArgs) -> Result<(), CliError> {
     let on_broker = !config.is_memory();
     if on_broker {
         // A fresh namespace per run: nothing left by an earlier run is counted.
-        config.prefix = format!("{}bench_{:08x}_", config.prefix, rand::random::<u32>());
+        super::fresh_namespace(&mut config, "bench")?;
     }
     config.worker.concurrency = a.c;
     config.validate()?;

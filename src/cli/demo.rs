@@ -75,7 +75,7 @@ pub async fn run(ctx: &Ctx) -> Result<(), CliError> {
     let mut config = ctx.config.clone();
     let on_broker = !config.is_memory();
     if on_broker {
-        config.prefix = format!("{}demo_{:08x}_", config.prefix, rand::random::<u32>());
+        super::fresh_namespace(&mut config, "demo")?;
     }
     let backends = config.connect().await?;
     let out = ctx.out;

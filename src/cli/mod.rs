@@ -280,6 +280,22 @@ fn usage_error(e: clap::Error) -> ExitCode {
     report(Output { json: true }, &CliError::Usage(message))
 }
 
+/// Gives `config` a fresh namespace of its own under the user's prefix (`<prefix><kind>_<8 hex>_`),
+/// for a run that deletes everything under it afterwards; the error says how long the user's
+/// prefix may be.
+pub(crate) fn fresh_namespace(config: &mut Config, kind: &str) -> Result<(), CliError> {
+    let added = format!("{kind}_{:08x}_", rand::random::<u32>());
+    let room = 64usize.saturating_sub(added.len());
+    if config.prefix.len() > room {
+        return Err(CliError::Usage(format!(
+            "--prefix: {kind} adds {kind}_<8 hex digits>_ for a namespace of its own, so the prefix may have at most {room} characters here, not {}",
+            config.prefix.len()
+        )));
+    }
+    config.prefix.push_str(&added);
+    Ok(())
+}
+
 /// Refuses a configuration whose roles mix the in-memory backend with a broker for a command
 /// that ends with its process: what the memory roles held (a task dispatched into a memory
 /// registry, say) would be gone when it exits, while the broker roles kept the rest.
@@ -332,8 +348,10 @@ fn init_logging(verbose: u8, quiet_default: bool) {
         2 => EnvFilter::new("debug"),
         _ => EnvFilter::new("trace"),
     };
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
