@@ -2287,3 +2287,38 @@ fn bench_and_demo_say_how_long_the_prefix_may_be() {
     }
     assert!(rt.block_on(support::redis_keys(&url, "t_long_")).is_empty());
 }
+
+/// `dispatch --depends-on` a task that was cancelled (or failed) says that the new task failed
+/// at once, with exit 1, instead of "dispatched".
+#[test]
+fn dispatch_after_a_cancelled_dependency_reports_the_failure() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = rt.block_on(broker_url(BrokerKind::Redis));
+    let prefix = unique_prefix("cli_dep_cancelled");
+    let (code, out, err) = orchestra_run(&url, &prefix, &["dispatch", "q", "{}", "--id", "par"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = orchestra_run(&url, &prefix, &["cancel", "par"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = orchestra_run(
+        &url,
+        &prefix,
+        &["dispatch", "q", "{}", "--id", "kid", "--depends-on", "par"],
+    );
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("task kid FAILED: dependency par CANCELLED"),
+        "{err}"
+    );
+    assert!(!out.contains("dispatched"), "{out}");
+    // A dependency still pending: dispatched as usual.
+    let (code, out, err) = orchestra_run(&url, &prefix, &["dispatch", "q", "{}", "--id", "p2"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = orchestra_run(
+        &url,
+        &prefix,
+        &["dispatch", "q", "{}", "--id", "k2", "--depends-on", "p2"],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("dispatched k2"), "{out}");
+    rt.block_on(cleanup(&prefix));
+}

@@ -141,6 +141,7 @@ pub async fn dispatch(ctx: &Ctx, a: DispatchArgs) -> Result<(), CliError> {
         &ctx.config.limits(),
     )?;
     let d = dispatcher(ctx, ctx.connect_shared().await?);
+    let has_parents = !depends_on.is_empty();
     let options = DispatchOptions {
         max_attempts: a.max_attempts,
         depends_on,
@@ -150,6 +151,15 @@ pub async fn dispatch(ctx: &Ctx, a: DispatchArgs) -> Result<(), CliError> {
     let id = d
         .dispatch(queue.as_str(), payload, priority.get().into(), options)
         .await?;
+    if has_parents && !a.wait {
+        // A dependency that already failed or was cancelled fails the new task at once: say
+        // so rather than "dispatched".
+        let task = d.get(&id).await?;
+        if task.state.status.is_terminal() {
+            print_task(ctx, &task);
+            return outcome(&task);
+        }
+    }
     if !a.wait {
         if ctx.out.json {
             ctx.out.json(&json!({"task_id": id}));
