@@ -2322,3 +2322,35 @@ fn dispatch_after_a_cancelled_dependency_reports_the_failure() {
     assert!(out.contains("dispatched k2"), "{out}");
     rt.block_on(cleanup(&prefix));
 }
+
+/// `drop-namespace` deletes everything under the prefix, only with `--yes`, and nothing of a
+/// neighbouring prefix.
+#[test]
+fn drop_namespace_deletes_the_prefix_only_when_asked() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = rt.block_on(broker_url(BrokerKind::Redis));
+    let prefix = unique_prefix("cli_drop");
+    let neighbour = unique_prefix("cli_drop_keep");
+    for p in [&prefix, &neighbour] {
+        let (code, out, err) = orchestra_run(&url, p, &["dispatch", "q", "{}"]);
+        assert_eq!(code, 0, "{out}\n{err}");
+    }
+    let before = rt.block_on(support::redis_keys(&url, &prefix));
+    assert!(!before.is_empty());
+    let (code, out, err) = orchestra_run(&url, &prefix, &["drop-namespace"]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(err.contains("add --yes"), "{err}");
+    assert_eq!(rt.block_on(support::redis_keys(&url, &prefix)), before);
+    let (code, out, err) = orchestra_run(&url, &prefix, &["drop-namespace", "--yes"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("deleted everything under the prefix"), "{out}");
+    assert!(rt.block_on(support::redis_keys(&url, &prefix)).is_empty());
+    assert!(!rt
+        .block_on(support::redis_keys(&url, &neighbour))
+        .is_empty());
+    // An empty prefix is refused, whatever --yes says.
+    let (code, _, err) = orchestra_run(&url, "", &["drop-namespace", "--yes"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("needs --prefix"), "{err}");
+    rt.block_on(cleanup(&neighbour));
+}

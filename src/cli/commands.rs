@@ -116,6 +116,18 @@ pub struct PurgeArgs {
     keep: Option<u64>,
 }
 
+/// `orchestra drop-namespace`.
+#[derive(Args)]
+pub struct DropNamespaceArgs {
+    /// A queue whose queues to delete too (RabbitMQ cannot list queues: name every queue the
+    /// namespace used; Redis and NATS find them by the prefix). Repeatable.
+    #[arg(long = "queue", short = 'q', value_name = "QUEUE")]
+    queues: Vec<String>,
+    /// Yes, delete everything under the prefix for good.
+    #[arg(long)]
+    yes: bool,
+}
+
 fn dispatcher(ctx: &Ctx, backends: agent_orchestra::Backends) -> Dispatcher {
     Dispatcher::new(backends).with_limits(ctx.config.limits())
 }
@@ -429,6 +441,50 @@ pub async fn monitor(ctx: &Ctx, a: MonitorArgs) -> Result<(), CliError> {
         }
     }
     handle.shutdown().await;
+    Ok(())
+}
+
+pub async fn drop_namespace(ctx: &Ctx, a: DropNamespaceArgs) -> Result<(), CliError> {
+    let queues = a
+        .queues
+        .iter()
+        .map(|q| QueueName::parse(q))
+        .collect::<Result<Vec<_>, _>>()?;
+    let prefix = &ctx.config.prefix;
+    if prefix.is_empty() {
+        return Err(CliError::Usage(
+            "drop-namespace needs --prefix (or ORCHESTRA_PREFIX): everything whose name starts with it is deleted, and an empty prefix would be everything".into(),
+        ));
+    }
+    if ctx.config.is_memory() {
+        return Err(CliError::Usage(
+            "drop-namespace deletes a namespace on a broker; memory:// keeps nothing beyond its process (pass --url)".into(),
+        ));
+    }
+    let urls = ctx.config.backend_urls();
+    let mut places: Vec<String> = Vec::new();
+    for u in [&urls.bus, &urls.registry, &urls.locks] {
+        let shown = agent_orchestra::backends::redact_url(u);
+        if !places.contains(&shown) {
+            places.push(shown);
+        }
+    }
+    if !a.yes {
+        return Err(CliError::Usage(format!(
+            "drop-namespace deletes everything under the prefix {prefix:?} on {} for good; add --yes to do it",
+            places.join(", ")
+        )));
+    }
+    agent_orchestra::backends::drop_namespace(&urls, &ctx.config.connect_options(), &queues)
+        .await?;
+    if ctx.out.json {
+        ctx.out.json(&json!({"dropped": prefix, "on": places}));
+    } else {
+        println!(
+            "deleted everything under the prefix {prefix:?} on {}",
+            places.join(", ")
+        );
+    }
     Ok(())
 }
 

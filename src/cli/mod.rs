@@ -137,6 +137,9 @@ enum Command {
     DeadLetters(commands::DeadLettersArgs),
     /// Deletes finished (COMPLETED, FAILED, CANCELLED) tasks beyond a retention.
     Purge(commands::PurgeArgs),
+    /// Deletes everything under --prefix on the brokers: queues, messages, dead letters, tasks,
+    /// locks. Irreversible; needs --yes.
+    DropNamespace(commands::DropNamespaceArgs),
     /// Throughput and latency of the full task lifecycle, producer and workers in one process.
     Bench(bench::BenchArgs),
     /// Prints the effective configuration (secrets redacted).
@@ -397,6 +400,7 @@ async fn run(ctx: &Ctx, command: Command) -> Result<(), CliError> {
         Command::Retry { id } => commands::retry(ctx, &id).await,
         Command::DeadLetters(a) => commands::dead_letters(ctx, a).await,
         Command::Purge(a) => commands::purge(ctx, a).await,
+        Command::DropNamespace(a) => commands::drop_namespace(ctx, a).await,
         Command::Bench(a) => bench::run(ctx, a).await,
         Command::Config => {
             if ctx.out.json {
