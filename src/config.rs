@@ -69,10 +69,9 @@ pub mod duration_opt {
         }
         match Option::<Raw>::deserialize(d)? {
             None => Ok(None),
-            Some(Raw::Secs(s)) if s >= 0.0 && s.is_finite() => Ok(Some(Duration::from_secs_f64(s))),
-            Some(Raw::Secs(s)) => Err(serde::de::Error::custom(format!(
-                "duration must be a non-negative number of seconds, got {s}"
-            ))),
+            Some(Raw::Secs(s)) => super::seconds(s)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
             Some(Raw::Text(t)) => super::parse_duration(&t)
                 .map(Some)
                 .map_err(serde::de::Error::custom),
@@ -120,6 +119,20 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         return Err(format!("{text:?} is too long (at most 36500d)"));
     }
     std::time::Duration::try_from_secs_f64(secs).map_err(|_| format!("{text:?} is too long"))
+}
+
+/// A duration given as a bare number of seconds (a TOML number): non-negative, at most a
+/// hundred years, as [`parse_duration`] allows.
+fn seconds(s: f64) -> Result<std::time::Duration, String> {
+    if !(s >= 0.0 && s.is_finite()) {
+        return Err(format!(
+            "duration must be a non-negative number of seconds, got {s}"
+        ));
+    }
+    if s > crate::clock::FAR.as_secs_f64() {
+        return Err(format!("{s} seconds is too long (at most 36500d)"));
+    }
+    std::time::Duration::try_from_secs_f64(s).map_err(|_| format!("{s} seconds is too long"))
 }
 
 /// Formats a duration the way [`parse_duration`] reads it.
@@ -174,10 +187,9 @@ mod duration_or_never {
             Raw::Text(t) => super::parse_duration(&t)
                 .map(Some)
                 .map_err(serde::de::Error::custom),
-            Raw::Secs(s) if s >= 0.0 && s.is_finite() => Ok(Some(Duration::from_secs_f64(s))),
-            Raw::Secs(s) => Err(serde::de::Error::custom(format!(
-                "duration must be a non-negative number of seconds, got {s}"
-            ))),
+            Raw::Secs(s) => super::seconds(s)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
         }
     }
 }

@@ -38,7 +38,7 @@ impl ClaimSpec {
     pub fn claimed_state(&self, found: &TaskState, now: DateTime<Utc>) -> TaskState {
         TaskState {
             status: TaskStatus::Running,
-            attempt: found.attempt + 1,
+            attempt: found.attempt.saturating_add(1),
             handed_back: found.handed_back,
             worker_id: Some(self.worker_id.to_string()),
             result: None,

@@ -406,7 +406,12 @@ fn absurd_durations_are_usage_errors_not_panics() {
     let file = dir.path().join("orchestra.toml");
     std::fs::write(&file, "[monitor.retention]\nmax_age = \"99999999999d\"\n").expect("write");
     let file = file.to_string_lossy().into_owned();
+    // A bare number of seconds too (it panicked in the TOML parser before any check).
+    let secs = dir.path().join("secs.toml");
+    std::fs::write(&secs, "[worker]\nlease = 1e20\n").expect("write");
+    let secs = secs.to_string_lossy().into_owned();
     for (args, says) in [
+        (&["--config", &secs, "config"][..], "too long"),
         (&["purge", "--older-than", "99999999999d"][..], "too long"),
         (&["--config", &file, "monitor", "--once"][..], "too long"),
         (&["--config", &file, "config"][..], "too long"),
@@ -440,6 +445,10 @@ fn absurd_durations_are_usage_errors_not_panics() {
         assert!(r.stderr.contains(says), "{args:?}: {}", r.stderr);
         assert!(!r.all().contains("panicked"), "{args:?}: {}", r.all());
     }
+    // A rate so low that its schedule leaves every clock's range: a timeout, not a panic.
+    let r = run(&["bench", "-n", "3", "--rate", "1e-20", "--timeout", "1s"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("timed out"), "{}", r.stderr);
     // The longest accepted ones still work.
     let r = run(&["purge", "--older-than", "36500d"]);
     assert_eq!(r.code, 0, "{}", r.all());

@@ -90,7 +90,7 @@ impl RabbitRegistry {
                     through,
                     "registry view loaded from a snapshot"
                 );
-                (view, Some(through + 1))
+                (view, Some(through.saturating_add(1)))
             }
             None => (TaskView::default(), None),
         };

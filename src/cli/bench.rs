@@ -359,7 +359,11 @@ async fn produce_steady(
         if state.stop.load(Ordering::Relaxed) {
             break;
         }
-        tokio::time::sleep_until(began + Duration::from_secs_f64(i as f64 / rate)).await;
+        // (a rate of 1e-20 tasks/s must not overflow the clock: the schedule ends in a century)
+        let at = Duration::try_from_secs_f64(i as f64 / rate)
+            .unwrap_or(Duration::MAX)
+            .min(Duration::from_secs(100 * 365 * 86_400));
+        tokio::time::sleep_until(began + at).await;
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };

@@ -116,7 +116,11 @@ impl Monitor {
     }
 
     async fn lead(&self) -> Result<bool> {
-        let ttl = (self.config.interval * 3).max(Duration::from_secs(1));
+        let ttl = self
+            .config
+            .interval
+            .saturating_mul(3)
+            .max(Duration::from_secs(1));
         let mut held = self.lease.lock().await;
         if let Some(lease) = held.as_ref() {
             match self.backends.locks.extend(lease, ttl).await {

@@ -73,7 +73,7 @@ impl Backoff {
     pub fn delay(&self, attempt: u32) -> Duration {
         let exp = self.factor.powi(attempt.saturating_sub(1).min(64) as i32);
         let raw = self.base.as_secs_f64() * exp;
-        let capped = raw.min(self.max.as_secs_f64());
+        let capped = raw.min(crate::clock::capped(self.max).as_secs_f64());
         let scale = if self.jitter > 0.0 {
             1.0 - rand::rng().random_range(0.0..=self.jitter)
         } else {

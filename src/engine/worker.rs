@@ -319,7 +319,8 @@ impl WorkerHandle {
         // The fetch loops end once a fetch on its way has answered (at most `fetch_wait` and a
         // round trip) and what it brought is being handed back; the running tasks' deadline
         // starts after that, so a short deadline never cuts such a fetch off.
-        let bound = self.inner.config.fetch_wait + self.inner.config.backend_retry_budget;
+        let bound = crate::clock::capped(self.inner.config.fetch_wait)
+            + crate::clock::capped(self.inner.config.backend_retry_budget);
         let ended =
             tokio::time::timeout(bound, futures::future::join_all(self.loops.iter_mut())).await;
         let panicked = ended.map_or(0, |all| {
@@ -518,7 +519,7 @@ async fn return_unstarted(
 async fn hand_back(inner: &Inner, d: &Delivery, running: &Task) -> Result<()> {
     let next = TaskState {
         status: TaskStatus::Pending,
-        handed_back: running.state.handed_back + 1,
+        handed_back: running.state.handed_back.saturating_add(1),
         error: Some("handed back by a worker shutting down".into()),
         lease_until: None,
         updated_at: Utc::now(),

@@ -293,8 +293,8 @@ impl BusInner {
         for d in got {
             let props = &d.properties;
             let before = header_u64(props.headers().as_ref(), H_DELIVERIES).unwrap_or(0);
-            let deliveries =
-                u32::try_from(before + 1 + u64::from(d.redelivered)).unwrap_or(u32::MAX);
+            let deliveries = u32::try_from(before.saturating_add(1 + u64::from(d.redelivered)))
+                .unwrap_or(u32::MAX);
             let message_id = props
                 .message_id()
                 .as_ref()
