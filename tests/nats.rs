@@ -754,3 +754,78 @@ authorization {{
         }
     }
 }
+
+/// A message on a queue's subject whose `Orch-Blob` header is malformed or names chunks that
+/// are not there (another program's message) is dead-lettered at once, without allocating what
+/// the header claims, and the queue's other messages are delivered; the dead letters list it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bogus_blob_header_is_dead_lettered_not_trusted() {
+    let url = broker_url(BrokerKind::Nats).await;
+    let prefix = agent_orchestra::testkit::harness::unique_prefix("bogus_blob");
+    let b = make_backends(&prefix).await;
+    let q = QueueName::parse("bogus").unwrap();
+    // The stream exists once something was enqueued.
+    b.bus
+        .enqueue(
+            &q,
+            OutgoingMessage::new(b"first".to_vec(), Priority::new(5).unwrap()),
+        )
+        .await
+        .expect("enqueue");
+    let client = async_nats::connect(url.trim_start_matches("nats://"))
+        .await
+        .expect("raw client");
+    let js = async_nats::jetstream::new(client);
+    let bogus = [
+        "x;18446744073709551615;0",
+        "x;1099511627776;3",
+        "x;5;1000000000",
+        "not a blob",
+    ];
+    for h in bogus {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Orch-Blob", h);
+        js.publish_with_headers(format!("{prefix}orch.q.bogus.5"), headers, "".into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    b.bus
+        .enqueue(
+            &q,
+            OutgoingMessage::new(b"last".to_vec(), Priority::new(5).unwrap()),
+        )
+        .await
+        .expect("enqueue");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < 2 && Instant::now() < deadline {
+        let batch = b
+            .bus
+            .fetch(
+                &q,
+                FetchOptions {
+                    max: 10,
+                    wait: Duration::from_secs(1),
+                    lease: Duration::from_secs(30),
+                },
+            )
+            .await
+            .expect("fetch (a bogus message must not fail it)");
+        for d in batch {
+            b.bus.ack(&d).await.expect("ack");
+            got.push(d.payload);
+        }
+    }
+    assert_eq!(got, vec![b"first".to_vec(), b"last".to_vec()]);
+    let dead = b.bus.dead_letters(&q, 10).await.expect("dead letters");
+    assert_eq!(dead.len(), bogus.len(), "{dead:?}");
+    assert!(
+        dead.iter()
+            .all(|d| d.reason.starts_with("malformed message")),
+        "{dead:?}"
+    );
+    drop(b);
+    cleanup(&prefix).await;
+}

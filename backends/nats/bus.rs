@@ -443,8 +443,33 @@ impl NatsBus {
                 self.bury(q, grave).await?;
                 continue;
             }
-            let blob = BlobRef::from_headers(headers)?;
-            let payload = load_payload(&self.blobs, headers, &m.payload).await?;
+            let loaded = match BlobRef::from_headers(headers) {
+                Ok(blob) => load_payload(&self.blobs, headers, &m.payload)
+                    .await
+                    .map(|payload| (blob, payload)),
+                Err(e) => Err(e),
+            };
+            let (blob, payload) = match loaded {
+                Ok(loaded) => loaded,
+                // A blob header that is malformed or names chunks that are not there (another
+                // program's message, or its chunks purged): dead-lettered at once, instead of
+                // failing every fetch of the queue until its deliveries run out.
+                Err(e) if !e.is_temporary() => {
+                    let reason = format!("malformed message: {e}");
+                    let grave = Grave {
+                        reply: &reply,
+                        headers,
+                        body: m.payload.to_vec(),
+                        message_id: &message_id,
+                        priority,
+                        deliveries: delivered,
+                        reason: &reason,
+                    };
+                    self.bury(q, grave).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let receipt = match &blob {
                 Some(b) => format!("{reply}#{}", b.header_value()),
                 None => reply.clone(),
@@ -771,12 +796,24 @@ impl Bus for NatsBus {
         for m in got {
             let Some(m) = m? else { continue };
             let h = Some(&m.headers);
-            let payload = load_payload(&self.blobs, h, &m.payload).await?;
+            let mut reason = header(h, REASON_HEADER).unwrap_or_default().to_string();
+            // A dead letter whose blob cannot be read (buried for that reason) is listed with
+            // its own bytes and why, not allowed to hide every other dead letter.
+            let payload = match load_payload(&self.blobs, h, &m.payload).await {
+                Ok(p) => p,
+                Err(e) if !e.is_temporary() => {
+                    if !reason.contains("malformed message") {
+                        reason = format!("{reason}; payload unreadable: {e}");
+                    }
+                    m.payload.to_vec()
+                }
+                Err(e) => return Err(e),
+            };
             out.push(DeadLetter {
                 queue: queue.clone(),
                 message_id: header(h, ID_HEADER).unwrap_or_default().to_string(),
                 payload,
-                reason: header(h, REASON_HEADER).unwrap_or_default().to_string(),
+                reason,
                 delivery_count: header(h, DELIVERIES_HEADER)
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0),
