@@ -85,7 +85,8 @@ impl fmt::Debug for Delivery {
 /// How to fetch from a work queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FetchOptions {
-    /// At most this many messages (the caller's free slots: the prefetch). At least 1.
+    /// At most this many messages (the caller's free slots: the prefetch). At least 1; a
+    /// value over [`FETCH_MAX`] fetches at most that many.
     pub max: usize,
     /// Wait up to this long for the first message when none is ready; return an empty batch
     /// then. Backends may return earlier, never much later.
@@ -93,6 +94,10 @@ pub struct FetchOptions {
     /// How long the lease on each delivered message lasts.
     pub lease: Duration,
 }
+
+/// The most messages one fetch delivers, whatever [`FetchOptions::max`] asks (a caller that
+/// wants more fetches again).
+pub const FETCH_MAX: usize = 1_000;
 
 /// A message moved to a queue's dead letters, with the reason.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

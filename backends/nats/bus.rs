@@ -654,7 +654,8 @@ impl Bus for NatsBus {
             let notified = q.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let out = self.fetch_round(&q, options.max, options.lease).await?;
+            let max = options.max.min(crate::bus::FETCH_MAX);
+            let out = self.fetch_round(&q, max, options.lease).await?;
             let now = Instant::now();
             if !out.is_empty() || now >= deadline {
                 return Ok(out);

@@ -30,7 +30,7 @@ use crate::model::{Priority, QueueName};
 /// Dead letters kept per queue; past this the oldest are deleted (as in the memory bus).
 pub(crate) const DEAD_LETTERS_KEPT: usize = 100_000;
 /// Most messages one fetch script takes (a larger `max` gets this many; callers loop).
-const FETCH_BATCH_MAX: usize = 1_000;
+const FETCH_BATCH_MAX: usize = crate::bus::FETCH_MAX;
 /// Most messages per enqueue script, and most payload bytes, so one script stays short.
 const ENQUEUE_BATCH_MAX: usize = 500;
 const ENQUEUE_BATCH_BYTES: usize = 4 * 1024 * 1024;

@@ -307,6 +307,36 @@ pub async fn fetch_from_an_empty_queue_returns_nothing_after_waiting(b: &Backend
     assert_stats(&*b.bus, &q, QueueStats::default(), "of a never-used queue").await;
 }
 
+/// A fetch that asks for `usize::MAX` messages ("everything") gets what is there, at most
+/// [`crate::bus::FETCH_MAX`], without allocating for what it asked.
+pub async fn fetch_of_usize_max_gets_what_is_there(b: &Backends) {
+    let q = queue("fetch_everything");
+    let batch: Vec<OutgoingMessage> = (0..5)
+        .map(|i| OutgoingMessage::new(format!("{{\"n\":{i}}}").into_bytes(), Priority::DEFAULT))
+        .collect();
+    must("enqueue five", b.bus.enqueue_many(&q, batch)).await;
+    let mut got = Vec::new();
+    let deadline = Instant::now() + CALL_TIMEOUT;
+    while got.len() < 5 && Instant::now() < deadline {
+        let options = FetchOptions {
+            max: usize::MAX,
+            wait: Duration::from_secs(1),
+            lease: LONG_LEASE,
+        };
+        let batch = must("fetch usize::MAX", b.bus.fetch(&q, options)).await;
+        assert!(
+            batch.len() <= crate::bus::FETCH_MAX,
+            "{} delivered",
+            batch.len()
+        );
+        got.extend(batch);
+    }
+    assert_eq!(got.len(), 5, "every message once");
+    for d in &got {
+        must("ack", b.bus.ack(d)).await;
+    }
+}
+
 /// An acked message is gone: it is not delivered again, not even after its lease would have
 /// ended.
 pub async fn ack_removes_the_message(b: &Backends) {

@@ -142,6 +142,7 @@ macro_rules! conformance_suite {
                 an_event_published_right_after_subscribe_is_delivered,
                 competing_consumers_get_each_message_exactly_once,
                 fetch_from_an_empty_queue_returns_nothing_after_waiting,
+                fetch_of_usize_max_gets_what_is_there,
                 ack_removes_the_message,
                 nack_with_delay_redelivers_after_the_delay_and_not_before,
                 unacked_message_is_redelivered_after_its_lease_ends,

@@ -399,17 +399,30 @@ impl BusInner {
         self.ensure(&Target::Work(queue.clone()), false).await?;
         let name = short(self.names.work(queue))?;
         let deadline = Instant::now() + crate::clock::capped(options.wait);
+        let max = options.max.min(crate::bus::FETCH_MAX);
+        let mut passed_over = 0u32;
         loop {
             let slot = self.round_robin.fetch_add(1, Ordering::Relaxed) % GETTERS;
             let (ch, _, _) = self.getters[slot].get().await?;
-            let got = get_batch(&ch, &name, options.max).await?;
+            let got = get_batch(&ch, &name, max).await?;
             let fetched_any = !got.is_empty();
             let out = self.admit(queue, got, options.lease).await;
             if !out.is_empty() {
                 return Ok(out);
             }
             if fetched_any {
-                continue; // everything fetched was dead-lettered: look again
+                // Everything fetched was dead-lettered: look again, within the wait. When
+                // that keeps happening (a dead-lettering that fails, its message requeued at
+                // the head), not in a tight loop.
+                let now = Instant::now();
+                if now >= deadline {
+                    return Ok(Vec::new());
+                }
+                passed_over += 1;
+                if passed_over > 1 {
+                    tokio::time::sleep(Duration::from_millis(50).min(deadline - now)).await;
+                }
+                continue;
             }
             if Instant::now() >= deadline {
                 return Ok(Vec::new());
@@ -419,8 +432,8 @@ impl BusInner {
             if got.is_empty() {
                 return Ok(Vec::new());
             }
-            if options.max > got.len() {
-                match get_batch(&ch, &name, options.max - got.len()).await {
+            if max > got.len() {
+                match get_batch(&ch, &name, max - got.len()).await {
                     Ok(more) => got.extend(more),
                     Err(e) => {
                         release(got).await;
