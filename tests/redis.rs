@@ -2354,3 +2354,57 @@ fn drop_namespace_deletes_the_prefix_only_when_asked() {
     assert!(err.contains("needs --prefix"), "{err}");
     rt.block_on(cleanup(&neighbour));
 }
+
+/// A ready message whose header has a priority out of 1..=10 (written by hand, or a legacy
+/// message with `p` 0) is delivered with the nearest priority and can be acked: before, it
+/// failed the whole fetch after the script had leased and claimed the batch, whose tasks then
+/// burned attempts without running.
+#[test]
+fn a_header_with_a_priority_out_of_range_does_not_fail_the_batch() {
+    on_shared_redis("prio_out_of_range", |b, prefix| async move {
+        let url = broker_url(BrokerKind::Redis).await;
+        let mut con = raw_connection(&url).await;
+        let q = queue("odd_prio");
+        b.bus
+            .enqueue(
+                &q,
+                OutgoingMessage::new(b"normal".to_vec(), Priority::new(5).unwrap()),
+            )
+            .await
+            .expect("enqueue");
+        let base = format!("{prefix}q:{{odd_prio}}");
+        let _: () = redis::pipe()
+            .cmd("HSET")
+            .arg(format!("{base}:bodies"))
+            .arg("900")
+            .arg("odd")
+            .ignore()
+            .cmd("ZADD")
+            .arg(format!("{base}:ready"))
+            .arg(0)
+            .arg("900:0:0:900")
+            .ignore()
+            .query_async(&mut con)
+            .await
+            .expect("write a header by hand");
+        let got = b
+            .bus
+            .fetch(
+                &q,
+                FetchOptions {
+                    max: 10,
+                    wait: Duration::from_secs(1),
+                    lease: Duration::from_secs(30),
+                },
+            )
+            .await
+            .expect("the fetch succeeds");
+        let payloads: Vec<&[u8]> = got.iter().map(|d| d.payload.as_slice()).collect();
+        assert_eq!(payloads, vec![&b"odd"[..], &b"normal"[..]]);
+        assert_eq!(got[0].priority, Priority::new(1).unwrap());
+        for d in &got {
+            b.bus.ack(d).await.expect("ack");
+        }
+        assert_eq!(zcard(&mut con, format!("{base}:inflight")).await, 0);
+    });
+}

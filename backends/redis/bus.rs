@@ -72,12 +72,12 @@ pub(crate) fn parse_receipt(receipt: &str) -> Result<(&str, u32, Priority)> {
     if parts.next().is_some() {
         return Err(bad());
     }
-    let d = d.parse::<u32>().map_err(|_| bad())?;
-    let p = p
-        .parse::<i64>()
-        .ok()
-        .and_then(|p| Priority::new(p).ok())
-        .ok_or_else(bad)?;
+    // Out of range is read as the nearest value, not refused: a header written by hand (or a
+    // legacy message with `p` 0) reaches the caller in a batch the fetch script has already
+    // leased and claimed, and refusing it would throw the whole batch away.
+    let d = u32::try_from(d.parse::<u64>().map_err(|_| bad())?).unwrap_or(u32::MAX);
+    let p = p.parse::<u64>().map_err(|_| bad())?.clamp(1, 10);
+    let p = Priority::new(p as i64).map_err(|_| bad())?;
     Ok((id, d, p))
 }
 
@@ -479,14 +479,21 @@ mod tests {
             "42:3:7:1:2",
             "x:3:7:1",
             "42:x:7:1",
-            "42:3:11:1",
-            "42:3:0:1",
             "42:3:7:",
             ":3:7:1",
-            "42:99999999999:7:1",
             "42:3:7:123456789012345678901",
         ] {
             assert!(parse_receipt(bad).is_err(), "{bad}");
         }
+        // Numbers out of range (written by hand) are read as the nearest value.
+        assert_eq!(
+            parse_receipt("42:3:11:1").unwrap().2,
+            Priority::new(10).unwrap()
+        );
+        assert_eq!(
+            parse_receipt("42:3:0:1").unwrap().2,
+            Priority::new(1).unwrap()
+        );
+        assert_eq!(parse_receipt("42:99999999999:7:1").unwrap().1, u32::MAX);
     }
 }
