@@ -2408,3 +2408,45 @@ fn a_header_with_a_priority_out_of_range_does_not_fail_the_batch() {
         assert_eq!(zcard(&mut con, format!("{base}:inflight")).await, 0);
     });
 }
+
+/// A task whose hash was edited by hand into something unreadable does not stop the monitor:
+/// the pass skips it (with a warning) and recovers the other stale task; `list` shows the
+/// readable ones. Before, the whole pass failed at it, every interval.
+#[test]
+fn an_unreadable_task_does_not_stop_the_monitor() {
+    use agent_orchestra::engine::{Monitor, MonitorConfig};
+    use agent_orchestra::{TaskFilter, TaskStatus};
+    on_shared_redis("unreadable_task", |b, prefix| async move {
+        let url = broker_url(BrokerKind::Redis).await;
+        let mut con = raw_connection(&url).await;
+        let good = abandoned_task(&b, "corrupt_q").await;
+        let bad = abandoned_task(&b, "corrupt_q").await;
+        let _: () = redis::cmd("HSET")
+            .arg(format!("{prefix}task_registry:{bad}"))
+            .arg("attempt")
+            .arg("not a number")
+            .query_async(&mut con)
+            .await
+            .expect("corrupt a task by hand");
+        assert!(b.registry.get(&bad).await.is_err(), "get still reports it");
+        let monitor = Monitor::new(
+            b.clone(),
+            MonitorConfig {
+                reannounce_pending_after: None,
+                ..MonitorConfig::default()
+            },
+        );
+        let report = monitor.tick().await.expect("the pass succeeds");
+        assert_eq!(report.recovered, 1, "{report:?}");
+        let t = b.registry.get(&good).await.unwrap().unwrap();
+        assert_eq!(t.state.status, TaskStatus::Pending, "{t:?}");
+        let page = b
+            .registry
+            .list(&TaskFilter::default(), None, 10)
+            .await
+            .expect("list");
+        let ids: Vec<_> = page.tasks.iter().map(|t| t.task_id.clone()).collect();
+        assert_eq!(ids, vec![good], "the readable task only");
+        monitor.step_down().await.expect("release the lock");
+    });
+}

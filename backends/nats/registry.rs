@@ -225,6 +225,19 @@ impl NatsRegistry {
         }
     }
 
+    /// [`load`](Self::load) for listings and the monitor's queries: a task that cannot be read
+    /// (a corrupt entry, a missing payload chunk) is skipped with a warning instead of hiding
+    /// every other one. `get` still reports it.
+    async fn load_listed(&self, id: &TaskId) -> Result<Option<Cached>> {
+        match self.load(id).await {
+            Err(e) if !e.is_temporary() => {
+                tracing::warn!(task_id = %id, error = %e, "skipping a task that cannot be read");
+                Ok(None)
+            }
+            r => r,
+        }
+    }
+
     /// Reads a task with its revision.
     async fn load(&self, id: &TaskId) -> Result<Option<Cached>> {
         let Some(entry) = self.tasks.get(id.as_str()).await? else {
@@ -491,7 +504,7 @@ impl Registry for NatsRegistry {
                     .is_some_and(|t| filter.queue.as_ref().is_none_or(|q| *q == t.queue))
             })
         })?;
-        let loaded = try_join_all(ids.iter().map(|id| self.load(id))).await?;
+        let loaded = try_join_all(ids.iter().map(|id| self.load_listed(id))).await?;
         let tasks = loaded
             .into_iter()
             .flatten()
@@ -509,7 +522,7 @@ impl Registry for NatsRegistry {
     async fn stale_running(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Task>> {
         let view = self.view().await?;
         let ids = view.read(|idx| crate::index::expired(&idx.leases, before, limit));
-        let loaded = try_join_all(ids.iter().map(|id| self.load(id))).await?;
+        let loaded = try_join_all(ids.iter().map(|id| self.load_listed(id))).await?;
         Ok(loaded
             .into_iter()
             .flatten()

@@ -232,7 +232,8 @@ impl RedisRegistry {
         (inv, payload_len)
     }
 
-    /// Reads several tasks in one pipelined round trip; `None` where a task is gone.
+    /// Reads several tasks in one pipelined round trip; `None` where a task is gone or cannot
+    /// be read (logged).
     async fn get_many(&self, ids: &[TaskId]) -> Result<Vec<Option<Task>>> {
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -246,17 +247,26 @@ impl RedisRegistry {
             .query_async(&mut c)
             .await
             .map_err(|e| self.conn.error("HGETALL", e))?;
-        ids.iter()
+        // For listings and the monitor's queries: a task that cannot be read (its hash edited
+        // by hand) is skipped with a warning, so that it does not hide every other one (a
+        // monitor pass stopped at it, recovering nothing). `get` still reports it.
+        Ok(ids
+            .iter()
             .zip(replies)
             .map(|(id, v)| {
-                let fields = hash_reply(v)?;
-                if fields.is_empty() {
-                    Ok(None)
-                } else {
-                    self.decode_and_remember(id, fields).map(Some)
-                }
+                let read = hash_reply(v).and_then(|fields| {
+                    if fields.is_empty() {
+                        Ok(None)
+                    } else {
+                        self.decode_and_remember(id, fields).map(Some)
+                    }
+                });
+                read.unwrap_or_else(|e| {
+                    tracing::warn!(task_id = %id, error = %e, "skipping a task that cannot be read");
+                    None
+                })
             })
-            .collect()
+            .collect())
     }
 }
 
