@@ -714,3 +714,35 @@ fn drop_namespace_deletes_the_named_queues_and_the_registry() {
     let left = rt.block_on(support::rabbitmq_listed("list_queues", &prefix));
     assert_eq!(left, Vec::<String>::new(), "left under {prefix}");
 }
+
+/// A delay longer than a queue TTL can hold (about 49.7 days) is refused with the limit
+/// named; before, it was cut to that and the message delivered early.
+#[test]
+fn a_delay_beyond_what_rabbitmq_can_hold_is_refused() {
+    let prefix = unique_prefix("long_delay");
+    let p = prefix.clone();
+    run_suite_test(
+        "rmq_long_delay",
+        async move {
+            let url = broker_url(BrokerKind::Amqp).await;
+            let b = connect(&BackendUrls::all(&url), &options(&prefix))
+                .await
+                .expect("connect");
+            let q = QueueName::parse("long_delay").unwrap();
+            let mut m = OutgoingMessage::new(b"later".to_vec(), Priority::new(5).unwrap());
+            m.delay = Duration::from_secs(60 * 86_400);
+            let e = b.bus.enqueue(&q, m).await.expect_err("refused");
+            assert!(
+                matches!(e, Error::InvalidInput { .. }) && e.to_string().contains("at most"),
+                "{e}"
+            );
+            let mut m = OutgoingMessage::new(b"soon".to_vec(), Priority::new(5).unwrap());
+            m.delay = Duration::from_secs(40 * 86_400);
+            b.bus.enqueue(&q, m).await.expect("40 days fit");
+        },
+        async move {
+            let url = broker_url(BrokerKind::Amqp).await;
+            support::drop_queues_at(&url, &p, &["long_delay"]).await;
+        },
+    );
+}

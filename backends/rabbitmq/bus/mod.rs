@@ -449,6 +449,10 @@ impl BusInner {
     }
 }
 
+/// The longest delay a message can wait on RabbitMQ: `u32::MAX` ms, about 49.7 days. A longer
+/// `enqueue` delay is refused; a longer `nack` delay (a retry's backoff) waits this long.
+pub(crate) const MAX_DELAY: Duration = Duration::from_millis(u32::MAX as u64);
+
 #[async_trait]
 impl Bus for RabbitBus {
     fn backend(&self) -> &'static str {
@@ -480,6 +484,18 @@ impl Bus for RabbitBus {
             .collect();
         let mut items = Vec::with_capacity(messages.len());
         for (m, id) in messages.iter().zip(&ids) {
+            // A delay queue's TTL is a 32-bit number of milliseconds: a longer delay would be
+            // cut short, and the message delivered early.
+            if m.delay > MAX_DELAY {
+                return Err(Error::invalid(
+                    "delay",
+                    format!(
+                        "at most {} on RabbitMQ (a queue's x-message-ttl is a 32-bit number of milliseconds), got {}",
+                        crate::config::format_duration(MAX_DELAY),
+                        crate::config::format_duration(m.delay)
+                    ),
+                ));
+            }
             items.push(Outgoing {
                 target: BusInner::target_for(queue, m.delay),
                 payload: &m.payload,
@@ -521,6 +537,9 @@ impl Bus for RabbitBus {
         };
         if !entry.acker.usable() {
             return Ok(()); // its channel died: the broker requeued it already
+        }
+        if delay > MAX_DELAY {
+            tracing::warn!(message_id = %delivery.message_id, ?delay, "a nack delay longer than RabbitMQ's longest (about 49.7 days) waits that long instead");
         }
         let target = BusInner::target_for(&delivery.queue, delay);
         match self.inner.move_message(entry, target).await {
