@@ -1,6 +1,7 @@
 //! The [`Dispatcher`]: registers tasks and announces them; waits for outcomes; cancels and
 //! retries.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -177,6 +178,11 @@ impl Dispatcher {
     /// backend allows ([`TaskQueue::submit`](crate::TaskQueue::submit)). Tasks with
     /// dependencies are registered WAITING and move on as in [`Dispatcher::dispatch`]. Returns
     /// one result per task.
+    ///
+    /// A dependency must exist, or come earlier in the batch (so a batch cannot hold a cycle);
+    /// a task that depends on itself, on a task that does not exist, on a later one in the
+    /// batch, or on one refused here gets `Error::InvalidInput` as its result (it would wait
+    /// forever) and is not registered.
     pub async fn dispatch_many(&self, tasks: Vec<Task>) -> Result<Vec<Result<TaskId>>> {
         if tasks.iter().all(|t| t.depends_on.is_empty()) {
             let submitted = self.backends.tasks().submit(&tasks).await?;
@@ -186,9 +192,45 @@ impl Dispatcher {
                 .map(|(t, r)| r.map(|()| t.task_id))
                 .collect());
         }
-        let (ready, waiting): (Vec<usize>, Vec<usize>) =
-            (0..tasks.len()).partition(|&i| tasks[i].depends_on.is_empty());
         let mut out: Vec<Option<Result<TaskId>>> = (0..tasks.len()).map(|_| None).collect();
+        let position: HashMap<&TaskId, usize> = tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (&t.task_id, i))
+            .collect();
+        let mut exists: HashMap<&TaskId, bool> = HashMap::new();
+        for (i, t) in tasks.iter().enumerate() {
+            for parent in &t.depends_on {
+                let problem = if *parent == t.task_id {
+                    Some("a task cannot depend on itself".to_string())
+                } else if let Some(&j) = position.get(parent) {
+                    if j > i {
+                        Some(format!("dependency {parent} comes after it in the batch: list parents before their dependents"))
+                    } else if out[j].is_some() {
+                        Some(format!("dependency {parent} was refused"))
+                    } else {
+                        None
+                    }
+                } else {
+                    let found = match exists.get(parent) {
+                        Some(&found) => found,
+                        None => {
+                            let found = self.backends.registry.get(parent).await?.is_some();
+                            exists.insert(parent, found);
+                            found
+                        }
+                    };
+                    (!found).then(|| format!("dependency {parent} does not exist"))
+                };
+                if let Some(reason) = problem {
+                    out[i] = Some(Err(Error::invalid("depends_on", reason)));
+                    break;
+                }
+            }
+        }
+        let (ready, waiting): (Vec<usize>, Vec<usize>) = (0..tasks.len())
+            .filter(|&i| out[i].is_none())
+            .partition(|&i| tasks[i].depends_on.is_empty());
         if !ready.is_empty() {
             let batch: Vec<Task> = ready.iter().map(|&i| tasks[i].clone()).collect();
             let submitted = self.backends.tasks().submit(&batch).await?;

@@ -852,6 +852,64 @@ pub async fn cancelled_task_never_runs(b: &Backends) {
     assert_eq!(retried.status(), TaskStatus::Pending);
 }
 
+/// `dispatch_many` refuses, per task, what would wait forever: a dependency on itself, on a
+/// task that does not exist, on a later task of the batch (a cycle), or on a task refused in
+/// the same batch; the rest of the batch is registered, and its pipeline runs.
+pub async fn dispatch_many_refuses_tasks_that_would_wait_forever(b: &Backends) {
+    let d = Dispatcher::new(b.clone());
+    let id = |s: &str| TaskId::parse(s).unwrap();
+    let task = |name: &str, deps: &[&str]| {
+        d.build(
+            "batch_deps",
+            json!({"name": name}),
+            5,
+            &DispatchOptions {
+                task_id: Some(id(name)),
+                depends_on: deps.iter().map(|p| id(p)).collect(),
+                ..DispatchOptions::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("build {name}: {e}"))
+    };
+    let mut itself = task("bd_itself", &[]);
+    itself.depends_on = vec![id("bd_itself")];
+    let batch = vec![
+        task("bd_a", &[]),
+        task("bd_b", &["bd_a"]),
+        itself,
+        task("bd_orphan", &["bd_nobody"]),
+        task("bd_before", &["bd_after"]),
+        task("bd_after", &["bd_before"]),
+        task("bd_heir", &["bd_orphan"]),
+    ];
+    let results = d.dispatch_many(batch).await.expect("dispatch_many");
+    let ok: Vec<bool> = results.iter().map(|r| r.is_ok()).collect();
+    assert_eq!(
+        ok,
+        vec![true, true, false, false, false, false, false],
+        "{results:?}"
+    );
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(matches!(r, crate::Error::InvalidInput { .. }), "{r}");
+    }
+    for refused in ["bd_itself", "bd_orphan", "bd_before", "bd_after", "bd_heir"] {
+        assert!(
+            b.registry.get(&id(refused)).await.unwrap().is_none(),
+            "{refused} was registered"
+        );
+    }
+    let w = Worker::new(b.clone(), quick_config("batch-deps", 2))
+        .handle("batch_deps", echo())
+        .unwrap()
+        .start()
+        .unwrap();
+    assert_eq!(
+        wait_done(&d, &id("bd_b")).await.state.status,
+        TaskStatus::Completed
+    );
+    w.shutdown().await;
+}
+
 /// Bad input to the dispatcher is a typed error, never a panic.
 pub async fn dispatcher_rejects_bad_input_with_typed_errors(b: &Backends) {
     let d = Dispatcher::new(b.clone());
@@ -1014,6 +1072,7 @@ macro_rules! engine_suite {
                 shutdown_hands_back_what_a_fetch_on_its_way_claimed,
                 cancelled_task_never_runs,
                 dispatcher_rejects_bad_input_with_typed_errors,
+                dispatch_many_refuses_tasks_that_would_wait_forever,
                 monitor_reannounces_a_pending_task_whose_message_was_lost,
                 monitor_fails_a_stale_task_with_no_attempts_left,
             ];
