@@ -2117,30 +2117,26 @@ fn monitor_once_releases_the_monitor_lock() {
     rt.block_on(cleanup(&prefix));
 }
 
-/// A worker whose running task outlives `worker.shutdown_timeout` hands it back and exits 1
-/// saying so (docs/cli.md), and the task is PENDING again for another worker.
-#[test]
-fn a_worker_that_misses_its_shutdown_deadline_exits_1() {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let url = rt.block_on(broker_url(BrokerKind::Redis));
-    let prefix = unique_prefix("cli_deadline");
+/// Dispatches a one-minute `sleep` task `id` on queue `slow`, starts a CLI worker for it with
+/// `worker.shutdown_timeout` at `shutdown_timeout`, and returns once the task is RUNNING.
+fn worker_running_a_slow_task(url: &str, prefix: &str, id: &str, shutdown_timeout: &str) -> Child {
     let (code, out, err) = orchestra_run(
-        &url,
-        &prefix,
-        &["dispatch", "slow", r#"{"ms": 60000}"#, "--id", "long_one"],
+        url,
+        prefix,
+        &["dispatch", "slow", r#"{"ms": 60000}"#, "--id", id],
     );
     assert_eq!(code, 0, "{out}\n{err}");
     let worker = orchestra(
-        &url,
-        &prefix,
+        url,
+        prefix,
         &["worker", "-q", "slow=sleep"],
-        &[("ORCHESTRA_SHUTDOWN_TIMEOUT", "1s")],
+        &[("ORCHESTRA_SHUTDOWN_TIMEOUT", shutdown_timeout)],
     )
     .spawn()
     .expect("the worker starts");
     let started = std::time::Instant::now();
     loop {
-        let (_, out, _) = orchestra_run(&url, &prefix, &["--json", "task", "get", "long_one"]);
+        let (_, out, _) = orchestra_run(url, prefix, &["--json", "task", "get", id]);
         if out.contains("\"RUNNING\"") {
             break;
         }
@@ -2150,6 +2146,17 @@ fn a_worker_that_misses_its_shutdown_deadline_exits_1() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    worker
+}
+
+/// A worker whose running task outlives `worker.shutdown_timeout` hands it back and exits 1
+/// saying so (docs/cli.md), and the task is PENDING again for another worker.
+#[test]
+fn a_worker_that_misses_its_shutdown_deadline_exits_1() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = rt.block_on(broker_url(BrokerKind::Redis));
+    let prefix = unique_prefix("cli_deadline");
+    let worker = worker_running_a_slow_task(&url, &prefix, "long_one", "1s");
     let (code, stdout, stderr) = interrupt(worker);
     assert_eq!(code, 1, "{stdout}\n{stderr}");
     assert!(stdout.contains("deadline passed"), "{stdout}");
@@ -2220,32 +2227,7 @@ fn a_second_ctrl_c_stops_the_worker_at_once() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let url = rt.block_on(broker_url(BrokerKind::Redis));
     let prefix = unique_prefix("cli_cold");
-    let (code, out, err) = orchestra_run(
-        &url,
-        &prefix,
-        &["dispatch", "slow", r#"{"ms": 60000}"#, "--id", "cold_one"],
-    );
-    assert_eq!(code, 0, "{out}\n{err}");
-    let worker = orchestra(
-        &url,
-        &prefix,
-        &["worker", "-q", "slow=sleep"],
-        &[("ORCHESTRA_SHUTDOWN_TIMEOUT", "60s")],
-    )
-    .spawn()
-    .expect("the worker starts");
-    let started = std::time::Instant::now();
-    loop {
-        let (_, out, _) = orchestra_run(&url, &prefix, &["--json", "task", "get", "cold_one"]);
-        if out.contains("\"RUNNING\"") {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the task did not start: {out}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let worker = worker_running_a_slow_task(&url, &prefix, "cold_one", "60s");
     let first = Command::new("kill")
         .args(["-INT", &worker.id().to_string()])
         .status()

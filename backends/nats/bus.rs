@@ -426,49 +426,48 @@ impl NatsBus {
             let message_id = header(headers, ID_HEADER)
                 .map(str::to_string)
                 .unwrap_or_else(|| seq.to_string());
-            if delivered > self.max_deliveries {
-                let reason = format!(
-                    "exceeded the maximum of {} deliveries without an ack",
-                    self.max_deliveries
-                );
-                let grave = Grave {
-                    reply: &reply,
-                    headers,
-                    body: m.payload.to_vec(),
-                    message_id: &message_id,
-                    priority,
-                    deliveries: delivered - 1,
-                    reason: &reason,
+            // Dead-lettered instead of delivered: a message delivered too often, or one whose
+            // blob header is malformed or names chunks that are not there (another program's
+            // message, or its chunks purged), which would otherwise fail every fetch of the
+            // queue until its deliveries ran out. (reason, deliveries to record)
+            let loaded = if delivered > self.max_deliveries {
+                Err((
+                    format!(
+                        "exceeded the maximum of {} deliveries without an ack",
+                        self.max_deliveries
+                    ),
+                    delivered - 1,
+                ))
+            } else {
+                let read = match BlobRef::from_headers(headers) {
+                    Ok(blob) => load_payload(&self.blobs, headers, &m.payload)
+                        .await
+                        .map(|payload| (blob, payload)),
+                    Err(e) => Err(e),
                 };
-                self.bury(q, grave).await?;
-                continue;
-            }
-            let loaded = match BlobRef::from_headers(headers) {
-                Ok(blob) => load_payload(&self.blobs, headers, &m.payload)
-                    .await
-                    .map(|payload| (blob, payload)),
-                Err(e) => Err(e),
+                match read {
+                    Ok(read) => Ok(read),
+                    Err(e) if !e.is_temporary() => {
+                        Err((format!("malformed message: {e}"), delivered))
+                    }
+                    Err(e) => return Err(e),
+                }
             };
             let (blob, payload) = match loaded {
                 Ok(loaded) => loaded,
-                // A blob header that is malformed or names chunks that are not there (another
-                // program's message, or its chunks purged): dead-lettered at once, instead of
-                // failing every fetch of the queue until its deliveries run out.
-                Err(e) if !e.is_temporary() => {
-                    let reason = format!("malformed message: {e}");
+                Err((reason, deliveries)) => {
                     let grave = Grave {
                         reply: &reply,
                         headers,
                         body: m.payload.to_vec(),
                         message_id: &message_id,
                         priority,
-                        deliveries: delivered,
+                        deliveries,
                         reason: &reason,
                     };
                     self.bury(q, grave).await?;
                     continue;
                 }
-                Err(e) => return Err(e),
             };
             let receipt = match &blob {
                 Some(b) => format!("{reply}#{}", b.header_value()),
