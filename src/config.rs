@@ -684,10 +684,17 @@ impl Config {
 
     /// True when every role runs on the in-memory backend (state lives in this process only).
     pub fn is_memory(&self) -> bool {
+        self.roles_on_memory().len() == 3
+    }
+
+    /// The roles (`"bus"`, `"registry"`, `"locks"`) that run on the in-memory backend.
+    pub fn roles_on_memory(&self) -> Vec<&'static str> {
         let u = self.backend_urls();
-        [u.bus, u.registry, u.locks]
-            .iter()
-            .all(|u| u.trim_start().to_ascii_lowercase().starts_with("memory:"))
+        [("bus", u.bus), ("registry", u.registry), ("locks", u.locks)]
+            .into_iter()
+            .filter(|(_, url)| url.trim_start().to_ascii_lowercase().starts_with("memory:"))
+            .map(|(role, _)| role)
+            .collect()
     }
 
     /// The options every backend gets.

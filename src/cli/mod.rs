@@ -303,15 +303,8 @@ pub(crate) fn fresh_namespace(config: &mut Config, kind: &str) -> Result<(), Cli
 /// that ends with its process: what the memory roles held (a task dispatched into a memory
 /// registry, say) would be gone when it exits, while the broker roles kept the rest.
 fn check_roles(config: &Config) -> Result<(), CliError> {
-    let u = config.backend_urls();
-    let memory = |u: &str| u.trim_start().to_ascii_lowercase().starts_with("memory:");
-    let roles = [
-        ("bus", &u.bus),
-        ("registry", &u.registry),
-        ("locks", &u.locks),
-    ];
-    let on_memory: Vec<&str> = roles.iter().filter(|r| memory(r.1)).map(|r| r.0).collect();
-    if on_memory.is_empty() || on_memory.len() == roles.len() {
+    let on_memory = config.roles_on_memory();
+    if on_memory.is_empty() || config.is_memory() {
         return Ok(());
     }
     Err(CliError::Usage(format!(
