@@ -119,8 +119,9 @@ pub struct PurgeArgs {
 /// `orchestra drop-namespace`.
 #[derive(Args)]
 pub struct DropNamespaceArgs {
-    /// A queue whose queues to delete too (RabbitMQ cannot list queues: name every queue the
-    /// namespace used; Redis and NATS find them by the prefix). Repeatable.
+    /// A work queue to delete with its dead letters and delays. RabbitMQ cannot list queues, so
+    /// name every queue the namespace used there; Redis and NATS find them by the prefix.
+    /// Repeatable.
     #[arg(long = "queue", short = 'q', value_name = "QUEUE")]
     queues: Vec<String>,
     /// Yes, delete everything under the prefix for good.
