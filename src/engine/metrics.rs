@@ -30,6 +30,9 @@ pub struct WorkerMetrics {
     pub backend_errors: AtomicU64,
     /// Total handler run time, in microseconds.
     pub handler_micros: AtomicU64,
+    /// Fetch loops restarted after a panic (a bug in a backend or in the engine: the loop is
+    /// started again so that its queue is still served).
+    pub fetch_restarts: AtomicU64,
 }
 
 impl WorkerMetrics {
@@ -53,6 +56,7 @@ impl WorkerMetrics {
             handed_back: g(&self.handed_back),
             backend_errors: g(&self.backend_errors),
             handler_micros: g(&self.handler_micros),
+            fetch_restarts: g(&self.fetch_restarts),
         }
     }
 }
@@ -73,6 +77,7 @@ pub struct MetricsSnapshot {
     pub handed_back: u64,
     pub backend_errors: u64,
     pub handler_micros: u64,
+    pub fetch_restarts: u64,
 }
 
 impl MetricsSnapshot {
@@ -91,6 +96,7 @@ impl MetricsSnapshot {
             ("skipped", self.skipped),
             ("lease_lost", self.lease_lost),
             ("handed_back", self.handed_back),
+            ("fetch_restarts", self.fetch_restarts),
             ("backend_errors", self.backend_errors),
         ] {
             let _ = writeln!(out, "# TYPE orchestra_worker_{name}_total counter");

@@ -226,7 +226,7 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(inner.config.concurrency));
         let mut loops = Vec::new();
         for queue in inner.handlers.keys() {
-            loops.push(tokio::spawn(fetch_loop(
+            loops.push(tokio::spawn(supervised_fetch_loop(
                 inner.clone(),
                 queue.clone(),
                 slots.clone(),
@@ -276,7 +276,8 @@ pub struct ShutdownReport {
     /// Tasks that were still running at the deadline and were handed back to their queue.
     pub handed_back: u64,
     /// True if every running task finished or was handed back in time, and every fetch loop
-    /// ended normally (false after a panic in one: it had stopped fetching).
+    /// ended normally (a fetch loop that panics is started again: see
+    /// `metrics.fetch_restarts`).
     pub clean: bool,
     /// True if tasks were still running at the deadline (they were handed back: see
     /// `handed_back`).
@@ -391,6 +392,58 @@ impl Drop for WorkerHandle {
             l.abort();
         }
     }
+}
+
+/// Runs [`fetch_loop`] for `queue`, starting it again after a panic (a bug in a backend or in
+/// the engine: without this the queue would silently no longer be served while the worker
+/// looked alive). The permits the loop held are released by the unwinding; a fetch it had on
+/// its way is left to its lease, as after a crash.
+async fn supervised_fetch_loop(
+    inner: Arc<Inner>,
+    queue: QueueName,
+    slots: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+    abandon: watch::Receiver<bool>,
+    kill: watch::Receiver<bool>,
+) {
+    let mut restarts = 0u32;
+    loop {
+        let run = AssertUnwindSafe(fetch_loop(
+            inner.clone(),
+            queue.clone(),
+            slots.clone(),
+            stop.clone(),
+            abandon.clone(),
+            kill.clone(),
+        ))
+        .catch_unwind()
+        .await;
+        let Err(panic) = run else { return };
+        restarts += 1;
+        WorkerMetrics::inc(&inner.metrics.fetch_restarts);
+        tracing::error!(
+            worker_id = %inner.worker_id,
+            queue = %queue,
+            panic = %panic_text(panic.as_ref()),
+            "the fetch loop panicked (a bug: please report it); starting it again"
+        );
+        if *stop.borrow() {
+            return;
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Backoff::backend().delay(restarts)) => {}
+        }
+    }
+}
+
+/// The message of a panic's payload.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic payload".into())
 }
 
 async fn fetch_loop(
@@ -804,12 +857,10 @@ async fn run_with_lease(
             None => fut.await,
         };
         r.unwrap_or_else(|panic| {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic payload".into());
-            Err(TaskError::retryable(format!("handler panicked: {msg}")))
+            Err(TaskError::retryable(format!(
+                "handler panicked: {}",
+                panic_text(panic.as_ref())
+            )))
         })
     };
     tokio::pin!(work);

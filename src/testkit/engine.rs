@@ -620,6 +620,88 @@ pub async fn shutdown_waits_for_the_outcomes_being_recorded(b: &Backends) {
     }
 }
 
+/// A hot path whose first fetch panics before asking the backend (a bug in a backend or in the
+/// engine, simulated); later fetches work.
+#[derive(Debug)]
+struct PanicsOnFirstFetch {
+    inner: Arc<dyn crate::task_queue::TaskQueue>,
+    fetches: AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl crate::task_queue::TaskQueue for PanicsOnFirstFetch {
+    async fn submit(&self, tasks: &[crate::model::Task]) -> crate::Result<Vec<crate::Result<()>>> {
+        self.inner.submit(tasks).await
+    }
+
+    async fn fetch_claim(
+        &self,
+        queue: &QueueName,
+        options: crate::bus::FetchOptions,
+        spec: &crate::task_queue::ClaimSpec,
+    ) -> crate::Result<Vec<(crate::bus::Delivery, Option<crate::task_queue::Claim>)>> {
+        if self.fetches.fetch_add(1, Ordering::SeqCst) == 0 {
+            panic!("a simulated bug in the first fetch");
+        }
+        self.inner.fetch_claim(queue, options, spec).await
+    }
+
+    async fn claim(
+        &self,
+        delivery: &crate::bus::Delivery,
+        spec: &crate::task_queue::ClaimSpec,
+    ) -> crate::Result<crate::task_queue::Claim> {
+        self.inner.claim(delivery, spec).await
+    }
+
+    async fn record(
+        &self,
+        delivery: &crate::bus::Delivery,
+        current: &crate::model::Task,
+        next: crate::model::TaskState,
+        settle: crate::task_queue::Settle,
+    ) -> crate::Result<crate::task_queue::Recorded> {
+        self.inner.record(delivery, current, next, settle).await
+    }
+}
+
+/// A fetch loop that panics (a bug) is started again: the worker keeps serving its queue, counts
+/// the restart, and still shuts down cleanly. Before, the queue was silently no longer served.
+pub async fn a_fetch_loop_that_panics_is_started_again(b: &Backends) {
+    let d = Dispatcher::new(b.clone());
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            d.dispatch(
+                "panicky_q",
+                json!({ "i": i }),
+                5,
+                DispatchOptions::default(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let panicky = Arc::new(PanicsOnFirstFetch {
+        inner: b.tasks().clone(),
+        fetches: AtomicU32::new(0),
+    });
+    let w = Worker::new(
+        b.clone().with_task_queue(panicky),
+        quick_config("panicky", 2),
+    )
+    .handle("panicky_q", echo())
+    .unwrap()
+    .start()
+    .unwrap();
+    for id in &ids {
+        assert_eq!(wait_done(&d, id).await.status(), TaskStatus::Completed);
+    }
+    assert_eq!(w.metrics().fetch_restarts, 1);
+    let report = w.shutdown().await;
+    assert!(report.clean, "{report:?}");
+}
+
 /// A hot path whose fetch replies are held back until `release`: the fetch has leased and
 /// claimed its tasks on the backend, and the worker is still waiting for the answer.
 #[derive(Debug)]
@@ -1070,6 +1152,7 @@ macro_rules! engine_suite {
                 shutdown_waits_for_the_outcomes_being_recorded,
                 hand_back_on_shutdown_costs_no_attempt,
                 shutdown_hands_back_what_a_fetch_on_its_way_claimed,
+                a_fetch_loop_that_panics_is_started_again,
                 cancelled_task_never_runs,
                 dispatcher_rejects_bad_input_with_typed_errors,
                 dispatch_many_refuses_tasks_that_would_wait_forever,
