@@ -692,12 +692,8 @@ fn drop_namespace_deletes_the_named_queues_and_the_registry() {
     let url = rt.block_on(broker_url(BrokerKind::Amqp));
     let prefix = unique_prefix("cli_drop");
     let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_orchestra"))
-            .args(["--url", &url, "--prefix", &prefix])
+        support::orchestra_command(&["--url", &url, "--prefix", &prefix])
             .args(args)
-            .env_remove("RUST_LOG")
-            .env_remove("ORCHESTRA_URL")
-            .env_remove("ORCHESTRA_PREFIX")
             .output()
             .expect("the orchestra binary runs")
     };

@@ -2039,17 +2039,8 @@ async fn cli_worker_with_monitor_recovers_a_task_its_dead_worker_left_running() 
 
 /// The `orchestra` binary against the shared test Redis under `prefix`, with `env` set.
 fn orchestra(url: &str, prefix: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_orchestra"));
-    cmd.args(["--url", url, "--prefix", prefix])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("ORCHESTRA_") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = support::orchestra_command(&["--url", url, "--prefix", prefix]);
+    cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -620,51 +620,6 @@ pub async fn shutdown_waits_for_the_outcomes_being_recorded(b: &Backends) {
     }
 }
 
-/// A hot path whose first fetch panics before asking the backend (a bug in a backend or in the
-/// engine, simulated); later fetches work.
-#[derive(Debug)]
-struct PanicsOnFirstFetch {
-    inner: Arc<dyn crate::task_queue::TaskQueue>,
-    fetches: AtomicU32,
-}
-
-#[async_trait::async_trait]
-impl crate::task_queue::TaskQueue for PanicsOnFirstFetch {
-    async fn submit(&self, tasks: &[crate::model::Task]) -> crate::Result<Vec<crate::Result<()>>> {
-        self.inner.submit(tasks).await
-    }
-
-    async fn fetch_claim(
-        &self,
-        queue: &QueueName,
-        options: crate::bus::FetchOptions,
-        spec: &crate::task_queue::ClaimSpec,
-    ) -> crate::Result<Vec<(crate::bus::Delivery, Option<crate::task_queue::Claim>)>> {
-        if self.fetches.fetch_add(1, Ordering::SeqCst) == 0 {
-            panic!("a simulated bug in the first fetch");
-        }
-        self.inner.fetch_claim(queue, options, spec).await
-    }
-
-    async fn claim(
-        &self,
-        delivery: &crate::bus::Delivery,
-        spec: &crate::task_queue::ClaimSpec,
-    ) -> crate::Result<crate::task_queue::Claim> {
-        self.inner.claim(delivery, spec).await
-    }
-
-    async fn record(
-        &self,
-        delivery: &crate::bus::Delivery,
-        current: &crate::model::Task,
-        next: crate::model::TaskState,
-        settle: crate::task_queue::Settle,
-    ) -> crate::Result<crate::task_queue::Recorded> {
-        self.inner.record(delivery, current, next, settle).await
-    }
-}
-
 /// A fetch loop that panics (a bug) is started again: the worker keeps serving its queue, counts
 /// the restart, and still shuts down cleanly. Before, the queue was silently no longer served.
 pub async fn a_fetch_loop_that_panics_is_started_again(b: &Backends) {
@@ -682,9 +637,9 @@ pub async fn a_fetch_loop_that_panics_is_started_again(b: &Backends) {
             .unwrap(),
         );
     }
-    let panicky = Arc::new(PanicsOnFirstFetch {
+    let panicky = Arc::new(FetchHook {
         inner: b.tasks().clone(),
-        fetches: AtomicU32::new(0),
+        hook: Hook::PanicFirst(AtomicU32::new(0)),
     });
     let w = Worker::new(
         b.clone().with_task_queue(panicky),
@@ -702,17 +657,30 @@ pub async fn a_fetch_loop_that_panics_is_started_again(b: &Backends) {
     assert!(report.clean, "{report:?}");
 }
 
-/// A hot path whose fetch replies are held back until `release`: the fetch has leased and
-/// claimed its tasks on the backend, and the worker is still waiting for the answer.
+/// What a [`FetchHook`] does to the fetches of the hot path it wraps.
 #[derive(Debug)]
-struct LateFetchReply {
+enum Hook {
+    /// The first fetch panics before asking the backend (a bug in a backend or in the engine,
+    /// simulated); later fetches work.
+    PanicFirst(AtomicU32),
+    /// Replies with tasks are held back until `release`: the fetch has leased and claimed its
+    /// tasks on the backend, and the worker is still waiting for the answer.
+    HoldReply {
+        fetched: tokio::sync::Notify,
+        release: tokio::sync::Notify,
+    },
+}
+
+/// A hot path around `inner` whose fetches behave as `hook` says; everything else passes
+/// through.
+#[derive(Debug)]
+struct FetchHook {
     inner: Arc<dyn crate::task_queue::TaskQueue>,
-    fetched: tokio::sync::Notify,
-    release: tokio::sync::Notify,
+    hook: Hook,
 }
 
 #[async_trait::async_trait]
-impl crate::task_queue::TaskQueue for LateFetchReply {
+impl crate::task_queue::TaskQueue for FetchHook {
     async fn submit(&self, tasks: &[crate::model::Task]) -> crate::Result<Vec<crate::Result<()>>> {
         self.inner.submit(tasks).await
     }
@@ -723,10 +691,17 @@ impl crate::task_queue::TaskQueue for LateFetchReply {
         options: crate::bus::FetchOptions,
         spec: &crate::task_queue::ClaimSpec,
     ) -> crate::Result<Vec<(crate::bus::Delivery, Option<crate::task_queue::Claim>)>> {
+        if let Hook::PanicFirst(fetches) = &self.hook {
+            if fetches.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("a simulated bug in the first fetch");
+            }
+        }
         let r = self.inner.fetch_claim(queue, options, spec).await;
-        if matches!(&r, Ok(d) if !d.is_empty()) {
-            self.fetched.notify_one();
-            self.release.notified().await;
+        if let Hook::HoldReply { fetched, release } = &self.hook {
+            if matches!(&r, Ok(d) if !d.is_empty()) {
+                fetched.notify_one();
+                release.notified().await;
+            }
         }
         r
     }
@@ -763,10 +738,12 @@ pub async fn shutdown_hands_back_what_a_fetch_on_its_way_claimed(b: &Backends) {
                 .unwrap(),
         );
     }
-    let late = Arc::new(LateFetchReply {
+    let late = Arc::new(FetchHook {
         inner: b.tasks().clone(),
-        fetched: tokio::sync::Notify::new(),
-        release: tokio::sync::Notify::new(),
+        hook: Hook::HoldReply {
+            fetched: tokio::sync::Notify::new(),
+            release: tokio::sync::Notify::new(),
+        },
     });
     let slow = b.clone().with_task_queue(late.clone());
     let ran = Arc::new(AtomicU32::new(0));
@@ -785,14 +762,17 @@ pub async fn shutdown_hands_back_what_a_fetch_on_its_way_claimed(b: &Backends) {
         .unwrap()
         .start()
         .unwrap();
-    tokio::time::timeout(LIMIT, late.fetched.notified())
+    let Hook::HoldReply { fetched, release } = &late.hook else {
+        unreachable!("built as HoldReply above")
+    };
+    tokio::time::timeout(LIMIT, fetched.notified())
         .await
         .expect("the worker fetched");
     // The shutdown's first step (the stop) is taken on its first poll; only then does the
     // fetch's reply arrive. A deadline shorter than the fetch's wait must not cut it off.
     let mut shutdown = Box::pin(w.shutdown_within(Duration::ZERO));
     assert!(futures::poll!(shutdown.as_mut()).is_pending());
-    late.release.notify_one();
+    release.notify_one();
     let report = shutdown.await;
     assert!(report.clean, "{report:?}");
     assert_eq!(ran.load(Ordering::SeqCst), 0, "no handler ran");

@@ -302,3 +302,20 @@ pub fn wrong_protocol_server() -> u16 {
     });
     port
 }
+
+/// The `orchestra` binary with `args`, stdin closed, stdout and stderr piped, and none of the
+/// caller's `ORCHESTRA_*` or `RUST_LOG` variables (the test decides the configuration).
+pub fn orchestra_command(args: &[&str]) -> std::process::Command {
+    use std::process::Stdio;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_orchestra"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("ORCHESTRA_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
