@@ -762,6 +762,16 @@ impl Config {
         crate::backends::connect(&self.backend_urls(), &self.connect_options()).await
     }
 
+    /// What exists under the prefix on the brokers, asked without creating anything
+    /// ([`crate::backends::footprint`]).
+    pub async fn footprint(
+        &self,
+        queues: &[crate::model::QueueName],
+    ) -> Result<crate::backends::Footprint> {
+        self.validate()?;
+        crate::backends::footprint(&self.backend_urls(), &self.connect_options(), queues).await
+    }
+
     /// A copy whose URLs have their secrets replaced by `***` (safe to print or log).
     pub fn redacted(&self) -> Config {
         let r = |u: &Option<String>| u.as_deref().map(redact_url);

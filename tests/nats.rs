@@ -829,3 +829,15 @@ async fn a_bogus_blob_header_is_dead_lettered_not_trusted() {
     drop(b);
     cleanup(&prefix).await;
 }
+
+/// Inspecting a namespace (`stats`, `task get`, `tasks list`, `dead-letters`) creates no
+/// bucket or stream: opening the backend would declare the task and lock buckets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_that_only_read_create_no_stream_or_bucket() {
+    let url = broker_url(BrokerKind::Nats).await;
+    let streams = |p: String| {
+        let url = url.clone();
+        async move { support::nats_streams(&url, &p).await }
+    };
+    support::check_read_only_commands(&url, true, streams).await;
+}

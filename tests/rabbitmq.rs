@@ -742,3 +742,16 @@ fn a_delay_beyond_what_rabbitmq_can_hold_is_refused() {
         },
     );
 }
+
+/// Inspecting a namespace (`stats`, `task get`, `tasks list`, `dead-letters`) declares no
+/// queue or exchange: opening the backend would declare the registry's and the locks' queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_that_only_read_declare_no_queue() {
+    let url = broker_url(BrokerKind::Amqp).await;
+    let names = |p: String| async move {
+        let mut all = support::rabbitmq_listed("list_queues", &p).await;
+        all.extend(support::rabbitmq_listed("list_exchanges", &p).await);
+        all
+    };
+    support::check_read_only_commands(&url, true, names).await;
+}

@@ -2423,3 +2423,14 @@ fn an_unreadable_task_does_not_stop_the_monitor() {
         monitor.step_down().await.expect("release the lock");
     });
 }
+
+/// Inspecting a namespace (`stats`, `task get`, `tasks list`, `dead-letters`) writes no key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_that_only_read_write_no_key() {
+    let url = broker_url(BrokerKind::Redis).await;
+    let keys = |p: String| {
+        let url = url.clone();
+        async move { support::redis_keys(&url, &p).await }
+    };
+    support::check_read_only_commands(&url, false, keys).await;
+}

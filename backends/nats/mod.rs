@@ -40,6 +40,7 @@ use url::Url;
 
 use crate::backends::{redact_url, ConnectOptions, Parts, Roles};
 use crate::error::{Error, Result};
+use crate::model::QueueName;
 
 pub use bus::NatsBus;
 pub use lock::NatsLockManager;
@@ -122,6 +123,38 @@ pub async fn drop_namespace(url: &Url, opts: &ConnectOptions) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// [`crate::backends::footprint`] on NATS: whether the task bucket's stream exists (when
+/// `registry` asks), and for each queue whether its work or dead-letter stream does. Asked
+/// with `STREAM.INFO`, which creates nothing.
+pub async fn footprint(
+    url: &Url,
+    opts: &ConnectOptions,
+    registry: bool,
+    queues: &[QueueName],
+) -> Result<(bool, Vec<bool>)> {
+    let shared = connect(url, opts).await?;
+    let names = &shared.names;
+    let has = |name: String| {
+        let js = shared.js.clone();
+        async move {
+            match js.get_stream(&name).await {
+                Ok(_) => Ok(true),
+                Err(e) if bus::js_not_found(&e.kind()) => Ok(false),
+                Err(e) => Err(errors::nats_err("look for a stream of the prefix", e)),
+            }
+        }
+    };
+    let tasks = match registry {
+        true => has(format!("KV_{}", names.task_bucket())).await?,
+        false => true,
+    };
+    let mut found = Vec::with_capacity(queues.len());
+    for q in queues {
+        found.push(has(names.work_stream(q)).await? || has(names.dead_stream(q)).await?);
+    }
+    Ok((tasks, found))
 }
 
 /// Connection settings read from a URL.

@@ -129,6 +129,47 @@ pub async fn drop_namespace(url: &Url, opts: &ConnectOptions, queues: &[QueueNam
     Ok(())
 }
 
+/// [`crate::backends::footprint`] on RabbitMQ: whether the registry's log queue exists (when
+/// `registry` asks), and for each queue whether its work or dead-letter queue does. Asked with
+/// passive declarations, which create nothing (a NOT_FOUND closes the channel: the next
+/// question gets a new one).
+pub async fn footprint(
+    url: &Url,
+    opts: &ConnectOptions,
+    registry: bool,
+    queues: &[QueueName],
+) -> Result<(bool, Vec<bool>)> {
+    let (link, names) = link_for(url, opts, "inspect")?;
+    let session = link.session().await?;
+    let mut ch = session.channel(false).await?;
+    let mut has = async |name: String| -> Result<bool> {
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        match ch
+            .queue_declare(link::short(name.clone())?, passive, Default::default())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found_error(&e) => {
+                ch = session.channel(false).await?;
+                Ok(false)
+            }
+            Err(e) => Err(link::amqp_error(&format!("look for queue {name}"), e)),
+        }
+    };
+    let tasks = match registry {
+        true => has(names.registry_log()).await?,
+        false => true,
+    };
+    let mut found = Vec::with_capacity(queues.len());
+    for q in queues {
+        found.push(has(names.work(q)).await? || has(names.dead(q)).await?);
+    }
+    Ok((tasks, found))
+}
+
 fn is_not_found_error(e: &lapin::Error) -> bool {
     link::soft_error(e).is_some_and(|s| s == lapin::protocol::AMQPSoftError::NOTFOUND)
 }

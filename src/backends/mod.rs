@@ -267,6 +267,65 @@ pub async fn drop_namespace(
     Ok(())
 }
 
+/// What exists under a prefix on the brokers, found by [`footprint`] without creating anything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Footprint {
+    /// Whether the registry's storage exists (on NATS its task bucket, on RabbitMQ its log
+    /// queue). Redis and memory create nothing to read, so there it is always `true`.
+    pub registry: bool,
+    /// For each queue asked about, in order, whether the bus holds it (on NATS its work stream,
+    /// on RabbitMQ its work queue; always `true` on Redis and memory).
+    pub queues: Vec<bool>,
+}
+
+/// What exists under `opts.prefix`: the registry's storage on the registry's URL and `queues`
+/// on the bus's URL, asked without creating anything. Opening a backend declares what its
+/// roles need (NATS buckets and streams, RabbitMQ queues and exchanges), so a command that only
+/// reads (the CLI's `task get`, `tasks list`, `stats`, `dead-letters`) asks this first and
+/// answers for what is missing without opening it: an inspection with a mistyped prefix or
+/// queue leaves nothing behind.
+pub async fn footprint(
+    urls: &BackendUrls,
+    opts: &ConnectOptions,
+    queues: &[QueueName],
+) -> Result<Footprint> {
+    let (registry, queues) = if urls.registry == urls.bus {
+        survey(&urls.bus, opts, true, queues).await?
+    } else {
+        let (registry, _) = survey(&urls.registry, opts, true, &[]).await?;
+        let (_, queues) = survey(&urls.bus, opts, false, queues).await?;
+        (registry, queues)
+    };
+    Ok(Footprint { registry, queues })
+}
+
+/// On the broker of `url`: whether the registry's storage exists (`true` when not asked), and
+/// whether each of `queues` does.
+async fn survey(
+    url: &str,
+    opts: &ConnectOptions,
+    registry: bool,
+    queues: &[QueueName],
+) -> Result<(bool, Vec<bool>)> {
+    let parsed = parse_url(url)?;
+    #[cfg(any(feature = "redis", feature = "nats", feature = "rabbitmq"))]
+    if parsed.scheme() != "memory" {
+        install_tls_provider();
+    }
+    let _ = (opts, registry);
+    match parsed.scheme() {
+        // Reading creates nothing there.
+        "memory" => Ok((true, vec![true; queues.len()])),
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" => Ok((true, vec![true; queues.len()])),
+        #[cfg(feature = "nats")]
+        "nats" | "tls" => nats::footprint(&parsed, opts, registry, queues).await,
+        #[cfg(feature = "rabbitmq")]
+        "amqp" | "amqps" => rabbitmq::footprint(&parsed, opts, registry, queues).await,
+        scheme => Err(scheme_error(url, scheme)),
+    }
+}
+
 /// Installs rustls' `ring` crypto provider as the process default, once. Different client crates
 /// bring different providers (ring, aws-lc-rs); with more than one compiled in, rustls refuses to
 /// pick one and a TLS connect would panic. An application that installed its own provider first

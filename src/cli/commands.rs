@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use agent_orchestra::bus::QueueStats;
 use agent_orchestra::engine::{DispatchOptions, Dispatcher, Monitor, MonitorReport};
 use agent_orchestra::model::parse_payload;
 use agent_orchestra::{Priority, QueueName, Task, TaskFilter, TaskId, TaskStatus};
@@ -221,7 +222,7 @@ pub async fn task(ctx: &Ctx, command: TaskCommand) -> Result<(), CliError> {
     match command {
         TaskCommand::Get { id } => {
             let id = TaskId::parse(&id)?;
-            let d = dispatcher(ctx, ctx.connect_shared().await?);
+            let d = dispatcher(ctx, ctx.connect_to_read(&[]).await?.0);
             let task = d.get(&id).await?;
             print_task(ctx, &task);
             Ok(())
@@ -241,7 +242,7 @@ pub async fn tasks(ctx: &Ctx, command: TasksCommand) -> Result<(), CliError> {
             a.limit
         )));
     }
-    let backends = ctx.connect_shared().await?;
+    let (backends, _) = ctx.connect_to_read(&[]).await?;
     let page = backends
         .registry
         .list(&filter, a.cursor.as_deref(), a.limit)
@@ -271,11 +272,18 @@ pub async fn stats(ctx: &Ctx, a: StatsArgs) -> Result<(), CliError> {
         .iter()
         .map(|q| QueueName::parse(q))
         .collect::<Result<Vec<_>, _>>()?;
-    let backends = ctx.connect_shared().await?;
+    let (backends, found) = ctx.connect_to_read(&queues).await?;
     let counts = backends.registry.counts().await?;
+    let mut stats = Vec::with_capacity(queues.len());
+    for (q, exists) in queues.iter().zip(found) {
+        // A queue that does not exist is empty; asking the bus would declare it.
+        stats.push(match exists {
+            true => backends.bus.stats(q).await?,
+            false => QueueStats::default(),
+        });
+    }
     let mut queue_stats = serde_json::Map::new();
-    for q in &queues {
-        let s = backends.bus.stats(q).await?;
+    for (q, s) in queues.iter().zip(&stats) {
         queue_stats.insert(q.to_string(), serde_json::to_value(s).unwrap_or_default());
     }
     if ctx.out.json {
@@ -291,8 +299,7 @@ pub async fn stats(ctx: &Ctx, a: StatsArgs) -> Result<(), CliError> {
         println!("  {:<10} {}", s.as_str(), counts.get(s));
     }
     println!("  {:<10} {}", "total", counts.total());
-    for q in &queues {
-        let s = backends.bus.stats(q).await?;
+    for (q, s) in queues.iter().zip(&stats) {
         println!(
             "queue {q}: waiting {}, in flight {}, dead letters {}",
             s.waiting, s.in_flight, s.dead
@@ -333,8 +340,12 @@ pub async fn dead_letters(ctx: &Ctx, a: DeadLettersArgs) -> Result<(), CliError>
     if a.limit == 0 {
         return Err(CliError::Usage("--limit must be at least 1".into()));
     }
-    let backends = ctx.connect_shared().await?;
-    let letters = backends.bus.dead_letters(&queue, a.limit).await?;
+    let (backends, found) = ctx.connect_to_read(std::slice::from_ref(&queue)).await?;
+    // A queue that does not exist has no dead letters; asking the bus would declare it.
+    let letters = match found[0] {
+        true => backends.bus.dead_letters(&queue, a.limit).await?,
+        false => Vec::new(),
+    };
     if ctx.out.json {
         let list: Vec<_> = letters
             .iter()

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use agent_orchestra::backends::redact_url;
 use agent_orchestra::config::{parse_duration, Config};
-use agent_orchestra::{Backends, Error};
+use agent_orchestra::{Backends, Error, QueueName};
 use clap::{ArgAction, Args, Parser, Subcommand};
 
 pub use output::Output;
@@ -163,6 +163,31 @@ impl Ctx {
             );
         }
         Ok(self.config.connect().await?)
+    }
+
+    /// For a command that only reads: backends to read with, and whether each of `queues`
+    /// exists. Opening a broker's backend declares what its roles need (NATS buckets,
+    /// RabbitMQ queues), so the brokers are asked first ([`Config::footprint`]); when nothing
+    /// asked about exists under the prefix (a mistyped `--prefix`, a namespace not used yet),
+    /// the answer comes from an empty in-memory set instead and nothing is created: a note on
+    /// stderr says so. A queue that does not exist must be answered for by the caller, without
+    /// asking the bus.
+    pub async fn connect_to_read(
+        &self,
+        queues: &[QueueName],
+    ) -> Result<(Backends, Vec<bool>), CliError> {
+        if self.config.is_memory() {
+            return Ok((self.connect_shared().await?, vec![true; queues.len()]));
+        }
+        let found = self.config.footprint(queues).await?;
+        if found.registry || found.queues.iter().any(|q| *q) {
+            return Ok((self.config.connect().await?, found.queues));
+        }
+        eprintln!(
+            "note: nothing exists under the prefix {:?} on this broker (no tasks, no such queue); nothing was created",
+            self.config.prefix
+        );
+        Ok((Backends::memory(), found.queues))
     }
 }
 

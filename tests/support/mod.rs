@@ -319,3 +319,86 @@ pub fn orchestra_command(args: &[&str]) -> std::process::Command {
     }
     cmd
 }
+
+/// The CLI's commands that only read (`stats`, `task get`, `tasks list`, `dead-letters`) create
+/// nothing on the broker at `url`. On a prefix nothing uses they answer empty (with a note on
+/// stderr) and `list` (what the broker holds under a prefix) stays empty; on a used prefix they
+/// answer from the broker, and asking about a queue that does not exist creates nothing for it.
+/// `list` must list what a dispatch creates (checked, so that a lister that sees nothing cannot
+/// pass the test). `notes`: whether the backend tells an unused prefix (NATS, RabbitMQ; on Redis
+/// reading creates nothing, so nothing is asked first, and a task the lab wrote has no index to
+/// be found by).
+pub async fn check_read_only_commands<L, LF>(url: &str, notes: bool, list: L)
+where
+    L: Fn(String) -> LF,
+    LF: std::future::Future<Output = Vec<String>>,
+{
+    use agent_orchestra::testkit::harness::unique_prefix;
+    let prefix = unique_prefix("readonly");
+    let run = |args: &[&str]| {
+        let mut cmd = orchestra_command(&["--url", url, "--prefix", &prefix]);
+        let out = cmd.args(args).output().expect("the orchestra binary runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let json = |s: &str| -> serde_json::Value {
+        serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+    };
+    const NOTE: &str = "nothing was created";
+
+    // A prefix nothing uses.
+    let (code, out, err) = run(&["--json", "stats", "--queue", "ro_q"]);
+    assert_eq!(code, 0, "stats: {err}");
+    let v = json(&out);
+    assert_eq!(v["total"], 0, "{out}");
+    assert_eq!(v["queues"]["ro_q"]["waiting"], 0, "{out}");
+    assert_eq!(
+        err.contains(NOTE),
+        notes,
+        "the note that nothing exists: {err}"
+    );
+    let (code, _, err) = run(&["task", "get", "task_ro_missing"]);
+    assert_eq!(code, 1, "task get of a task nowhere: {err}");
+    assert!(err.contains("not found"), "{err}");
+    let (code, out, err) = run(&["--json", "tasks", "list"]);
+    assert_eq!(code, 0, "tasks list: {err}");
+    assert_eq!(json(&out)["tasks"], serde_json::json!([]), "{out}");
+    let (code, out, err) = run(&["--json", "dead-letters", "ro_q"]);
+    assert_eq!(code, 0, "dead-letters: {err}");
+    assert_eq!(json(&out)["dead_letters"], serde_json::json!([]), "{out}");
+    assert_eq!(
+        list(prefix.clone()).await,
+        Vec::<String>::new(),
+        "commands that only read created this under {prefix}"
+    );
+
+    // A used prefix, and a queue that does not exist on it.
+    let (code, _, err) = run(&["dispatch", "ro_q", r#"{"x": 1}"#]);
+    assert_eq!(code, 0, "dispatch: {err}");
+    let had = list(prefix.clone()).await;
+    assert!(
+        !had.is_empty(),
+        "the lister sees nothing a dispatch created under {prefix}"
+    );
+    let (code, out, err) = run(&["--json", "stats", "--queue", "ro_q", "--queue", "ro_other"]);
+    assert_eq!(code, 0, "stats: {err}");
+    let v = json(&out);
+    assert_eq!(v["total"], 1, "{out}");
+    assert_eq!(v["counts"]["PENDING"], 1, "{out}");
+    assert_eq!(v["queues"]["ro_q"]["waiting"], 1, "{out}");
+    assert_eq!(v["queues"]["ro_other"]["waiting"], 0, "{out}");
+    assert!(!err.contains(NOTE), "the prefix is in use: {err}");
+    let (code, out, err) = run(&["--json", "dead-letters", "ro_other"]);
+    assert_eq!(code, 0, "dead-letters: {err}");
+    assert_eq!(json(&out)["dead_letters"], serde_json::json!([]), "{out}");
+    let after = list(prefix.clone()).await;
+    let made: Vec<&String> = after.iter().filter(|n| n.contains("ro_other")).collect();
+    assert!(
+        made.is_empty(),
+        "reading a queue that does not exist created {made:?}"
+    );
+    drop_queues_at(url, &prefix, &["ro_q"]).await;
+}
