@@ -2434,3 +2434,82 @@ async fn commands_that_only_read_write_no_key() {
     };
     support::check_read_only_commands(&url, false, keys).await;
 }
+
+/// `worker --metrics` and `monitor --metrics` serve Prometheus' text format: the worker's
+/// counters, tasks by status and the queue's sizes, read from Redis at each scrape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_and_monitor_serve_prometheus_metrics() {
+    let url = broker_url(BrokerKind::Redis).await;
+    let prefix = unique_prefix("metrics");
+    let base = ["--url", url.as_str(), "--prefix", prefix.as_str()];
+    let mut cmd = support::orchestra_command(&base);
+    cmd.args([
+        "--json",
+        "worker",
+        "--queue",
+        "mq",
+        "--quiet",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let (worker, worker_url) = support::start_with_metrics(cmd);
+    let mut cmd = support::orchestra_command(&base);
+    cmd.args([
+        "--json",
+        "monitor",
+        "--interval",
+        "1s",
+        "--metrics",
+        "127.0.0.1:0",
+        "--queue",
+        "mq",
+    ]);
+    let (monitor, monitor_url) = support::start_with_metrics(cmd);
+    for i in 0..3 {
+        let out = orchestra_run(
+            &url,
+            &prefix,
+            &["dispatch", "mq", &format!("{{\"i\": {i}}}")],
+        );
+        assert_eq!(out.0, 0, "dispatch: {}", out.2);
+    }
+    let want = [
+        "orchestra_tasks{status=\"COMPLETED\"} 3",
+        "orchestra_queue_messages{queue=\"mq\",state=\"waiting\"} 0",
+        "orchestra_queue_messages{queue=\"mq\",state=\"in_flight\"} 0",
+        "orchestra_registry_up 1",
+        "orchestra_bus_up 1",
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (mut w, mut m) = (String::new(), String::new());
+    while std::time::Instant::now() < deadline {
+        let (status, body) = support::http_get(&worker_url);
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        w = body;
+        m = support::http_get(&monitor_url).1;
+        let done = w.lines().any(|l| {
+            l.starts_with("orchestra_worker_completed_total{worker=\"") && l.ends_with("} 3")
+        });
+        if done && want.iter().all(|x| w.contains(x) && m.contains(x)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for x in want {
+        assert!(w.contains(x), "worker's metrics lack {x}:\n{w}");
+        assert!(m.contains(x), "monitor's metrics lack {x}:\n{m}");
+    }
+    assert!(
+        w.contains("# TYPE orchestra_worker_completed_total counter"),
+        "{w}"
+    );
+    assert!(
+        !m.contains("orchestra_worker_"),
+        "the monitor runs no worker:\n{m}"
+    );
+    let (status, _) = support::http_get(&worker_url.replace("/metrics", "/"));
+    assert!(status.starts_with("HTTP/1.1 404"), "{status}");
+    assert_eq!(support::terminate(worker), Some(0));
+    assert_eq!(support::terminate(monitor), Some(0));
+    cleanup(&prefix).await;
+}

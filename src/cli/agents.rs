@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_orchestra::engine::{
-    handler_fn, Finished, Handler, Monitor, MonitorReport, TaskError, Worker,
+    backend_gauges, handler_fn, Finished, Handler, Monitor, MonitorReport, TaskError, Worker,
 };
 use agent_orchestra::{QueueName, TaskStatus};
 use clap::Args;
@@ -45,6 +45,10 @@ pub struct WorkerArgs {
     /// changed something.
     #[arg(long)]
     monitor: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464): this worker's
+    /// counters, tasks by status, and its queues' sizes, read at each scrape.
+    #[arg(long, value_name = "ADDR", value_parser = super::metrics::addr_arg)]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// The built-in agents.
@@ -173,7 +177,29 @@ pub async fn run(ctx: &Ctx, a: WorkerArgs) -> Result<(), CliError> {
             print_finished(out, f);
         }
     });
+    // Bound before the worker starts: a taken port stops the command before any task is
+    // claimed.
+    let listener = match a.metrics {
+        Some(addr) => Some(super::metrics::bind(addr).await?),
+        None => None,
+    };
     let handle = worker.start()?;
+    let exporter = listener.map(|l| {
+        let url = super::metrics::url(&l);
+        let live = handle.live_metrics();
+        let id = handle.worker_id().to_string();
+        let b = backends.clone();
+        let queues: Vec<QueueName> = specs.iter().map(|(q, _)| q.clone()).collect();
+        let render: super::metrics::Render = Arc::new(move || {
+            let (live, id, b, queues) = (live.clone(), id.clone(), b.clone(), queues.clone());
+            Box::pin(async move {
+                let mut body = live.snapshot().to_prometheus(&id);
+                body.push_str(&backend_gauges(&b, &queues).await);
+                body
+            })
+        });
+        (url, super::metrics::serve(l, render))
+    });
     let monitor = if a.monitor {
         let started = Monitor::new(backends, monitor_config).start(move |r: &MonitorReport| {
             let acted = r.recovered + r.timed_out + r.unblocked + r.reannounced + r.purged;
@@ -205,6 +231,7 @@ pub async fn run(ctx: &Ctx, a: WorkerArgs) -> Result<(), CliError> {
             "worker_id": handle.worker_id(),
             "queues": specs.iter().map(|(q, agent)| json!({"queue": q, "agent": agent.name()})).collect::<Vec<_>>(),
             "concurrency": worker_config.concurrency,
+            "metrics": exporter.as_ref().map(|(url, _)| url),
         }));
     } else {
         println!(
@@ -213,6 +240,9 @@ pub async fn run(ctx: &Ctx, a: WorkerArgs) -> Result<(), CliError> {
             serving.join(", "),
             worker_config.concurrency
         );
+        if let Some((url, _)) = &exporter {
+            println!("metrics at {url}");
+        }
     }
     match a.run_for {
         Some(d) => {
@@ -244,6 +274,9 @@ pub async fn run(ctx: &Ctx, a: WorkerArgs) -> Result<(), CliError> {
             ));
         }
     };
+    if let Some((_, server)) = exporter {
+        server.abort();
+    }
     let (completed, retried, failed) = tally.get();
     if ctx.out.json {
         ctx.out.json(&json!({

@@ -1,10 +1,13 @@
 //! The task operations: dispatch, task get, tasks list, stats, cancel, retry, dead-letters,
 //! and the monitor.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use agent_orchestra::bus::QueueStats;
-use agent_orchestra::engine::{DispatchOptions, Dispatcher, Monitor, MonitorReport};
+use agent_orchestra::engine::{
+    backend_gauges, DispatchOptions, Dispatcher, Monitor, MonitorReport,
+};
 use agent_orchestra::model::parse_payload;
 use agent_orchestra::{Priority, QueueName, Task, TaskFilter, TaskId, TaskStatus};
 use clap::{Args, Subcommand};
@@ -94,6 +97,13 @@ pub struct MonitorArgs {
     /// Time between passes (default: monitor.interval from the configuration).
     #[arg(long, value_parser = duration_arg)]
     interval: Option<Duration>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464): tasks by
+    /// status, and the sizes of the queues named with --queue, read at each scrape.
+    #[arg(long, value_name = "ADDR", value_parser = super::metrics::addr_arg)]
+    metrics: Option<std::net::SocketAddr>,
+    /// A queue whose sizes --metrics reports (repeatable).
+    #[arg(long = "queue", value_name = "QUEUE", requires = "metrics")]
+    queues: Vec<String>,
 }
 
 /// `orchestra dead-letters`.
@@ -418,7 +428,30 @@ pub async fn monitor(ctx: &Ctx, a: MonitorArgs) -> Result<(), CliError> {
         config.interval = i;
     }
     config.validate()?;
+    let queues = a
+        .queues
+        .iter()
+        .map(|q| QueueName::parse(q))
+        .collect::<Result<Vec<_>, _>>()?;
+    if a.once && a.metrics.is_some() {
+        return Err(CliError::Usage(
+            "--metrics serves while the monitor runs; --once exits after one pass".into(),
+        ));
+    }
+    let listener = match a.metrics {
+        Some(addr) => Some(super::metrics::bind(addr).await?),
+        None => None,
+    };
     let backends = ctx.connect_shared().await?;
+    let exporter = listener.map(|l| {
+        let url = super::metrics::url(&l);
+        let b = backends.clone();
+        let render: super::metrics::Render = Arc::new(move || {
+            let (b, queues) = (b.clone(), queues.clone());
+            Box::pin(async move { backend_gauges(&b, &queues).await })
+        });
+        (url, super::metrics::serve(l, render))
+    });
     let monitor = Monitor::new(backends, config.clone());
     if a.once {
         let r = monitor.tick().await;
@@ -437,6 +470,12 @@ pub async fn monitor(ctx: &Ctx, a: MonitorArgs) -> Result<(), CliError> {
             agent_orchestra::config::format_duration(config.interval)
         );
     }
+    if let Some((url, _)) = &exporter {
+        match ctx.out.json {
+            true => ctx.out.json(&json!({"event": "started", "metrics": url})),
+            false => eprintln!("metrics at {url}"),
+        }
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<MonitorReport>();
     let handle = monitor.start(move |r| {
         let _ = tx.send(r.clone());
@@ -453,6 +492,9 @@ pub async fn monitor(ctx: &Ctx, a: MonitorArgs) -> Result<(), CliError> {
         }
     }
     handle.shutdown().await;
+    if let Some((_, server)) = exporter {
+        server.abort();
+    }
     Ok(())
 }
 

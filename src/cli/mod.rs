@@ -8,6 +8,7 @@ mod agents;
 mod bench;
 mod commands;
 mod demo;
+mod metrics;
 mod output;
 
 use std::path::PathBuf;

@@ -114,3 +114,82 @@ impl MetricsSnapshot {
         out
     }
 }
+
+/// Gauges read from the backends now, in Prometheus' text exposition format, for an exporter
+/// (the CLI's `--metrics`, or an embedding service's own HTTP endpoint next to
+/// [`MetricsSnapshot::to_prometheus`]):
+///
+/// - `orchestra_tasks{status}`: tasks by status, from the registry's counts;
+/// - `orchestra_queue_messages{queue, state}` (`state`: `waiting`, `in_flight`, `dead`): the
+///   sizes of each of `queues`;
+/// - `orchestra_registry_up` and `orchestra_bus_up`: 1, or 0 when that backend could not be read
+///   (the error follows as a comment, and its gauges are left out rather than reported as 0).
+///
+/// Every call asks the backends (one count query, one stats query per queue): scrape it at
+/// the pace of a metrics scraper, not in a loop.
+pub async fn backend_gauges(backends: &crate::Backends, queues: &[crate::QueueName]) -> String {
+    let mut out = String::new();
+    match backends.registry.counts().await {
+        Ok(counts) => {
+            let _ = writeln!(out, "# TYPE orchestra_tasks gauge");
+            for s in crate::TaskStatus::ALL {
+                let _ = writeln!(
+                    out,
+                    "orchestra_tasks{{status=\"{}\"}} {}",
+                    s.as_str(),
+                    counts.get(s)
+                );
+            }
+            let _ = writeln!(out, "# TYPE orchestra_registry_up gauge");
+            let _ = writeln!(out, "orchestra_registry_up 1");
+        }
+        Err(e) => {
+            let _ = writeln!(out, "# TYPE orchestra_registry_up gauge");
+            let _ = writeln!(out, "orchestra_registry_up 0");
+            let _ = writeln!(out, "# {}", comment(&e.to_string()));
+        }
+    }
+    if queues.is_empty() {
+        return out;
+    }
+    let mut sizes = Vec::with_capacity(queues.len());
+    let mut failure = None;
+    for q in queues {
+        match backends.bus.stats(q).await {
+            Ok(s) => sizes.push((q, s)),
+            Err(e) => {
+                failure = Some(format!("queue {q}: {e}"));
+                break;
+            }
+        }
+    }
+    let _ = writeln!(out, "# TYPE orchestra_bus_up gauge");
+    match failure {
+        None => {
+            let _ = writeln!(out, "orchestra_bus_up 1");
+            let _ = writeln!(out, "# TYPE orchestra_queue_messages gauge");
+            for (q, s) in sizes {
+                for (state, v) in [
+                    ("waiting", s.waiting),
+                    ("in_flight", s.in_flight),
+                    ("dead", s.dead),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "orchestra_queue_messages{{queue=\"{q}\",state=\"{state}\"}} {v}"
+                    );
+                }
+            }
+        }
+        Some(e) => {
+            let _ = writeln!(out, "orchestra_bus_up 0");
+            let _ = writeln!(out, "# {}", comment(&e));
+        }
+    }
+    out
+}
+
+/// `s` on one line, fit for a `#` comment.
+fn comment(s: &str) -> String {
+    s.replace(['\n', '\r'], " ")
+}

@@ -297,6 +297,12 @@ impl WorkerHandle {
         self.inner.metrics.snapshot()
     }
 
+    /// The worker's live counters, shared: for an exporter that reads them while the worker
+    /// runs (they stay readable after [`WorkerHandle::shutdown`] consumed the handle).
+    pub fn live_metrics(&self) -> Arc<WorkerMetrics> {
+        self.inner.metrics.clone()
+    }
+
     /// Deliveries being processed right now (claimed or being claimed, running, or being
     /// recorded); slots merely reserved by a waiting fetch are not counted.
     pub fn running(&self) -> usize {
