@@ -22,6 +22,9 @@ pub struct WorkerMetrics {
     pub dead_lettered: AtomicU64,
     /// Deliveries dropped because the task was not claimable (duplicate, already finished).
     pub skipped: AtomicU64,
+    /// Redeliveries of a task still RUNNING under another attempt's lease, given back until the
+    /// lease ends (that attempt's worker may have died).
+    pub deferred: AtomicU64,
     /// Attempts whose lease was lost to another attempt (their result was discarded).
     pub lease_lost: AtomicU64,
     /// Tasks handed back on shutdown.
@@ -52,6 +55,7 @@ impl WorkerMetrics {
             panics: g(&self.panics),
             dead_lettered: g(&self.dead_lettered),
             skipped: g(&self.skipped),
+            deferred: g(&self.deferred),
             lease_lost: g(&self.lease_lost),
             handed_back: g(&self.handed_back),
             backend_errors: g(&self.backend_errors),
@@ -73,6 +77,7 @@ pub struct MetricsSnapshot {
     pub panics: u64,
     pub dead_lettered: u64,
     pub skipped: u64,
+    pub deferred: u64,
     pub lease_lost: u64,
     pub handed_back: u64,
     pub backend_errors: u64,
@@ -94,6 +99,7 @@ impl MetricsSnapshot {
             ("panics", self.panics),
             ("dead_lettered", self.dead_lettered),
             ("skipped", self.skipped),
+            ("deferred", self.deferred),
             ("lease_lost", self.lease_lost),
             ("handed_back", self.handed_back),
             ("fetch_restarts", self.fetch_restarts),

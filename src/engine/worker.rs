@@ -573,6 +573,20 @@ async fn return_unstarted(
     }
 }
 
+/// How long after a running attempt's lease ends a redelivery given back meanwhile comes again
+/// (clocks of different machines differ a little).
+const REDELIVERY_MARGIN: Duration = Duration::from_secs(1);
+
+/// Whether delivery `d` of a task found unclaimable is a redelivery (the delivery before it was
+/// not settled: its worker may have died) made while another attempt's lease still runs, and
+/// not the last delivery the bus allows.
+fn redelivered_early(bus: &dyn crate::bus::Bus, d: &Delivery, task: &Task) -> bool {
+    task.state.status == TaskStatus::Running
+        && !task.lease_expired(Utc::now())
+        && d.delivery_count > 1
+        && d.delivery_count < bus.max_deliveries()
+}
+
 /// Hands a claimed task back to its queue (RUNNING → PENDING, message released at once) without
 /// charging the attempt: a worker shutting down.
 async fn hand_back(inner: &Inner, d: &Delivery, running: &Task) -> Result<()> {
@@ -675,6 +689,24 @@ async fn process_inner(
             // lease that ended just after the claim looked at it, with attempts left, is only
             // acked below: the monitor hands the stale task on.)
             return fail_expired(inner, d, &task).await;
+        }
+        Claim::Unclaimable(task) if redelivered_early(bus, d, &task) => {
+            // A redelivery while another attempt's lease still runs: its worker may have died
+            // (RabbitMQ requeues a dead connection's messages at once; NATS redelivers after
+            // its ack wait, which may be shorter than the lease). Dropping it would leave the
+            // task to the monitor; given back until the lease ends, it finds the task
+            // claimable then (or failed for good: no attempt left), or renewed by a live
+            // worker and comes back again, until its last allowed delivery, which is dropped
+            // as below rather than dead-lettered.
+            let wait = task
+                .state
+                .lease_until
+                .map(|l| (l - Utc::now()).to_std().unwrap_or_default())
+                .unwrap_or_default()
+                + REDELIVERY_MARGIN;
+            WorkerMetrics::inc(&inner.metrics.deferred);
+            tracing::debug!(task_id = %task.task_id, attempt = task.state.attempt, wait_ms = wait.as_millis() as u64, "redelivered while another attempt's lease runs; given back until it ends");
+            return step(inner, "nack", || bus.nack(d, wait)).await;
         }
         Claim::Unclaimable(task) => {
             WorkerMetrics::inc(&inner.metrics.skipped);

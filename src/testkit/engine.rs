@@ -287,6 +287,89 @@ pub async fn killed_workers_task_is_recovered_and_completed_once(b: &Backends) {
     rescuer.shutdown().await;
 }
 
+/// A worker dies holding a task, and the broker gives its message to another worker at once,
+/// before the dead attempt's lease ends (RabbitMQ requeues a dead connection's messages at once;
+/// NATS redelivers after an ack wait shorter than the lease). Without any monitor, that
+/// redelivery is given back until the lease ends and then takes the task over: the task
+/// completes, on its second attempt, once.
+pub async fn an_early_redelivery_recovers_a_dead_workers_task_without_a_monitor(b: &Backends) {
+    use crate::bus::FetchOptions;
+    use crate::task_queue::{Claim, ClaimSpec};
+    let d = Dispatcher::new(b.clone());
+    let id = d
+        .dispatch("orphaned", json!({"job": 1}), 5, DispatchOptions::default())
+        .await
+        .unwrap();
+    let queue = QueueName::parse("orphaned").unwrap();
+    // The worker that dies: it fetched and claimed the task with a 3 s lease...
+    let mut got = Vec::new();
+    tokio::time::timeout(LIMIT, async {
+        while got.is_empty() {
+            got = b
+                .bus
+                .fetch(
+                    &queue,
+                    FetchOptions {
+                        max: 1,
+                        wait: Duration::from_millis(500),
+                        lease: Duration::from_secs(60),
+                    },
+                )
+                .await
+                .unwrap();
+        }
+    })
+    .await
+    .expect("the message was never delivered");
+    let delivery = got.pop().unwrap();
+    let spec = ClaimSpec {
+        worker_id: "dead-worker".into(),
+        lease: Duration::from_secs(3),
+    };
+    match b.tasks().claim(&delivery, &spec).await.unwrap() {
+        Claim::Claimed(t) => assert_eq!(t.state.attempt, 1),
+        other => panic!("the first claim: {other:?}"),
+    }
+    // ...and its message goes back to the queue at once, as the broker does for a dead
+    // connection.
+    b.bus.nack(&delivery, Duration::ZERO).await.unwrap();
+
+    let runs = Arc::new(AtomicU32::new(0));
+    let r = runs.clone();
+    let rescuer = Worker::new(b.clone(), quick_config("rescuer", 2))
+        .handle(
+            "orphaned",
+            handler_fn(move |_ctx| {
+                let r = r.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, TaskError>(json!("rescued"))
+                }
+            }),
+        )
+        .unwrap()
+        .start()
+        .unwrap();
+    let done = d
+        .wait(&id, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("the task was not recovered without a monitor: {e}"));
+    assert_eq!(done.status(), TaskStatus::Completed);
+    assert_eq!(done.state.worker_id.as_deref(), Some("rescuer"));
+    assert_eq!(
+        done.state.attempt, 2,
+        "the dead attempt, then the rescuer's"
+    );
+    assert!(
+        rescuer.metrics().deferred >= 1,
+        "the early redelivery should have been given back: {:?}",
+        rescuer.metrics()
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "ran more than once");
+    rescuer.shutdown().await;
+}
+
 /// A handler that keeps failing is retried with backoff until its attempts are spent, then
 /// the task FAILS with the error kept.
 pub async fn failing_task_is_retried_then_failed(b: &Backends) {
@@ -1124,6 +1207,7 @@ macro_rules! engine_suite {
                 failed_parent_fails_its_dependents,
                 urgent_tasks_finish_first_under_a_backlog,
                 killed_workers_task_is_recovered_and_completed_once,
+                an_early_redelivery_recovers_a_dead_workers_task_without_a_monitor,
                 failing_task_is_retried_then_failed,
                 handler_panic_is_caught_and_retried,
                 typed_handler_fails_bad_payload_without_retry,
