@@ -268,9 +268,12 @@ impl Dispatcher {
     /// it; [`Error::Timeout`] after `timeout`.
     ///
     /// Reacts to the task's events: it subscribes first, then reads the registry once, then
-    /// re-reads only when an event for this task arrives. Because events are at-most-once, it
-    /// also re-reads after 5 s of silence (a safety net against a lost event, not a poll loop).
+    /// re-reads when an event for this task arrives. Because events are at-most-once, it also
+    /// re-reads every 5 s whatever other tasks' events arrive, and once more at the deadline
+    /// (a safety net against a lost event, not a poll loop).
     pub async fn wait(&self, id: &TaskId, timeout: Duration) -> Result<Task> {
+        /// The longest a wait goes without reading the task, whatever other events arrive.
+        const REREAD: Duration = Duration::from_secs(5);
         let mut sub = self.backends.bus.subscribe(EVENTS_TOPIC).await?;
         let deadline = tokio::time::Instant::now() + crate::clock::capped(timeout);
         loop {
@@ -278,15 +281,17 @@ impl Dispatcher {
             if task.state.status.is_terminal() {
                 return Ok(task);
             }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Timeout(format!(
+                    "task {id} still {} after {timeout:?}",
+                    task.state.status
+                )));
+            }
+            // Until this task's terminal event, the next re-read, or the deadline (which reads
+            // once more before giving up): other tasks' events do not put the re-read off.
+            let until = deadline.min(tokio::time::Instant::now() + REREAD);
             loop {
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                if left.is_zero() {
-                    return Err(Error::Timeout(format!(
-                        "task {id} still {} after {timeout:?}",
-                        task.state.status
-                    )));
-                }
-                match tokio::time::timeout(left.min(Duration::from_secs(5)), sub.recv()).await {
+                match tokio::time::timeout_at(until, sub.recv()).await {
                     Ok(Some(bytes)) => match TaskEvent::decode(&bytes) {
                         Some(ev) if ev.task_id == *id && ev.status.is_terminal() => break,
                         _ => continue,
@@ -295,7 +300,7 @@ impl Dispatcher {
                         sub = self.backends.bus.subscribe(EVENTS_TOPIC).await?;
                         break;
                     }
-                    Err(_) => break, // silence: re-read once
+                    Err(_) => break, // the re-read is due
                 }
             }
         }

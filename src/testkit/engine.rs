@@ -370,6 +370,55 @@ pub async fn an_early_redelivery_recovers_a_dead_workers_task_without_a_monitor(
     rescuer.shutdown().await;
 }
 
+/// `Dispatcher::wait` sees a task finish whose event was lost even while other tasks' events
+/// keep arriving: those do not put its re-read off.
+pub async fn wait_sees_a_finish_whose_event_was_lost_on_a_busy_bus(b: &Backends) {
+    use crate::engine::EVENTS_TOPIC;
+    let d = Dispatcher::new(b.clone());
+    let id = d
+        .dispatch("nobody_serves", json!({}), 5, DispatchOptions::default())
+        .await
+        .unwrap();
+    // Other tasks' events, every 100 ms, for the whole wait.
+    let bus = b.bus.clone();
+    let chatter = tokio::spawn(async move {
+        loop {
+            let _ = bus
+                .publish(EVENTS_TOPIC, br#"{"event":"other task"}"#)
+                .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let waiter = {
+        let d = d.clone();
+        let id = id.clone();
+        tokio::spawn(async move { d.wait(&id, Duration::from_secs(40)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Finished without an event (as if it was lost).
+    let task = d.get(&id).await.unwrap();
+    let now = chrono::Utc::now();
+    let next = crate::model::TaskState {
+        status: TaskStatus::Cancelled,
+        finished_at: Some(now),
+        updated_at: now,
+        ..task.state.clone()
+    };
+    b.registry
+        .transition(&id, task.expect(), next)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .expect("wait did not see the finish within 20 s (its re-read kept being put off)")
+        .unwrap()
+        .unwrap();
+    chatter.abort();
+    assert_eq!(got.status(), TaskStatus::Cancelled);
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
 /// A handler that keeps failing is retried with backoff until its attempts are spent, then
 /// the task FAILS with the error kept.
 pub async fn failing_task_is_retried_then_failed(b: &Backends) {
@@ -1208,6 +1257,7 @@ macro_rules! engine_suite {
                 urgent_tasks_finish_first_under_a_backlog,
                 killed_workers_task_is_recovered_and_completed_once,
                 an_early_redelivery_recovers_a_dead_workers_task_without_a_monitor,
+                wait_sees_a_finish_whose_event_was_lost_on_a_busy_bus,
                 failing_task_is_retried_then_failed,
                 handler_panic_is_caught_and_retried,
                 typed_handler_fails_bad_payload_without_retry,
