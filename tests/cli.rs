@@ -192,6 +192,11 @@ fn secrets_in_urls_never_appear_in_any_output() {
             &["stats"],
             &[("ORCHESTRA_URL", "kafka://u:hunter2@127.0.0.1:1")],
         ),
+        // A NATS token in the user part, under both NATS schemes (this binary may have no
+        // NATS feature: the error names the URL then too).
+        run(&["--url", "tls://hunter2@127.0.0.1:1", "stats"]),
+        run(&["--url", "nats://hunter2@127.0.0.1:1", "config"]),
+        run(&["--url", "tls://hunter2@127.0.0.1:1", "config"]),
     ];
     for r in &runs {
         assert!(!r.all().contains("hunter2"), "secret leaked:\n{}", r.all());

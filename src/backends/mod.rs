@@ -389,13 +389,16 @@ fn feature_for(scheme: &str) -> Option<&'static str> {
     }
 }
 
-/// The URL with its password, and any `token`/`password`/`pass`/`secret` query value, replaced by
+/// The URL with its password (or, without one, its user part: a NATS token), and any
+/// `token`/`password`/`pass`/`secret`/`nkey`/`jwt` query value, replaced by
 /// `***`. Used in every log line and error message that shows a URL.
 ///
 /// ```
 /// use agent_orchestra::backends::redact_url;
 /// assert_eq!(redact_url("redis://user:hunter2@host:6379/0"), "redis://user:***@host:6379/0");
 /// assert_eq!(redact_url("nats://host:4222?token=abc"), "nats://host:4222?token=***");
+/// assert_eq!(redact_url("tls://s3cr3t@host:4222"), "tls://***@host:4222");
+/// assert_eq!(redact_url("nats://s3cr3t@host:4222"), "nats://***@host:4222");
 /// ```
 pub fn redact_url(url: &str) -> String {
     let Ok(mut parsed) = Url::parse(url) else {
@@ -407,8 +410,9 @@ pub fn redact_url(url: &str) -> String {
     };
     if parsed.password().is_some() {
         let _ = parsed.set_password(Some("***"));
-    } else if !parsed.username().is_empty() && parsed.scheme().starts_with("nats") {
-        // nats://TOKEN@host carries a token in the user part.
+    } else if !parsed.username().is_empty() {
+        // A user part without a password may be a secret itself: a NATS token
+        // (nats://TOKEN@host, tls://TOKEN@host), or a password written where the user goes.
         let _ = parsed.set_username("***");
     }
     let pairs: Vec<(String, String)> = parsed
