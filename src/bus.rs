@@ -223,4 +223,11 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
 
     /// The maximum number of deliveries before a message is dead-lettered.
     fn max_deliveries(&self) -> u32;
+
+    /// The longest delay [`OutgoingMessage::delay`] this bus keeps exactly (`None`: no limit
+    /// below the 100 years every duration is capped at). A longer one is refused at enqueue;
+    /// the dispatcher refuses it before it registers the task.
+    fn max_delay(&self) -> Option<Duration> {
+        None
+    }
 }

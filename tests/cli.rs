@@ -440,6 +440,11 @@ fn absurd_durations_are_usage_errors_not_panics() {
             &["monitor", "--once", "--interval", "1000d"][..],
             "monitor.interval",
         ),
+        // Its lock lives three intervals, and NATS keeps a lock at most 23 hours.
+        (
+            &["monitor", "--once", "--interval", "8h"][..],
+            "monitor.interval",
+        ),
         (
             &["dispatch", "q", "{}", "--delay", "99999999999d"][..],
             "too long",
@@ -456,6 +461,8 @@ fn absurd_durations_are_usage_errors_not_panics() {
     assert!(r.stderr.contains("timed out"), "{}", r.stderr);
     // The longest accepted ones still work.
     let r = run(&["purge", "--older-than", "36500d"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let r = run(&["monitor", "--once", "--interval", "7h"]);
     assert_eq!(r.code, 0, "{}", r.all());
 }
 

@@ -755,3 +755,36 @@ async fn commands_that_only_read_declare_no_queue() {
     };
     support::check_read_only_commands(&url, true, names).await;
 }
+
+/// A dispatch delay longer than RabbitMQ keeps a delayed message (u32::MAX ms, about 49.7 days)
+/// is refused before the task is registered: before, the enqueue failed after the create and
+/// left the task PENDING with no message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_rabbitmq_cannot_keep_is_refused_before_registering() {
+    use agent_orchestra::engine::{DispatchOptions, Dispatcher};
+    let prefix = unique_prefix("long_delay");
+    let b = make_backends(&prefix).await;
+    let d = Dispatcher::new(b.clone());
+    let id = agent_orchestra::TaskId::parse("task_long_delay").unwrap();
+    let options = DispatchOptions {
+        task_id: Some(id.clone()),
+        ..DispatchOptions::default().delay(Duration::from_secs(60 * 86_400))
+    };
+    let e = d
+        .dispatch("later", serde_json::json!({}), 5, options)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidInput { .. }), "{e:?}");
+    assert!(e.to_string().contains("delay"), "{e}");
+    assert!(
+        b.registry.get(&id).await.unwrap().is_none(),
+        "registered anyway"
+    );
+    // The longest it keeps is accepted.
+    let ok = DispatchOptions::default().delay(Duration::from_millis(u64::from(u32::MAX)));
+    d.dispatch("later", serde_json::json!({}), 5, ok)
+        .await
+        .expect("a delay RabbitMQ keeps");
+    drop(b);
+    support::drop_queues_at(&broker_url(BrokerKind::Amqp).await, &prefix, &["later"]).await;
+}

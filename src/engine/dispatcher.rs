@@ -124,7 +124,44 @@ impl Dispatcher {
                 "a task cannot depend on itself",
             ));
         }
+        if !options.delay.is_zero() && !task.depends_on.is_empty() {
+            return Err(Error::invalid(
+                "delay",
+                "a task with dependencies is announced when they complete; a delay cannot be combined with depends_on",
+            ));
+        }
+        if let Some(max) = self.backends.bus.max_delay() {
+            if options.delay > max {
+                return Err(Error::invalid(
+                    "delay",
+                    format!(
+                        "{} is longer than the {} bus keeps a delayed message ({})",
+                        crate::config::format_duration(options.delay),
+                        self.backends.bus.backend(),
+                        crate::config::format_duration(max)
+                    ),
+                ));
+            }
+        }
+        self.check_budget(&task)?;
         Ok(task)
+    }
+
+    /// Refuses a task whose attempts the bus cannot deliver: every attempt is a delivery of its
+    /// message, and past the bus's `max_deliveries` the message is dead-lettered while the task
+    /// still has attempts left (it would stay PENDING with no message).
+    fn check_budget(&self, task: &Task) -> Result<()> {
+        let max = self.backends.bus.max_deliveries();
+        if task.max_attempts > max {
+            return Err(Error::invalid(
+                "max_attempts",
+                format!(
+                    "{} attempts need as many deliveries of the task's message, but the bus dead-letters a message after {max} (max_deliveries): lower max_attempts or raise max_deliveries (ORCHESTRA_MAX_DELIVERIES)",
+                    task.max_attempts
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Registers a task and announces it (or parks it in WAITING until its dependencies
@@ -184,7 +221,10 @@ impl Dispatcher {
     /// batch, or on one refused here gets `Error::InvalidInput` as its result (it would wait
     /// forever) and is not registered.
     pub async fn dispatch_many(&self, tasks: Vec<Task>) -> Result<Vec<Result<TaskId>>> {
-        if tasks.iter().all(|t| t.depends_on.is_empty()) {
+        if tasks
+            .iter()
+            .all(|t| t.depends_on.is_empty() && self.check_budget(t).is_ok())
+        {
             let submitted = self.backends.tasks().submit(&tasks).await?;
             return Ok(tasks
                 .into_iter()
@@ -200,6 +240,10 @@ impl Dispatcher {
             .collect();
         let mut exists: HashMap<&TaskId, bool> = HashMap::new();
         for (i, t) in tasks.iter().enumerate() {
+            if let Err(e) = self.check_budget(t) {
+                out[i] = Some(Err(e));
+                continue;
+            }
             for parent in &t.depends_on {
                 let problem = if *parent == t.task_id {
                     Some("a task cannot depend on itself".to_string())
@@ -330,12 +374,15 @@ impl Dispatcher {
 
     /// Puts a FAILED or CANCELLED task back to PENDING and announces it. The attempt counter
     /// (the fencing token) keeps growing, so a task whose budget was spent gets one more
-    /// attempt; one that failed early (bad input) gets what is left of its budget.
+    /// attempt; one that failed early (bad input) gets what is left of its budget. A PENDING
+    /// task is announced again as it is: for one whose message was lost (dead-lettered, or
+    /// never sent because its dispatcher died); if its message still exists, the extra one is
+    /// dropped by the worker that finds the task already claimed.
     pub async fn retry(&self, id: &TaskId) -> Result<Task> {
         let task = self.get(id).await?;
         if !matches!(
             task.state.status,
-            TaskStatus::Failed | TaskStatus::Cancelled
+            TaskStatus::Failed | TaskStatus::Cancelled | TaskStatus::Pending
         ) {
             return Err(Error::IllegalTransition {
                 task_id: id.clone(),

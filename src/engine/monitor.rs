@@ -50,17 +50,21 @@ impl Default for MonitorConfig {
     }
 }
 
+/// The longest `monitor.interval`: its lock's TTL, three intervals, must fit every backend's
+/// longest lock (NATS: 23 hours).
+pub const MAX_INTERVAL: Duration = Duration::from_secs(7 * 3600);
+
 impl MonitorConfig {
     /// Checks the numbers; errors name the key.
     pub fn validate(&self) -> Result<()> {
-        // At most a day: the monitor lock is held for three intervals, and a monitor that
-        // stops for good keeps every other one on standby that long.
-        if self.interval < Duration::from_millis(10) || self.interval > Duration::from_secs(86_400)
-        {
+        // At most 7 hours: the monitor lock is held for three intervals (a monitor that stops
+        // for good keeps every other one on standby that long), and NATS keeps a lock at most
+        // 23 hours.
+        if self.interval < Duration::from_millis(10) || self.interval > MAX_INTERVAL {
             return Err(Error::config(
                 "monitor.interval",
                 format!(
-                    "must be between 10ms and 1d, got {}",
+                    "must be between 10ms and 7h, got {}",
                     crate::config::format_duration(self.interval)
                 ),
             ));

@@ -1145,6 +1145,82 @@ pub async fn dispatcher_rejects_bad_input_with_typed_errors(b: &Backends) {
         d.get(&missing).await.unwrap_err(),
         crate::Error::TaskNotFound(_)
     ));
+    // More attempts than the bus delivers a message: it would be dead-lettered with attempts
+    // left, the task stranded in PENDING. Refused, alone and in a batch, before registering.
+    let max = b.bus.max_deliveries();
+    let over = || o().max_attempts(max + 1);
+    let id = TaskId::parse("task_too_many_attempts").unwrap();
+    let e = d
+        .dispatch(
+            "q",
+            json!({}),
+            5,
+            DispatchOptions {
+                task_id: Some(id.clone()),
+                ..over()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, crate::Error::InvalidInput { .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("max_attempts") && e.to_string().contains("max_deliveries"),
+        "{e}"
+    );
+    assert!(
+        b.registry.get(&id).await.unwrap().is_none(),
+        "registered anyway"
+    );
+    let mut too_many = d.build("q", json!({}), 5, &o()).unwrap();
+    too_many.max_attempts = max + 1;
+    let fine = d.build("q", json!({}), 5, &o().max_attempts(max)).unwrap();
+    let results = d
+        .dispatch_many(vec![too_many.clone(), fine.clone()])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&results[0], Err(crate::Error::InvalidInput { .. })),
+        "{results:?}"
+    );
+    assert_eq!(results[1].as_ref().unwrap(), &fine.task_id);
+    assert!(b.registry.get(&too_many.task_id).await.unwrap().is_none());
+    // A delay with dependencies (the task is announced when they complete) is refused.
+    let e = d
+        .dispatch(
+            "q",
+            json!({}),
+            5,
+            o().after([fine.task_id.clone()])
+                .delay(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("delay"), "{e}");
+}
+
+/// An operator's `retry` of a PENDING task whose message was lost announces it again.
+pub async fn retry_announces_a_pending_task_whose_message_was_lost(b: &Backends) {
+    let d = Dispatcher::new(b.clone());
+    let task = d
+        .build("stranded", json!({"n": 1}), 5, &DispatchOptions::default())
+        .unwrap();
+    b.registry.create(&task).await.unwrap(); // registered, never enqueued
+    let w = Worker::new(b.clone(), quick_config("stranded-runner", 1))
+        .handle("stranded", echo())
+        .unwrap()
+        .start()
+        .unwrap();
+    let retried = d.retry(&task.task_id).await.unwrap();
+    assert_eq!(retried.status(), TaskStatus::Pending);
+    let t = wait_done(&d, &task.task_id).await;
+    assert_eq!(t.status(), TaskStatus::Completed);
+    assert_eq!(t.state.attempt, 1);
+    // A RUNNING or finished task is still refused.
+    assert!(matches!(
+        d.retry(&task.task_id).await.unwrap_err(),
+        crate::Error::IllegalTransition { .. }
+    ));
+    w.shutdown().await;
 }
 
 /// A task registered but never announced (its dispatcher died in between) is re-announced by
@@ -1271,6 +1347,7 @@ macro_rules! engine_suite {
                 dispatcher_rejects_bad_input_with_typed_errors,
                 dispatch_many_refuses_tasks_that_would_wait_forever,
                 monitor_reannounces_a_pending_task_whose_message_was_lost,
+                retry_announces_a_pending_task_whose_message_was_lost,
                 monitor_fails_a_stale_task_with_no_attempts_left,
             ];
         }

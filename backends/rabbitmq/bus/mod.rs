@@ -677,4 +677,8 @@ impl Bus for RabbitBus {
     fn max_deliveries(&self) -> u32 {
         self.inner.max_deliveries
     }
+
+    fn max_delay(&self) -> Option<Duration> {
+        Some(MAX_DELAY)
+    }
 }
