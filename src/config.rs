@@ -757,8 +757,23 @@ impl Config {
     }
 
     /// Validates, then connects the three roles.
+    ///
+    /// Logs a warning when some roles are on `memory://` and others on a broker: a registry
+    /// in this process's memory is invisible to the workers of other processes (they
+    /// dead-letter its tasks' messages as unknown), and an in-memory bus is invisible to them
+    /// too. (The CLI refuses that mix for its one-shot commands.) Every `connect` on
+    /// `memory://` makes a new, private set of state.
     pub async fn connect(&self) -> Result<Backends> {
         self.validate()?;
+        let on_memory = self.roles_on_memory();
+        match on_memory.len() {
+            0 => {}
+            3 => tracing::info!("memory:// for bus, registry and locks: the state lives in this process only, and is new on every connect"),
+            _ => tracing::warn!(
+                roles = %on_memory.join(", "),
+                "some roles on memory:// and the others on a broker: what the memory roles hold lives in this process only, so other processes cannot see it (set their URLs too)"
+            ),
+        }
         crate::backends::connect(&self.backend_urls(), &self.connect_options()).await
     }
 

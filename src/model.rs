@@ -357,6 +357,11 @@ pub struct TaskState {
     pub started_at: Option<DateTime<Utc>>,
     /// When the task reached a terminal status.
     pub finished_at: Option<DateTime<Utc>>,
+    /// When the message of a PENDING task becomes ready, when that is later than the change
+    /// that announced it: a dispatch delay or a retry's backoff. (Kept as history after that;
+    /// the monitor does not take a task whose message is still delayed for an orphan.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_at: Option<DateTime<Utc>>,
     /// When the task last changed.
     pub updated_at: DateTime<Utc>,
 }
@@ -470,6 +475,7 @@ impl Task {
                 heartbeat_at: None,
                 started_at: None,
                 finished_at: None,
+                ready_at: None,
                 updated_at: now,
             },
         })

@@ -47,6 +47,7 @@ impl ClaimSpec {
             heartbeat_at: Some(now),
             started_at: Some(now),
             finished_at: None,
+            ready_at: found.ready_at,
             updated_at: now,
         }
     }

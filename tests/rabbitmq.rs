@@ -788,3 +788,97 @@ async fn a_delay_rabbitmq_cannot_keep_is_refused_before_registering() {
     drop(b);
     support::drop_queues_at(&broker_url(BrokerKind::Amqp).await, &prefix, &["later"]).await;
 }
+
+/// The monitor of another process does not take a delayed task for an orphan. Its bus does not
+/// know the delay queues the dispatching process declared, so the queue looks empty; the
+/// task's `ready_at` (a dispatch delay, a retry's backoff) tells it the message is only
+/// delayed. Before, both were re-announced after `reannounce_pending_after`, and ran early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_monitor_does_not_reannounce_a_delayed_task() {
+    use agent_orchestra::engine::{
+        handler_fn, Backoff, DispatchOptions, Dispatcher, Monitor, MonitorConfig, TaskError,
+        Worker, WorkerConfig,
+    };
+    let prefix = unique_prefix("delayed_reannounce");
+    let here = make_backends(&prefix).await;
+    let elsewhere = make_backends(&prefix).await;
+    let d = Dispatcher::new(here.clone());
+    let delayed = d
+        .dispatch(
+            "later_q",
+            serde_json::json!({}),
+            5,
+            DispatchOptions::default().delay(Duration::from_secs(120)),
+        )
+        .await
+        .unwrap();
+    // A task whose first attempt failed and waits out a 120 s backoff.
+    let flaky = d
+        .dispatch(
+            "flaky_q",
+            serde_json::json!({}),
+            5,
+            DispatchOptions::default(),
+        )
+        .await
+        .unwrap();
+    let worker = Worker::new(
+        here.clone(),
+        WorkerConfig {
+            retry: Backoff {
+                base: Duration::from_secs(120),
+                factor: 1.0,
+                max: Duration::from_secs(120),
+                jitter: 0.0,
+            },
+            ..WorkerConfig::default()
+        },
+    )
+    .handle(
+        "flaky_q",
+        handler_fn(|_ctx| async { Err::<serde_json::Value, _>(TaskError::retryable("not yet")) }),
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = d.get(&flaky).await.unwrap();
+        if t.status() == TaskStatus::Pending && t.state.attempt == 1 {
+            assert!(t.state.ready_at.is_some(), "{t:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed attempt: {t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let monitor = Monitor::new(
+        elsewhere.clone(),
+        MonitorConfig {
+            reannounce_pending_after: Some(Duration::from_secs(1)),
+            ..MonitorConfig::default()
+        },
+    );
+    let report = monitor.tick().await.unwrap();
+    assert!(report.leader, "{report:?}");
+    assert_eq!(
+        report.reannounced, 0,
+        "a delayed task was taken for an orphan"
+    );
+    for id in [&delayed, &flaky] {
+        let t = d.get(id).await.unwrap();
+        assert_eq!(t.status(), TaskStatus::Pending, "{t:?}");
+    }
+    monitor.step_down().await.unwrap();
+    worker.kill();
+    drop((here, elsewhere));
+    support::drop_queues_at(
+        &broker_url(BrokerKind::Amqp).await,
+        &prefix,
+        &["later_q", "flaky_q"],
+    )
+    .await;
+}

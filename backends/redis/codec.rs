@@ -5,7 +5,7 @@
 //! JSON string, else its JSON), `worker_id`, `created_at` and `updated_at` (ISO-8601 in UTC with
 //! `+00:00`, like Python's `datetime.isoformat()`). Our own fields: `queue`, `attempt`,
 //! `max_attempts`, `depends_on` (JSON array of ids), `error`, `lease_until`, `heartbeat_at`,
-//! `started_at`, `finished_at` (ISO-8601) and `result_json` (the exact JSON of `result`, so a
+//! `started_at`, `finished_at`, `ready_at` (ISO-8601) and `result_json` (the exact JSON of `result`, so a
 //! non-string result round-trips while the lab still reads a string). A field whose value is
 //! `None` is absent.
 //!
@@ -137,6 +137,7 @@ pub(crate) fn state_fields(s: &TaskState) -> (Vec<(&'static str, String)>, Vec<&
     opt("heartbeat_at", s.heartbeat_at.map(format_time));
     opt("started_at", s.started_at.map(format_time));
     opt("finished_at", s.finished_at.map(format_time));
+    opt("ready_at", s.ready_at.map(format_time));
     (set, del)
 }
 
@@ -222,6 +223,7 @@ pub(crate) fn decode(id: &TaskId, fields: HashMap<String, String>) -> Result<Tas
             heartbeat_at: time("heartbeat_at")?,
             started_at: time("started_at")?,
             finished_at: time("finished_at")?,
+            ready_at: time("ready_at")?,
             updated_at,
         },
     })

@@ -84,6 +84,9 @@ pub fn task_block(t: &Task) -> String {
     if s.status == TaskStatus::Running {
         lines.push(format!("  lease until  {}", stamp(s.lease_until)));
     }
+    if s.status == TaskStatus::Pending && s.ready_at.is_some_and(|r| r > s.updated_at) {
+        lines.push(format!("  ready at     {}", stamp(s.ready_at)));
+    }
     if s.finished_at.is_some() {
         lines.push(format!("  finished     {}", stamp(s.finished_at)));
     }

@@ -173,7 +173,11 @@ impl Dispatcher {
         priority: i64,
         options: DispatchOptions,
     ) -> Result<TaskId> {
-        let task = self.build(queue, payload, priority, &options)?;
+        let mut task = self.build(queue, payload, priority, &options)?;
+        if !options.delay.is_zero() {
+            // The monitor must not take a delayed task for one whose message was lost.
+            task.state.ready_at = Some(crate::clock::after(task.created_at, options.delay));
+        }
         for parent in &task.depends_on {
             if self.backends.registry.get(parent).await?.is_none() {
                 return Err(Error::invalid(
@@ -393,6 +397,7 @@ impl Dispatcher {
         let next = TaskState {
             status: TaskStatus::Pending,
             finished_at: None,
+            ready_at: None, // announced now
             updated_at: Utc::now(),
             ..task.state.clone()
         };

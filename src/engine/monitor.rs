@@ -278,6 +278,9 @@ impl Monitor {
             if task.state.updated_at > cutoff {
                 break; // the index is ordered by last change: the rest are younger
             }
+            if task.state.ready_at.is_some_and(|r| r > cutoff) {
+                continue; // its message is delayed (a dispatch delay, a retry's backoff)
+            }
             // A PENDING task is orphaned (its message was lost, e.g. the dispatcher died between
             // registering and announcing) only if its queue holds no message at all: with
             // messages waiting, delayed or in flight, one of them may be its own.

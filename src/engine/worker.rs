@@ -755,6 +755,7 @@ async fn process_inner(
         }
         Outcome::Done(Err(err)) => {
             let retry = err.retryable && running.attempts_left();
+            let backoff = inner.config.retry.delay(running.charged_attempts());
             let next = TaskState {
                 status: if retry {
                     TaskStatus::Pending
@@ -764,11 +765,17 @@ async fn process_inner(
                 error: Some(err.message.clone()),
                 lease_until: None,
                 finished_at: (!retry).then_some(now),
+                // The monitor must not take a task whose retry waits out its backoff for one
+                // whose message was lost.
+                ready_at: match retry && !backoff.is_zero() {
+                    true => Some(crate::clock::after(now, backoff)),
+                    false => running.state.ready_at,
+                },
                 updated_at: now,
                 ..running.state.clone()
             };
             let settle = if retry {
-                Settle::Nack(inner.config.retry.delay(running.charged_attempts()))
+                Settle::Nack(backoff)
             } else {
                 Settle::Ack
             };

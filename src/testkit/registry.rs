@@ -205,6 +205,7 @@ pub async fn create_then_get_round_trips_every_field(b: &Backends) {
             heartbeat_at: Some(t0 - secs(5)),
             started_at: Some(t0 - secs(10)),
             finished_at: Some(t0 - secs(1)),
+            ready_at: Some(t0 + secs(45)),
             updated_at: t0,
         },
     };
