@@ -191,28 +191,35 @@ impl TaskQueue for Composed {
             Ok(m) => m.task_id,
             Err(e) => return Ok(Claim::Malformed(e.to_string())),
         };
-        let Some(task) = self.registry.get(&id).await? else {
+        let Some(mut task) = self.registry.get(&id).await? else {
             return Ok(Claim::Missing(id));
         };
-        let now = Utc::now();
-        if !claimable(&task, now) {
-            return Ok(Claim::Unclaimable(task));
-        }
-        if task.state.status == TaskStatus::Running {
-            tracing::warn!(task_id = %id, attempt = task.state.attempt, "taking over a task whose lease expired");
-        }
-        let next = spec.claimed_state(&task.state, now);
-        match self.registry.transition(&id, task.expect(), next).await {
-            Ok(running) => {
-                events::publish(self.bus.as_ref(), &running).await;
-                Ok(Claim::Claimed(running))
+        // A claim that loses its compare-and-set reads the task again and, if it is still
+        // claimable (the first read was stale), claims once more; otherwise whoever moved it
+        // on is responsible for its message.
+        for tries_left in [true, false] {
+            let now = Utc::now();
+            if !claimable(&task, now) {
+                return Ok(Claim::Unclaimable(task));
             }
-            Err(Error::Conflict { .. }) => match self.registry.get(&id).await? {
-                Some(now) => Ok(Claim::Unclaimable(now)),
-                None => Ok(Claim::Missing(id)),
-            },
-            Err(e) => Err(e),
+            if task.state.status == TaskStatus::Running {
+                tracing::warn!(task_id = %id, attempt = task.state.attempt, "taking over a task whose lease expired");
+            }
+            let next = spec.claimed_state(&task.state, now);
+            match self.registry.transition(&id, task.expect(), next).await {
+                Ok(running) => {
+                    events::publish(self.bus.as_ref(), &running).await;
+                    return Ok(Claim::Claimed(running));
+                }
+                Err(Error::Conflict { .. }) => match self.registry.get(&id).await? {
+                    Some(again) if tries_left => task = again,
+                    Some(again) => return Ok(Claim::Unclaimable(again)),
+                    None => return Ok(Claim::Missing(id)),
+                },
+                Err(e) => return Err(e),
+            }
         }
+        Ok(Claim::Unclaimable(task))
     }
 
     async fn record(
@@ -270,5 +277,128 @@ impl TaskQueue for Composed {
             task: stored,
             dependents,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::Backends;
+    use crate::bus::{FetchOptions, OutgoingMessage};
+    use crate::engine::flow::TaskMessage;
+    use crate::model::Expected;
+    use crate::model::{Priority, QueueName, TaskId};
+    use crate::registry::{Retention, StatusCounts, TaskFilter, TaskPage};
+    use parking_lot::Mutex;
+
+    /// A registry whose next `get` answers an old copy of a task: a lagging read.
+    #[derive(Debug)]
+    struct Lagging {
+        inner: Arc<dyn Registry>,
+        old: Mutex<Option<Task>>,
+    }
+
+    #[async_trait]
+    impl Registry for Lagging {
+        fn backend(&self) -> &'static str {
+            "lagging"
+        }
+        async fn create(&self, task: &Task) -> Result<()> {
+            self.inner.create(task).await
+        }
+        async fn get(&self, id: &TaskId) -> Result<Option<Task>> {
+            let old = self.old.lock().take();
+            match old {
+                Some(t) => Ok(Some(t)),
+                None => self.inner.get(id).await,
+            }
+        }
+        async fn transition(&self, id: &TaskId, e: Expected, next: TaskState) -> Result<Task> {
+            self.inner.transition(id, e, next).await
+        }
+        async fn list(&self, f: &TaskFilter, c: Option<&str>, limit: usize) -> Result<TaskPage> {
+            self.inner.list(f, c, limit).await
+        }
+        async fn counts(&self) -> Result<StatusCounts> {
+            self.inner.counts().await
+        }
+        async fn stale_running(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Task>> {
+            self.inner.stale_running(before, limit).await
+        }
+        async fn dependents(&self, parent: &TaskId) -> Result<Vec<TaskId>> {
+            self.inner.dependents(parent).await
+        }
+        async fn purge_finished(&self, retention: &Retention) -> Result<u64> {
+            self.inner.purge_finished(retention).await
+        }
+    }
+
+    /// A claim whose first read was stale loses its compare-and-set, reads again, finds the
+    /// task still claimable and claims it (before, it gave up and the worker dropped the
+    /// message, stranding a PENDING task).
+    #[tokio::test]
+    async fn a_claim_that_read_a_stale_copy_claims_again() {
+        let b = Backends::memory();
+        let q = QueueName::parse("q").unwrap();
+        let task = Task::new(
+            q.clone(),
+            serde_json::json!({}),
+            Priority::default(),
+            3,
+            vec![],
+            &crate::model::Limits::default(),
+        )
+        .unwrap();
+        b.registry.create(&task).await.unwrap();
+        // Its first attempt ran and was retried: PENDING at attempt 1 now.
+        let mut s = task.state.clone();
+        s.status = TaskStatus::Running;
+        s.attempt = 1;
+        let running = b
+            .registry
+            .transition(&task.task_id, task.expect(), s)
+            .await
+            .unwrap();
+        let mut s = running.state.clone();
+        s.status = TaskStatus::Pending;
+        b.registry
+            .transition(&task.task_id, running.expect(), s)
+            .await
+            .unwrap();
+        b.bus
+            .enqueue(
+                &q,
+                OutgoingMessage::new(TaskMessage::encode(&task.task_id), task.priority),
+            )
+            .await
+            .unwrap();
+        let d = b
+            .bus
+            .fetch(
+                &q,
+                FetchOptions {
+                    max: 1,
+                    wait: Duration::from_secs(1),
+                    lease: Duration::from_secs(30),
+                },
+            )
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        // The claim's first read answers the copy from before attempt 1.
+        let lagging = Arc::new(Lagging {
+            inner: b.registry.clone(),
+            old: Mutex::new(Some(task.clone())),
+        });
+        let tasks = Composed::new(b.bus.clone(), lagging);
+        let spec = ClaimSpec {
+            worker_id: "w".into(),
+            lease: Duration::from_secs(30),
+        };
+        match tasks.claim(&d, &spec).await.unwrap() {
+            Claim::Claimed(t) => assert_eq!(t.state.attempt, 2),
+            other => panic!("expected a claim after the re-read, got {other:?}"),
+        }
     }
 }
