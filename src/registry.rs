@@ -127,6 +127,14 @@ pub trait Registry: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes finished tasks beyond `retention`; returns how many were deleted.
     async fn purge_finished(&self, retention: &Retention) -> Result<u64>;
+
+    /// Housekeeping the backend needs now and then, called by the acting monitor on every
+    /// pass (retention or not). RabbitMQ writes a snapshot of its view when enough records
+    /// were applied since the last one, which bounds what a new process replays; the others
+    /// have nothing to do.
+    async fn maintain(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Checks what every [`Registry::transition`] must check before touching storage: that the
@@ -151,5 +159,71 @@ pub fn conflict(id: &TaskId, expected: &Expected, actual: &TaskState) -> Error {
         expected_attempt: expected.attempt,
         actual_status: actual.status,
         actual_attempt: actual.attempt,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use parking_lot::Mutex;
+    use std::sync::Arc;
+
+    /// A registry around another: its next `get` answers `old` when set (a lagging read), and
+    /// it counts the calls of `maintain`.
+    #[derive(Debug)]
+    pub(crate) struct Wrapped {
+        inner: Arc<dyn Registry>,
+        pub(crate) old: Mutex<Option<Task>>,
+        pub(crate) maintained: std::sync::atomic::AtomicU32,
+    }
+
+    impl Wrapped {
+        pub(crate) fn new(inner: Arc<dyn Registry>) -> Self {
+            Wrapped {
+                inner,
+                old: Mutex::new(None),
+                maintained: Default::default(),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Registry for Wrapped {
+        fn backend(&self) -> &'static str {
+            "lagging"
+        }
+        async fn create(&self, task: &Task) -> Result<()> {
+            self.inner.create(task).await
+        }
+        async fn get(&self, id: &TaskId) -> Result<Option<Task>> {
+            let old = self.old.lock().take();
+            match old {
+                Some(t) => Ok(Some(t)),
+                None => self.inner.get(id).await,
+            }
+        }
+        async fn transition(&self, id: &TaskId, e: Expected, next: TaskState) -> Result<Task> {
+            self.inner.transition(id, e, next).await
+        }
+        async fn list(&self, f: &TaskFilter, c: Option<&str>, limit: usize) -> Result<TaskPage> {
+            self.inner.list(f, c, limit).await
+        }
+        async fn counts(&self) -> Result<StatusCounts> {
+            self.inner.counts().await
+        }
+        async fn stale_running(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Task>> {
+            self.inner.stale_running(before, limit).await
+        }
+        async fn dependents(&self, parent: &TaskId) -> Result<Vec<TaskId>> {
+            self.inner.dependents(parent).await
+        }
+        async fn purge_finished(&self, retention: &Retention) -> Result<u64> {
+            self.inner.purge_finished(retention).await
+        }
+        async fn maintain(&self) -> Result<()> {
+            self.maintained
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.maintain().await
+        }
     }
 }

@@ -286,52 +286,8 @@ mod tests {
     use crate::backends::Backends;
     use crate::bus::{FetchOptions, OutgoingMessage};
     use crate::engine::flow::TaskMessage;
-    use crate::model::Expected;
-    use crate::model::{Priority, QueueName, TaskId};
-    use crate::registry::{Retention, StatusCounts, TaskFilter, TaskPage};
-    use parking_lot::Mutex;
-
-    /// A registry whose next `get` answers an old copy of a task: a lagging read.
-    #[derive(Debug)]
-    struct Lagging {
-        inner: Arc<dyn Registry>,
-        old: Mutex<Option<Task>>,
-    }
-
-    #[async_trait]
-    impl Registry for Lagging {
-        fn backend(&self) -> &'static str {
-            "lagging"
-        }
-        async fn create(&self, task: &Task) -> Result<()> {
-            self.inner.create(task).await
-        }
-        async fn get(&self, id: &TaskId) -> Result<Option<Task>> {
-            let old = self.old.lock().take();
-            match old {
-                Some(t) => Ok(Some(t)),
-                None => self.inner.get(id).await,
-            }
-        }
-        async fn transition(&self, id: &TaskId, e: Expected, next: TaskState) -> Result<Task> {
-            self.inner.transition(id, e, next).await
-        }
-        async fn list(&self, f: &TaskFilter, c: Option<&str>, limit: usize) -> Result<TaskPage> {
-            self.inner.list(f, c, limit).await
-        }
-        async fn counts(&self) -> Result<StatusCounts> {
-            self.inner.counts().await
-        }
-        async fn stale_running(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Task>> {
-            self.inner.stale_running(before, limit).await
-        }
-        async fn dependents(&self, parent: &TaskId) -> Result<Vec<TaskId>> {
-            self.inner.dependents(parent).await
-        }
-        async fn purge_finished(&self, retention: &Retention) -> Result<u64> {
-            self.inner.purge_finished(retention).await
-        }
-    }
+    use crate::model::{Priority, QueueName};
+    use crate::registry::tests::Wrapped;
 
     /// A claim whose first read was stale loses its compare-and-set, reads again, finds the
     /// task still claimable and claims it (before, it gave up and the worker dropped the
@@ -387,10 +343,8 @@ mod tests {
             .pop()
             .unwrap();
         // The claim's first read answers the copy from before attempt 1.
-        let lagging = Arc::new(Lagging {
-            inner: b.registry.clone(),
-            old: Mutex::new(Some(task.clone())),
-        });
+        let lagging = Arc::new(Wrapped::new(b.registry.clone()));
+        *lagging.old.lock() = Some(task.clone());
         let tasks = Composed::new(b.bus.clone(), lagging);
         let spec = ClaimSpec {
             worker_id: "w".into(),

@@ -328,14 +328,19 @@ impl Registry for RabbitRegistry {
             }
         }
         // Retention runs periodically (the monitor's leader): a good moment to compact.
+        self.maintain().await?;
+        Ok(purged)
+    }
+
+    async fn maintain(&self) -> Result<()> {
         let records = self.log.read(|v| v.records);
         if records.saturating_sub(self.records_at_snapshot.load(Ordering::Relaxed))
             >= SNAPSHOT_EVERY
         {
             if let Err(e) = self.snapshot().await {
-                tracing::warn!(error = %e, "could not write a registry snapshot; will try again at the next purge");
+                tracing::warn!(error = %e, "could not write a registry snapshot; will try again at the next monitor pass");
             }
         }
-        Ok(purged)
+        Ok(())
     }
 }

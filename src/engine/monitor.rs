@@ -180,6 +180,9 @@ impl Monitor {
             if r.max_age.is_some() || r.max_count.is_some() {
                 report.purged = self.backends.registry.purge_finished(r).await?;
             }
+            // Snapshots and the like, retention or not (RabbitMQ's view was never snapshotted
+            // without one, and every new process replayed the whole log).
+            self.backends.registry.maintain().await?;
         }
         report.counts = self.snapshot().await?;
         Ok(report)
@@ -364,5 +367,28 @@ impl MonitorHandle {
     pub async fn shutdown(self) {
         let _ = self.stop_tx.send(true);
         let _ = self.join.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::tests::Wrapped;
+    use std::sync::atomic::Ordering;
+
+    /// The acting monitor gives the registry its housekeeping on every pass, with no retention
+    /// set (RabbitMQ's snapshots used to be written only from a retention's purge).
+    #[tokio::test]
+    async fn every_acting_pass_maintains_the_registry_without_a_retention() {
+        let b = Backends::memory();
+        let registry = Arc::new(Wrapped::new(b.registry.clone()));
+        let b = Backends::new(b.bus.clone(), registry.clone(), b.locks.clone());
+        let monitor = Monitor::new(b, MonitorConfig::default());
+        assert!(monitor.config.retention.max_age.is_none());
+        assert!(monitor.config.retention.max_count.is_none());
+        for _ in 0..3 {
+            assert!(monitor.tick().await.unwrap().leader);
+        }
+        assert_eq!(registry.maintained.load(Ordering::Relaxed), 3);
     }
 }
