@@ -175,6 +175,8 @@ pub(crate) mod tests {
         inner: Arc<dyn Registry>,
         pub(crate) old: Mutex<Option<Task>>,
         pub(crate) maintained: std::sync::atomic::AtomicU32,
+        /// When set, what `stale_running` answers (a lagging stale query).
+        pub(crate) stale: Mutex<Option<Vec<Task>>>,
     }
 
     impl Wrapped {
@@ -183,6 +185,7 @@ pub(crate) mod tests {
                 inner,
                 old: Mutex::new(None),
                 maintained: Default::default(),
+                stale: Mutex::new(None),
             }
         }
     }
@@ -212,7 +215,11 @@ pub(crate) mod tests {
             self.inner.counts().await
         }
         async fn stale_running(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Task>> {
-            self.inner.stale_running(before, limit).await
+            let stale = self.stale.lock().clone();
+            match stale {
+                Some(listed) => Ok(listed),
+                None => self.inner.stale_running(before, limit).await,
+            }
         }
         async fn dependents(&self, parent: &TaskId) -> Result<Vec<TaskId>> {
             self.inner.dependents(parent).await

@@ -194,8 +194,17 @@ impl Monitor {
             .registry
             .stale_running(Utc::now(), self.config.batch)
             .await?;
-        for task in stale {
+        for listed in stale {
+            // Read again before acting: the stale query may lag (NATS answers it from an
+            // in-process view), and a heartbeat keeps the status and attempt the
+            // compare-and-set checks, so only a fresh read tells a renewed lease.
+            let Some(task) = b.registry.get(&listed.task_id).await? else {
+                continue;
+            };
             let now = Utc::now();
+            if task.state.status != TaskStatus::Running || !task.lease_expired(now) {
+                continue; // renewed or finished meanwhile
+            }
             let retry = task.attempts_left();
             let who = task.state.worker_id.as_deref().unwrap_or("?");
             let next = if retry {
@@ -390,5 +399,58 @@ mod tests {
             assert!(monitor.tick().await.unwrap().leader);
         }
         assert_eq!(registry.maintained.load(Ordering::Relaxed), 3);
+    }
+
+    /// A stale query that lags (it lists a task whose lease a heartbeat has just renewed) does
+    /// not make the monitor hand a live task on: it reads the task again first. The heartbeat
+    /// keeps the status and attempt, so the compare-and-set alone would not notice.
+    #[tokio::test]
+    async fn a_lagging_stale_query_does_not_hand_a_renewed_task_on() {
+        let mem = Backends::memory();
+        let registry = Arc::new(Wrapped::new(mem.registry.clone()));
+        let b = Backends::new(mem.bus.clone(), registry.clone(), mem.locks.clone());
+        let task = crate::model::Task::new(
+            crate::model::QueueName::parse("q").unwrap(),
+            serde_json::json!({}),
+            crate::model::Priority::default(),
+            3,
+            vec![],
+            &crate::model::Limits::default(),
+        )
+        .unwrap();
+        b.registry.create(&task).await.unwrap();
+        let past = Utc::now() - chrono::Duration::seconds(10);
+        let mut s = task.state.clone();
+        s.status = TaskStatus::Running;
+        s.attempt = 1;
+        s.lease_until = Some(past);
+        let expired = b
+            .registry
+            .transition(&task.task_id, task.expect(), s)
+            .await
+            .unwrap();
+        // The heartbeat renews the lease; the stale query still lists the expired copy.
+        let mut s = expired.state.clone();
+        s.lease_until = Some(Utc::now() + chrono::Duration::seconds(30));
+        b.registry
+            .transition(&task.task_id, expired.expect(), s)
+            .await
+            .unwrap();
+        *registry.stale.lock() = Some(vec![expired.clone()]);
+        let monitor = Monitor::new(b.clone(), MonitorConfig::default());
+        let report = monitor.tick().await.unwrap();
+        assert_eq!(report.recovered, 0, "{report:?}");
+        let now = b.registry.get(&task.task_id).await.unwrap().unwrap();
+        assert_eq!(now.state.status, TaskStatus::Running);
+        assert_eq!(now.state.attempt, 1);
+        // Once the lease really ends, the same listing is acted on.
+        let mut s = now.state.clone();
+        s.lease_until = Some(past);
+        b.registry
+            .transition(&task.task_id, now.expect(), s)
+            .await
+            .unwrap();
+        let report = monitor.tick().await.unwrap();
+        assert_eq!(report.recovered, 1, "{report:?}");
     }
 }
