@@ -6,10 +6,9 @@
 use std::time::Duration;
 
 use agent_orchestra::config::Config;
-use agent_orchestra::engine::{
-    handler_fn, DispatchOptions, Dispatcher, TaskEvent, Worker, EVENTS_TOPIC,
-};
+use agent_orchestra::engine::{handler_fn, DispatchOptions, Dispatcher, Worker};
 use agent_orchestra::{Expected, Retention, Task, TaskStatus};
+use agent_orchestra::{TaskEvent, EVENTS_TOPIC};
 
 fn show(task: &Task) {
     println!(

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::error::Result;
-use crate::model::{Priority, QueueName};
+use crate::model::{Priority, QueueName, Task};
 
 /// A message to put on a work queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -229,5 +229,26 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// the dispatcher refuses it before it registers the task.
     fn max_delay(&self) -> Option<Duration> {
         None
+    }
+}
+
+/// Publishes `task`'s new state as a [`TaskEvent`](crate::wire::TaskEvent) on
+/// [`EVENTS_TOPIC`](crate::wire::EVENTS_TOPIC). Events are at-most-once by design: a failure is logged, not
+/// returned, because the registry (not the event) is the source of truth.
+pub(crate) async fn publish_event(bus: &dyn Bus, task: &Task) {
+    if !bus.may_have_subscribers(crate::wire::EVENTS_TOPIC) {
+        return;
+    }
+    let s = &task.state;
+    let bytes = crate::wire::encode_parts(
+        &task.task_id,
+        &task.queue,
+        s.status,
+        s.attempt,
+        s.worker_id.as_deref(),
+        s.updated_at,
+    );
+    if let Err(e) = bus.publish(crate::wire::EVENTS_TOPIC, &bytes).await {
+        tracing::warn!(task_id = %task.task_id, error = %e, "could not publish a task event");
     }
 }

@@ -39,10 +39,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backends::{redact_url, BackendUrls, Backends, ConnectOptions};
+use crate::bundle::{Backends, ConnectOptions};
+use crate::connect::BackendUrls;
 use crate::engine::{Backoff, MonitorConfig, WorkerConfig};
 use crate::error::{Error, Result};
 use crate::model::Limits;
+use crate::redact::redact_url;
 use crate::registry::Retention;
 
 /// Serde helpers for `Option<Duration>` written as humane strings (`"250ms"`, `"30s"`, `"5m"`,
@@ -774,17 +776,17 @@ impl Config {
                 "some roles on memory:// and the others on a broker: what the memory roles hold lives in this process only, so other processes cannot see it (set their URLs too)"
             ),
         }
-        crate::backends::connect(&self.backend_urls(), &self.connect_options()).await
+        crate::connect::connect(&self.backend_urls(), &self.connect_options()).await
     }
 
     /// What exists under the prefix on the brokers, asked without creating anything
-    /// ([`crate::backends::footprint`]).
+    /// ([`crate::connect::footprint`]).
     pub async fn footprint(
         &self,
         queues: &[crate::model::QueueName],
-    ) -> Result<crate::backends::Footprint> {
+    ) -> Result<crate::connect::Footprint> {
         self.validate()?;
-        crate::backends::footprint(&self.backend_urls(), &self.connect_options(), queues).await
+        crate::connect::footprint(&self.backend_urls(), &self.connect_options(), queues).await
     }
 
     /// A copy whose URLs have their secrets replaced by `***` (safe to print or log).

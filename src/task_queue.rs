@@ -16,11 +16,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::bus::{Bus, Delivery, FetchOptions, OutgoingMessage};
-use crate::engine::events;
-use crate::engine::flow::TaskMessage;
 use crate::error::{Error, Result};
 use crate::model::{QueueName, Task, TaskId, TaskState, TaskStatus};
 use crate::registry::Registry;
+use crate::wire::TaskMessage;
 
 /// Who claims, and for how long.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -159,7 +158,7 @@ impl TaskQueue for Composed {
         let mut announced = Vec::new();
         for (task, r) in tasks.iter().zip(&created) {
             if r.is_ok() {
-                announced.push(events::publish(self.bus.as_ref(), task));
+                announced.push(crate::bus::publish_event(self.bus.as_ref(), task));
                 by_queue
                     .entry(&task.queue)
                     .or_default()
@@ -208,7 +207,7 @@ impl TaskQueue for Composed {
             let next = spec.claimed_state(&task.state, now);
             match self.registry.transition(&id, task.expect(), next).await {
                 Ok(running) => {
-                    events::publish(self.bus.as_ref(), &running).await;
+                    crate::bus::publish_event(self.bus.as_ref(), &running).await;
                     return Ok(Claim::Claimed(running));
                 }
                 Err(Error::Conflict { .. }) => match self.registry.get(&id).await? {
@@ -267,7 +266,7 @@ impl TaskQueue for Composed {
             Settle::Ack => self.bus.ack(delivery).await?,
             Settle::Nack(delay) => self.bus.nack(delivery, delay).await?,
         }
-        events::publish(self.bus.as_ref(), &stored).await;
+        crate::bus::publish_event(self.bus.as_ref(), &stored).await;
         let dependents = if stored.state.status.is_terminal() {
             self.registry.dependents(&stored.task_id).await?
         } else {
@@ -283,11 +282,11 @@ impl TaskQueue for Composed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::Backends;
+    use crate::bundle::Backends;
     use crate::bus::{FetchOptions, OutgoingMessage};
-    use crate::engine::flow::TaskMessage;
     use crate::model::{Priority, QueueName};
     use crate::registry::tests::Wrapped;
+    use crate::wire::TaskMessage;
 
     /// A claim whose first read was stale loses its compare-and-set, reads again, finds the
     /// task still claimable and claims it (before, it gave up and the worker dropped the

@@ -39,7 +39,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agent_orchestra::backends::{Parts, Roles};
+use agent_orchestra::bundle::{Parts, Roles};
 
 use agent_orchestra::{Error, FetchOptions, Limits, OutgoingMessage, Priority, QueueName, Task};
 
@@ -268,7 +268,7 @@ async fn user_and_password_come_from_the_url_and_stay_secret() {
         locks: false,
     };
     let good = format!("nats://alice:s3cret-pw@127.0.0.1:{port}");
-    let parts = agent_orchestra::backends::open(&good, &events_only, &opts("auth_"))
+    let parts = agent_orchestra::connect::open(&good, &events_only, &opts("auth_"))
         .await
         .expect("right password connects");
     let bus = parts.bus.expect("bus opened");
@@ -281,7 +281,7 @@ async fn user_and_password_come_from_the_url_and_stay_secret() {
 
     let bad = format!("nats://alice:wrong-pw@127.0.0.1:{port}");
     let err = open_error(
-        agent_orchestra::backends::open(&bad, &events_only, &opts("auth_")).await,
+        agent_orchestra::connect::open(&bad, &events_only, &opts("auth_")).await,
         "a wrong password must not connect",
     );
     let text = err.to_string();
@@ -305,12 +305,12 @@ async fn token_comes_from_the_user_part_or_the_query() {
         format!("nats://T0K3N@127.0.0.1:{port}"),
         format!("nats://127.0.0.1:{port}?token=T0K3N"),
     ] {
-        agent_orchestra::backends::open(&url, &events_only, &opts("token_"))
+        agent_orchestra::connect::open(&url, &events_only, &opts("token_"))
             .await
             .unwrap_or_else(|e| panic!("{url} should connect: {e}"));
     }
     let err = open_error(
-        agent_orchestra::backends::open(
+        agent_orchestra::connect::open(
             &format!("nats://nope@127.0.0.1:{port}"),
             &events_only,
             &opts("token_"),
@@ -433,7 +433,7 @@ async fn tls_by_scheme_or_option_with_a_private_ca() {
     }
     // Without the CA the server's certificate is not trusted.
     let err = open_error(
-        agent_orchestra::backends::open(
+        agent_orchestra::connect::open(
             &format!("tls://127.0.0.1:{port}"),
             &Roles::ALL,
             &opts("tls_"),
@@ -447,7 +447,7 @@ async fn tls_by_scheme_or_option_with_a_private_ca() {
 #[tokio::test]
 async fn a_missing_credentials_file_is_a_configuration_error() {
     let err = open_error(
-        agent_orchestra::backends::open(
+        agent_orchestra::connect::open(
             "nats://127.0.0.1:4222?creds=/nonexistent/orchestra.creds",
             &Roles::ALL,
             &ConnectOptions::default(),
@@ -552,7 +552,7 @@ async fn eventually(mut f: impl FnMut() -> bool) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_skipped_only_while_nobody_listens() {
-    use agent_orchestra::engine::EVENTS_TOPIC;
+    use agent_orchestra::EVENTS_TOPIC;
     let url = broker_url(BrokerKind::Nats).await;
     let prefix = agent_orchestra::testkit::harness::unique_prefix("listeners");
     let publisher = make_backends(&prefix).await;

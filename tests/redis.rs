@@ -18,11 +18,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use agent_orchestra::task_queue::{Claim, ClaimSpec, Settle};
 use agent_orchestra::testkit::harness::{broker_url, unique_prefix, BrokerKind};
 use agent_orchestra::{
-    connect, BackendUrls, Backends, Claim, ClaimSpec, ConnectOptions, Delivery, Error, Expected,
-    FetchOptions, Limits, OutgoingMessage, Priority, QueueName, Settle, Task, TaskId, TaskState,
-    TaskStatus,
+    connect, BackendUrls, Backends, ConnectOptions, Delivery, Error, Expected, FetchOptions,
+    Limits, OutgoingMessage, Priority, QueueName, Task, TaskId, TaskState, TaskStatus,
 };
 use parking_lot::Mutex;
 use serde_json::{json, Value};
@@ -1945,7 +1945,7 @@ async fn drop_namespace_deletes_everything_under_the_prefix_and_nothing_else() {
     let make = |p: String| async move { make_backends(&p).await };
     support::check_drop(&url, make, keys, |_| false).await;
     // An empty prefix would mean everything: refused.
-    let err = agent_orchestra::backends::drop_namespace(
+    let err = agent_orchestra::connect::drop_namespace(
         &BackendUrls::all(url.clone()),
         &ConnectOptions::default(),
         &[],

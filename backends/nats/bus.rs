@@ -27,9 +27,9 @@ use super::{Shared, BACKEND};
 use crate::bus::{
     Bus, DeadLetter, Delivery, FetchOptions, OutgoingMessage, QueueStats, Subscription,
 };
-use crate::engine::EVENTS_TOPIC;
 use crate::error::{Error, Result};
 use crate::model::{Priority, QueueName};
+use crate::wire::EVENTS_TOPIC;
 
 /// Events buffered per subscriber before it starts missing them.
 const SUBSCRIBER_BUFFER: usize = 65_536;

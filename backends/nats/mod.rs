@@ -38,9 +38,10 @@ use std::time::Duration;
 use async_nats::jetstream;
 use url::Url;
 
-use crate::backends::{redact_url, ConnectOptions, Parts, Roles};
+use crate::bundle::{ConnectOptions, Parts, Roles};
 use crate::error::{Error, Result};
 use crate::model::QueueName;
+use crate::redact::redact_url;
 
 pub use bus::NatsBus;
 pub use lock::NatsLockManager;
@@ -95,7 +96,7 @@ pub async fn open(url: &Url, roles: &Roles, opts: &ConnectOptions) -> Result<Par
     Ok(parts)
 }
 
-/// [`crate::backends::drop_namespace`] on NATS: the streams this prefix's backend makes (each
+/// [`crate::connect::drop_namespace`] on NATS: the streams this prefix's backend makes (each
 /// queue's work and dead-letter streams, the blob stream) and its three buckets (tasks,
 /// dependents, locks), matched by their exact names (`Names::owns_stream`).
 pub async fn drop_namespace(url: &Url, opts: &ConnectOptions) -> Result<()> {
@@ -125,7 +126,7 @@ pub async fn drop_namespace(url: &Url, opts: &ConnectOptions) -> Result<()> {
     Ok(())
 }
 
-/// [`crate::backends::footprint`] on NATS: whether the task bucket's stream exists (when
+/// [`crate::connect::footprint`] on NATS: whether the task bucket's stream exists (when
 /// `registry` asks), and for each queue whether its work or dead-letter stream does. Asked
 /// with `STREAM.INFO`, which creates nothing.
 pub async fn footprint(

@@ -14,12 +14,11 @@ use async_trait::async_trait;
 
 use super::{NatsBus, NatsRegistry, Shared};
 use crate::bus::{Bus, Delivery, FetchOptions};
-use crate::engine::events;
-use crate::engine::flow::TaskMessage;
 use crate::error::Result;
 use crate::model::{QueueName, Task, TaskState};
 use crate::registry::Registry;
 use crate::task_queue::{Claim, ClaimSpec, Composed, Recorded, Settle, TaskQueue};
+use crate::wire::TaskMessage;
 
 /// The NATS [`TaskQueue`].
 #[derive(Debug)]
@@ -69,7 +68,7 @@ impl TaskQueue for NatsTaskQueue {
             if let Ok(m) = TaskMessage::decode(&delivery.payload) {
                 if let Some(claimed) = self.registry.claim_cached(&m.task_id, spec).await {
                     let running = claimed?;
-                    events::publish(self.bus.as_ref(), &running).await;
+                    crate::bus::publish_event(self.bus.as_ref(), &running).await;
                     return Ok(Claim::Claimed(running));
                 }
             }

@@ -34,9 +34,10 @@ pub use registry::RabbitRegistry;
 
 use self::link::Link;
 use self::names::Names;
-use super::{redact_url, ConnectOptions, Parts, Roles};
+use crate::bundle::{ConnectOptions, Parts, Roles};
 use crate::error::{Error, Result};
 use crate::model::QueueName;
+use crate::redact::redact_url;
 
 /// Heartbeat asked for when the URL does not say (`?heartbeat=N` seconds): a peer that stops
 /// answering is noticed within about twice this, and its deliveries and locks are released.
@@ -76,7 +77,7 @@ pub async fn open(url: &Url, roles: &Roles, opts: &ConnectOptions) -> Result<Par
 /// channel).
 const DROP_CHANNELS: usize = 16;
 
-/// [`crate::backends::drop_namespace`] on RabbitMQ: the work and dead-letter queues of
+/// [`crate::connect::drop_namespace`] on RabbitMQ: the work and dead-letter queues of
 /// `queues`, every delay queue they could have, the registry's and the locks' queues, and the
 /// events exchange. AMQP cannot list queues, so the caller names the work queues. Delay queue
 /// names are a bounded set (`names::delay_buckets`), deleted whether declared or not. Lock
@@ -129,7 +130,7 @@ pub async fn drop_namespace(url: &Url, opts: &ConnectOptions, queues: &[QueueNam
     Ok(())
 }
 
-/// [`crate::backends::footprint`] on RabbitMQ: whether the registry's log queue exists (when
+/// [`crate::connect::footprint`] on RabbitMQ: whether the registry's log queue exists (when
 /// `registry` asks), and for each queue whether its work or dead-letter queue does. Asked with
 /// passive declarations, which create nothing (a NOT_FOUND closes the channel: the next
 /// question gets a new one).

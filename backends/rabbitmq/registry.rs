@@ -118,7 +118,7 @@ impl RabbitRegistry {
     /// Opens a registry on its own connection (for callers who want the concrete type, for
     /// [`RabbitRegistry::sync`] and [`RabbitRegistry::snapshot`]); `open` with
     /// `Roles { registry: true, .. }` gives the same behind `Arc<dyn Registry>`.
-    pub async fn connect(url: &url::Url, opts: &crate::backends::ConnectOptions) -> Result<Self> {
+    pub async fn connect(url: &url::Url, opts: &crate::bundle::ConnectOptions) -> Result<Self> {
         let (link, names) = super::link_for(url, opts, "registry")?;
         link.session().await?;
         Self::open(link, &names).await

@@ -12,8 +12,8 @@ use redis::{
 };
 use url::Url;
 
-use crate::backends::{redact_url, ConnectOptions};
 use crate::error::{Error, Result};
+use crate::{bundle::ConnectOptions, redact::redact_url};
 
 /// The backend's name in errors and logs.
 pub(crate) const BACKEND: &str = "redis";

@@ -34,7 +34,7 @@ pub use lock::RedisLockManager;
 pub use registry::RedisRegistry;
 pub use tasks::RedisTaskQueue;
 
-use crate::backends::{ConnectOptions, Parts, Roles};
+use crate::bundle::{ConnectOptions, Parts, Roles};
 use crate::error::Result;
 
 /// Opens the requested roles on one shared connection to the Redis server named by `url`.
@@ -67,7 +67,7 @@ pub async fn open(url: &url::Url, roles: &Roles, opts: &ConnectOptions) -> Resul
     })
 }
 
-/// [`crate::backends::drop_namespace`] on Redis: every key of the four families this backend
+/// [`crate::connect::drop_namespace`] on Redis: every key of the four families this backend
 /// writes under the prefix (`q:{…}`, `task_registry:`, `orchestra:`, `lock:{…}`), found with
 /// `SCAN MATCH` (incremental, but it walks the whole keyspace of the server once per family) and
 /// deleted with `UNLINK`.

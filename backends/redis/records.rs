@@ -22,9 +22,9 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use super::conn::{Conn, BACKEND};
 use super::keys;
 use super::scripts;
-use crate::engine::events::EVENTS_TOPIC;
 use crate::error::{Error, Result};
 use crate::model::{QueueName, TaskId};
+use crate::wire::EVENTS_TOPIC;
 
 use super::bus::RedisBus;
 

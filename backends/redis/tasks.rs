@@ -18,12 +18,12 @@ use super::records::Records;
 use super::registry::{conflict_reply, lease_score, RedisRegistry};
 use super::scripts;
 use crate::bus::{Delivery, FetchOptions};
-use crate::engine::events::{around_attempt, encode_parts, EVENTS_TOPIC};
-use crate::engine::flow::TaskMessage;
 use crate::error::{Error, Result};
 use crate::model::{Expected, QueueName, Task, TaskId, TaskState, TaskStatus};
 use crate::registry::check_transition;
 use crate::task_queue::{Claim, ClaimSpec, Composed, Recorded, Settle, TaskQueue};
+use crate::wire::TaskMessage;
+use crate::wire::{around_attempt, encode_parts, EVENTS_TOPIC};
 
 /// The Redis [`TaskQueue`]. Built by `open` when one URL opens both the bus and the registry.
 #[derive(Debug)]

@@ -236,7 +236,7 @@ pub async fn run(ctx: &Ctx, a: BenchArgs) -> Result<(), CliError> {
     drop(backends);
     // Everything under the run's own prefix goes: tasks, queue, streams, buckets, counters.
     let cleaned = if on_broker && !a.keep {
-        match agent_orchestra::backends::drop_namespace(
+        match agent_orchestra::connect::drop_namespace(
             &config.backend_urls(),
             &config.connect_options(),
             std::slice::from_ref(&queue),

@@ -518,7 +518,7 @@ pub async fn drop_namespace(ctx: &Ctx, a: DropNamespaceArgs) -> Result<(), CliEr
     let urls = ctx.config.backend_urls();
     let mut places: Vec<String> = Vec::new();
     for u in [&urls.bus, &urls.registry, &urls.locks] {
-        let shown = agent_orchestra::backends::redact_url(u);
+        let shown = agent_orchestra::redact_url(u);
         if !places.contains(&shown) {
             places.push(shown);
         }
@@ -529,8 +529,7 @@ pub async fn drop_namespace(ctx: &Ctx, a: DropNamespaceArgs) -> Result<(), CliEr
             places.join(", ")
         )));
     }
-    agent_orchestra::backends::drop_namespace(&urls, &ctx.config.connect_options(), &queues)
-        .await?;
+    agent_orchestra::connect::drop_namespace(&urls, &ctx.config.connect_options(), &queues).await?;
     if ctx.out.json {
         ctx.out.json(&json!({"dropped": prefix, "on": places}));
     } else {

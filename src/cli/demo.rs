@@ -124,7 +124,7 @@ pub async fn run(ctx: &Ctx) -> Result<(), CliError> {
         // what the drop deletes.
         drop(demo.dispatcher);
         drop(demo.backends);
-        let dropped = agent_orchestra::backends::drop_namespace(
+        let dropped = agent_orchestra::connect::drop_namespace(
             &config.backend_urls(),
             &config.connect_options(),
             &queues,

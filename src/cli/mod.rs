@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agent_orchestra::backends::redact_url;
 use agent_orchestra::config::{parse_duration, Config};
+use agent_orchestra::redact_url;
 use agent_orchestra::{Backends, Error, QueueName};
 use clap::{ArgAction, Args, Parser, Subcommand};
 

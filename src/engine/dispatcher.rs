@@ -7,12 +7,13 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::Value;
 
-use crate::backends::Backends;
+use crate::bundle::Backends;
 use crate::error::{Error, Result};
 use crate::model::{Limits, Priority, QueueName, Task, TaskId, TaskState, TaskStatus};
 
-use super::events::{self, TaskEvent, EVENTS_TOPIC};
+use super::builder::TaskBuilder;
 use super::flow;
+use crate::wire::{TaskEvent, EVENTS_TOPIC};
 
 /// Options of [`Dispatcher::dispatch`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,14 +60,15 @@ impl DispatchOptions {
     }
 }
 
-/// Registers tasks in the registry and announces them on their queue.
+/// Registers tasks in the registry and announces them on their queue. [`Dispatcher::task`]
+/// describes one task by name; [`Dispatcher::dispatch`] takes the same by position.
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// use agent_orchestra::{Backends, engine::{Dispatcher, DispatchOptions}};
+/// use agent_orchestra::{Backends, DispatchOptions, Dispatcher};
 /// let d = Dispatcher::new(Backends::memory());
-/// let id = d.dispatch("research_tasks", serde_json::json!({"topic": "AI agents"}), 3, DispatchOptions::default())
-///     .await.unwrap();
+/// let id = d.task("research_tasks").json(serde_json::json!({"topic": "AI agents"})).priority(3)
+///     .send().await.unwrap();
 /// assert_eq!(d.get(&id).await.unwrap().status(), agent_orchestra::TaskStatus::Pending);
 /// assert!(d.dispatch("research_tasks", serde_json::json!({}), 11, DispatchOptions::default()).await.is_err());
 /// # });
@@ -90,6 +92,12 @@ impl Dispatcher {
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
         self
+    }
+
+    /// Describes a task for `queue`, to [`send`](TaskBuilder::send): payload of any
+    /// `Serialize` type, priority, delay, attempts, id and dependencies by name.
+    pub fn task(&self, queue: &str) -> TaskBuilder<'_> {
+        TaskBuilder::new(self, queue)
     }
 
     /// The backends this dispatcher uses.
@@ -204,7 +212,7 @@ impl Dispatcher {
             return Ok(task.task_id);
         }
         self.backends.registry.create(&task).await?;
-        events::publish(self.backends.bus.as_ref(), &task).await;
+        crate::bus::publish_event(self.backends.bus.as_ref(), &task).await;
         if task.depends_on.is_empty() {
             flow::announce(&self.backends, &task, options.delay).await?;
         } else {
@@ -292,7 +300,7 @@ impl Dispatcher {
             for ((&i, task), r) in waiting.iter().zip(&batch).zip(created) {
                 out[i] = Some(match r {
                     Ok(()) => {
-                        events::publish(self.backends.bus.as_ref(), task).await;
+                        crate::bus::publish_event(self.backends.bus.as_ref(), task).await;
                         flow::resolve_waiting(&self.backends, task).await?;
                         Ok(task.task_id.clone())
                     }
@@ -371,7 +379,7 @@ impl Dispatcher {
             .registry
             .transition(id, task.expect(), next)
             .await?;
-        events::publish(self.backends.bus.as_ref(), &updated).await;
+        crate::bus::publish_event(self.backends.bus.as_ref(), &updated).await;
         flow::parent_finished(&self.backends, &updated).await?;
         Ok(updated)
     }
@@ -406,7 +414,7 @@ impl Dispatcher {
             .registry
             .transition(id, task.expect(), next)
             .await?;
-        events::publish(self.backends.bus.as_ref(), &updated).await;
+        crate::bus::publish_event(self.backends.bus.as_ref(), &updated).await;
         flow::announce(&self.backends, &updated, Duration::ZERO).await?;
         Ok(updated)
     }

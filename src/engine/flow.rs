@@ -4,40 +4,12 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use serde::{Deserialize, Serialize};
 
-use crate::backends::Backends;
+use crate::bundle::Backends;
 use crate::bus::OutgoingMessage;
 use crate::error::{Error, Result};
 use crate::model::{Task, TaskId, TaskState, TaskStatus};
-
-use super::events;
-
-/// The message put on a work queue for a task: the lab's notification, `{"task_id": "..."}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TaskMessage {
-    /// The task to run.
-    pub task_id: TaskId,
-}
-
-impl TaskMessage {
-    /// Encodes the message.
-    pub fn encode(task_id: &TaskId) -> Vec<u8> {
-        // A TaskId only holds [A-Za-z0-9_.:-]: no escaping needed.
-        format!("{{\"task_id\":\"{task_id}\"}}").into_bytes()
-    }
-
-    /// Decodes a message, with an error that says what was wrong.
-    pub fn decode(bytes: &[u8]) -> Result<TaskMessage> {
-        serde_json::from_slice(bytes).map_err(|e| {
-            let preview: String = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into();
-            Error::invalid(
-                "message",
-                format!("malformed message {preview:?}: {e}; expected {{\"task_id\": \"...\"}}"),
-            )
-        })
-    }
-}
+use crate::wire::TaskMessage;
 
 /// Puts `task` on its queue, ready after `delay`.
 pub async fn announce(b: &Backends, task: &Task, delay: Duration) -> Result<String> {
@@ -116,7 +88,7 @@ pub async fn resolve_waiting(b: &Backends, task: &Task) -> Result<()> {
             Err(Error::Conflict { .. }) => continue, // someone else moved it on
             Err(e) => return Err(e),
         };
-        events::publish(b.bus.as_ref(), &updated).await;
+        crate::bus::publish_event(b.bus.as_ref(), &updated).await;
         if updated.state.status == TaskStatus::Pending {
             tracing::info!(task_id = %updated.task_id, "dependencies completed; task queued");
             announce(b, &updated, Duration::ZERO).await?;

@@ -1,5 +1,6 @@
 //! What a worker runs: [`Handler`]s, from closures or typed functions.
 
+use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -47,9 +48,82 @@ impl fmt::Display for TaskError {
     }
 }
 
-impl<E: std::error::Error> From<E> for TaskError {
+/// `?` on an error inside a handler: errors that another attempt cannot fix are
+/// **permanent** — a JSON decode error ([`serde_json::Error`] other than I/O), a number, bool,
+/// UTF-8, date, UUID or URL that does not parse, and this crate's own [`Error`](crate::Error)
+/// when it is not temporary (bad input, a task not found) — and everything else is
+/// **retryable** (I/O, timeouts, a client's error). Say it yourself where this guess is wrong:
+/// [`TaskResultExt::retryable`] and [`TaskResultExt::permanent`], or build the error with
+/// [`TaskError::retryable`] / [`TaskError::permanent`].
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for TaskError {
     fn from(e: E) -> Self {
-        TaskError::retryable(e)
+        if is_permanent(&e) {
+            TaskError::permanent(e)
+        } else {
+            TaskError::retryable(e)
+        }
+    }
+}
+
+/// Whether `e` is a kind of error no retry can fix: bad data, not a failing service.
+fn is_permanent(e: &(dyn Any + Send + Sync)) -> bool {
+    if let Some(json) = e.downcast_ref::<serde_json::Error>() {
+        return !json.is_io();
+    }
+    if let Some(ours) = e.downcast_ref::<crate::Error>() {
+        return !ours.is_temporary();
+    }
+    e.is::<std::num::ParseIntError>()
+        || e.is::<std::num::ParseFloatError>()
+        || e.is::<std::num::TryFromIntError>()
+        || e.is::<std::str::ParseBoolError>()
+        || e.is::<std::str::Utf8Error>()
+        || e.is::<std::string::FromUtf8Error>()
+        || e.is::<chrono::ParseError>()
+        || e.is::<uuid::Error>()
+        || e.is::<url::ParseError>()
+}
+
+/// Says how a handler's error should be treated, where the default of `?` (see
+/// [`TaskError`]'s `From`) does not fit.
+///
+/// ```
+/// use agent_orchestra::prelude::*;
+/// async fn call_model(prompt: &str) -> Result<String, std::io::Error> { Ok(prompt.into()) }
+///
+/// let h = handler_fn(|ctx: TaskContext| async move {
+///     // A missing field is the caller's mistake: fail now, no retry.
+///     let prompt = ctx.task.payload["prompt"].as_str().ok_or("no prompt").permanent()?;
+///     // The model's service may be down for a minute: try again later.
+///     let answer = call_model(prompt).await.retryable()?;
+///     Ok(serde_json::json!({ "answer": answer }))
+/// });
+/// # let _ = h;
+/// ```
+pub trait TaskResultExt<T> {
+    /// The error, if any, is worth another attempt.
+    fn retryable(self) -> Result<T, TaskError>;
+    /// The error, if any, fails the task now, whatever attempts are left.
+    fn permanent(self) -> Result<T, TaskError>;
+}
+
+impl<T, E: fmt::Display> TaskResultExt<T> for std::result::Result<T, E> {
+    fn retryable(self) -> Result<T, TaskError> {
+        self.map_err(TaskError::retryable)
+    }
+
+    fn permanent(self) -> Result<T, TaskError> {
+        self.map_err(TaskError::permanent)
+    }
+}
+
+impl<T> TaskResultExt<T> for Option<T> {
+    fn retryable(self) -> Result<T, TaskError> {
+        self.ok_or_else(|| TaskError::retryable("a value was missing"))
+    }
+
+    fn permanent(self) -> Result<T, TaskError> {
+        self.ok_or_else(|| TaskError::permanent("a value was missing"))
     }
 }
 
@@ -104,6 +178,43 @@ impl TaskContext {
         }
         Ok(out)
     }
+
+    /// The results of the tasks in `depends_on`, in order, each decoded into `T`. A result
+    /// that does not decode is a permanent error naming the parent; a registry that cannot be
+    /// read is a retryable one.
+    pub async fn parent_results_as<T: DeserializeOwned>(&self) -> Result<Vec<T>, TaskError> {
+        self.parent_results()
+            .await?
+            .into_iter()
+            .map(|(id, value)| decode_parent::<T>(&id, value))
+            .collect()
+    }
+
+    /// The result of the one task in `depends_on`, decoded into `T` (the Writer reading the
+    /// Researcher's findings). A permanent error when the task has no dependency or several.
+    pub async fn parent_result<T: DeserializeOwned>(&self) -> Result<T, TaskError> {
+        match self.task.depends_on.len() {
+            1 => {}
+            n => {
+                return Err(TaskError::permanent(format!(
+                    "parent_result needs exactly one dependency; task {} has {n} (use parent_results_as)",
+                    self.task.task_id
+                )))
+            }
+        }
+        let mut all = self.parent_results_as::<T>().await?;
+        all.pop()
+            .ok_or_else(|| TaskError::permanent("the dependency's result is missing"))
+    }
+}
+
+fn decode_parent<T: DeserializeOwned>(id: &TaskId, value: Value) -> Result<T, TaskError> {
+    serde_json::from_value(value).map_err(|e| {
+        TaskError::permanent(format!(
+            "the result of dependency {id} does not match {}: {e}",
+            std::any::type_name::<T>()
+        ))
+    })
 }
 
 /// Runs tasks of a queue.

@@ -1,18 +1,18 @@
 //! The engine, written once against `Arc<dyn Bus>`, `Arc<dyn Registry>` and
 //! `Arc<dyn LockManager>`: the [`Dispatcher`], the [`Worker`] and the [`Monitor`].
 
+mod builder;
 mod dispatcher;
-pub mod events;
-pub mod flow;
+mod flow;
 mod handler;
 pub mod metrics;
 mod monitor;
-pub mod retry;
+mod retry;
 mod worker;
 
+pub use builder::TaskBuilder;
 pub use dispatcher::{DispatchOptions, Dispatcher};
-pub use events::{TaskEvent, EVENTS_TOPIC};
-pub use handler::{handler_fn, typed, Handler, TaskContext, TaskError};
+pub use handler::{handler_fn, typed, Handler, TaskContext, TaskError, TaskResultExt};
 pub use metrics::{backend_gauges, MetricsSnapshot, WorkerMetrics};
 pub use monitor::{Monitor, MonitorConfig, MonitorHandle, MonitorReport};
 pub use retry::Backoff;

@@ -10,13 +10,12 @@ use chrono::Utc;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::backends::Backends;
+use crate::bundle::Backends;
 use crate::error::{Error, Result};
 use crate::lock::Lease;
 use crate::model::{TaskState, TaskStatus};
 use crate::registry::{Retention, StatusCounts, TaskFilter};
 
-use super::events;
 use super::flow;
 
 /// How a monitor behaves.
@@ -241,7 +240,7 @@ impl Monitor {
                 Err(Error::Conflict { .. }) => continue, // renewed or finished meanwhile
                 Err(e) => return Err(e),
             };
-            events::publish(b.bus.as_ref(), &updated).await;
+            crate::bus::publish_event(b.bus.as_ref(), &updated).await;
             if retry {
                 tracing::warn!(task_id = %task.task_id, attempt = task.state.attempt, worker = who, "stale task recovered");
                 flow::announce(b, &updated, Duration::ZERO).await?;

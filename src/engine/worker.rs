@@ -11,7 +11,7 @@ use futures::FutureExt;
 use serde_json::Value;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::backends::Backends;
+use crate::bundle::Backends;
 use crate::bus::{Delivery, FetchOptions};
 use crate::error::{Error, Result};
 use crate::model::{QueueName, Task, TaskState, TaskStatus};

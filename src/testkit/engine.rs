@@ -11,7 +11,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
-use crate::backends::Backends;
+use crate::bundle::Backends;
 use crate::engine::{
     handler_fn, typed, Backoff, DispatchOptions, Dispatcher, Monitor, MonitorConfig, TaskContext,
     TaskError, Worker, WorkerConfig, WorkerHandle,
@@ -373,7 +373,7 @@ pub async fn an_early_redelivery_recovers_a_dead_workers_task_without_a_monitor(
 /// `Dispatcher::wait` sees a task finish whose event was lost even while other tasks' events
 /// keep arriving: those do not put its re-read off.
 pub async fn wait_sees_a_finish_whose_event_was_lost_on_a_busy_bus(b: &Backends) {
-    use crate::engine::EVENTS_TOPIC;
+    use crate::wire::EVENTS_TOPIC;
     let d = Dispatcher::new(b.clone());
     let id = d
         .dispatch("nobody_serves", json!({}), 5, DispatchOptions::default())

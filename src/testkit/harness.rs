@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
-use crate::backends::redact_url;
+use crate::redact::redact_url;
 
 /// How long a probe (Docker ping, local port) may take before the answer counts as "no".
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);

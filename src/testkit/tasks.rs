@@ -9,10 +9,10 @@ use chrono::Utc;
 use serde_json::json;
 
 use super::{must, must_within, within, CALL_TIMEOUT};
-use crate::engine::events::{TaskEvent, EVENTS_TOPIC};
-use crate::engine::flow::TaskMessage;
 use crate::model::Limits;
 use crate::task_queue::{Claim, ClaimSpec, Settle};
+use crate::wire::TaskMessage;
+use crate::wire::{TaskEvent, EVENTS_TOPIC};
 use crate::{
     Backends, Delivery, Error, FetchOptions, OutgoingMessage, Priority, QueueName, Subscription,
     Task, TaskId, TaskState, TaskStatus,

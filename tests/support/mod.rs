@@ -70,7 +70,7 @@ pub async fn drop_queues_at(url: &str, prefix: &str, queues: &[&str]) {
         .iter()
         .map(|q| agent_orchestra::QueueName::parse(q).expect("queue name"))
         .collect();
-    agent_orchestra::backends::drop_namespace(
+    agent_orchestra::connect::drop_namespace(
         &agent_orchestra::BackendUrls::all(url),
         &opts,
         &queues,

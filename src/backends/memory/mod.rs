@@ -14,7 +14,7 @@ pub use bus::MemoryBus;
 pub use lock::MemoryLockManager;
 pub use registry::MemoryRegistry;
 
-use super::{ConnectOptions, Parts, Roles};
+use crate::bundle::{Backends, ConnectOptions, Parts, Roles};
 
 /// Opens the requested roles as fresh in-memory instances.
 pub fn open(roles: &Roles, opts: &ConnectOptions) -> Parts {
@@ -25,5 +25,14 @@ pub fn open(roles: &Roles, opts: &ConnectOptions) -> Parts {
         registry: roles.registry.then(|| Arc::new(MemoryRegistry::new()) as _),
         locks: roles.locks.then(|| Arc::new(MemoryLockManager::new()) as _),
         tasks: None,
+    }
+}
+
+impl Backends {
+    /// A fresh, private in-memory bundle (the embedded default).
+    pub fn memory() -> Self {
+        open(&Roles::ALL, &ConnectOptions::default())
+            .into_backends()
+            .expect("memory opens all roles")
     }
 }

@@ -1,10 +1,38 @@
-//! Task events: every state change is published on the bus topic [`EVENTS_TOPIC`].
+//! What travels on the brokers: the [`TaskMessage`] put on a work queue for each task, and the
+//! [`TaskEvent`] published on the bus topic [`EVENTS_TOPIC`] at every state change. Both are
+//! JSON, readable by the lab's Python agents.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::bus::Bus;
+use crate::error::{Error, Result};
 use crate::model::{QueueName, Task, TaskId, TaskStatus};
+
+/// The message put on a work queue for a task: the lab's notification, `{"task_id": "..."}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskMessage {
+    /// The task to run.
+    pub task_id: TaskId,
+}
+
+impl TaskMessage {
+    /// Encodes the message.
+    pub fn encode(task_id: &TaskId) -> Vec<u8> {
+        // A TaskId only holds [A-Za-z0-9_.:-]: no escaping needed.
+        format!("{{\"task_id\":\"{task_id}\"}}").into_bytes()
+    }
+
+    /// Decodes a message, with an error that says what was wrong.
+    pub fn decode(bytes: &[u8]) -> Result<TaskMessage> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            let preview: String = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into();
+            Error::invalid(
+                "message",
+                format!("malformed message {preview:?}: {e}; expected {{\"task_id\": \"...\"}}"),
+            )
+        })
+    }
+}
 
 /// The bus topic that carries [`TaskEvent`]s.
 pub const EVENTS_TOPIC: &str = "events";
@@ -119,26 +147,6 @@ fn write_after_attempt(out: &mut Vec<u8>, worker_id: Option<&str>, at: DateTime<
         ",\"at\":\"{}\"}}",
         at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
     );
-}
-
-/// Publishes `task`'s new state. Events are at-most-once by design: a failure is logged, not
-/// returned, because the registry (not the event) is the source of truth.
-pub async fn publish(bus: &dyn Bus, task: &Task) {
-    if !bus.may_have_subscribers(EVENTS_TOPIC) {
-        return;
-    }
-    let s = &task.state;
-    let bytes = encode_parts(
-        &task.task_id,
-        &task.queue,
-        s.status,
-        s.attempt,
-        s.worker_id.as_deref(),
-        s.updated_at,
-    );
-    if let Err(e) = bus.publish(EVENTS_TOPIC, &bytes).await {
-        tracing::warn!(task_id = %task.task_id, error = %e, "could not publish a task event");
-    }
 }
 
 #[cfg(test)]
