@@ -299,3 +299,109 @@ where
     }
     Arc::new(Typed(f, PhantomData))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::bundle::Backends;
+    use crate::engine::{Dispatcher, Worker, WorkerConfig};
+
+    fn from<E: std::error::Error + Send + Sync + 'static>(e: E) -> TaskError {
+        TaskError::from(e)
+    }
+
+    #[test]
+    fn question_mark_on_bad_data_is_permanent_and_on_a_failing_service_retryable() {
+        let json = serde_json::from_str::<u32>("\"x\"").unwrap_err();
+        assert!(!from(json).retryable);
+        assert!(!from("x".parse::<i64>().unwrap_err()).retryable);
+        assert!(!from(crate::Error::invalid("payload", "bad")).retryable);
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(from(io).retryable);
+        assert!(from(crate::Error::Timeout("slow".into())).retryable);
+    }
+
+    #[test]
+    fn the_caller_overrides_the_guess() {
+        let json = serde_json::from_str::<u32>("\"x\"");
+        assert!(json.retryable().unwrap_err().retryable);
+        let io: std::result::Result<(), _> = Err(std::io::Error::other("x"));
+        assert!(!io.permanent().unwrap_err().retryable);
+        assert!(!None::<u8>.permanent().unwrap_err().retryable);
+    }
+
+    #[tokio::test]
+    async fn a_payload_decode_error_fails_the_task_on_its_first_attempt() {
+        let b = Backends::memory();
+        let worker = Worker::new(b.clone(), WorkerConfig::default())
+            .handle(
+                "q",
+                handler_fn(|ctx: TaskContext| async move {
+                    let n: u32 = serde_json::from_value(ctx.task.payload["n"].clone())?;
+                    Ok(serde_json::json!(n))
+                }),
+            )
+            .unwrap()
+            .start()
+            .unwrap();
+        let d = Dispatcher::new(b);
+        let id = d
+            .task("q")
+            .json(serde_json::json!({"n": "not a number"}))
+            .max_attempts(3)
+            .send()
+            .await
+            .unwrap();
+        let done = d.wait(&id, Duration::from_secs(10)).await.unwrap();
+        worker.shutdown().await;
+        assert_eq!(done.status(), TaskStatus::Failed);
+        assert_eq!(done.state.attempt, 1, "a decode error must not be retried");
+    }
+
+    #[tokio::test]
+    async fn typed_parent_results_decode_or_fail_permanently() {
+        #[derive(serde::Deserialize)]
+        struct Findings {
+            summary: String,
+        }
+        let b = Backends::memory();
+        let worker = Worker::new(b.clone(), WorkerConfig::default())
+            .handle(
+                "research",
+                handler_fn(|_| async { Ok(serde_json::json!({"summary": "notes"})) }),
+            )
+            .unwrap()
+            .handle(
+                "writing",
+                handler_fn(|ctx: TaskContext| async move {
+                    let f: Findings = ctx.parent_result().await?;
+                    Ok(serde_json::json!(format!("article on {}", f.summary)))
+                }),
+            )
+            .unwrap()
+            .handle(
+                "wrong_type",
+                handler_fn(|ctx: TaskContext| async move {
+                    let n: Vec<u64> = ctx.parent_results_as().await?;
+                    Ok(serde_json::json!(n))
+                }),
+            )
+            .unwrap()
+            .start()
+            .unwrap();
+        let d = Dispatcher::new(b);
+        let parent = d.task("research").send().await.unwrap();
+        let good = d.task("writing").after([parent.clone()]).send().await.unwrap();
+        let bad = d.task("wrong_type").after([parent]).send().await.unwrap();
+        let good = d.wait(&good, Duration::from_secs(10)).await.unwrap();
+        let bad = d.wait(&bad, Duration::from_secs(10)).await.unwrap();
+        worker.shutdown().await;
+        assert_eq!(good.state.result, Some(serde_json::json!("article on notes")));
+        assert_eq!(bad.status(), TaskStatus::Failed);
+        assert_eq!(bad.state.attempt, 1);
+        let why = bad.state.error.unwrap_or_default();
+        assert!(why.contains("does not match"), "{why}");
+    }
+}
