@@ -112,8 +112,8 @@ fn driver(url: &str) -> Result<(Url, &'static Driver)> {
     let Some(d) = DRIVERS.iter().find(|d| d.schemes.contains(&scheme)) else {
         return Err(scheme_error(url, scheme));
     };
-    #[cfg(any(feature = "redis", feature = "nats", feature = "rabbitmq"))]
     if d.remote {
+        #[cfg(any(feature = "redis", feature = "nats", feature = "rabbitmq"))]
         backends::install_tls_provider();
     }
     Ok((parsed, d))

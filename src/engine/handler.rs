@@ -393,15 +393,46 @@ mod tests {
             .unwrap();
         let d = Dispatcher::new(b);
         let parent = d.task("research").send().await.unwrap();
-        let good = d.task("writing").after([parent.clone()]).send().await.unwrap();
+        let good = d
+            .task("writing")
+            .after([parent.clone()])
+            .send()
+            .await
+            .unwrap();
         let bad = d.task("wrong_type").after([parent]).send().await.unwrap();
         let good = d.wait(&good, Duration::from_secs(10)).await.unwrap();
         let bad = d.wait(&bad, Duration::from_secs(10)).await.unwrap();
         worker.shutdown().await;
-        assert_eq!(good.state.result, Some(serde_json::json!("article on notes")));
+        assert_eq!(
+            good.state.result,
+            Some(serde_json::json!("article on notes"))
+        );
         assert_eq!(bad.status(), TaskStatus::Failed);
         assert_eq!(bad.state.attempt, 1);
         let why = bad.state.error.unwrap_or_default();
         assert!(why.contains("does not match"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn only_a_caught_panic_counts_as_one() {
+        let b = Backends::memory();
+        let worker = Worker::new(b.clone(), WorkerConfig::default())
+            .handle(
+                "says",
+                handler_fn(|_| async { Err(TaskError::permanent("handler panicked: not really")) }),
+            )
+            .unwrap()
+            .handle("panics", handler_fn(|_| async { panic!("for real") }))
+            .unwrap()
+            .start()
+            .unwrap();
+        let d = Dispatcher::new(b);
+        let says = d.task("says").send().await.unwrap();
+        let panics = d.task("panics").max_attempts(1).send().await.unwrap();
+        d.wait(&says, Duration::from_secs(10)).await.unwrap();
+        d.wait(&panics, Duration::from_secs(10)).await.unwrap();
+        let m = worker.metrics();
+        worker.shutdown().await;
+        assert_eq!(m.panics, 1);
     }
 }

@@ -1,0 +1,96 @@
+//! How a worker behaves: [`WorkerConfig`], and the worker's default id.
+
+use super::*;
+
+/// How a worker behaves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerConfig {
+    /// This worker's id, recorded as `worker_id` on the tasks it claims.
+    pub worker_id: String,
+    /// Tasks run at once (slots), across all queues. Also the most messages fetched at once
+    /// for running. A slot is free again as soon as its handler returns: the outcome is
+    /// recorded while the slot runs the next task, so up to `concurrency` more messages (of
+    /// finished tasks whose outcome is on its way) can be held at a time.
+    pub concurrency: usize,
+    /// How long a claim lasts without a heartbeat (bus lease and registry lease).
+    pub lease: Duration,
+    /// How often a running task renews its lease (default: a third of `lease`).
+    pub heartbeat: Option<Duration>,
+    /// How long one fetch waits for work before looking again.
+    pub fetch_wait: Duration,
+    /// Backoff between a task's attempts.
+    pub retry: Backoff,
+    /// Fails an attempt that runs longer than this (retryable), if set.
+    pub handler_timeout: Option<Duration>,
+    /// How long a graceful shutdown waits for running tasks before handing them back.
+    pub shutdown_timeout: Duration,
+    /// How long one backend call is retried through temporary errors before the worker gives
+    /// up on that step (the message is then redelivered when its lease ends).
+    pub backend_retry_budget: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            worker_id: default_worker_id(),
+            concurrency: 8,
+            lease: Duration::from_secs(30),
+            heartbeat: None,
+            fetch_wait: Duration::from_secs(1),
+            retry: Backoff::default(),
+            handler_timeout: None,
+            shutdown_timeout: Duration::from_secs(30),
+            backend_retry_budget: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `worker-<pid>-<4 hex>`.
+pub fn default_worker_id() -> String {
+    format!(
+        "worker-{}-{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..4]
+    )
+}
+
+/// The longest lease a worker takes on a task (a longer one would only delay the recovery of a
+/// crashed worker's tasks: a running task's lease is extended by heartbeats).
+pub const MAX_LEASE: Duration = Duration::from_secs(7 * 86_400);
+
+impl WorkerConfig {
+    /// Checks the numbers; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.worker_id.trim().is_empty() {
+            return Err(Error::config("worker.id", "must not be empty"));
+        }
+        if self.concurrency == 0 || self.concurrency > 10_000 {
+            return Err(Error::config(
+                "worker.concurrency",
+                format!("must be between 1 and 10000, got {}", self.concurrency),
+            ));
+        }
+        if self.lease < Duration::from_millis(100) || self.lease > MAX_LEASE {
+            return Err(Error::config(
+                "worker.lease",
+                format!(
+                    "must be between 100ms and 7d, got {}",
+                    crate::config::format_duration(self.lease)
+                ),
+            ));
+        }
+        if let Some(hb) = self.heartbeat {
+            if hb.is_zero() || hb >= self.lease {
+                return Err(Error::config(
+                    "worker.heartbeat",
+                    "must be greater than zero and shorter than worker.lease",
+                ));
+            }
+        }
+        self.retry.validate("worker.retry")
+    }
+
+    pub(super) fn heartbeat_every(&self) -> Duration {
+        self.heartbeat.unwrap_or(self.lease / 3)
+    }
+}

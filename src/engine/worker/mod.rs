@@ -1,0 +1,180 @@
+//! The [`Worker`]: serves queues with N concurrent slots, claims by compare-and-set, keeps its
+//! lease alive, records outcomes, retries with backoff, and shuts down gracefully.
+//!
+//! - `config`: [`WorkerConfig`] and the worker's id;
+//! - this file: building a [`Worker`] and starting it;
+//! - `handle`: the running [`WorkerHandle`] and its graceful shutdown;
+//! - `fetch`: one supervised fetch loop per queue;
+//! - `process`: one delivery, from claim to recorded outcome;
+//! - `lease`: running the handler under a renewed lease.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::FutureExt;
+use serde_json::Value;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::bundle::Backends;
+use crate::bus::{Delivery, FetchOptions};
+use crate::error::{Error, Result};
+use crate::model::{QueueName, Task, TaskState, TaskStatus};
+use crate::task_queue::{Claim, ClaimSpec, Recorded, Settle};
+
+use super::flow;
+use super::handler::{Handler, TaskContext, TaskError};
+use super::metrics::{MetricsSnapshot, WorkerMetrics};
+use super::retry::{with_backend_retry, Backoff};
+
+mod config;
+mod fetch;
+mod handle;
+mod lease;
+mod process;
+
+pub use config::{default_worker_id, WorkerConfig};
+pub use handle::{ShutdownReport, WorkerHandle};
+
+use fetch::*;
+use lease::*;
+use process::*;
+
+/// What happened to a task this worker finished or gave up on; passed to
+/// [`Worker::on_finished`] observers.
+#[derive(Clone, Debug)]
+pub struct Finished {
+    /// The task as stored after the change (COMPLETED, FAILED or PENDING for a retry).
+    pub task: Task,
+    /// When the worker saw the outcome.
+    pub at: Instant,
+}
+
+type Observer = Arc<dyn Fn(&Finished) + Send + Sync>;
+
+struct Inner {
+    backends: Backends,
+    config: WorkerConfig,
+    worker_id: Arc<str>,
+    handlers: HashMap<QueueName, Arc<dyn Handler>>,
+    metrics: Arc<WorkerMetrics>,
+    observer: Option<Observer>,
+    in_progress: std::sync::atomic::AtomicUsize,
+    claim: ClaimSpec,
+    /// Outcomes being recorded (at most `concurrency`): taken when a handler returns, before
+    /// its slot is given back.
+    recording: Arc<Semaphore>,
+}
+
+/// Serves one or more queues.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use agent_orchestra::{Backends, engine::{Dispatcher, DispatchOptions, Worker, WorkerConfig, handler_fn, TaskError}};
+/// let backends = Backends::memory();
+/// let worker = Worker::new(backends.clone(), WorkerConfig::default())
+///     .handle("echo", handler_fn(|ctx| async move { Ok::<_, TaskError>(ctx.task.payload) }))
+///     .unwrap()
+///     .start()
+///     .unwrap();
+/// let d = Dispatcher::new(backends);
+/// let id = d.dispatch("echo", serde_json::json!({"hi": 1}), 5, DispatchOptions::default()).await.unwrap();
+/// let done = d.wait(&id, Duration::from_secs(5)).await.unwrap();
+/// assert_eq!(done.state.result, Some(serde_json::json!({"hi": 1})));
+/// worker.shutdown().await;
+/// # });
+/// ```
+pub struct Worker {
+    inner: Inner,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("worker_id", &self.inner.worker_id)
+            .field("queues", &self.inner.handlers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Worker {
+    /// A worker with no queues yet.
+    pub fn new(backends: Backends, config: WorkerConfig) -> Self {
+        Worker {
+            inner: Inner {
+                backends,
+                worker_id: Arc::from(config.worker_id.as_str()),
+                handlers: HashMap::new(),
+                metrics: Arc::new(WorkerMetrics::default()),
+                observer: None,
+                in_progress: Default::default(),
+                recording: Arc::new(Semaphore::new(
+                    config.concurrency.min(Semaphore::MAX_PERMITS),
+                )),
+                claim: ClaimSpec {
+                    worker_id: Arc::from(config.worker_id.as_str()),
+                    lease: config.lease,
+                },
+                config,
+            },
+        }
+    }
+
+    /// Serves `queue` with `handler`. Errors on a malformed queue name.
+    pub fn handle(mut self, queue: &str, handler: Arc<dyn Handler>) -> Result<Self> {
+        let q = QueueName::parse(queue)?;
+        self.inner.handlers.insert(q, handler);
+        Ok(self)
+    }
+
+    /// Calls `f` after each attempt this worker finished (COMPLETED, FAILED, or PENDING again
+    /// for a retry), once the outcome is recorded and the message acked or nacked.
+    pub fn on_finished(mut self, f: impl Fn(&Finished) + Send + Sync + 'static) -> Self {
+        self.inner.observer = Some(Arc::new(f));
+        self
+    }
+
+    /// Starts serving in background tasks of the current tokio runtime.
+    pub fn start(self) -> Result<WorkerHandle> {
+        self.inner.config.validate()?;
+        if self.inner.handlers.is_empty() {
+            return Err(Error::config(
+                "worker.queues",
+                "a worker needs at least one queue to serve",
+            ));
+        }
+        let inner = Arc::new(self.inner);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (abandon_tx, abandon_rx) = watch::channel(false);
+        let (kill_tx, kill_rx) = watch::channel(false);
+        let slots = Arc::new(Semaphore::new(inner.config.concurrency));
+        let mut loops = Vec::new();
+        for queue in inner.handlers.keys() {
+            loops.push(tokio::spawn(supervised_fetch_loop(
+                inner.clone(),
+                queue.clone(),
+                slots.clone(),
+                stop_rx.clone(),
+                abandon_rx.clone(),
+                kill_rx.clone(),
+            )));
+        }
+        tracing::info!(
+            worker_id = %inner.worker_id,
+            queues = ?inner.handlers.keys().map(|q| q.as_str()).collect::<Vec<_>>(),
+            concurrency = inner.config.concurrency,
+            "worker started"
+        );
+        Ok(WorkerHandle {
+            inner,
+            slots,
+            loops,
+            stop_tx,
+            abandon_tx,
+            kill_tx,
+        })
+    }
+}
