@@ -11,13 +11,12 @@
 
 use std::time::Duration;
 
-use agent_orchestra::config::{parse_duration, Config};
-use agent_orchestra::engine::{
-    typed, DispatchOptions, Dispatcher, Monitor, TaskContext, TaskError, Worker,
-};
+use agent_orchestra::config::parse_duration;
+use agent_orchestra::connect::drop_namespace;
+use agent_orchestra::prelude::*;
 use serde::{Deserialize, Serialize};
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct Summarize {
     text: String,
 }
@@ -61,8 +60,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
 
     let mut config = Config::load(None)?; // ORCHESTRA_CONFIG, ORCHESTRA_URL, ...
-    if !serve && !config.is_memory() && config.prefix.is_empty() {
-        // The self-contained demo batch gets a namespace of its own on a shared broker.
+                                          // The self-contained demo batch gets a namespace of its own on a shared broker, deleted at
+                                          // the end; a service (--serve) keeps the configured one.
+    let scratch = !serve && !config.is_memory() && config.prefix.is_empty();
+    if scratch {
         config.prefix = format!("example_{:08x}_", rand::random::<u32>());
     }
     let backends = config.connect().await?;
@@ -87,12 +88,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let text = format!("request number {i} asks for a short summary");
             ids.push(
                 dispatcher
-                    .dispatch(
-                        "summaries",
-                        serde_json::json!({"text": text}),
-                        5,
-                        DispatchOptions::default(),
-                    )
+                    .task("summaries")
+                    .payload(&Summarize { text })
+                    .send()
                     .await?,
             );
         }
@@ -104,17 +102,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         tokio::select! { r = all_done => r?, _ = shutdown_signal() => println!("interrupted") }
         println!("processed the demo batch of {}", ids.len());
-        if !config.is_memory() {
-            let all = agent_orchestra::Retention {
-                max_age: None,
-                max_count: Some(0),
-            };
-            backends.registry.purge_finished(&all).await?;
-        }
     }
 
     let report = worker.shutdown().await;
     monitor.shutdown().await;
+    if scratch {
+        drop_namespace(
+            &config.backend_urls(),
+            &config.connect_options(),
+            &[QueueName::parse("summaries")?],
+        )
+        .await?;
+    }
     println!(
         "stopped: clean = {}, handed back = {}",
         report.clean, report.handed_back

@@ -5,16 +5,15 @@
 
 use std::time::Duration;
 
-use agent_orchestra::config::Config;
-use agent_orchestra::engine::{
-    handler_fn, DispatchOptions, Dispatcher, Monitor, MonitorConfig, Worker, WorkerConfig,
-};
-use agent_orchestra::Retention;
+use agent_orchestra::connect::drop_namespace;
+use agent_orchestra::prelude::*;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = Config::load(None)?;
-    if !config.is_memory() && config.prefix.is_empty() {
+    // On a shared broker, a namespace of our own, deleted at the end.
+    let scratch = !config.is_memory() && config.prefix.is_empty();
+    if scratch {
         config.prefix = format!("example_{:08x}_", rand::random::<u32>());
     }
     let backends = config.connect().await?;
@@ -32,12 +31,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     ] {
         ids.push(
             dispatcher
-                .dispatch(
-                    "triage",
-                    serde_json::json!({"title": title}),
-                    priority,
-                    DispatchOptions::default(),
-                )
+                .task("triage")
+                .json(serde_json::json!({ "title": title }))
+                .priority(priority)
+                .send()
                 .await?,
         );
     }
@@ -76,14 +73,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     worker.shutdown().await;
     monitor.shutdown().await;
-    if !config.is_memory() {
-        backends
-            .registry
-            .purge_finished(&Retention {
-                max_age: None,
-                max_count: Some(0),
-            })
-            .await?;
+    if scratch {
+        drop_namespace(
+            &config.backend_urls(),
+            &config.connect_options(),
+            &[QueueName::parse("triage")?],
+        )
+        .await?;
     }
     Ok(())
 }

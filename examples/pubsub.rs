@@ -6,11 +6,14 @@
 use std::time::Duration;
 
 use agent_orchestra::config::Config;
+use agent_orchestra::connect::drop_namespace;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = Config::load(None)?;
-    if !config.is_memory() && config.prefix.is_empty() {
+    // On a shared broker, a namespace of our own, deleted at the end.
+    let scratch = !config.is_memory() && config.prefix.is_empty();
+    if scratch {
         config.prefix = format!("example_{:08x}_", rand::random::<u32>());
     }
     let bus = config.connect().await?.bus;
@@ -38,5 +41,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     println!("both subscribers got all three events; task_000, published earlier, reached no one");
+    drop(subscribers);
+    if scratch {
+        drop_namespace(&config.backend_urls(), &config.connect_options(), &[]).await?;
+    }
     Ok(())
 }

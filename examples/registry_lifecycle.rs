@@ -5,10 +5,9 @@
 
 use std::time::Duration;
 
-use agent_orchestra::config::Config;
-use agent_orchestra::engine::{handler_fn, DispatchOptions, Dispatcher, Worker};
-use agent_orchestra::{Expected, Retention, Task, TaskStatus};
-use agent_orchestra::{TaskEvent, EVENTS_TOPIC};
+use agent_orchestra::connect::drop_namespace;
+use agent_orchestra::prelude::*;
+use agent_orchestra::{Expected, TaskEvent, EVENTS_TOPIC};
 
 fn show(task: &Task) {
     println!(
@@ -24,7 +23,9 @@ fn show(task: &Task) {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = Config::load(None)?;
-    if !config.is_memory() && config.prefix.is_empty() {
+    // On a shared broker, a namespace of our own, deleted at the end.
+    let scratch = !config.is_memory() && config.prefix.is_empty();
+    if scratch {
         config.prefix = format!("example_{:08x}_", rand::random::<u32>());
     }
     let backends = config.connect().await?;
@@ -32,12 +33,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut events = backends.bus.subscribe(EVENTS_TOPIC).await?;
 
     let id = dispatcher
-        .dispatch(
-            "research_tasks",
-            serde_json::json!({"topic": "quantum computing"}),
-            5,
-            DispatchOptions::default(),
-        )
+        .task("research_tasks")
+        .json(serde_json::json!({ "topic": "quantum computing" }))
+        .send()
         .await?;
     show(&dispatcher.get(&id).await?);
 
@@ -84,14 +82,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     worker.shutdown().await;
-    if !config.is_memory() {
-        backends
-            .registry
-            .purge_finished(&Retention {
-                max_age: None,
-                max_count: Some(0),
-            })
-            .await?;
+    if scratch {
+        drop_namespace(
+            &config.backend_urls(),
+            &config.connect_options(),
+            &[QueueName::parse("research_tasks")?],
+        )
+        .await?;
     }
     Ok(())
 }

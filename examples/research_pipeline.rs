@@ -5,19 +5,16 @@
 
 use std::time::Duration;
 
-use agent_orchestra::config::Config;
-use agent_orchestra::engine::{
-    handler_fn, typed, DispatchOptions, Dispatcher, TaskContext, TaskError, Worker,
-};
-use agent_orchestra::Retention;
+use agent_orchestra::connect::drop_namespace;
+use agent_orchestra::prelude::*;
 use serde::{Deserialize, Serialize};
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct Research {
     topic: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 struct Findings {
     topic: String,
     findings: Vec<String>,
@@ -26,7 +23,9 @@ struct Findings {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = Config::load(None)?;
-    if !config.is_memory() && config.prefix.is_empty() {
+    // On a shared broker, a namespace of our own, deleted at the end.
+    let scratch = !config.is_memory() && config.prefix.is_empty();
+    if scratch {
         config.prefix = format!("example_{:08x}_", rand::random::<u32>());
     }
     let backends = config.connect().await?;
@@ -41,16 +40,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
     });
     let writer = handler_fn(|ctx: TaskContext| async move {
-        let parents = ctx.parent_results().await?;
-        let (_, research) = parents
-            .first()
-            .ok_or_else(|| TaskError::permanent("no research"))?;
-        let topic = research["topic"].as_str().unwrap_or("?");
-        let findings: Vec<&str> = research["findings"]
-            .as_array()
-            .map(|f| f.iter().filter_map(|x| x.as_str()).collect())
-            .unwrap_or_default();
-        Ok(serde_json::json!({ "draft": format!("A report on {topic}: {}.", findings.join("; ")) }))
+        // The Researcher's result, typed: a result of another shape fails the task at once.
+        let research: Findings = ctx.parent_result().await?;
+        let draft = format!(
+            "A report on {}: {}.",
+            research.topic,
+            research.findings.join("; ")
+        );
+        Ok(serde_json::json!({ "draft": draft }))
     });
     let worker = Worker::new(backends.clone(), config.worker_config())
         .handle("research_tasks", researcher)?
@@ -59,20 +56,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let dispatcher = Dispatcher::new(backends.clone()).with_limits(config.limits());
     let research = dispatcher
-        .dispatch(
-            "research_tasks",
-            serde_json::json!({"topic": "quantum computing"}),
-            5,
-            DispatchOptions::default(),
-        )
+        .task("research_tasks")
+        .payload(&Research {
+            topic: "quantum computing".into(),
+        })
+        .send()
         .await?;
     let draft = dispatcher
-        .dispatch(
-            "writing_tasks",
-            serde_json::json!({}),
-            5,
-            DispatchOptions::default().after([research.clone()]),
-        )
+        .task("writing_tasks")
+        .after([research.clone()])
+        .send()
         .await?;
 
     let done = dispatcher.wait(&draft, Duration::from_secs(30)).await?;
@@ -83,14 +76,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     worker.shutdown().await;
-    if !config.is_memory() {
-        backends
-            .registry
-            .purge_finished(&Retention {
-                max_age: None,
-                max_count: Some(0),
-            })
-            .await?;
+    if scratch {
+        drop_namespace(
+            &config.backend_urls(),
+            &config.connect_options(),
+            &[
+                QueueName::parse("research_tasks")?,
+                QueueName::parse("writing_tasks")?,
+            ],
+        )
+        .await?;
     }
     Ok(())
 }
