@@ -17,13 +17,13 @@ mod clock;
 pub mod config;
 pub mod engine;
 pub mod error;
-mod index;
 pub mod lock;
 pub mod model;
 #[cfg(feature = "nats")]
 mod presence;
 pub mod registry;
 pub mod task_queue;
+mod task_table;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
