@@ -253,3 +253,81 @@ async fn follow(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, Utc};
+
+    use super::*;
+    use crate::registry::TaskFilter;
+
+    fn headers(status: &str, updated: i64, lease: Option<i64>, queue: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(STATUS_HEADER, status);
+        h.insert(UPDATED_HEADER, updated.to_string().as_str());
+        if let Some(l) = lease {
+            h.insert(LEASE_HEADER, l.to_string().as_str());
+        }
+        h.insert(QUEUE_HEADER, queue);
+        h
+    }
+
+    fn at(micros: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp_micros(micros).expect("time")
+    }
+
+    #[test]
+    fn writes_of_the_bucket_move_tasks_through_the_shared_table() {
+        let mut index = Index::default();
+        index.apply("a", 1, Some(&headers("PENDING", 10, None, "q")));
+        index.apply("b", 2, Some(&headers("RUNNING", 20, Some(500), "q")));
+        index.apply("c", 3, Some(&headers("RUNNING", 30, None, "other")));
+        assert_eq!(index.seen, 3);
+        let counts = index.table.counts();
+        assert_eq!(
+            (
+                counts.get(TaskStatus::Pending),
+                counts.get(TaskStatus::Running)
+            ),
+            (1, 2)
+        );
+        // Without a lease end a RUNNING task is stale at once; `b` only after its lease.
+        let stale = |index: &Index, t| -> Vec<String> {
+            index
+                .table
+                .expired(at(t), 10)
+                .iter()
+                .map(|r| r.id.to_string())
+                .collect()
+        };
+        assert_eq!(stale(&index, 100), ["c"]);
+        assert_eq!(stale(&index, 501), ["c", "b"]);
+
+        // A renewed lease (a new revision) replaces the old row in every index.
+        index.apply("b", 4, Some(&headers("RUNNING", 40, Some(900), "q")));
+        assert_eq!(stale(&index, 501), ["c"]);
+        assert_eq!(
+            index
+                .table
+                .get(&TaskId::parse("b").expect("id"))
+                .map(|r| r.revision),
+            Some(4)
+        );
+
+        let filter = TaskFilter {
+            status: Some(TaskStatus::Running),
+            queue: Some(QueueName::parse("q").expect("queue")),
+        };
+        let (rows, _) = index.table.page(&filter, None, 10).expect("page");
+        assert_eq!(rows.len(), 1);
+
+        // A delete marker, and a write without index headers, both drop the task.
+        let mut marker = HeaderMap::new();
+        marker.insert("KV-Operation", "DEL");
+        index.apply("b", 5, Some(&marker));
+        index.apply("c", 6, None);
+        assert_eq!(index.table.len(), 1);
+        assert_eq!(stale(&index, 10_000), Vec::<String>::new());
+        assert_eq!(index.seen, 6);
+    }
+}
