@@ -33,6 +33,12 @@ pub(crate) fn before(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
+/// `t` in microseconds since the epoch: the time key of every task index (in process, Redis
+/// scores, NATS headers) and of list cursors.
+pub(crate) fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,7 +84,6 @@ pub mod config;
 pub mod connect;
 pub mod engine;
 pub mod error;
-mod index;
 pub mod lock;
 pub mod model;
 #[cfg(feature = "nats")]
@@ -92,6 +91,7 @@ mod presence;
 mod redact;
 pub mod registry;
 pub mod task_queue;
+mod task_table;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod wire;

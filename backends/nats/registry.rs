@@ -27,8 +27,11 @@ use tokio::sync::OnceCell;
 
 use super::blob::{BlobRef, Blobs, BLOB_HEADER};
 use super::kv::{Bucket, Write};
-use super::view::{View, DEPS_HEADER, LEASE_HEADER, QUEUE_HEADER, STATUS_HEADER, UPDATED_HEADER};
+use super::view::{
+    Indexed, View, DEPS_HEADER, LEASE_HEADER, QUEUE_HEADER, STATUS_HEADER, UPDATED_HEADER,
+};
 use super::{Shared, BACKEND};
+use crate::clock::micros;
 use crate::error::{Error, Result};
 use crate::model::{Expected, Task, TaskId, TaskState, TaskStatus};
 use crate::registry::{
@@ -83,6 +86,11 @@ impl std::fmt::Debug for NatsRegistry {
     }
 }
 
+/// The ids of rows the view listed.
+fn ids_of(rows: Vec<&Indexed>) -> Vec<TaskId> {
+    rows.into_iter().map(|r| r.id.clone()).collect()
+}
+
 fn corrupt(id: &str, e: impl std::fmt::Display) -> Error {
     Error::permanent(BACKEND, format!("stored task {id} is not valid: {e}"), None)
 }
@@ -95,15 +103,11 @@ fn encode(task: &Task, deps: bool) -> Result<(HeaderMap, Vec<u8>)> {
     h.insert(STATUS_HEADER, task.state.status.as_str());
     h.insert(
         UPDATED_HEADER,
-        task.state
-            .updated_at
-            .timestamp_micros()
-            .to_string()
-            .as_str(),
+        micros(task.state.updated_at).to_string().as_str(),
     );
     if task.state.status == TaskStatus::Running {
         if let Some(l) = task.state.lease_until {
-            h.insert(LEASE_HEADER, l.timestamp_micros().to_string().as_str());
+            h.insert(LEASE_HEADER, micros(l).to_string().as_str());
         }
     }
     h.insert(QUEUE_HEADER, task.queue.as_str());
@@ -498,11 +502,8 @@ impl Registry for NatsRegistry {
     ) -> Result<TaskPage> {
         let view = self.view().await?;
         let (ids, next_cursor) = view.read(|idx| {
-            crate::index::page(&idx.by_status, filter.status, cursor, limit, |id| {
-                idx.tasks
-                    .get(id)
-                    .is_some_and(|t| filter.queue.as_ref().is_none_or(|q| *q == t.queue))
-            })
+            let (rows, next) = idx.table.page(filter, cursor, limit)?;
+            Ok::<_, Error>((ids_of(rows), next))
         })?;
         let loaded = try_join_all(ids.iter().map(|id| self.load_listed(id))).await?;
         let tasks = loaded
@@ -516,12 +517,12 @@ impl Registry for NatsRegistry {
 
     async fn counts(&self) -> Result<StatusCounts> {
         let view = self.view().await?;
-        Ok(view.read(|idx| crate::index::counts(&idx.by_status)))
+        Ok(view.read(|idx| idx.table.counts()))
     }
 
     async fn stale_running(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Task>> {
         let view = self.view().await?;
-        let ids = view.read(|idx| crate::index::expired(&idx.leases, before, limit));
+        let ids = view.read(|idx| ids_of(idx.table.expired(before, limit)));
         let loaded = try_join_all(ids.iter().map(|id| self.load_listed(id))).await?;
         Ok(loaded
             .into_iter()
@@ -558,11 +559,16 @@ impl Registry for NatsRegistry {
         let view = self.view().await?;
         let now = Utc::now();
         let doomed: Vec<(TaskId, u64, Option<String>, bool)> = view.read(|idx| {
-            crate::index::beyond_retention(&idx.by_status, retention, now)
+            idx.table
+                .beyond_retention(retention, now)
                 .into_iter()
-                .filter_map(|id| {
-                    let t = idx.tasks.get(&id)?;
-                    Some((id, t.revision, t.blob.clone(), t.deps != Some(false)))
+                .map(|t| {
+                    (
+                        t.id.clone(),
+                        t.revision,
+                        t.blob.clone(),
+                        t.deps != Some(false),
+                    )
                 })
                 .collect()
         });

@@ -1,5 +1,5 @@
-//! The registry's in-process index: per-status sets ordered by the time of the last change, the
-//! RUNNING tasks ordered by lease end, and the revision of each task.
+//! The registry's in-process index: a [`TaskTable`] of what the index headers say of each task
+//! (status, time of the last change, lease end, queue), with the revision of each task.
 //!
 //! It follows the task bucket's stream with an ordered push consumer that delivers headers only
 //! (the index fields travel as headers on every write, so no payload is ever shipped), starting
@@ -9,7 +9,6 @@
 //! once to each process that holds a view (only processes that count, list or look for stale
 //! tasks: the monitor and the CLI).
 
-use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +23,7 @@ use super::names::decode_key;
 use super::BACKEND;
 use crate::error::{Error, Result};
 use crate::model::{QueueName, TaskId, TaskStatus};
+use crate::task_table::{Row, TaskTable};
 
 /// Header with the task's status.
 pub(crate) const STATUS_HEADER: &str = "Orch-Status";
@@ -39,11 +39,10 @@ pub(crate) const DEPS_HEADER: &str = "Orch-Deps";
 /// How long a query waits for the index to catch up before giving up (temporarily).
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(crate) use crate::index::{slot, IndexKey};
-
 /// What the index knows of one task.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Indexed {
+    pub(crate) id: TaskId,
     pub(crate) status: TaskStatus,
     pub(crate) updated: i64,
     pub(crate) lease: Option<i64>,
@@ -54,44 +53,38 @@ pub(crate) struct Indexed {
     pub(crate) deps: Option<bool>,
 }
 
+impl Row for Indexed {
+    fn id(&self) -> &TaskId {
+        &self.id
+    }
+
+    fn status(&self) -> TaskStatus {
+        self.status
+    }
+
+    fn queue(&self) -> &QueueName {
+        &self.queue
+    }
+
+    fn changed_at(&self) -> i64 {
+        self.updated
+    }
+
+    fn lease_until(&self) -> Option<i64> {
+        self.lease
+    }
+}
+
 /// The index itself.
 #[derive(Debug, Default)]
 pub(crate) struct Index {
-    pub(crate) tasks: HashMap<TaskId, Indexed>,
-    pub(crate) by_status: [BTreeSet<IndexKey>; 6],
-    pub(crate) leases: BTreeSet<IndexKey>,
+    /// What the headers say of each task (dependents live in their own bucket).
+    pub(crate) table: TaskTable<Indexed>,
     /// The last stream sequence applied.
     seen: u64,
 }
 
 impl Index {
-    fn remove(&mut self, id: &TaskId) {
-        if let Some(old) = self.tasks.remove(id) {
-            self.by_status[slot(old.status)].remove(&(old.updated, id.clone()));
-            if let Some(l) = old.lease {
-                self.leases.remove(&(l, id.clone()));
-            }
-        }
-    }
-
-    fn upsert(&mut self, id: TaskId, entry: Indexed) {
-        self.remove(&id);
-        self.by_status[slot(entry.status)].insert((entry.updated, id.clone()));
-        if entry.status == TaskStatus::Running {
-            let l = entry.lease.unwrap_or(i64::MIN);
-            self.leases.insert((l, id.clone()));
-        }
-        let entry = Indexed {
-            lease: if entry.status == TaskStatus::Running {
-                Some(entry.lease.unwrap_or(i64::MIN))
-            } else {
-                None
-            },
-            ..entry
-        };
-        self.tasks.insert(id, entry);
-    }
-
     /// Applies one write of the bucket.
     fn apply(&mut self, key: &str, seq: u64, headers: Option<&HeaderMap>) {
         self.seen = self.seen.max(seq);
@@ -100,23 +93,26 @@ impl Index {
             Err(_) => return,
         };
         if is_marker(headers) {
-            self.remove(&id);
+            self.table.remove(&id);
             return;
         }
-        match parse_indexed(headers, seq) {
-            Some(entry) => self.upsert(id, entry),
+        match parse_indexed(&id, headers, seq) {
+            Some(entry) => {
+                self.table.upsert(entry);
+            }
             None => {
                 tracing::debug!(key, "task write without index headers; not indexed");
-                self.remove(&id);
+                self.table.remove(&id);
             }
         }
     }
 }
 
-fn parse_indexed(headers: Option<&HeaderMap>, revision: u64) -> Option<Indexed> {
+fn parse_indexed(id: &TaskId, headers: Option<&HeaderMap>, revision: u64) -> Option<Indexed> {
     let h = headers?;
     let get = |name: &str| h.get(name).map(|v| v.as_str());
     Some(Indexed {
+        id: id.clone(),
         status: get(STATUS_HEADER)?.parse().ok()?,
         updated: get(UPDATED_HEADER)?.parse().ok()?,
         lease: get(LEASE_HEADER).and_then(|v| v.parse().ok()),
@@ -255,5 +251,83 @@ async fn follow(
         }
         tracing::warn!(bucket = %bucket.bucket, "task bucket follower ended; restarting");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, Utc};
+
+    use super::*;
+    use crate::registry::TaskFilter;
+
+    fn headers(status: &str, updated: i64, lease: Option<i64>, queue: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(STATUS_HEADER, status);
+        h.insert(UPDATED_HEADER, updated.to_string().as_str());
+        if let Some(l) = lease {
+            h.insert(LEASE_HEADER, l.to_string().as_str());
+        }
+        h.insert(QUEUE_HEADER, queue);
+        h
+    }
+
+    fn at(micros: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp_micros(micros).expect("time")
+    }
+
+    #[test]
+    fn writes_of_the_bucket_move_tasks_through_the_shared_table() {
+        let mut index = Index::default();
+        index.apply("a", 1, Some(&headers("PENDING", 10, None, "q")));
+        index.apply("b", 2, Some(&headers("RUNNING", 20, Some(500), "q")));
+        index.apply("c", 3, Some(&headers("RUNNING", 30, None, "other")));
+        assert_eq!(index.seen, 3);
+        let counts = index.table.counts();
+        assert_eq!(
+            (
+                counts.get(TaskStatus::Pending),
+                counts.get(TaskStatus::Running)
+            ),
+            (1, 2)
+        );
+        // Without a lease end a RUNNING task is stale at once; `b` only after its lease.
+        let stale = |index: &Index, t| -> Vec<String> {
+            index
+                .table
+                .expired(at(t), 10)
+                .iter()
+                .map(|r| r.id.to_string())
+                .collect()
+        };
+        assert_eq!(stale(&index, 100), ["c"]);
+        assert_eq!(stale(&index, 501), ["c", "b"]);
+
+        // A renewed lease (a new revision) replaces the old row in every index.
+        index.apply("b", 4, Some(&headers("RUNNING", 40, Some(900), "q")));
+        assert_eq!(stale(&index, 501), ["c"]);
+        assert_eq!(
+            index
+                .table
+                .get(&TaskId::parse("b").expect("id"))
+                .map(|r| r.revision),
+            Some(4)
+        );
+
+        let filter = TaskFilter {
+            status: Some(TaskStatus::Running),
+            queue: Some(QueueName::parse("q").expect("queue")),
+        };
+        let (rows, _) = index.table.page(&filter, None, 10).expect("page");
+        assert_eq!(rows.len(), 1);
+
+        // A delete marker, and a write without index headers, both drop the task.
+        let mut marker = HeaderMap::new();
+        marker.insert("KV-Operation", "DEL");
+        index.apply("b", 5, Some(&marker));
+        index.apply("c", 6, None);
+        assert_eq!(index.table.len(), 1);
+        assert_eq!(stale(&index, 10_000), Vec::<String>::new());
+        assert_eq!(index.seen, 6);
     }
 }

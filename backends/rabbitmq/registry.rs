@@ -53,7 +53,7 @@ pub struct RabbitRegistry {
 
 impl std::fmt::Debug for RabbitRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (tasks, records) = self.log.read(|v| (v.tasks.len(), v.records));
+        let (tasks, records) = self.log.read(|v| (v.table.len(), v.records));
         f.debug_struct("RabbitRegistry")
             .field("log", &self.log)
             .field("tasks", &tasks)
@@ -86,7 +86,7 @@ impl RabbitRegistry {
             Some((through, tasks)) => {
                 let view = snapshot::restore(tasks);
                 tracing::info!(
-                    tasks = view.tasks.len(),
+                    tasks = view.table.len(),
                     through,
                     "registry view loaded from a snapshot"
                 );
@@ -134,7 +134,7 @@ impl RabbitRegistry {
             offset.map(|through| {
                 (
                     snapshot::encode(view, through),
-                    view.tasks.len() as u64,
+                    view.table.len() as u64,
                     view.records,
                 )
             })
@@ -215,7 +215,7 @@ impl Registry for RabbitRegistry {
         // other answer (missing, WAITING, RUNNING) may be what a lagging view says about a task
         // that moved on, so the view first catches up with the log's tail.
         let fast = self.log.read(|v| {
-            v.tasks
+            v.table
                 .get(id)
                 .filter(|t| t.state.status == TaskStatus::Pending || t.state.status.is_terminal())
                 .cloned()
@@ -224,7 +224,7 @@ impl Registry for RabbitRegistry {
             return Ok(fast);
         }
         self.log.sync().await?;
-        Ok(self.log.read(|v| v.tasks.get(id).cloned()))
+        Ok(self.log.read(|v| v.table.get(id).cloned()))
     }
 
     async fn transition(&self, id: &TaskId, expected: Expected, next: TaskState) -> Result<Task> {
@@ -262,55 +262,46 @@ impl Registry for RabbitRegistry {
     ) -> Result<TaskPage> {
         self.log.sync().await?;
         self.log.read(|view| {
-            let (ids, next_cursor) =
-                crate::index::page(&view.by_status, filter.status, cursor, limit, |id| {
-                    view.tasks
-                        .get(id)
-                        .is_some_and(|t| filter.queue.as_ref().is_none_or(|q| *q == t.queue))
-                })?;
-            let tasks = ids
-                .iter()
-                .filter_map(|id| view.tasks.get(id).cloned())
-                .collect();
-            Ok(TaskPage { tasks, next_cursor })
+            let (tasks, next_cursor) = view.table.page(filter, cursor, limit)?;
+            Ok(TaskPage {
+                tasks: tasks.into_iter().cloned().collect(),
+                next_cursor,
+            })
         })
     }
 
     async fn counts(&self) -> Result<StatusCounts> {
         self.log.sync().await?;
-        Ok(self.log.read(|view| crate::index::counts(&view.by_status)))
+        Ok(self.log.read(|view| view.table.counts()))
     }
 
     async fn stale_running(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Task>> {
         self.log.sync().await?;
         Ok(self.log.read(|view| {
-            crate::index::expired(&view.leases, before, limit)
-                .iter()
-                .filter_map(|id| view.tasks.get(id).cloned())
+            view.table
+                .expired(before, limit)
+                .into_iter()
+                .cloned()
                 .collect()
         }))
     }
 
     async fn dependents(&self, parent: &TaskId) -> Result<Vec<TaskId>> {
-        Ok(self
-            .log
-            .read(|view| view.dependents.get(parent).cloned().unwrap_or_default()))
+        Ok(self.log.read(|view| view.table.dependents(parent).to_vec()))
     }
 
     async fn purge_finished(&self, retention: &Retention) -> Result<u64> {
         self.log.sync().await?;
         let now = Utc::now();
         let victims: Vec<Victim> = self.log.read(|view| {
-            crate::index::beyond_retention(&view.by_status, retention, now)
+            view.table
+                .beyond_retention(retention, now)
                 .into_iter()
-                .filter_map(|id| {
-                    let t = view.tasks.get(&id)?;
-                    Some(Victim {
-                        status: t.state.status,
-                        attempt: t.state.attempt,
-                        updated_at: t.state.updated_at,
-                        id,
-                    })
+                .map(|t| Victim {
+                    id: t.task_id.clone(),
+                    status: t.state.status,
+                    attempt: t.state.attempt,
+                    updated_at: t.state.updated_at,
                 })
                 .collect()
         });

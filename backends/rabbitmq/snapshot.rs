@@ -78,7 +78,7 @@ pub(crate) fn encode(view: &TaskView, through: u64) -> serde_json::Result<Vec<Ve
     let id = uuid::Uuid::new_v4().simple().to_string();
     let mut chunks: Vec<Vec<Vec<u8>>> = vec![Vec::new()];
     let mut bytes = 0;
-    for task in view.tasks.values() {
+    for task in view.table.rows() {
         let encoded = serde_json::to_vec(task)?;
         if bytes + encoded.len() > PART_BYTES && !chunks.last().is_some_and(Vec::is_empty) {
             chunks.push(Vec::new());
@@ -159,8 +159,7 @@ mod tests {
         let (through, tasks) = catalog.take_latest().expect("complete snapshot");
         assert_eq!(through, 41);
         let restored = restore(tasks);
-        assert_eq!(restored.tasks.len(), 300);
-        assert_eq!(restored.tasks, view.tasks);
-        assert_eq!(restored.by_status, view.by_status);
+        assert_eq!(restored.table.len(), 300);
+        assert_eq!(restored.table, view.table, "the same tasks and indexes");
     }
 }

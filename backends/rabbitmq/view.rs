@@ -1,16 +1,15 @@
 //! The registry's state machine: the records of the registry log and the in-process view they
-//! build (every task, plus per-status, lease and dependents indexes kept as records apply).
+//! build (a [`TaskTable`] of every task, whose indexes are kept as records apply).
 //!
 //! Applying is deterministic: it depends only on the view and the record, never on the clock or
 //! the process, so every replica reaches the same view and the same outcome for every record.
-
-use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::log::Machine;
 use crate::model::{Expected, Task, TaskId, TaskState, TaskStatus};
+use crate::task_table::TaskTable;
 
 /// One record of the registry log.
 #[derive(Debug, Serialize, Deserialize)]
@@ -50,77 +49,27 @@ pub(crate) enum RegistryOutcome {
     Purged(u64),
 }
 
-pub(crate) use crate::index::{slot, IndexKey};
-
 /// The registry view.
 #[derive(Default)]
 pub(crate) struct TaskView {
-    pub(crate) tasks: HashMap<TaskId, Task>,
-    /// Per status (in [`TaskStatus::ALL`] order): (updated_at in µs, id).
-    pub(crate) by_status: [BTreeSet<IndexKey>; 6],
-    /// RUNNING tasks by lease end (µs).
-    pub(crate) leases: BTreeSet<IndexKey>,
-    pub(crate) dependents: HashMap<TaskId, Vec<TaskId>>,
+    /// Every task, with its indexes.
+    pub(crate) table: TaskTable<Task>,
     /// Records applied (for diagnostics).
     pub(crate) records: u64,
 }
 
-pub(crate) fn micros(t: DateTime<Utc>) -> i64 {
-    t.timestamp_micros()
-}
-
 impl TaskView {
-    fn index(&mut self, t: &Task) {
-        self.by_status[slot(t.state.status)]
-            .insert((micros(t.state.updated_at), t.task_id.clone()));
-        if t.state.status == TaskStatus::Running {
-            let until = t.state.lease_until.map(micros).unwrap_or(i64::MIN);
-            self.leases.insert((until, t.task_id.clone()));
-        }
-    }
-
-    fn unindex(&mut self, t: &Task) {
-        self.by_status[slot(t.state.status)]
-            .remove(&(micros(t.state.updated_at), t.task_id.clone()));
-        if t.state.status == TaskStatus::Running {
-            let until = t.state.lease_until.map(micros).unwrap_or(i64::MIN);
-            self.leases.remove(&(until, t.task_id.clone()));
-        }
-    }
-
-    fn remove(&mut self, id: &TaskId) {
-        if let Some(t) = self.tasks.remove(id) {
-            self.unindex(&t);
-            for p in &t.depends_on {
-                if let Some(children) = self.dependents.get_mut(p) {
-                    children.retain(|c| c != id);
-                    if children.is_empty() {
-                        self.dependents.remove(p);
-                    }
-                }
-            }
-        }
-    }
-
     /// Adds a task read from a snapshot (replacing any copy).
     pub(crate) fn insert_snapshot_task(&mut self, task: Task) {
-        self.remove(&task.task_id);
-        self.create(task);
+        self.table.upsert(task);
     }
 
     fn create(&mut self, task: Task) -> RegistryOutcome {
-        if self.tasks.contains_key(&task.task_id) {
-            return RegistryOutcome::Exists;
+        if self.table.insert(task) {
+            RegistryOutcome::Created
+        } else {
+            RegistryOutcome::Exists
         }
-        self.index(&task);
-        for p in &task.depends_on {
-            self.dependents
-                .entry(p.clone())
-                .or_default()
-                .push(task.task_id.clone());
-        }
-        self.tasks.insert(task.task_id.clone(), task);
-        RegistryOutcome::Created
     }
 
     fn transition(&mut self, id: &TaskId, expected: Expected, next: TaskState) -> RegistryOutcome {
@@ -129,7 +78,7 @@ impl TaskView {
                 from: expected.status,
             };
         }
-        let Some(current) = self.tasks.get(id) else {
+        let Some(current) = self.table.get(id) else {
             return RegistryOutcome::NotFound;
         };
         if current.state.status != expected.status || current.state.attempt != expected.attempt {
@@ -138,25 +87,22 @@ impl TaskView {
                 attempt: current.state.attempt,
             };
         }
-        let old = current.clone();
-        self.unindex(&old);
-        let mut updated = old;
+        let mut updated = current.clone();
         updated.state = next;
-        self.index(&updated);
-        self.tasks.insert(id.clone(), updated.clone());
+        self.table.upsert(updated.clone());
         RegistryOutcome::Transitioned(Box::new(updated))
     }
 
     fn purge(&mut self, victims: Vec<Victim>) -> RegistryOutcome {
         let mut n = 0;
         for v in victims {
-            let unchanged = self.tasks.get(&v.id).is_some_and(|t| {
+            let unchanged = self.table.get(&v.id).is_some_and(|t| {
                 t.state.status == v.status
                     && t.state.attempt == v.attempt
                     && t.state.updated_at == v.updated_at
             });
             if unchanged {
-                self.remove(&v.id);
+                self.table.remove(&v.id);
                 n += 1;
             }
         }
@@ -236,8 +182,8 @@ mod tests {
                 attempt: 1
             }
         ));
-        assert_eq!(view.by_status[slot(TaskStatus::Running)].len(), 1);
-        assert_eq!(view.by_status[slot(TaskStatus::Pending)].len(), 0);
+        assert_eq!(view.table.counts().get(TaskStatus::Running), 1);
+        assert_eq!(view.table.counts().get(TaskStatus::Pending), 0);
     }
 
     #[test]
@@ -275,7 +221,10 @@ mod tests {
             ),
             RegistryOutcome::Purged(1)
         ));
-        assert!(view.tasks.is_empty());
-        assert!(view.by_status.iter().all(|s| s.is_empty()));
+        assert_eq!(
+            view.table,
+            TaskTable::default(),
+            "no index entry left behind"
+        );
     }
 }

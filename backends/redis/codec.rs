@@ -69,10 +69,8 @@ pub(crate) fn parse_time(field: &str, s: &str) -> Result<DateTime<Utc>> {
     Err(corrupt(field, format!("{s:?} is not an ISO-8601 time")))
 }
 
-/// Microseconds since the epoch, as an index score.
-pub(crate) fn micros(t: DateTime<Utc>) -> String {
-    t.timestamp_micros().to_string()
-}
+/// Microseconds since the epoch: the score of a task in the status and lease indexes.
+pub(crate) use crate::clock::micros;
 
 /// The lab's `result` string for a JSON value.
 pub(crate) fn lab_result_text(v: &Value) -> String {

@@ -17,6 +17,7 @@ use super::scripts;
 use crate::error::{Error, Result};
 use crate::model::{Expected, Priority, QueueName, Task, TaskId, TaskState, TaskStatus};
 use crate::registry::{check_transition, Registry, Retention, StatusCounts, TaskFilter, TaskPage};
+use crate::task_table::{decode_cursor, encode_cursor, slot};
 
 /// Tasks deleted per purge script call (one call blocks Redis for about a millisecond).
 const PURGE_BATCH: usize = 500;
@@ -118,20 +119,13 @@ impl std::fmt::Debug for RedisRegistry {
     }
 }
 
-fn status_slot(s: TaskStatus) -> usize {
-    TaskStatus::ALL
-        .iter()
-        .position(|x| *x == s)
-        .unwrap_or_default()
-}
-
 /// The lease index score of a task in `state` (only RUNNING tasks are in that index; one
 /// without a lease end counts as stale at once, as in the memory registry).
 pub(crate) fn lease_score(state: &TaskState) -> String {
     if state.status == TaskStatus::Running {
         state
             .lease_until
-            .map(micros)
+            .map(|t| micros(t).to_string())
             .unwrap_or_else(|| "-inf".to_string())
     } else {
         String::new()
@@ -158,22 +152,6 @@ pub(crate) fn conflict_reply(
         actual_status: status,
         actual_attempt: attempt,
     })
-}
-
-fn encode_cursor(slot: usize, score: i64, id: &str) -> String {
-    format!("{slot}|{score}|{id}")
-}
-
-fn decode_cursor(c: &str) -> Result<(usize, i64, TaskId)> {
-    let bad = || Error::invalid("cursor", format!("{c:?} is not a cursor returned by list"));
-    let mut parts = c.splitn(3, '|');
-    let slot: usize = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-    let score: i64 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-    let id = TaskId::parse(parts.next().ok_or_else(bad)?).map_err(|_| bad())?;
-    if slot >= TaskStatus::ALL.len() {
-        return Err(bad());
-    }
-    Ok((slot, score, id))
 }
 
 impl RedisRegistry {
@@ -429,7 +407,7 @@ impl Registry for RedisRegistry {
     ) -> Result<TaskPage> {
         let after = cursor.map(decode_cursor).transpose()?;
         let mut tasks: Vec<Task> = Vec::new();
-        let mut last: Option<(usize, i64, String)> = None;
+        let mut last: Option<(usize, i64, TaskId)> = None;
         if limit == 0 {
             return Ok(TaskPage::default());
         }
@@ -440,7 +418,7 @@ impl Registry for RedisRegistry {
         let batch = limit.clamp(16, 500);
         let mut c = self.conn.manager();
         'statuses: for status in statuses {
-            let slot = status_slot(status);
+            let slot = slot(status);
             let from = match &after {
                 Some((cs, _, _)) if slot < *cs => continue,
                 Some((cs, score, id)) if slot == *cs => Some((*score, id.as_str().to_string())),
@@ -487,7 +465,7 @@ impl Registry for RedisRegistry {
                         continue;
                     }
                     tasks.push(task);
-                    last = Some((slot, score, id.as_str().to_string()));
+                    last = Some((slot, score, id));
                     if tasks.len() == limit {
                         break 'statuses;
                     }
@@ -526,7 +504,7 @@ impl Registry for RedisRegistry {
         let members: Vec<String> = redis::cmd("ZRANGEBYSCORE")
             .arg(keys::lease_index(self.prefix()))
             .arg("-inf")
-            .arg(format!("({}", before.timestamp_micros()))
+            .arg(format!("({}", micros(before)))
             .arg("LIMIT")
             .arg(0)
             .arg(limit)
@@ -563,7 +541,7 @@ impl Registry for RedisRegistry {
             return Ok(0);
         }
         let cut = match retention.max_age {
-            Some(age) => micros(crate::clock::before(Utc::now(), age)),
+            Some(age) => micros(crate::clock::before(Utc::now(), age)).to_string(),
             None => String::new(),
         };
         let keep = retention
@@ -595,23 +573,5 @@ impl Registry for RedisRegistry {
             tracing::info!(deleted = total, "purged finished tasks");
         }
         Ok(total)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_round_trip_and_reject_garbage() {
-        let c = encode_cursor(3, 1_700_000_000_000_000, "task_1");
-        let (slot, score, id) = decode_cursor(&c).unwrap();
-        assert_eq!(
-            (slot, score, id.as_str()),
-            (3, 1_700_000_000_000_000, "task_1")
-        );
-        for bad in ["", "9|1|task", "x|1|task", "1|y|task", "1|2|bad id"] {
-            assert!(decode_cursor(bad).is_err(), "{bad}");
-        }
     }
 }
