@@ -1,5 +1,9 @@
 //! The bundle the engine runs on ([`Backends`]) and what a backend opens from one URL
 //! ([`Parts`] for the requested [`Roles`], with [`ConnectOptions`]).
+//!
+//! An application gets a [`Backends`] from [`Config::connect`](crate::config::Config::connect),
+//! [`connect`](crate::connect()) or [`Backends::memory`]. [`Parts`] and [`Roles`] are for backend
+//! authors and **not a stable API yet**.
 
 use std::sync::Arc;
 

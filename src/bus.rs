@@ -8,6 +8,12 @@
 //! * **Work queues** ([`Bus::enqueue`] / [`Bus::fetch`] / [`Bus::ack`] ...): durable,
 //!   at-least-once, each message to one consumer at a time, strictly by priority. A message
 //!   published while no worker listens waits for one (the lab lost it).
+//!
+//! **For backend authors; not a stable API yet.** An application uses these traits through
+//! [`Backends`](crate::Backends) and the engine ([`Dispatcher`](crate::Dispatcher),
+//! [`Worker`](crate::Worker), [`Monitor`](crate::Monitor)); a backend implements them and checks
+//! itself with the conformance suite (feature `testkit`). Their methods may still change
+//! between 0.x releases.
 
 use std::fmt;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! `memory://` is always compiled in; `redis://`/`rediss://`, `nats://`/`tls://`, and
 //! `amqp://`/`amqps://` need the cargo features `redis`, `nats` and `rabbitmq`. The bus, the
 //! registry and the locks may each come from a different URL (and so a different backend);
-//! roles that share a URL share one connection. One table, [`DRIVERS`], says which backend
+//! roles that share a URL share one connection. One table says which backend
 //! serves which scheme and how it opens, drops and surveys a namespace.
 
 use futures::future::BoxFuture;

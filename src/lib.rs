@@ -62,7 +62,7 @@
 //!    ([`Backends`], [`bundle`]);
 //! 3. the [`engine`] (dispatcher, worker, monitor) and the [`backends`], which never import each
 //!    other;
-//! 4. [`connect`] (URL to backend) and [`config`];
+//! 4. [`connect`](mod@connect) (URL to backend) and [`config`];
 //! 5. the CLI (feature `cli`) and the [`testkit`](crate#features) (feature `testkit`).
 //!
 //! The traits, [`bundle`] and [`task_queue`] are for backend authors: they are public so that a

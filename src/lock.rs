@@ -4,6 +4,12 @@
 //! its `DELETE` freed anyone's lock. A [`Lease`] is taken atomically with its TTL, is renewed and
 //! released only by its owner, and carries a fencing token that grows with every acquisition of
 //! the key, so a resource can refuse writes from a holder whose lease already ended.
+//!
+//! **For backend authors; not a stable API yet.** An application uses these traits through
+//! [`Backends`](crate::Backends) and the engine ([`Dispatcher`](crate::Dispatcher),
+//! [`Worker`](crate::Worker), [`Monitor`](crate::Monitor)); a backend implements them and checks
+//! itself with the conformance suite (feature `testkit`). Their methods may still change
+//! between 0.x releases.
 
 use std::fmt;
 use std::time::Duration;

@@ -1,4 +1,10 @@
 //! The [`Registry`] trait: where tasks live, changed only by compare-and-set.
+//!
+//! **For backend authors; not a stable API yet.** An application uses these traits through
+//! [`Backends`](crate::Backends) and the engine ([`Dispatcher`](crate::Dispatcher),
+//! [`Worker`](crate::Worker), [`Monitor`](crate::Monitor)); a backend implements them and checks
+//! itself with the conformance suite (feature `testkit`). Their methods may still change
+//! between 0.x releases.
 
 use std::collections::BTreeMap;
 use std::fmt;

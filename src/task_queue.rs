@@ -6,6 +6,12 @@
 //! both roles in one server may do a step in fewer round trips (Redis does each in one Lua
 //! script); its implementation must behave exactly like [`Composed`], which the conformance
 //! suite checks on every backend.
+//!
+//! **For backend authors; not a stable API yet.** An application uses these traits through
+//! [`Backends`](crate::Backends) and the engine ([`Dispatcher`](crate::Dispatcher),
+//! [`Worker`](crate::Worker), [`Monitor`](crate::Monitor)); a backend implements them and checks
+//! itself with the conformance suite (feature `testkit`). Their methods may still change
+//! between 0.x releases.
 
 use std::collections::BTreeMap;
 use std::fmt;

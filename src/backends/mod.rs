@@ -1,6 +1,6 @@
 //! The backends: [`memory`] (always compiled in, the embedded default), and [`redis`],
 //! [`nats`] and [`rabbitmq`] behind the cargo features of the same names. Each opens the
-//! [`Roles`](crate::bundle::Roles) asked of it from one URL; [`crate::connect`] picks the
+//! [`Roles`](crate::bundle::Roles) asked of it from one URL; [`crate::connect`](mod@crate::connect) picks the
 //! backend by the URL's scheme. Backends import the contracts (traits, bundle, wire format)
 //! and never the engine, nor each other.
 
