@@ -17,7 +17,7 @@
 //!
 //! The first time a binary settles on a broker of a kind, it writes one line to stderr (past the
 //! test harness's output capture), for example
-//! `test broker: Redis in container 3f2a… (image redis:7.0) at redis://172.17.0.1:32768`.
+//! `test broker: Redis in container 84abe33e… (image redis:7.0) at redis://localhost:32772`.
 //!
 //! The images are the official ones: testcontainers pulls an image only when the daemon does not
 //! have it. A machine without registry access can build look-alikes from installed brokers with
@@ -328,9 +328,10 @@ fn candidates_from(
 /// The first of [`docker_candidates`] whose daemon answers a ping within [`PROBE_TIMEOUT`],
 /// found once per process.
 ///
-/// When `DOCKER_HOST` is unset, it is set to the daemon found, so that testcontainers (which reads
-/// only `DOCKER_HOST` and a shorter list of sockets) and the Docker CLI that removes the
-/// containers at exit talk to the same daemon.
+/// When `DOCKER_HOST` is unset and the daemon found is not the one testcontainers would pick
+/// (it reads only `DOCKER_HOST` and a shorter list of sockets), `DOCKER_HOST` is set to it, so
+/// that testcontainers and the Docker CLI that removes the containers at exit talk to the daemon
+/// found.
 pub async fn docker_host() -> Option<String> {
     static FOUND: OnceCell<Option<String>> = OnceCell::const_new();
     FOUND
@@ -343,9 +344,10 @@ pub async fn docker_host() -> Option<String> {
                     .await
                     .unwrap_or(false);
                 if answered {
-                    if !explicit {
-                        // Set once, before any container exists; the harness's own readers of
-                        // the environment go through std's lock.
+                    if !explicit && candidate != testcontainers_default_host() {
+                        // Only for a socket testcontainers would not pick itself (a rootless
+                        // or Podman one), once per process: other threads may read the
+                        // environment meanwhile, which std's lock covers for Rust readers.
                         std::env::set_var("DOCKER_HOST", &candidate);
                     }
                     return Some(candidate);
@@ -355,6 +357,27 @@ pub async fn docker_host() -> Option<String> {
         })
         .await
         .clone()
+}
+
+/// The daemon testcontainers 0.27 uses when `DOCKER_HOST` is unset: the first of its sockets
+/// that exists (answering or not), else the default socket.
+fn testcontainers_default_host() -> String {
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let candidates = [
+        Some(PathBuf::from("/var/run/docker.sock")),
+        runtime.map(|d| d.join(".docker/run/docker.sock")),
+        home.as_ref().map(|d| d.join(".docker/run/docker.sock")),
+        home.map(|d| d.join(".docker/desktop/docker.sock")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.exists())
+        .map_or_else(
+            || "unix:///var/run/docker.sock".to_string(),
+            |p| format!("unix://{}", p.display()),
+        )
 }
 
 /// Sends `GET /_ping` to the daemon at `target` (`unix://path` or `tcp://host:port`).
