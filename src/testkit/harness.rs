@@ -325,7 +325,7 @@ fn candidates_from(
         .collect()
 }
 
-/// The first of [`docker_candidates`] whose daemon answers a ping within [`PROBE_TIMEOUT`],
+/// The first of [`docker_candidates`] whose daemon answers a ping within a second,
 /// found once per process.
 ///
 /// When `DOCKER_HOST` is unset and the daemon found is not the one testcontainers would pick
