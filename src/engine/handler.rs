@@ -435,4 +435,15 @@ mod tests {
         worker.shutdown().await;
         assert_eq!(m.panics, 1);
     }
+
+    #[test]
+    fn a_second_handler_for_one_queue_is_refused() {
+        let w = Worker::new(Backends::memory(), WorkerConfig::default())
+            .handle("q", handler_fn(|_| async { Ok(serde_json::Value::Null) }))
+            .unwrap();
+        let err = w
+            .handle("q", handler_fn(|_| async { Ok(serde_json::Value::Null) }))
+            .unwrap_err();
+        assert!(err.to_string().contains("already has a handler"), "{err}");
+    }
 }

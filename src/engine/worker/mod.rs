@@ -123,9 +123,18 @@ impl Worker {
         }
     }
 
-    /// Serves `queue` with `handler`. Errors on a malformed queue name.
+    /// Serves `queue` with `handler`. Errors on a malformed queue name, and on a queue this
+    /// worker already serves (the second handler would silently replace the first).
     pub fn handle(mut self, queue: &str, handler: Arc<dyn Handler>) -> Result<Self> {
         let q = QueueName::parse(queue)?;
+        if self.inner.handlers.contains_key(&q) {
+            return Err(Error::invalid(
+                "queue",
+                format!(
+                    "queue {q} already has a handler on this worker; one handler serves a queue"
+                ),
+            ));
+        }
         self.inner.handlers.insert(q, handler);
         Ok(self)
     }
