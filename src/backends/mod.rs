@@ -21,11 +21,20 @@ pub mod rabbitmq;
 /// Installs rustls' `ring` crypto provider as the process default, once. Different client crates
 /// bring different providers (ring, aws-lc-rs); with more than one compiled in, rustls refuses to
 /// pick one and a TLS connect would panic. An application that installed its own provider first
-/// keeps it.
+/// keeps it: one that wants post-quantum key exchange installs aws-lc-rs's
+/// (`rustls::crypto::aws_lc_rs::default_provider().install_default()`) before connecting.
 #[cfg(any(feature = "redis", feature = "nats", feature = "rabbitmq"))]
 pub fn install_tls_provider() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        if rustls::crypto::CryptoProvider::get_default().is_some() {
+            return;
+        }
+        // rustls 0.23.48 deprecates ring's provider for its lack of post-quantum key exchange,
+        // but ring is the one provider every backend compiles (aws-lc-rs comes only with
+        // lapin): the choice is deliberate, and an application can override it (above).
+        #[allow(deprecated)]
+        let ring = rustls::crypto::ring::default_provider();
+        let _ = ring.install_default();
     });
 }
