@@ -1,13 +1,10 @@
 //! The task operations: dispatch, task get, tasks list, stats, cancel, retry, dead-letters,
 //! and the monitor.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use agent_orchestra::bus::QueueStats;
-use agent_orchestra::engine::{
-    backend_gauges, DispatchOptions, Dispatcher, Monitor, MonitorReport,
-};
+use agent_orchestra::engine::{DispatchOptions, Dispatcher, Monitor, MonitorReport};
 use agent_orchestra::model::parse_payload;
 use agent_orchestra::{Priority, QueueName, Task, TaskFilter, TaskId, TaskStatus};
 use clap::{Args, Subcommand};
@@ -445,11 +442,7 @@ pub async fn monitor(ctx: &Ctx, a: MonitorArgs) -> Result<(), CliError> {
     let backends = ctx.connect_shared().await?;
     let exporter = listener.map(|l| {
         let url = super::metrics::url(&l);
-        let b = backends.clone();
-        let render: super::metrics::Render = Arc::new(move || {
-            let (b, queues) = (b.clone(), queues.clone());
-            Box::pin(async move { backend_gauges(&b, &queues).await })
-        });
+        let render = super::metrics::render(backends.clone(), queues, None);
         (url, super::metrics::serve(l, render))
     });
     let monitor = Monitor::new(backends, config.clone());
