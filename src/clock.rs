@@ -40,7 +40,7 @@ pub(crate) fn before(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
 
 /// Parses a duration written by a person: units `ms`, `s`, `m`, `h`, `d` (and `w`, `us`,
 /// `ns`, and long forms such as `min`, `hours`, `days`), combined as in `1m30s` or `1h 2m`,
-/// or a bare number of seconds (`30`, `0.5`). At most a hundred years ([`FAR`]): longer is a
+/// or a bare number of seconds (`30`, `0.5`). At most a hundred years (`36500d`): longer is a
 /// typo, and no clock can add it.
 ///
 /// ```
