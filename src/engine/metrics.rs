@@ -266,11 +266,14 @@ pub mod prometheus {
         ),
     ];
 
+    /// A worker's id and its live counters.
+    type Labelled = (String, Arc<WorkerMetrics>);
+
     /// Workers' counters and attempt-duration histograms, labelled `worker`, read from their
     /// [`WorkerMetrics`] at each scrape. Clones share the same list of workers.
     #[derive(Clone, Debug, Default)]
     pub struct WorkerCollector {
-        workers: Arc<Mutex<Vec<(String, Arc<WorkerMetrics>)>>>,
+        workers: Arc<Mutex<Vec<Labelled>>>,
     }
 
     impl WorkerCollector {
