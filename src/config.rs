@@ -47,122 +47,7 @@ use crate::model::Limits;
 use crate::redact::redact_url;
 use crate::registry::Retention;
 
-/// Serde helpers for `Option<Duration>` written as humane strings (`"250ms"`, `"30s"`, `"5m"`,
-/// `"2h"`) or a number of seconds.
-pub mod duration_opt {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    /// Serializes as a string like `"30s"` or `"250ms"`.
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_str(&super::format_duration(*d)),
-            None => s.serialize_none(),
-        }
-    }
-
-    /// Accepts a duration string or a number of seconds.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(f64),
-            Text(String),
-        }
-        match Option::<Raw>::deserialize(d)? {
-            None => Ok(None),
-            Some(Raw::Secs(s)) => super::seconds(s)
-                .map(Some)
-                .map_err(serde::de::Error::custom),
-            Some(Raw::Text(t)) => super::parse_duration(&t)
-                .map(Some)
-                .map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-/// Parses `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"` or a bare number of seconds.
-///
-/// ```
-/// use agent_orchestra::config::parse_duration;
-/// use std::time::Duration;
-/// assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-/// assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-/// assert!(parse_duration("soon").is_err());
-/// assert!(parse_duration("99999999999d").is_err());
-/// ```
-pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let t = text.trim();
-    let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => (&t[..i], &t[i..]),
-        None => (t, "s"),
-    };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (examples: 250ms, 30s, 5m, 2h)"))?;
-    if !(n >= 0.0 && n.is_finite()) {
-        return Err(format!("{text:?}: a duration must be non-negative"));
-    }
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86_400.0,
-        _ => {
-            return Err(format!(
-                "{text:?} has unknown unit {unit:?} (use ms, s, m, h or d)"
-            ))
-        }
-    };
-    // A hundred years at most: longer is a typo, and no clock can add it.
-    if secs > crate::clock::FAR.as_secs_f64() {
-        return Err(format!("{text:?} is too long (at most 36500d)"));
-    }
-    std::time::Duration::try_from_secs_f64(secs).map_err(|_| format!("{text:?} is too long"))
-}
-
-/// A duration given as a bare number of seconds (a TOML number): non-negative, at most a
-/// hundred years, as [`parse_duration`] allows.
-fn seconds(s: f64) -> Result<std::time::Duration, String> {
-    if !(s >= 0.0 && s.is_finite()) {
-        return Err(format!(
-            "duration must be a non-negative number of seconds, got {s}"
-        ));
-    }
-    if s > crate::clock::FAR.as_secs_f64() {
-        return Err(format!("{s} seconds is too long (at most 36500d)"));
-    }
-    std::time::Duration::try_from_secs_f64(s).map_err(|_| format!("{s} seconds is too long"))
-}
-
-/// Formats a duration the way [`parse_duration`] reads it.
-pub fn format_duration(d: std::time::Duration) -> String {
-    let ms = d.as_millis();
-    if !ms.is_multiple_of(1000) || ms == 0 {
-        format!("{ms}ms")
-    } else {
-        format!("{}s", ms / 1000)
-    }
-}
-
-/// Serde helpers for a `Duration` written as a humane string or a number of seconds.
-pub mod duration_serde {
-    use serde::{Deserializer, Serializer};
-    use std::time::Duration;
-
-    /// Serializes as a string like `"30s"` or `"250ms"`.
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&super::format_duration(*d))
-    }
-
-    /// Accepts a duration string or a number of seconds.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        super::duration_opt::deserialize(d)?
-            .ok_or_else(|| serde::de::Error::custom("a duration is required"))
-    }
-}
+pub use crate::clock::{duration_opt, duration_serde, format_duration, parse_duration};
 
 /// Serde helpers for an optional duration where the word `"never"` (or `"off"`, `"none"`)
 /// means `None`, so that TOML, which has no null, can switch a default timer off.
@@ -186,10 +71,10 @@ mod duration_or_never {
         }
         match Raw::deserialize(d)? {
             Raw::Text(t) if super::is_never(&t) => Ok(None),
-            Raw::Text(t) => super::parse_duration(&t)
+            Raw::Text(t) => crate::clock::parse_duration(&t)
                 .map(Some)
                 .map_err(serde::de::Error::custom),
-            Raw::Secs(s) => super::seconds(s)
+            Raw::Secs(s) => crate::clock::seconds(s)
                 .map(Some)
                 .map_err(serde::de::Error::custom),
         }
@@ -457,14 +342,11 @@ impl Config {
         toml::from_str(text).map_err(|e| toml_error(text, &e, None))
     }
 
-    /// Reads a TOML file over the defaults. Errors name the file and the key.
+    /// Reads a TOML file over the defaults. Errors name the file and the key. The file is read
+    /// up to [`MAX_CONFIG_BYTES`]: a larger one (or a device such as `/dev/zero`, which never
+    /// ends) is refused, not read until memory runs out.
     pub fn from_file(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::config(
-                ENV_CONFIG,
-                format!("cannot read config file {}: {e}", path.display()),
-            )
-        })?;
+        let text = read_config_file(path)?;
         toml::from_str(&text).map_err(|e| toml_error(&text, &e, Some(path)))
     }
 
@@ -833,6 +715,37 @@ impl fmt::Display for Config {
     }
 }
 
+/// The largest configuration file read (1 MiB; a real one is a few hundred bytes).
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// The text of a configuration file, at most [`MAX_CONFIG_BYTES`] long. Read through a bounded
+/// reader rather than by its size, which a pipe (`--config <(...)`) or a device does not have.
+fn read_config_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let cannot = |e: &dyn fmt::Display| {
+        Error::config(
+            ENV_CONFIG,
+            format!("cannot read config file {}: {e}", path.display()),
+        )
+    };
+    let file = std::fs::File::open(path).map_err(|e| cannot(&e))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| cannot(&e))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(Error::config(
+            ENV_CONFIG,
+            format!(
+                "config file {} is larger than {} KiB; is it the right file?",
+                path.display(),
+                MAX_CONFIG_BYTES / 1024
+            ),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| cannot(&format!("not UTF-8 text ({e})")))
+}
+
 fn to_u32(key: &str, n: u64) -> Result<u32> {
     u32::try_from(n).map_err(|_| Error::config(key, format!("{n} is too large")))
 }
@@ -1067,6 +980,69 @@ max_age = "7d"
         let e =
             Config::load_with(None, env(&[("ORCHESTRA_URL", "kafka://u:hunter2@x")])).unwrap_err();
         assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn durations_combine_units_in_files_and_variables() {
+        let c = Config::from_toml_str(
+            "connect_timeout = 7\n[worker]\nlease = \"1m30s\"\nshutdown_timeout = \"1h 2m\"\n[worker.retry]\nbase = 0.5\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.connect_timeout,
+            Duration::from_secs(7),
+            "a number is seconds"
+        );
+        assert_eq!(c.worker.lease, Duration::from_secs(90));
+        assert_eq!(c.worker.shutdown_timeout, Duration::from_secs(3720));
+        assert_eq!(c.worker.retry.base, Duration::from_millis(500));
+        let c = Config::load_with(
+            None,
+            env(&[
+                ("ORCHESTRA_LEASE", "1m30s"),
+                ("ORCHESTRA_HANDLER_TIMEOUT", "2m 5s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.worker.lease, Duration::from_secs(90));
+        assert_eq!(c.worker.handler_timeout, Some(Duration::from_secs(125)));
+        let e = Config::from_toml_str("[worker]\nlease = \"1m30x\"\n").unwrap_err();
+        let msg = e.to_string();
+        assert_eq!(key_of(e), "worker.lease");
+        assert!(msg.contains("1m30x"), "{msg}");
+        let e = Config::from_toml_str("[monitor.retention]\nmax_age = \"36501d\"\n").unwrap_err();
+        assert!(e.to_string().contains("too long"), "{e}");
+    }
+
+    #[test]
+    fn a_config_file_past_the_size_cap_is_refused_without_reading_it_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.toml");
+        let mut text = String::from("prefix = \"p_\"\n");
+        while (text.len() as u64) <= MAX_CONFIG_BYTES {
+            text.push_str("# padding padding padding padding padding padding padding\n");
+        }
+        std::fs::write(&path, &text).unwrap();
+        let e = Config::load_with(Some(&path), env(&[])).unwrap_err();
+        assert!(e.to_string().contains("larger than 1024 KiB"), "{e}");
+        assert_eq!(key_of(e), "--config");
+        // Just under the cap is read.
+        text.truncate(MAX_CONFIG_BYTES as usize - 1);
+        let end = text.rfind('\n').unwrap() + 1;
+        text.truncate(end);
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(
+            Config::load_with(Some(&path), env(&[])).unwrap().prefix,
+            "p_"
+        );
+        #[cfg(unix)]
+        {
+            // A device that never ends: refused after the cap, not read until memory runs out.
+            let e = Config::load_with(Some(Path::new("/dev/zero")), env(&[])).unwrap_err();
+            assert!(e.to_string().contains("larger than"), "{e}");
+            let e = Config::load_with(None, env(&[(ENV_CONFIG, "/dev/zero")])).unwrap_err();
+            assert_eq!(key_of(e), ENV_CONFIG);
+        }
     }
 
     #[test]

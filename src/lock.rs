@@ -100,7 +100,7 @@ pub(crate) fn ttl_span(ttl: std::time::Duration) -> Result<chrono::Duration> {
             "ttl",
             format!(
                 "must be at most 365 days, got {}",
-                crate::config::format_duration(ttl)
+                crate::clock::format_duration(ttl)
             ),
         ));
     }

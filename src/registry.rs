@@ -68,7 +68,7 @@ impl fmt::Display for StatusCounts {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retention {
     /// Delete finished tasks that finished longer ago than this.
-    #[serde(default, with = "crate::config::duration_opt")]
+    #[serde(default, with = "crate::clock::duration_opt")]
     pub max_age: Option<std::time::Duration>,
     /// Keep at most this many finished tasks per status (the most recent).
     #[serde(default)]

@@ -23,9 +23,30 @@ impl Run {
 /// Runs the binary with `args` and extra environment, killing it after two minutes (a hang is
 /// a failure, not a stuck test run).
 fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = Command::new(BIN);
+    run_with(Command::new(BIN), args, env, None)
+}
+
+/// Runs the binary with `input` on its stdin.
+fn run_stdin(args: &[&str], env: &[(&str, &str)], input: Vec<u8>) -> Run {
+    run_with(Command::new(BIN), args, env, Some(input))
+}
+
+/// Runs the binary with its address space limited to 1 GiB (`ulimit -v`): a command that would
+/// read without bound dies of an allocation failure instead of taking the machine's memory.
+#[cfg(unix)]
+fn run_limited(args: &[&str]) -> Run {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "ulimit -v 1048576 && exec \"$0\" \"$@\"", BIN]);
+    run_with(cmd, args, &[], None)
+}
+
+fn run_with(mut cmd: Command, args: &[&str], env: &[(&str, &str)], input: Option<Vec<u8>>) -> Run {
     cmd.args(args)
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // The tests decide the configuration: nothing from the caller's environment.
@@ -38,6 +59,12 @@ fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("the orchestra binary starts");
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        // The binary may stop reading early (past a limit): a broken pipe is its answer.
+        std::thread::spawn(move || {
+            let _ = std::io::Write::write_all(&mut stdin, &input);
+        });
+    }
     let mut out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
     let reader_out = std::thread::spawn(move || {
@@ -528,4 +555,196 @@ fn an_unreadable_config_file_names_the_flag_or_the_variable() {
         "{}",
         r.stderr
     );
+}
+
+/// Durations combine units (`1m30s`, `1h 2m`): before, the parser took one number and one
+/// unit and refused `1m30s` with `unknown unit "m30s"`.
+#[test]
+fn durations_combine_units() {
+    let r = run(&["dispatch", "q", "{}", "--delay", "1m30s"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let r = run(&["purge", "--older-than", "1h 2m"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let r = run_env(&["config"], &[("ORCHESTRA_LEASE", "1m30s")]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains("lease = \"90s\""), "{}", r.stdout);
+    let r = run(&["dispatch", "q", "{}", "--delay", "1m30"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("1m30"), "{}", r.stderr);
+}
+
+/// A configuration file that never ends (`/dev/zero`) or is too large is refused after 1 MiB,
+/// a configuration error: before, it was read until memory ran out (here, run with a 1 GiB
+/// address space, it would die of an allocation failure).
+#[cfg(unix)]
+#[test]
+fn a_config_file_that_never_ends_is_refused() {
+    let r = run_limited(&["--config", "/dev/zero", "config"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("larger than 1024 KiB"), "{}", r.stderr);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, "# x\n".repeat(300_000)).expect("write");
+    let big = big.to_string_lossy().into_owned();
+    let r = run_env(&["config"], &[("ORCHESTRA_CONFIG", &big)]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("ORCHESTRA_CONFIG"), "{}", r.stderr);
+    assert!(r.stderr.contains("larger than"), "{}", r.stderr);
+}
+
+/// A TLS file named in a broker URL that cannot be read is a configuration error (exit 2)
+/// found before connecting: for NATS it was a failure to connect (exit 1).
+#[test]
+fn an_unreadable_tls_file_in_a_url_is_a_configuration_error() {
+    let urls = [
+        (
+            "nats://127.0.0.1:1?tls_ca=/nonexistent/ca.pem",
+            cfg!(feature = "nats"),
+            "tls_ca",
+        ),
+        (
+            "rediss://127.0.0.1:1?tls_ca_file=/nonexistent/ca.pem",
+            cfg!(feature = "redis"),
+            "/nonexistent/ca.pem",
+        ),
+    ];
+    for (url, compiled, says) in urls {
+        for command in [&["stats"][..], &["dispatch", "q", "{}"][..]] {
+            let args: Vec<&str> = ["--url", url].iter().chain(command).copied().collect();
+            let r = run(&args);
+            assert_eq!(r.code, 2, "{args:?}: {}", r.all());
+            if compiled {
+                assert!(r.stderr.contains(says), "{args:?}: {}", r.stderr);
+                assert!(r.stderr.contains("cannot read"), "{args:?}: {}", r.stderr);
+            }
+        }
+    }
+}
+
+/// `dispatch Q @FILE` reads the payload from a file and `dispatch Q -` from stdin, up to the
+/// payload limit: past it the error says so (exit 2). A payload between 128 KiB (one argv
+/// string) and the 2 MiB limit can be dispatched from the shell.
+#[test]
+fn payloads_come_from_a_file_or_stdin_up_to_the_limit() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        format!("@{}", p.display())
+    };
+    let good = file("good.json", "{\"topic\": \"AI agents\"}\n");
+    let r = run(&["--json", "dispatch", "q", &good]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("JSON");
+    assert!(v["task_id"].is_string(), "{v}");
+    // What is read is parsed: not JSON is the same error as on the command line.
+    let bad = file("bad.json", "{not json");
+    let r = run(&["dispatch", "q", &bad]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("not JSON"), "{}", r.stderr);
+    let r = run(&["dispatch", "q", "@/nonexistent/payload.json"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("/nonexistent/payload.json"),
+        "{}",
+        r.stderr
+    );
+    // The limit applies to what is read.
+    let limit = [("ORCHESTRA_MAX_PAYLOAD_BYTES", "100")];
+    let over = file("over.json", &format!("{{\"x\": \"{}\"}}", "a".repeat(200)));
+    let r = run_env(&["dispatch", "q", &over], &limit);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("more than 100 bytes"), "{}", r.stderr);
+    let r = run_env(&["dispatch", "q", &good], &limit);
+    assert_eq!(r.code, 0, "{}", r.all());
+
+    // Stdin: a 1 MiB payload, more than one argv string may hold.
+    let big = format!("{{\"text\": \"{}\"}}", "a".repeat(1024 * 1024));
+    let r = run_stdin(&["dispatch", "q", "-"], &[], big.into_bytes());
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.starts_with("dispatched task_"), "{}", r.stdout);
+    // An endless stream is cut at the limit.
+    let r = run_stdin(&["dispatch", "q", "-"], &[], vec![b' '; 3 * 1024 * 1024]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("stdin holds more than"), "{}", r.stderr);
+    let r = run_stdin(&["dispatch", "q", "-"], &[], b"[1, 2".to_vec());
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("not JSON"), "{}", r.stderr);
+}
+
+/// `worker --metrics` answers a scrape behind 20 idle connections (before, they held the
+/// server's 16 turns and a scrape waited 10 s), with HELP lines and the attempt histogram.
+#[cfg(unix)]
+#[test]
+fn worker_metrics_answer_behind_idle_connections() {
+    use std::io::{BufRead, Write};
+    let mut child = Command::new(BIN)
+        .args([
+            "--json",
+            "worker",
+            "--queue",
+            "mq",
+            "--metrics",
+            "127.0.0.1:0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start worker");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if let Some(url) = v["metrics"].as_str() {
+                let _ = tx.send(url.to_string());
+            }
+        }
+    });
+    let url = rx.recv_timeout(Duration::from_secs(60));
+    let scrape = url.map(|url| {
+        let host = url
+            .strip_prefix("http://")
+            .and_then(|r| r.strip_suffix("/metrics"))
+            .expect("http://HOST:PORT/metrics")
+            .to_string();
+        let idle: Vec<_> = (0..20)
+            .map(|_| std::net::TcpStream::connect(&host).expect("connect"))
+            .collect();
+        let mut s = std::net::TcpStream::connect(&host).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(8)))
+            .expect("timeout");
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: {host}\r\n\r\n").expect("send");
+        let mut out = String::new();
+        let read = s.read_to_string(&mut out);
+        drop(idle);
+        (read.map_err(|e| e.to_string()), out)
+    });
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let started = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (read, out) = scrape.expect("the worker printed its metrics URL");
+    assert!(read.is_ok(), "no answer within 8 s: {read:?} {out}");
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    for line in [
+        "# HELP orchestra_worker_completed Tasks this worker completed.",
+        "# TYPE orchestra_worker_attempt_duration_seconds histogram",
+        "orchestra_registry_up 1",
+        "orchestra_queue_messages{queue=\"mq\",state=\"waiting\"} 0",
+        "# EOF",
+    ] {
+        assert!(out.lines().any(|l| l == line), "no {line:?} in:\n{out}");
+    }
 }

@@ -2500,7 +2500,7 @@ async fn worker_and_monitor_serve_prometheus_metrics() {
         assert!(m.contains(x), "monitor's metrics lack {x}:\n{m}");
     }
     assert!(
-        w.contains("# TYPE orchestra_worker_completed_total counter"),
+        w.contains("# TYPE orchestra_worker_completed counter"),
         "{w}"
     );
     assert!(
@@ -2515,8 +2515,8 @@ async fn worker_and_monitor_serve_prometheus_metrics() {
 }
 
 /// `backend_gauges` while Redis is down: `orchestra_registry_up 0` and `orchestra_bus_up 0`
-/// with the errors as comments, and no task or queue gauge (no zeros that would read as an
-/// empty system); back to 1 once Redis is up again.
+/// (the errors are logged), and no task or queue gauge (no zeros that would read as an empty
+/// system); back to 1 once Redis is up again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_gauges_say_when_redis_cannot_be_read() {
     use agent_orchestra::engine::backend_gauges;
@@ -2539,13 +2539,6 @@ async fn backend_gauges_say_when_redis_cannot_be_read() {
     assert!(down.contains("orchestra_bus_up 0"), "{down}");
     assert!(!down.contains("orchestra_tasks{"), "{down}");
     assert!(!down.contains("orchestra_queue_messages{"), "{down}");
-    assert!(
-        down.lines()
-            .filter(|l| l.starts_with("# ") && !l.starts_with("# TYPE"))
-            .count()
-            == 2,
-        "one error comment per backend: {down}"
-    );
     server.spawn().await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {

@@ -265,8 +265,36 @@ fn percent_decode(v: &str) -> std::result::Result<String, ()> {
     String::from_utf8(out).map_err(|_| ())
 }
 
+/// The files the URL names (CA, client certificate and key) must be readable files: a missing
+/// one is a configuration error (exit 2 in the CLI), where async-nats, which reads them while
+/// connecting, would report a failure to connect.
+fn check_tls_files(s: &UrlSettings) -> Result<()> {
+    let named = s.tls_ca.iter().map(|p| ("tls_ca", p)).chain(
+        s.tls_client
+            .iter()
+            .flat_map(|(c, k)| [("tls_cert", c), ("tls_key", k)]),
+    );
+    for (key, path) in named {
+        let readable = std::fs::metadata(path).and_then(|m| {
+            if m.is_file() {
+                std::fs::File::open(path).map(drop)
+            } else {
+                Err(std::io::Error::other("not a regular file"))
+            }
+        });
+        if let Err(e) = readable {
+            return Err(Error::config(
+                key,
+                format!("cannot read {}: {e}", path.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 async fn connect(url: &Url, opts: &ConnectOptions) -> Result<Shared> {
     let settings = parse_url(url)?;
+    check_tls_files(&settings)?;
     let shown = redact_url(url.as_str());
     let mut options = async_nats::ConnectOptions::new()
         .name("agent-orchestra")
@@ -382,5 +410,36 @@ mod tests {
         assert!(!e.contains("abc"), "{e}");
         let e = parse("nats://h?tls_cert=/a").unwrap_err().to_string();
         assert!(e.contains("tls_key"), "{e}");
+    }
+
+    #[test]
+    fn unreadable_tls_files_are_configuration_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let ok = parse(&format!("nats://h?tls_ca={}", ca.display())).unwrap();
+        check_tls_files(&ok).unwrap();
+        for (url, key) in [
+            ("nats://h?tls_ca=/nonexistent/ca.pem".to_string(), "tls_ca"),
+            (
+                format!("nats://h?tls_ca={}", dir.path().display()),
+                "tls_ca",
+            ),
+            (
+                format!(
+                    "nats://h?tls_cert={}&tls_key=/nonexistent/k.pem",
+                    ca.display()
+                ),
+                "tls_key",
+            ),
+        ] {
+            match check_tls_files(&parse(&url).unwrap()) {
+                Err(Error::Config { key: k, reason }) => {
+                    assert_eq!(k, key, "{url}: {reason}");
+                    assert!(reason.contains("cannot read"), "{reason}");
+                }
+                other => panic!("{url}: expected a configuration error, got {other:?}"),
+            }
+        }
     }
 }

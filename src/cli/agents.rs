@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_orchestra::engine::{
-    backend_gauges, handler_fn, Finished, Handler, Monitor, MonitorReport, TaskError, Worker,
+    handler_fn, Finished, Handler, Monitor, MonitorReport, TaskError, Worker,
 };
 use agent_orchestra::{QueueName, TaskStatus};
 use clap::Args;
@@ -186,18 +186,8 @@ pub async fn run(ctx: &Ctx, a: WorkerArgs) -> Result<(), CliError> {
     let handle = worker.start()?;
     let exporter = listener.map(|l| {
         let url = super::metrics::url(&l);
-        let live = handle.live_metrics();
-        let id = handle.worker_id().to_string();
-        let b = backends.clone();
         let queues: Vec<QueueName> = specs.iter().map(|(q, _)| q.clone()).collect();
-        let render: super::metrics::Render = Arc::new(move || {
-            let (live, id, b, queues) = (live.clone(), id.clone(), b.clone(), queues.clone());
-            Box::pin(async move {
-                let mut body = live.snapshot().to_prometheus(&id);
-                body.push_str(&backend_gauges(&b, &queues).await);
-                body
-            })
-        });
+        let render = super::metrics::render(backends.clone(), queues, Some(&handle));
         (url, super::metrics::serve(l, render))
     });
     let monitor = if a.monitor {

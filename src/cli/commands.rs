@@ -1,13 +1,10 @@
 //! The task operations: dispatch, task get, tasks list, stats, cancel, retry, dead-letters,
 //! and the monitor.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use agent_orchestra::bus::QueueStats;
-use agent_orchestra::engine::{
-    backend_gauges, DispatchOptions, Dispatcher, Monitor, MonitorReport,
-};
+use agent_orchestra::engine::{DispatchOptions, Dispatcher, Monitor, MonitorReport};
 use agent_orchestra::model::parse_payload;
 use agent_orchestra::{Priority, QueueName, Task, TaskFilter, TaskId, TaskStatus};
 use clap::{Args, Subcommand};
@@ -21,7 +18,8 @@ use super::{duration_arg, shutdown_signal, CliError, Ctx};
 pub struct DispatchArgs {
     /// The queue (the agent's specialty), e.g. research_tasks.
     queue: String,
-    /// The task's input as JSON, e.g. '{"topic": "AI agents"}'.
+    /// The task's input as JSON, e.g. '{"topic": "AI agents"}'; or @FILE to read it from a file,
+    /// or - to read it from stdin (at most limits.max_payload_bytes either way).
     payload: String,
     /// 1 (most urgent) ..= 10.
     #[arg(long, short, default_value_t = 5, allow_negative_numbers = true)]
@@ -149,7 +147,8 @@ pub async fn dispatch(ctx: &Ctx, a: DispatchArgs) -> Result<(), CliError> {
     // broker is down.
     let queue = QueueName::parse(&a.queue)?;
     let priority = Priority::new(a.priority)?;
-    let payload = parse_payload(&a.payload)?;
+    let text = payload_text(&a.payload, ctx.config.limits.max_payload_bytes)?;
+    let payload = parse_payload(&text)?;
     let depends_on = a
         .depends_on
         .iter()
@@ -205,6 +204,35 @@ pub async fn dispatch(ctx: &Ctx, a: DispatchArgs) -> Result<(), CliError> {
     };
     print_task(ctx, &task);
     outcome(&task)
+}
+
+/// The payload argument's JSON text: the argument itself, or the contents of `@FILE`, or stdin
+/// for `-`. A file or stdin is read up to `max_bytes` (the payload limit): past it, the read
+/// stops and the error says so (exit 2), so `/dev/zero` or an endless pipe cannot exhaust
+/// memory.
+fn payload_text(arg: &str, max_bytes: usize) -> Result<String, CliError> {
+    use std::io::Read;
+    let (source, reader): (String, Box<dyn Read>) = if arg == "-" {
+        ("stdin".into(), Box::new(std::io::stdin().lock()))
+    } else if let Some(path) = arg.strip_prefix('@') {
+        let file = std::fs::File::open(path)
+            .map_err(|e| CliError::Usage(format!("payload: cannot read the file {path:?}: {e}")))?;
+        (format!("the file {path:?}"), Box::new(file))
+    } else {
+        return Ok(arg.to_string());
+    };
+    let mut bytes = Vec::new();
+    reader
+        .take(max_bytes as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| CliError::Usage(format!("payload: cannot read {source}: {e}")))?;
+    if bytes.len() > max_bytes {
+        return Err(CliError::Usage(format!(
+            "payload: {source} holds more than {max_bytes} bytes, the largest payload (limits.max_payload_bytes)"
+        )));
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| CliError::Usage(format!("payload: {source} is not UTF-8 text")))
 }
 
 /// Exit 1 for a task that ended without completing.
@@ -445,11 +473,7 @@ pub async fn monitor(ctx: &Ctx, a: MonitorArgs) -> Result<(), CliError> {
     let backends = ctx.connect_shared().await?;
     let exporter = listener.map(|l| {
         let url = super::metrics::url(&l);
-        let b = backends.clone();
-        let render: super::metrics::Render = Arc::new(move || {
-            let (b, queues) = (b.clone(), queues.clone());
-            Box::pin(async move { backend_gauges(&b, &queues).await })
-        });
+        let render = super::metrics::render(backends.clone(), queues, None);
         (url, super::metrics::serve(l, render))
     });
     let monitor = Monitor::new(backends, config.clone());

@@ -1,28 +1,41 @@
-//! `--metrics ADDR` of `worker` and `monitor`: Prometheus' text format over plain HTTP/1.1 at
-//! `http://ADDR/metrics`, one response per connection. The body is made on each scrape: the
-//! worker's counters ([`agent_orchestra::engine::MetricsSnapshot::to_prometheus`]) and gauges
-//! read from the backends then ([`agent_orchestra::engine::backend_gauges`]).
+//! `--metrics ADDR` of `worker` and `monitor`: the engine's metrics
+//! ([`agent_orchestra::engine::metrics::prometheus`]) in the OpenMetrics text format at
+//! `http://ADDR/metrics`, served by hyper. Each connection is served by a task of its own: an
+//! idle or slow client holds only its own connection (closed when it has not sent a request
+//! within [`HEADER_TIMEOUT`]), never the scrapes of others. The body is made at each scrape:
+//! the backend gauges are read then, the worker's counters are read from its live metrics.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use agent_orchestra::engine::metrics::prometheus::{BackendGauges, WorkerCollector};
+use agent_orchestra::engine::WorkerHandle;
+use agent_orchestra::{Backends, QueueName};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 
 use super::CliError;
 
 /// Makes a scrape's body.
 pub type Render = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
 
-/// The longest request head read (a scraper sends a few hundred bytes).
+/// How long a client may take to send its request.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one connection may last in all (a client that does not read its response).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest request head read (a scraper sends a few hundred bytes; hyper's least is 8 KiB).
 const MAX_HEAD: usize = 16 * 1024;
-/// How long a client may take to send its request, and to read the response.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Scrapes answered at once; more connections wait for a turn.
-const MAX_CONNECTIONS: usize = 16;
+/// The OpenMetrics text format, which Prometheus asks for and reads.
+const CONTENT_TYPE_OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Parses `--metrics`: a socket address (`127.0.0.1:9464`, `[::1]:9464`, `0.0.0.0:9464`).
 pub fn addr_arg(s: &str) -> Result<SocketAddr, String> {
@@ -47,9 +60,35 @@ pub fn url(listener: &TcpListener) -> String {
     }
 }
 
+/// A scrape's body: the backend gauges of `queues`, read from `backends` at each scrape, and
+/// the counters and attempt-duration histogram of `worker`, if any.
+pub fn render(backends: Backends, queues: Vec<QueueName>, worker: Option<&WorkerHandle>) -> Render {
+    let mut registry = Registry::default();
+    if let Some(w) = worker {
+        WorkerCollector::register(&mut registry).add(w);
+    }
+    let gauges = BackendGauges::register(&mut registry);
+    let registry = Arc::new(registry);
+    let queues: Arc<[QueueName]> = queues.into();
+    Arc::new(move || {
+        let (registry, gauges, backends, queues) = (
+            registry.clone(),
+            gauges.clone(),
+            backends.clone(),
+            queues.clone(),
+        );
+        Box::pin(async move {
+            gauges.refresh(&backends, &queues).await;
+            let mut text = String::new();
+            // Writing into a String cannot fail.
+            let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+            text
+        })
+    })
+}
+
 /// Serves scrapes until the returned task is aborted (or dropped with the runtime).
 pub fn serve(listener: TcpListener, render: Render) -> tokio::task::JoinHandle<()> {
-    let turns = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -61,75 +100,70 @@ pub fn serve(listener: TcpListener, render: Render) -> tokio::task::JoinHandle<(
                     continue;
                 }
             };
-            let Ok(turn) = turns.clone().acquire_owned().await else {
-                return;
-            };
             let render = render.clone();
             tokio::spawn(async move {
-                let _turn = turn;
-                if let Err(e) = tokio::time::timeout(IO_TIMEOUT, answer(stream, &render))
-                    .await
-                    .unwrap_or_else(|_| Err("timed out".into()))
-                {
-                    tracing::debug!(%peer, error = %e, "metrics: request not answered");
+                let service = hyper::service::service_fn(move |request| {
+                    let render = render.clone();
+                    async move { Ok::<_, Infallible>(answer(&request, &render).await) }
+                });
+                let mut http = hyper::server::conn::http1::Builder::new();
+                // One response per connection, as a scraper needs: nothing idles between
+                // scrapes.
+                http.timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .max_buf_size(MAX_HEAD)
+                    .keep_alive(false);
+                let connection = http.serve_connection(TokioIo::new(stream), service);
+                match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "metrics: request not answered")
+                    }
+                    Err(_) => tracing::debug!(%peer, "metrics: connection timed out"),
                 }
             });
         }
     })
 }
 
-/// Reads one request head and answers it.
-async fn answer(mut stream: TcpStream, render: &Render) -> Result<(), String> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > MAX_HEAD {
-            return respond(&mut stream, "431 Request Header Fields Too Large", "").await;
-        }
-        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("closed before the end of the request".into());
-        }
-        head.extend_from_slice(&buf[..n]);
+/// The response to one request: the metrics for `GET /metrics` (headers only for `HEAD`).
+async fn answer(request: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: &'static str| {
+        let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    if request.uri().path() != "/metrics" {
+        return text(StatusCode::NOT_FOUND, "metrics are at /metrics\n");
     }
-    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET", "/metrics") => {
-            let body = render().await;
-            respond(&mut stream, "200 OK", &body).await
+    let body = match *request.method() {
+        Method::GET => render().await,
+        // Hyper sends no body for HEAD; the backends need not be asked.
+        Method::HEAD => String::new(),
+        _ => {
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+            r.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return r;
         }
-        ("HEAD", "/metrics") => respond_head(&mut stream, "200 OK", 0).await,
-        (_, "/metrics") => respond(&mut stream, "405 Method Not Allowed", "use GET\n").await,
-        _ => respond(&mut stream, "404 Not Found", "metrics are at /metrics\n").await,
-    }
-}
-
-async fn respond(stream: &mut TcpStream, status: &str, body: &str) -> Result<(), String> {
-    respond_head(stream, status, body.len()).await?;
-    stream
-        .write_all(body.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    stream.shutdown().await.map_err(|e| e.to_string())
-}
-
-async fn respond_head(stream: &mut TcpStream, status: &str, len: usize) -> Result<(), String> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(CONTENT_TYPE_OPENMETRICS),
     );
-    stream
-        .write_all(head.as_bytes())
-        .await
-        .map_err(|e| e.to_string())
+    r
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     #[test]
     fn addresses_are_parsed_and_bad_ones_say_what_is_expected() {
@@ -140,41 +174,96 @@ mod tests {
         assert!(addr_arg("127.0.0.1:99999").is_err());
     }
 
+    /// Sends `request` and reads the whole response (the server closes the connection after
+    /// it), within a generous bound: a server that stalls fails the test rather than hanging it.
     async fn get(addr: SocketAddr, request: &str) -> String {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(request.as_bytes()).await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
+        let exchange = async {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out).await;
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        tokio::time::timeout(Duration::from_secs(8), exchange)
+            .await
+            .unwrap_or_else(|_| panic!("no response to {request:?} within 8 s"))
+    }
+
+    fn fixed(body: &'static str) -> Render {
+        Arc::new(move || Box::pin(async move { body.to_string() }))
+    }
+
+    async fn start(render: Render) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        (addr, serve(listener, render))
     }
 
     #[tokio::test]
     async fn answers_metrics_and_refuses_the_rest() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let render: Render = Arc::new(|| Box::pin(async { "orchestra_x 1\n".to_string() }));
-        let server = serve(listener, render);
+        let (addr, server) = start(fixed("orchestra_x 1\n# EOF\n")).await;
         let ok = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let lower = ok.to_ascii_lowercase();
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
-        assert!(ok.contains("Content-Length: 14\r\n"), "{ok}");
-        assert!(ok.ends_with("\r\n\r\norchestra_x 1\n"), "{ok}");
+        assert!(lower.contains("content-length: 20\r\n"), "{ok}");
+        assert!(
+            lower.contains("content-type: application/openmetrics-text; version=1.0.0"),
+            "{ok}"
+        );
+        assert!(ok.ends_with("\r\n\r\norchestra_x 1\n# EOF\n"), "{ok}");
         let q = get(addr, "GET /metrics?x=1 HTTP/1.0\r\n\r\n").await;
-        assert!(q.starts_with("HTTP/1.1 200 OK\r\n"), "{q}");
-        let nf = get(addr, "GET / HTTP/1.1\r\n\r\n").await;
+        assert!(q.contains(" 200 OK\r\n"), "{q}");
+        let head = get(addr, "HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "no body for HEAD: {head}");
+        let nf = get(addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(nf.starts_with("HTTP/1.1 404 "), "{nf}");
-        let post = get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
+        let post = get(addr, "POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
         let big = format!("GET /metrics HTTP/1.1\r\nX: {}", "a".repeat(40_000));
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(big.as_bytes()).await.unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out).await;
+        let out = get(addr, &big).await;
         assert!(out.starts_with("HTTP/1.1 431 "), "{out}");
-        // A client that sends nothing does not stop others from being answered.
-        let _idle = TcpStream::connect(addr).await.unwrap();
-        let again = get(addr, "GET /metrics HTTP/1.1\r\n\r\n").await;
-        assert!(again.starts_with("HTTP/1.1 200 OK\r\n"), "{again}");
         server.abort();
+    }
+
+    /// Idle connections (a scraper's stale keep-alive, a port scanner) each hold only their own
+    /// connection: a scrape behind twenty of them is answered (before, a pool of 16 turns was
+    /// held by them and the scrape waited 10 s for their timeout).
+    #[tokio::test]
+    async fn a_scrape_is_answered_behind_twenty_idle_connections() {
+        let (addr, server) = start(fixed("orchestra_x 1\n# EOF\n")).await;
+        let mut idle = Vec::new();
+        for _ in 0..20 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // One more that sent half a request.
+        let mut half = TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET /metr").await.unwrap();
+        let ok = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(ok.ends_with("orchestra_x 1\n# EOF\n"), "{ok}");
+        drop(idle);
+        server.abort();
+    }
+
+    /// The body a worker's endpoint serves: its counters, histogram and the backend gauges,
+    /// with HELP lines.
+    #[tokio::test]
+    async fn the_rendered_body_has_help_lines_and_the_backend_gauges() {
+        let backends = Backends::memory();
+        let q = QueueName::parse("mq").unwrap();
+        let body = render(backends, vec![q], None)().await;
+        for line in [
+            "# HELP orchestra_tasks Tasks by status, from the registry's counts.",
+            "orchestra_tasks{status=\"COMPLETED\"} 0",
+            "orchestra_queue_messages{queue=\"mq\",state=\"waiting\"} 0",
+            "orchestra_registry_up 1",
+            "orchestra_bus_up 1",
+            "# EOF",
+        ] {
+            assert!(body.lines().any(|l| l == line), "no {line:?} in:\n{body}");
+        }
+        assert!(!body.contains("orchestra_worker_"), "no worker: {body}");
     }
 
     #[tokio::test]

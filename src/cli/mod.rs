@@ -235,7 +235,7 @@ impl CliError {
     }
 }
 
-/// Parses a duration argument (`250ms`, `30s`, `5m`).
+/// Parses a duration argument (`250ms`, `30s`, `1m30s`, `2h`; see `config::parse_duration`).
 pub fn duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }

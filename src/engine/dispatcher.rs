@@ -144,9 +144,9 @@ impl Dispatcher {
                     "delay",
                     format!(
                         "{} is longer than the {} bus keeps a delayed message ({})",
-                        crate::config::format_duration(options.delay),
+                        crate::clock::format_duration(options.delay),
                         self.backends.bus.backend(),
-                        crate::config::format_duration(max)
+                        crate::clock::format_duration(max)
                     ),
                 ));
             }

@@ -13,7 +13,9 @@ mod worker;
 pub use builder::TaskBuilder;
 pub use dispatcher::{DispatchOptions, Dispatcher};
 pub use handler::{handler_fn, typed, Handler, TaskContext, TaskError, TaskResultExt};
-pub use metrics::{backend_gauges, MetricsSnapshot, WorkerMetrics};
+#[cfg(feature = "metrics")]
+pub use metrics::prometheus::backend_gauges;
+pub use metrics::{MetricsSnapshot, WorkerMetrics};
 pub use monitor::{Monitor, MonitorConfig, MonitorHandle, MonitorReport};
 pub use retry::Backoff;
 pub use worker::{default_worker_id, Finished, ShutdownReport, Worker, WorkerConfig, WorkerHandle};

@@ -64,7 +64,7 @@ impl MonitorConfig {
                 "monitor.interval",
                 format!(
                     "must be between 10ms and 7h, got {}",
-                    crate::config::format_duration(self.interval)
+                    crate::clock::format_duration(self.interval)
                 ),
             ));
         }

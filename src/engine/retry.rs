@@ -13,12 +13,12 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Backoff {
     /// The first delay.
-    #[serde(with = "crate::config::duration_serde")]
+    #[serde(with = "crate::clock::duration_serde")]
     pub base: Duration,
     /// The growth factor per attempt (>= 1).
     pub factor: f64,
     /// The largest delay.
-    #[serde(with = "crate::config::duration_serde")]
+    #[serde(with = "crate::clock::duration_serde")]
     pub max: Duration,
     /// Fraction of the delay that is randomised (0 = none, 1 = full jitter).
     pub jitter: f64,

@@ -491,8 +491,8 @@ impl Bus for RabbitBus {
                     "delay",
                     format!(
                         "at most {} on RabbitMQ (a queue's x-message-ttl is a 32-bit number of milliseconds), got {}",
-                        crate::config::format_duration(MAX_DELAY),
-                        crate::config::format_duration(m.delay)
+                        crate::clock::format_duration(MAX_DELAY),
+                        crate::clock::format_duration(m.delay)
                     ),
                 ));
             }

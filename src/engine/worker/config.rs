@@ -75,7 +75,7 @@ impl WorkerConfig {
                 "worker.lease",
                 format!(
                     "must be between 100ms and 7d, got {}",
-                    crate::config::format_duration(self.lease)
+                    crate::clock::format_duration(self.lease)
                 ),
             ));
         }

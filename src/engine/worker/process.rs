@@ -150,10 +150,7 @@ pub(super) async fn process_inner(
 
     let started = Instant::now();
     let outcome = run_with_lease(inner, handler, &running, d, abandon).await;
-    inner.metrics.handler_micros.fetch_add(
-        started.elapsed().as_micros() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    inner.metrics.record_attempt(started.elapsed());
     // The handler is done: the slot runs the next task while this outcome is recorded (the
     // recording permit bounds how many are, and a shutdown waits for them).
     let _recording = inner.recording.clone().acquire_owned().await;
