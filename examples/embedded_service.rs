@@ -59,9 +59,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => None,
     };
 
-    let mut config = Config::load(None)?; // ORCHESTRA_CONFIG, ORCHESTRA_URL, ...
-                                          // The self-contained demo batch gets a namespace of its own on a shared broker, deleted at
-                                          // the end; a service (--serve) keeps the configured one.
+    let mut config = Config::load(None)?.or_url("memory://"); // ORCHESTRA_CONFIG, ORCHESTRA_URL, ...
+                                                              // The self-contained demo batch gets a namespace of its own on a shared broker, deleted at
+                                                              // the end; a service (--serve) keeps the configured one.
     let scratch = !serve && !config.is_memory() && config.prefix.is_empty();
     if scratch {
         config.prefix = format!("example_{:08x}_", rand::random::<u32>());

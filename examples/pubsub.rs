@@ -10,7 +10,7 @@ use agent_orchestra::connect::drop_namespace;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut config = Config::load(None)?;
+    let mut config = Config::load(None)?.or_url("memory://");
     // On a shared broker, a namespace of our own, deleted at the end.
     let scratch = !config.is_memory() && config.prefix.is_empty();
     if scratch {

@@ -22,7 +22,7 @@ struct Findings {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut config = Config::load(None)?;
+    let mut config = Config::load(None)?.or_url("memory://");
     // On a shared broker, a namespace of our own, deleted at the end.
     let scratch = !config.is_memory() && config.prefix.is_empty();
     if scratch {

@@ -120,7 +120,8 @@ const KNOWN_SCHEMES: &[&str] = &["memory", "redis", "rediss", "nats", "tls", "am
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// One URL for the bus, the registry and the locks (`memory://` when nothing is set).
+    /// One URL for the bus, the registry and the locks. With neither it nor a role's own URL,
+    /// [`Config::connect`] refuses to guess (see [`Config::or_url`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// The bus's URL, if it differs from `url`.
@@ -566,7 +567,43 @@ impl Config {
         }
     }
 
-    /// True when every role runs on the in-memory backend (state lives in this process only).
+    /// The roles for which neither `url` nor the role's own URL is set: [`Config::connect`]
+    /// refuses to guess them (a service that forgot its URL would otherwise run alone in
+    /// memory, and its tasks vanish with it).
+    pub fn roles_without_url(&self) -> Vec<&'static str> {
+        if self.url.is_some() {
+            return Vec::new();
+        }
+        [
+            ("bus", &self.bus_url),
+            ("registry", &self.registry_url),
+            ("locks", &self.locks_url),
+        ]
+        .into_iter()
+        .filter(|(_, own)| own.is_none())
+        .map(|(role, _)| role)
+        .collect()
+    }
+
+    /// The same configuration with `url` set to `url` when it is not set: an explicit default,
+    /// such as `memory://` for a program that runs on its own unless told otherwise.
+    ///
+    /// ```
+    /// use agent_orchestra::config::Config;
+    /// let c = Config::default().or_url("memory://");
+    /// assert!(c.is_memory());
+    /// let c = Config { url: Some("redis://127.0.0.1".into()), ..Config::default() }.or_url("memory://");
+    /// assert!(!c.is_memory());
+    /// ```
+    pub fn or_url(mut self, url: impl Into<String>) -> Self {
+        if self.url.is_none() {
+            self.url = Some(url.into());
+        }
+        self
+    }
+
+    /// Whether every role runs on `memory://` (also when no URL is set: see
+    /// [`Config::roles_without_url`]).
     pub fn is_memory(&self) -> bool {
         self.roles_on_memory().len() == 3
     }
@@ -649,6 +686,16 @@ impl Config {
     /// `memory://` makes a new, private set of state.
     pub async fn connect(&self) -> Result<Backends> {
         self.validate()?;
+        let unset = self.roles_without_url();
+        if !unset.is_empty() {
+            return Err(Error::config(
+                "url",
+                format!(
+                    "no URL is configured for the {}: set ORCHESTRA_URL (or `url` in the config file), or say `memory://` to keep everything in this process (Config::or_url(\"memory://\"))",
+                    unset.join(" and ")
+                ),
+            ));
+        }
         let on_memory = self.roles_on_memory();
         match on_memory.len() {
             0 => {}
@@ -1055,7 +1102,7 @@ max_age = "7d"
 
     #[tokio::test]
     async fn connect_reports_a_disabled_feature_or_opens_memory() {
-        let c = Config::default();
+        let c = Config::default().or_url(DEFAULT_URL);
         assert_eq!(c.connect().await.unwrap().registry.backend(), "memory");
         #[cfg(not(feature = "redis"))]
         {
@@ -1066,5 +1113,30 @@ max_age = "7d"
                 Err(Error::FeatureDisabled { .. })
             ));
         }
+    }
+
+    #[tokio::test]
+    async fn connect_refuses_to_guess_a_missing_url() {
+        let err = Config::default().connect().await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Config { key, .. } if key == "url"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("bus and registry and locks"),
+            "{err}"
+        );
+        let partial = Config {
+            bus_url: Some("memory://".into()),
+            ..Config::default()
+        };
+        let err = partial.connect().await.unwrap_err();
+        assert!(err.to_string().contains("registry and locks"), "{err}");
+        let b = Config::default()
+            .or_url("memory://")
+            .connect()
+            .await
+            .unwrap();
+        assert_eq!(b.bus.backend(), "memory");
     }
 }

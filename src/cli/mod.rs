@@ -391,6 +391,9 @@ fn load_config(g: &GlobalArgs) -> Result<Config, CliError> {
     if let Some(p) = &g.prefix {
         config.prefix = p.clone();
     }
+    // The command line runs on memory:// when no URL is given, and says so on stderr
+    // (Ctx::connect_shared); the library's Config::connect refuses to guess.
+    let config = config.or_url(agent_orchestra::config::DEFAULT_URL);
     config.validate()?;
     tracing::debug!(
         bus = %redact_url(&config.backend_urls().bus),
