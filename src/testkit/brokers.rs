@@ -73,8 +73,11 @@ pub trait BrokerControl: Send + Sync {
     }
 }
 
-/// How long a private broker may take to accept connections after it was started.
+/// How long a private Redis or NATS may take to accept connections after it was started.
 const STARTUP: Duration = Duration::from_secs(30);
+
+/// How long a private RabbitMQ may take to accept connections (it boots an Erlang node).
+const RABBITMQ_STARTUP: Duration = Duration::from_secs(120);
 
 /// A free local TCP port (bound, then released, so the broker can take it).
 pub fn free_port() -> u16 {
@@ -116,11 +119,14 @@ impl Drop for PrivateDir {
 }
 
 /// A broker process this test started on a free local port, with a directory of its own (its
-/// storage and its log); killed, and its directory deleted, when dropped.
+/// storage and its log); killed (with every process it started), and its directory deleted,
+/// when dropped.
 #[derive(Debug)]
 pub struct PrivateBroker {
     program: String,
     args: Vec<String>,
+    env: Vec<(String, String)>,
+    startup: Duration,
     port: u16,
     url: String,
     dir: PrivateDir,
@@ -135,11 +141,36 @@ impl PrivateBroker {
         args: impl FnOnce(u16, &Path) -> Vec<String>,
         url: impl FnOnce(u16) -> String,
     ) -> PrivateBroker {
+        PrivateBroker::launch_with(
+            program,
+            |port, dir| (args(port, dir), Vec::new()),
+            STARTUP,
+            url,
+        )
+        .await
+    }
+
+    /// [`launch`](PrivateBroker::launch) for a broker configured by its environment too:
+    /// `setup(port, dir)` returns the arguments and the environment variables, and may write
+    /// files into `dir`. The port must accept connections within `startup`.
+    pub async fn launch_with(
+        program: &str,
+        setup: impl FnOnce(u16, &Path) -> (Vec<String>, Vec<(String, String)>),
+        startup: Duration,
+        url: impl FnOnce(u16) -> String,
+    ) -> PrivateBroker {
         let port = free_port();
-        let dir = PrivateDir::new(program);
+        let name = Path::new(program)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "broker".to_string());
+        let dir = PrivateDir::new(&name);
+        let (args, env) = setup(port, dir.path());
         let mut broker = PrivateBroker {
             program: program.to_string(),
-            args: args(port, dir.path()),
+            args,
+            env,
+            startup,
             port,
             url: url(port),
             dir,
@@ -204,6 +235,58 @@ impl PrivateBroker {
         .await
     }
 
+    /// A RabbitMQ node of its own (`rabbit_<port>@localhost`, its database in its directory, no
+    /// plugin, no configuration file, a cookie of its own) listening for AMQP on 127.0.0.1,
+    /// reached as `guest`/`guest`. Booting takes seconds (an Erlang node), up to
+    /// [`RABBITMQ_STARTUP`] on a busy machine. Needs epmd, which the node starts if it is not
+    /// running.
+    pub async fn rabbitmq() -> PrivateBroker {
+        // The packaged `rabbitmq-server` is a wrapper that switches to the `rabbitmq` user,
+        // which would drop this environment: run the script it wraps when it is there.
+        let direct = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+        let program = if Path::new(direct).exists() {
+            direct
+        } else {
+            "rabbitmq-server"
+        };
+        PrivateBroker::launch_with(
+            program,
+            |port, dir| {
+                let file = |name: &str, text: &str| {
+                    let path = dir.join(name);
+                    std::fs::write(&path, text)
+                        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+                    path.display().to_string()
+                };
+                let at = |name: &str| dir.join(name).display().to_string();
+                let env = [
+                    ("HOME", dir.display().to_string()),
+                    // An empty env file: the machine's may name the shared node.
+                    ("RABBITMQ_CONF_ENV_FILE", file("rabbitmq-env.conf", "")),
+                    (
+                        "RABBITMQ_ENABLED_PLUGINS_FILE",
+                        file("enabled_plugins", "[]."),
+                    ),
+                    ("RABBITMQ_CONFIG_FILE", at("rabbitmq")),
+                    ("RABBITMQ_ADVANCED_CONFIG_FILE", at("advanced.config")),
+                    ("RABBITMQ_NODENAME", format!("rabbit_{port}@localhost")),
+                    ("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".to_string()),
+                    ("RABBITMQ_NODE_PORT", port.to_string()),
+                    ("RABBITMQ_DIST_PORT", free_port().to_string()),
+                    ("RABBITMQ_MNESIA_BASE", at("mnesia")),
+                    ("RABBITMQ_LOG_BASE", at("log")),
+                    ("RABBITMQ_PID_FILE", at("rabbitmq.pid")),
+                    ("ERL_EPMD_ADDRESS", "127.0.0.1".to_string()),
+                ];
+                let env = env.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                (Vec::new(), env)
+            },
+            RABBITMQ_STARTUP,
+            |port| format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        )
+        .await
+    }
+
     /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.port
@@ -230,15 +313,20 @@ impl PrivateBroker {
         let err_log = log
             .try_clone()
             .unwrap_or_else(|e| panic!("cannot open the broker's log: {e}"));
-        let child = Command::new(&self.program)
-            .args(&self.args)
+        let mut command = Command::new(&self.program);
+        command.args(&self.args).envs(self.env.iter().cloned());
+        // A group of its own, so that a kill also reaches what a launcher script started.
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err_log))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {} (is it installed?): {e}", self.program));
         self.child = Some(child);
-        let deadline = Instant::now() + STARTUP;
+        let startup = self.startup;
+        let deadline = Instant::now() + startup;
         while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
             .await
             .is_err()
@@ -249,7 +337,7 @@ impl PrivateBroker {
             }
             assert!(
                 Instant::now() < deadline,
-                "{} did not listen on {} within {STARTUP:?}: {}",
+                "{} did not listen on {} within {startup:?}: {}",
                 self.program,
                 self.port,
                 self.log()
@@ -258,9 +346,15 @@ impl PrivateBroker {
         }
     }
 
-    /// SIGKILL: no shutdown, no final save.
+    /// SIGKILL to the broker and every process it started: no shutdown, no final save.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            #[cfg(unix)]
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -411,7 +505,8 @@ pub async fn worker_keeps_consuming_across_a_restart(broker: &mut dyn BrokerCont
     let wait_for = |n: usize, what: &'static str| {
         let consumed = consumed.clone();
         async move {
-            let deadline = Instant::now() + Duration::from_secs(60);
+            // Generous: a busy machine may take a while to reconnect after the restart.
+            let deadline = Instant::now() + Duration::from_secs(120);
             while consumed.lock().len() < n {
                 assert!(
                     Instant::now() < deadline,
