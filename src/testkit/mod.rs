@@ -47,6 +47,7 @@ pub mod bus;
 pub mod engine;
 pub mod harness;
 pub mod locks;
+mod private_broker;
 pub mod registry;
 #[cfg(test)]
 mod suite_lists;
