@@ -59,8 +59,8 @@ pub trait BrokerControl: Send + Sync {
     /// connections.
     async fn start(&mut self);
 
-    /// Opens the backends on this broker under `prefix`. The default connects to [`url`]
-    /// (`BrokerControl::url`) for every role with [`connect`].
+    /// Opens the backends on this broker under `prefix`. The default connects to
+    /// [`url`](BrokerControl::url) for every role with [`connect`].
     async fn open(&self, prefix: &str) -> Backends {
         let opts = ConnectOptions {
             prefix: prefix.to_string(),

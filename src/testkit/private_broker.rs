@@ -179,7 +179,7 @@ impl PrivateBroker {
     /// A RabbitMQ node of its own (`rabbit_<port>@localhost`, its database in its directory, no
     /// plugin, no configuration file, a cookie of its own) listening for AMQP on 127.0.0.1,
     /// reached as `guest`/`guest`. Booting takes seconds (an Erlang node), up to
-    /// [`RABBITMQ_STARTUP`] on a busy machine. Needs epmd, which the node starts if it is not
+    /// two minutes on a busy machine. Needs epmd, which the node starts if it is not
     /// running.
     pub async fn rabbitmq() -> PrivateBroker {
         // The packaged `rabbitmq-server` is a wrapper that switches to the `rabbitmq` user,
