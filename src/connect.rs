@@ -15,6 +15,9 @@ use crate::error::{Error, Result};
 use crate::model::QueueName;
 use crate::redact::redact_url;
 
+/// [`Driver::footprint`]'s answer: whether the registry's storage exists, and each queue.
+type Survey<'a> = BoxFuture<'a, Result<(bool, Vec<bool>)>>;
+
 /// What one backend does with a URL of its schemes.
 struct Driver {
     /// The URL schemes it serves.
@@ -27,12 +30,7 @@ struct Driver {
     drop_namespace:
         for<'a> fn(&'a Url, &'a ConnectOptions, &'a [QueueName]) -> BoxFuture<'a, Result<()>>,
     /// Whether the registry's storage (when asked) and each queue exist (see [`footprint`]).
-    footprint: for<'a> fn(
-        &'a Url,
-        &'a ConnectOptions,
-        bool,
-        &'a [QueueName],
-    ) -> BoxFuture<'a, Result<(bool, Vec<bool>)>>,
+    footprint: for<'a> fn(&'a Url, &'a ConnectOptions, bool, &'a [QueueName]) -> Survey<'a>,
 }
 
 /// Every scheme any build knows, with the cargo feature that compiles its backend in.
@@ -52,7 +50,7 @@ fn nothing_to_survey<'a>(
     _: &'a ConnectOptions,
     _: bool,
     queues: &'a [QueueName],
-) -> BoxFuture<'a, Result<(bool, Vec<bool>)>> {
+) -> Survey<'a> {
     let answer = (true, vec![true; queues.len()]);
     Box::pin(async move { Ok(answer) })
 }

@@ -97,7 +97,7 @@ pub mod testkit;
 pub mod wire;
 
 pub use bundle::{Backends, ConnectOptions};
-pub use bus::{Bus, DeadLetter, Delivery, FetchOptions, OutgoingMessage, QueueStats, Subscription};
+pub use bus::{Bus, DeadLetter, QueueStats, Subscription};
 pub use connect::{connect, BackendUrls};
 pub use engine::{
     handler_fn, typed, DispatchOptions, Dispatcher, Monitor, MonitorConfig, MonitorHandle,

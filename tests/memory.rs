@@ -2,10 +2,8 @@
 
 use std::time::Duration;
 
-use agent_orchestra::{
-    connect, BackendUrls, Backends, ConnectOptions, FetchOptions, OutgoingMessage, Priority,
-    QueueName,
-};
+use agent_orchestra::bus::{FetchOptions, OutgoingMessage};
+use agent_orchestra::{connect, BackendUrls, Backends, ConnectOptions, Priority, QueueName};
 
 /// Opens `memory://` the way every backend is opened, with the prefix and the default options
 /// (so `max_deliveries` is the default).

@@ -1,10 +1,11 @@
-//! The conformance and engine suites against real NATS with JetStream, plus what only the NATS
-//! backend promises (reconnect after a server restart, auth and TLS from the URL, the lease
-//! mapped onto the consumers' AckWait).
+//! The conformance and engine suites against real NATS with JetStream, the tests every backend
+//! shares that need a server of their own (a restart loses nothing, subscribers are renewed, ports
+//! where no NATS answers: `agent_orchestra::testkit::brokers`), plus what only the NATS backend
+//! promises (auth and TLS from the URL, the lease mapped onto the consumers' AckWait).
 //!
 //! The shared broker comes from `ORCHESTRA_TEST_NATS_URL`, a container, or 127.0.0.1:4222 (see
-//! `agent_orchestra::testkit::harness`). Tests that stop a server start their own `nats-server`
-//! on a free port.
+//! `agent_orchestra::testkit::harness`). Tests that stop a server, or need auth or TLS, start
+//! their own `nats-server` on a free port.
 
 use agent_orchestra::testkit::harness::{broker_url, BrokerKind};
 use agent_orchestra::{connect, BackendUrls, Backends, ConnectOptions};
@@ -34,91 +35,21 @@ agent_orchestra::engine_suite!(make_backends, cleanup);
 
 // ---- NATS-only behaviour, against nats-server processes these tests start themselves ----
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agent_orchestra::bundle::{Parts, Roles};
+use agent_orchestra::testkit::brokers::{self, PrivateBroker};
 
-use agent_orchestra::{Error, FetchOptions, Limits, OutgoingMessage, Priority, QueueName, Task};
+use agent_orchestra::bus::{FetchOptions, OutgoingMessage};
+use agent_orchestra::{Error, Priority, QueueName};
 
 /// The error of an `open` that must fail (`Parts` is not `Debug`).
 fn open_error(r: agent_orchestra::Result<Parts>, why: &str) -> Error {
     match r {
         Ok(_) => panic!("{why}"),
         Err(e) => e,
-    }
-}
-
-/// A `nats-server` child process, killed when dropped.
-struct OwnServer {
-    child: Child,
-    port: u16,
-    args: Vec<String>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free local port")
-}
-
-impl OwnServer {
-    /// Starts `nats-server -a 127.0.0.1 -p <port> <args>` and waits until it accepts.
-    fn start(port: u16, args: &[String]) -> OwnServer {
-        let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start nats-server: is it installed (apt-get install nats-server)?");
-        let server = OwnServer {
-            child,
-            port,
-            args: args.to_vec(),
-        };
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server on port {port} did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
-    }
-
-    /// A JetStream server storing under `store`.
-    fn jetstream(port: u16, store: &Path) -> OwnServer {
-        OwnServer::start(
-            port,
-            &[
-                "-js".to_string(),
-                "-sd".to_string(),
-                store.display().to_string(),
-            ],
-        )
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Kills the server and starts it again with the same port and arguments (same store).
-    fn restart(&mut self) {
-        self.kill();
-        *self = OwnServer::start(self.port, &self.args.clone());
-    }
-}
-
-impl Drop for OwnServer {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -130,138 +61,28 @@ fn opts(prefix: &str) -> ConnectOptions {
     }
 }
 
-/// Retries `f` while it fails with a temporary error (the broker is restarting), for up to 30 s.
-async fn retry_temporary<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = agent_orchestra::Result<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) if e.is_temporary() && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("{what}: {e} (temporary: {})", e.is_temporary()),
-        }
-    }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumption_resumes_after_the_server_restarts_and_nothing_is_lost() {
+    let mut server = PrivateBroker::nats_jetstream(&[]).await;
+    brokers::worker_keeps_consuming_across_a_restart(&mut server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consumption_resumes_after_the_server_restarts_and_nothing_is_lost() {
-    let store = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
-    let mut server = OwnServer::jetstream(port, store.path());
-    let url = format!("nats://127.0.0.1:{port}");
-    let b = connect(&BackendUrls::all(url.as_str()), &opts("restart_"))
-        .await
-        .expect("connect to our own nats-server");
-    let q = QueueName::parse("survivors").expect("queue name");
-    let mut ids = Vec::new();
-    for i in 0..20u8 {
-        let p = Priority::new(i64::from(i % 10) + 1).expect("priority");
-        let id = b
-            .bus
-            .enqueue(&q, OutgoingMessage::new(format!("{{\"i\":{i}}}"), p))
-            .await
-            .expect("enqueue before the restart");
-        ids.push(id);
-    }
-    let task = Task::new(
-        q.clone(),
-        serde_json::json!({"keep": "me"}),
-        Priority::DEFAULT,
-        3,
-        vec![],
-        &Limits::default(),
-    )
-    .expect("task");
-    b.registry
-        .create(&task)
-        .await
-        .expect("create before the restart");
-    let lease = Duration::from_secs(20);
-    let first = b
-        .bus
-        .fetch(
-            &q,
-            FetchOptions {
-                max: 5,
-                wait: Duration::from_secs(2),
-                lease,
-            },
-        )
-        .await
-        .expect("fetch before the restart");
-    assert_eq!(first.len(), 5);
-    for d in &first {
-        b.bus.ack(d).await.expect("ack before the restart");
-    }
+async fn subscriber_resubscribes_after_a_server_restart() {
+    let mut server = PrivateBroker::nats_jetstream(&[]).await;
+    brokers::subscriber_resubscribes_after_a_restart(&mut server).await;
+}
 
-    server.restart();
-
-    let mut got: Vec<String> = first.iter().map(|d| d.message_id.clone()).collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while got.len() < ids.len() {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {} messages came back after the restart",
-            got.len(),
-            ids.len()
-        );
-        match b
-            .bus
-            .fetch(
-                &q,
-                FetchOptions {
-                    max: 4,
-                    wait: Duration::from_millis(500),
-                    lease,
-                },
-            )
-            .await
-        {
-            Ok(batch) => {
-                for d in batch {
-                    retry_temporary("ack after the restart", || b.bus.ack(&d)).await;
-                    got.push(d.message_id);
-                }
-            }
-            Err(e) => {
-                assert!(e.is_temporary(), "a restart must look temporary: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    got.sort();
-    let mut want = ids.clone();
-    want.sort();
-    assert_eq!(got, want, "every message once, none lost, none invented");
-    let stored = retry_temporary("get after the restart", || b.registry.get(&task.task_id))
-        .await
-        .expect("the task survived the restart");
-    assert_eq!(stored.payload, task.payload);
-    // And new work flows again.
-    retry_temporary("enqueue after the restart", || {
-        b.bus
-            .enqueue(&q, OutgoingMessage::new(&b"{}"[..], Priority::HIGHEST))
-    })
-    .await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_refused_is_a_temporary_error() {
+    brokers::a_port_nobody_listens_on_is_a_temporary_error(|p| format!("nats://127.0.0.1:{p}"))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_and_password_come_from_the_url_and_stay_secret() {
-    let port = free_port();
-    let _server = OwnServer::start(
-        port,
-        &[
-            "--user".into(),
-            "alice".into(),
-            "--pass".into(),
-            "s3cret-pw".into(),
-        ],
-    );
+    let server = PrivateBroker::nats(&["--user", "alice", "--pass", "s3cret-pw"]).await;
+    let port = server.port();
     let events_only = Roles {
         bus: true,
         registry: false,
@@ -294,8 +115,8 @@ async fn user_and_password_come_from_the_url_and_stay_secret() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_comes_from_the_user_part_or_the_query() {
-    let port = free_port();
-    let _server = OwnServer::start(port, &["--auth".into(), "T0K3N".into()]);
+    let server = PrivateBroker::nats(&["--auth", "T0K3N"]).await;
+    let port = server.port();
     let events_only = Roles {
         bus: true,
         registry: false,
@@ -389,20 +210,18 @@ async fn tls_by_scheme_or_option_with_a_private_ca() {
     let dir = tempfile::tempdir().expect("temp dir");
     make_certificates(dir.path());
     let store = dir.path().join("js");
-    let port = free_port();
-    let _server = OwnServer::start(
-        port,
-        &[
-            "-js".into(),
-            "-sd".into(),
-            store.display().to_string(),
-            "--tls".into(),
-            "--tlscert".into(),
-            dir.path().join("server.pem").display().to_string(),
-            "--tlskey".into(),
-            dir.path().join("server.key").display().to_string(),
-        ],
-    );
+    let server = PrivateBroker::nats(&[
+        "-js",
+        "-sd",
+        &store.display().to_string(),
+        "--tls",
+        "--tlscert",
+        &dir.path().join("server.pem").display().to_string(),
+        "--tlskey",
+        &dir.path().join("server.key").display().to_string(),
+    ])
+    .await;
+    let port = server.port();
     let ca = dir.path().join("ca.pem").display().to_string();
     for url in [
         format!("tls://127.0.0.1:{port}?tls_ca={ca}"),
@@ -712,8 +531,8 @@ authorization {{
         ),
     )
     .expect("write the server's configuration");
-    let port = free_port();
-    let _server = OwnServer::start(port, &["-c".to_string(), config.display().to_string()]);
+    let server = PrivateBroker::nats(&["-c", &config.display().to_string()]).await;
+    let port = server.port();
     let url = |user: &str| format!("nats://{user}:pw@127.0.0.1:{port}");
     let publisher = connect(&BackendUrls::all(url("all").as_str()), &opts("perm_"))
         .await

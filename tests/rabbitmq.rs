@@ -1,22 +1,27 @@
-//! The conformance suite on RabbitMQ, plus what only the RabbitMQ backend promises: reconnecting
-//! after the broker closes its connections, a registry view rebuilt from the log by another
-//! process, compare-and-set decided by log order across processes, locks freed when their
+//! The conformance suite on RabbitMQ, the tests every backend shares that need a broker of their
+//! own (a restart loses nothing, subscribers are renewed, ports where no RabbitMQ answers:
+//! `agent_orchestra::testkit::brokers`), plus what only the RabbitMQ backend promises:
+//! reconnecting after the broker closes its connections, a registry view rebuilt from the log by
+//! another process, compare-and-set decided by log order across processes, locks freed when their
 //! holder's connection dies, and the broker requeueing what a dead consumer held.
 //!
 //! Needs a RabbitMQ (3.9+, streams) with `guest`/`guest`: `ORCHESTRA_TEST_AMQP_URL`, a container,
 //! or the local default port (see `agent_orchestra::testkit::harness::broker_url`). The tests that
-//! close connections server-side and the cleanup use `rabbitmqctl` on this machine.
+//! close connections server-side and the cleanup use `rabbitmqctl` on this machine; the restart
+//! tests boot a RabbitMQ node of their own (`rabbitmq-server` on a free port).
 
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
 use agent_orchestra::backends::rabbitmq::RabbitRegistry;
+use agent_orchestra::bus::{FetchOptions, OutgoingMessage};
+use agent_orchestra::testkit::brokers::{self, PrivateBroker};
 use agent_orchestra::testkit::harness::{broker_url, unique_prefix, BrokerKind};
 use agent_orchestra::testkit::run_suite_test;
 use agent_orchestra::{
-    connect, BackendUrls, Backends, ConnectOptions, Error, Expected, FetchOptions, OutgoingMessage,
-    Priority, QueueName, Registry, Task, TaskId, TaskStatus,
+    connect, BackendUrls, Backends, ConnectOptions, Error, Expected, Priority, QueueName, Registry,
+    Task, TaskId, TaskStatus,
 };
 
 mod support;
@@ -249,6 +254,19 @@ fn reconnects_after_the_broker_closes_its_connections() {
         .expect("an event after the reconnect");
         assert_eq!(got, b"{\"after\":true}");
     });
+}
+
+/// A RabbitMQ node of this test's own is killed and started again while a worker consumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_keeps_consuming_across_a_broker_restart_and_loses_nothing() {
+    let mut node = PrivateBroker::rabbitmq().await;
+    brokers::worker_keeps_consuming_across_a_restart(&mut node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_resubscribes_after_a_broker_restart() {
+    let mut node = PrivateBroker::rabbitmq().await;
+    brokers::subscriber_resubscribes_after_a_restart(&mut node).await;
 }
 
 /// A second process (its own connection) rebuilds the registry view from the log: it sees every
@@ -672,16 +690,19 @@ async fn drop_namespace_deletes_the_queues_of_the_prefix_and_nothing_else() {
 /// Debug dump of its parser.
 #[tokio::test]
 async fn a_port_that_does_not_speak_amqp_is_one_clear_error() {
-    let port = support::wrong_protocol_server();
-    let url = format!("amqp://guest:guest@127.0.0.1:{port}");
-    let e = match connect(&BackendUrls::all(&url), &options("t_wrongport_")).await {
-        Ok(_) => panic!("connected to a server that is not RabbitMQ"),
-        Err(e) => e.to_string(),
-    };
-    assert!(
-        e.contains("not AMQP 0-9-1") && !e.contains("ParserErrors"),
-        "{e}"
-    );
+    brokers::a_port_that_speaks_another_protocol_is_one_clear_error(
+        |port| format!("amqp://guest:guest@127.0.0.1:{port}"),
+        "not AMQP 0-9-1",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn connection_refused_is_a_temporary_error() {
+    brokers::a_port_nobody_listens_on_is_a_temporary_error(|p| {
+        format!("amqp://guest:guest@127.0.0.1:{p}")
+    })
+    .await;
 }
 
 /// `drop-namespace --queue Q --yes` deletes the namespace's queues, the named work queue's

@@ -19,9 +19,8 @@ use super::{
     describe_difference, eventually, join_all, json_of_size, must, must_within, within,
     CALL_TIMEOUT,
 };
-use crate::{
-    Backends, Bus, Delivery, FetchOptions, OutgoingMessage, Priority, QueueName, QueueStats,
-};
+use crate::bus::{Delivery, FetchOptions, OutgoingMessage};
+use crate::{Backends, Bus, Priority, QueueName, QueueStats};
 
 /// Slack for backends that round times (to milliseconds, to their own clock tick).
 const CLOCK_SLACK: Duration = Duration::from_millis(100);

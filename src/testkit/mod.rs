@@ -36,12 +36,21 @@
 //!
 //! Payload-not-JSON and malformed-message handling are the engine's job and are proved by the
 //! engine suite, not here.
+//!
+//! Tests that need a broker of their own (stopped and started again, or a port where no broker
+//! answers) are in [`brokers`]: plain functions taking a [`brokers::BrokerControl`], which a
+//! backend's test file calls in one line. A unit test checks that every suite function is listed
+//! in its macro.
 
+pub mod brokers;
 pub mod bus;
 pub mod engine;
 pub mod harness;
 pub mod locks;
+mod private_broker;
 pub mod registry;
+#[cfg(test)]
+mod suite_lists;
 pub mod tasks;
 
 use std::any::Any;

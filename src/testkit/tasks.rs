@@ -9,13 +9,13 @@ use chrono::Utc;
 use serde_json::json;
 
 use super::{must, must_within, within, CALL_TIMEOUT};
+use crate::bus::{Delivery, FetchOptions, OutgoingMessage};
 use crate::model::Limits;
 use crate::task_queue::{Claim, ClaimSpec, Settle};
 use crate::wire::TaskMessage;
 use crate::wire::{TaskEvent, EVENTS_TOPIC};
 use crate::{
-    Backends, Delivery, Error, FetchOptions, OutgoingMessage, Priority, QueueName, Subscription,
-    Task, TaskId, TaskState, TaskStatus,
+    Backends, Error, Priority, QueueName, Subscription, Task, TaskId, TaskState, TaskStatus,
 };
 
 const LEASE: Duration = Duration::from_secs(60);

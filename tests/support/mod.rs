@@ -164,8 +164,9 @@ pub const DROP_QUEUE: &str = "dropq";
 /// Puts a bit of everything under a namespace: tasks (one with a dependent), messages, a dead
 /// letter, a delayed message, a lock.
 pub async fn fill(b: &agent_orchestra::Backends) {
+    use agent_orchestra::bus::{FetchOptions, OutgoingMessage};
     use agent_orchestra::engine::{DispatchOptions, Dispatcher};
-    use agent_orchestra::{FetchOptions, OutgoingMessage, Priority, QueueName};
+    use agent_orchestra::{Priority, QueueName};
     use std::time::Duration;
     let d = Dispatcher::new(b.clone());
     let parent = d
@@ -282,25 +283,6 @@ where
     drop(kept);
     drop_queues_at(url, &neighbour, &[DROP_QUEUE]).await;
     had
-}
-
-/// A TCP server on a free local port that answers every connection with a line no broker
-/// protocol parses (what a client meets when its URL names the wrong port), then reads until
-/// the client hangs up. Returns the port.
-pub fn wrong_protocol_server() -> u16 {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    let port = listener.local_addr().expect("local address").port();
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let _ = stream.write_all(b"INFO {\"server\":\"not the broker you want\"}\r\n");
-                let mut buf = [0u8; 1024];
-                while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
-            });
-        }
-    });
-    port
 }
 
 /// The `orchestra` binary with `args`, stdin closed, stdout and stderr piped, and none of the
