@@ -320,13 +320,21 @@ impl NatsBus {
                 .unwrap_or_default()
                 .index();
             moved |= 1 << level;
-            let id = header(headers, ID_HEADER).unwrap_or_default().to_string();
+            let seq = m
+                .info()
+                .map_err(|e| boxed_err("malformed ack subject", e))?
+                .stream_sequence;
+            // A mover that dies between the publish and the ack leaves the delayed copy to be
+            // moved again: the duplicate window drops the second publish. Keyed by the stored
+            // copy's sequence, not by its `Orch-Id`, which a message published by another
+            // program may lack or share with others (each would then be dropped as a
+            // "duplicate" of the first).
             let mut publish = Publish::build()
                 .payload(m.payload.clone())
-                .header(ID_HEADER, id.as_str())
-                // A mover that dies between the publish and the ack leaves the delayed copy to
-                // be moved again: the duplicate window drops the second publish.
-                .message_id(format!("mv-{id}"));
+                .message_id(format!("mv-{seq}"));
+            if let Some(id) = header(headers, ID_HEADER).filter(|id| !id.is_empty()) {
+                publish = publish.header(ID_HEADER, id);
+            }
             if let Some(b) = header(headers, BLOB_HEADER) {
                 publish = publish.header(BLOB_HEADER, b);
             }
