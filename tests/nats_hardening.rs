@@ -13,7 +13,7 @@ use agent_orchestra::{
     connect, BackendUrls, Backends, ConnectOptions, FetchOptions, OutgoingMessage, Priority,
     QueueName,
 };
-use async_nats::jetstream;
+use async_nats::jetstream::{self, stream};
 
 fn opts(prefix: &str) -> ConnectOptions {
     ConnectOptions {
@@ -114,6 +114,123 @@ async fn delayed_messages_without_or_sharing_an_id_are_all_delivered() {
     assert_eq!(got, expected, "every delayed message is delivered once");
     let stats = b.bus.stats(&q).await.expect("stats");
     assert_eq!((stats.waiting, stats.in_flight, stats.dead), (0, 0, 0));
+    drop(b);
+    cleanup(&prefix, &[q]).await;
+}
+
+/// A queue's stream takes only the subjects its consumers read: a publish on `.0`, `.11`,
+/// `.x.y` or `.delayed.x` is refused (no stream listens), not stored to wait forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_stream_refuses_subjects_no_consumer_reads() {
+    let prefix = unique_prefix("unread_subjects");
+    let q = QueueName::parse("narrow").unwrap();
+    let b = make_backends(&prefix).await;
+    b.bus
+        .enqueue(&q, OutgoingMessage::new(&b"own"[..], Priority::DEFAULT))
+        .await
+        .expect("enqueue");
+    let js = raw_jetstream().await;
+    let base = format!("{prefix}orch.q.narrow");
+    for tail in ["0", "11", "x.y", "delayed.x", "p1"] {
+        let stored = match js.publish(format!("{base}.{tail}"), "x".into()).await {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        assert!(!stored, "a message on {base}.{tail} was stored");
+    }
+    for tail in ["1", "10", "delayed"] {
+        js.publish(format!("{base}.{tail}"), "x".into())
+            .await
+            .expect("publish")
+            .await
+            .unwrap_or_else(|e| panic!("{base}.{tail} is a queue subject: {e}"));
+    }
+    let mut s = js
+        .get_stream(format!("{prefix}ORCH_Q_narrow"))
+        .await
+        .expect("the queue's stream");
+    let mut subjects = s.info().await.expect("stream info").config.subjects.clone();
+    subjects.sort();
+    let mut expected: Vec<String> = (1..=10).map(|l| format!("{base}.{l}")).collect();
+    expected.push(format!("{base}.delayed"));
+    expected.sort();
+    assert_eq!(subjects, expected);
+    drop(b);
+    cleanup(&prefix, &[q]).await;
+}
+
+/// A stream made by an older version (subjects `orch.q.<queue>.>`) is narrowed when a new
+/// version opens it, and what it held on subjects no consumer reads goes to the dead letters
+/// with the reason, instead of counting as waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_wide_stream_is_narrowed_and_its_unread_messages_dead_lettered() {
+    let prefix = unique_prefix("wide_stream");
+    let q = QueueName::parse("wide").unwrap();
+    let js = raw_jetstream().await;
+    let base = format!("{prefix}orch.q.wide");
+    js.create_stream(stream::Config {
+        name: format!("{prefix}ORCH_Q_wide"),
+        subjects: vec![format!("{base}.>")],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .expect("the older version's stream");
+    let old = js
+        .get_stream(format!("{prefix}ORCH_Q_wide"))
+        .await
+        .expect("the older version's stream");
+    // With the consumers the older version made.
+    for (name, tail) in (1..=10)
+        .map(|l| (format!("p{l}"), l.to_string()))
+        .chain([("delayed".to_string(), "delayed".to_string())])
+    {
+        old.create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some(name),
+            filter_subject: format!("{base}.{tail}"),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .expect("the older version's consumer");
+    }
+    for (tail, payload) in [
+        ("0", "zero"),
+        ("5", "ok"),
+        ("11", "eleven"),
+        ("x.y", "deep"),
+        ("11", "eleven again"),
+    ] {
+        js.publish(format!("{base}.{tail}"), payload.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored by the wide stream");
+    }
+    let b = make_backends(&prefix).await;
+    assert_eq!(drain(&b, &q, 1).await, vec!["ok".to_string()]);
+    let mut dead = b.bus.dead_letters(&q, 10).await.expect("dead letters");
+    dead.sort_by(|a, b| a.payload.cmp(&b.payload));
+    let payloads: Vec<&[u8]> = dead.iter().map(|d| d.payload.as_slice()).collect();
+    assert_eq!(
+        payloads,
+        vec![&b"deep"[..], b"eleven", b"eleven again", b"zero"],
+        "{dead:?}"
+    );
+    for d in &dead {
+        assert!(d.reason.contains("no consumer reads"), "{d:?}");
+    }
+    assert!(dead[0].reason.contains(&format!("{base}.x.y")), "{dead:?}");
+    let stats = b.bus.stats(&q).await.expect("stats");
+    assert_eq!((stats.waiting, stats.in_flight, stats.dead), (0, 0, 4));
+    let mut s = js
+        .get_stream(format!("{prefix}ORCH_Q_wide"))
+        .await
+        .expect("the queue's stream");
+    let info = s.info().await.expect("stream info").clone();
+    assert_eq!(info.config.subjects.len(), 11, "{:?}", info.config.subjects);
+    assert!(!info.config.subjects.contains(&format!("{base}.>")));
     drop(b);
     cleanup(&prefix, &[q]).await;
 }
