@@ -234,3 +234,150 @@ async fn an_older_wide_stream_is_narrowed_and_its_unread_messages_dead_lettered(
     drop(b);
     cleanup(&prefix, &[q]).await;
 }
+
+/// One worker (`concurrency` 16) drains 2,000 priority-10 tasks while 20 priority-1 tasks are
+/// dispatched from another connection, one by one (10 ms apart) or in one batch. Checks that
+/// every priority-1 task started while priority-10 tasks were still waiting, and reports how
+/// many priority-10 tasks started while an already dispatched priority-1 task had not started
+/// yet (the window docs/backends/nats.md bounds; it depends on timing, so it is reported, not
+/// asserted).
+async fn priority_under_pressure(name: &str, one_by_one: bool) {
+    use agent_orchestra::{handler_fn, DispatchOptions, Dispatcher, Worker, WorkerConfig};
+    use std::sync::{Arc, Mutex};
+
+    const BACKLOG: usize = 2_000;
+    const URGENT: usize = 20;
+    let prefix = unique_prefix(name);
+    let q = QueueName::parse("pressure").unwrap();
+    let b = make_backends(&prefix).await;
+    // Another connection, as another process: the worker learns of the urgent tasks through
+    // the server (a wake-up or a rescan), not through its own enqueue.
+    let dispatcher = Dispatcher::new(make_backends(&prefix).await);
+    let task = |priority: i64| {
+        dispatcher
+            .build(
+                "pressure",
+                serde_json::json!({}),
+                priority,
+                &DispatchOptions::default(),
+            )
+            .expect("task")
+    };
+    let backlog = (0..BACKLOG).map(|_| task(10)).collect();
+    for r in dispatcher.dispatch_many(backlog).await.expect("dispatch") {
+        r.expect("dispatched");
+    }
+    // (priority, started at), in start order.
+    let starts: Arc<Mutex<Vec<(u8, Instant)>>> = Arc::default();
+    let seen = starts.clone();
+    let worker = Worker::new(
+        b.clone(),
+        WorkerConfig {
+            concurrency: 16,
+            ..WorkerConfig::default()
+        },
+    )
+    .handle(
+        "pressure",
+        handler_fn(move |ctx| {
+            let seen = seen.clone();
+            async move {
+                seen.lock()
+                    .unwrap()
+                    .push((ctx.task.priority.get(), Instant::now()));
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                Ok(serde_json::Value::Null)
+            }
+        }),
+    )
+    .expect("handler")
+    .start()
+    .expect("worker");
+    // Under way: a tenth of the backlog started.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while starts.lock().unwrap().len() < BACKLOG / 10 {
+        assert!(Instant::now() < deadline, "the worker does not drain");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut dispatched_at = Vec::new();
+    let mut ids = Vec::new();
+    if one_by_one {
+        for _ in 0..URGENT {
+            let id = dispatcher
+                .dispatch_many(vec![task(1)])
+                .await
+                .expect("dispatch")
+                .remove(0)
+                .expect("dispatched");
+            dispatched_at.push(Instant::now());
+            ids.push(id);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    } else {
+        let urgent = (0..URGENT).map(|_| task(1)).collect();
+        for r in dispatcher.dispatch_many(urgent).await.expect("dispatch") {
+            ids.push(r.expect("dispatched"));
+            dispatched_at.push(Instant::now());
+        }
+    }
+    for id in &ids {
+        dispatcher
+            .wait(id, Duration::from_secs(60))
+            .await
+            .expect("the urgent task completes");
+    }
+    worker.shutdown().await;
+    let starts = starts.lock().unwrap().clone();
+    let last_urgent = starts
+        .iter()
+        .rposition(|(p, _)| *p == 1)
+        .expect("urgent tasks started");
+    let urgent_starts: Vec<Instant> = starts
+        .iter()
+        .filter(|(p, _)| *p == 1)
+        .map(|(_, t)| *t)
+        .collect();
+    assert_eq!(urgent_starts.len(), URGENT);
+    assert!(
+        starts.len() < BACKLOG + URGENT && starts[last_urgent..].iter().any(|(p, _)| *p == 10),
+        "the priority-1 tasks waited behind the whole backlog"
+    );
+    // The i-th urgent task dispatched waits from its dispatch until the i-th urgent start (the
+    // urgent tasks are interchangeable).
+    let windows: Vec<(Instant, Instant)> = dispatched_at
+        .iter()
+        .copied()
+        .zip(urgent_starts.iter().copied())
+        .collect();
+    let in_window = |from: Instant, to: Instant| {
+        starts
+            .iter()
+            .filter(|(p, t)| *p == 10 && from < *t && *t < to)
+            .count()
+    };
+    let worst = windows
+        .iter()
+        .map(|(from, to)| in_window(*from, *to))
+        .max()
+        .unwrap_or(0);
+    let inversions = starts
+        .iter()
+        .filter(|(p, t)| *p == 10 && windows.iter().any(|(from, to)| from < t && t < to))
+        .count();
+    eprintln!(
+        "{name}: {inversions} priority-10 tasks started while a dispatched priority-1 task \
+         waited (at most {worst} for one priority-1 task)"
+    );
+    drop(b);
+    cleanup(&prefix, &[q]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_holds_under_pressure_dispatched_one_by_one() {
+    priority_under_pressure("pressure_single", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_holds_under_pressure_dispatched_in_one_batch() {
+    priority_under_pressure("pressure_batch", false).await;
+}
