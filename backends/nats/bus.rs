@@ -19,8 +19,8 @@ use super::errors::{boxed_err, nats_err};
 use super::leases::LeaseKeeper;
 use super::listeners::{is_probe, Listeners};
 use super::queue::{
-    instant_at_unix_ms, Puller, QueueHandle, DELAYED, DUE_HEADER, ID_HEADER, LEVELS,
-    PRIORITY_HEADER, TIMER_SLACK,
+    header, instant_at_unix_ms, Epitaph, Puller, QueueHandle, DEAD_AT_HEADER, DELAYED,
+    DELIVERIES_HEADER, DUE_HEADER, ID_HEADER, LEVELS, PRIORITY_HEADER, REASON_HEADER, TIMER_SLACK,
 };
 use super::registry::PIPELINE;
 use super::{Shared, BACKEND};
@@ -80,13 +80,6 @@ pub(crate) async fn server_has_processed(client: &async_nats::Client, echo: Stri
     }
 }
 
-/// Header with the dead-letter reason.
-const REASON_HEADER: &str = "Orch-Reason";
-/// Header with the delivery count at the time of dead-lettering.
-const DELIVERIES_HEADER: &str = "Orch-Deliveries";
-/// Header with the time of dead-lettering (RFC 3339).
-const DEAD_AT_HEADER: &str = "Orch-Dead-At";
-
 /// The NATS bus. Cheap to share; queues' streams and consumers are created on first use and
 /// cached.
 pub struct NatsBus {
@@ -145,26 +138,6 @@ fn parse_receipt(receipt: &str) -> Result<Receipt<'_>> {
         ));
     }
     Ok(Receipt { reply, blob })
-}
-
-fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
-    headers.and_then(|h| h.get(name)).map(|v| v.as_str())
-}
-
-/// A header value cannot hold CR or LF; long reasons are cut.
-fn header_safe(text: &str) -> String {
-    let mut s: String = text
-        .chars()
-        .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
-        .collect();
-    if s.len() > 4096 {
-        let mut cut = 4096;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-    s
 }
 
 fn to_utc(at: Instant) -> DateTime<Utc> {
@@ -320,13 +293,21 @@ impl NatsBus {
                 .unwrap_or_default()
                 .index();
             moved |= 1 << level;
-            let id = header(headers, ID_HEADER).unwrap_or_default().to_string();
+            let seq = m
+                .info()
+                .map_err(|e| boxed_err("malformed ack subject", e))?
+                .stream_sequence;
+            // A mover that dies between the publish and the ack leaves the delayed copy to be
+            // moved again: the duplicate window drops the second publish. Keyed by the stored
+            // copy's sequence, not by its `Orch-Id`, which a message published by another
+            // program may lack or share with others (each would then be dropped as a
+            // "duplicate" of the first).
             let mut publish = Publish::build()
                 .payload(m.payload.clone())
-                .header(ID_HEADER, id.as_str())
-                // A mover that dies between the publish and the ack leaves the delayed copy to
-                // be moved again: the duplicate window drops the second publish.
-                .message_id(format!("mv-{id}"));
+                .message_id(format!("mv-{seq}"));
+            if let Some(id) = header(headers, ID_HEADER).filter(|id| !id.is_empty()) {
+                publish = publish.header(ID_HEADER, id);
+            }
             if let Some(b) = header(headers, BLOB_HEADER) {
                 publish = publish.header(BLOB_HEADER, b);
             }
@@ -364,25 +345,15 @@ impl NatsBus {
             deliveries,
             reason,
         } = grave;
-        q.dead_stream().await?;
-        tracing::warn!(queue = %q.name, message_id, reason, "message dead-lettered");
-        let mut publish = Publish::build()
-            .payload(body.into())
-            .header(ID_HEADER, message_id)
-            .header(PRIORITY_HEADER, priority.get().to_string().as_str())
-            .header(REASON_HEADER, header_safe(reason).as_str())
-            .header(DELIVERIES_HEADER, deliveries.to_string().as_str())
-            .header(DEAD_AT_HEADER, Utc::now().to_rfc3339().as_str());
-        if let Some(b) = header(headers, BLOB_HEADER) {
-            publish = publish.header(BLOB_HEADER, b);
-        }
-        self.shared
-            .js
-            .send_publish(self.shared.names.dead_subject(&q.name), publish)
-            .await
-            .map_err(|e| nats_err("cannot dead-letter", e))?
-            .await
-            .map_err(|e| nats_err("cannot dead-letter", e))?;
+        q.store_dead_letter(Epitaph {
+            headers,
+            body,
+            message_id,
+            priority,
+            deliveries,
+            reason,
+        })
+        .await?;
         self.confirm(
             reply,
             jetstream::AckKind::Ack,

@@ -1,7 +1,8 @@
 //! One work queue on NATS: its stream, its consumers and the wake-up state of its levels.
 //!
 //! Stream `{prefix}ORCH_Q_<queue>` (work-queue retention, file storage) holds subjects
-//! `{prefix}orch.q.<queue>.1` ..= `.10` (one per priority level) and `.delayed`. Each has one
+//! `{prefix}orch.q.<queue>.1` ..= `.10` (one per priority level) and `.delayed`, and no other
+//! (a publish to any other subject under the queue's is refused: nothing would read it). Each has one
 //! durable pull consumer with explicit acks (`p1` ..= `p10`, `delayed`); work-queue streams allow
 //! only one consumer per subject, and competing workers share it. Enqueuers and the delayed
 //! mover send a core-NATS wake-up to `{prefix}orch.wake.<queue>.<level>`; each process
@@ -13,19 +14,20 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
-use async_nats::jetstream::{self, stream};
-use async_nats::StatusCode;
+use async_nats::jetstream::{self, message::PublishMessage as Publish, stream};
+use async_nats::{HeaderMap, StatusCode};
 use futures::future::try_join_all;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, OnceCell};
 use tokio::time::Instant;
 
+use super::blob::BLOB_HEADER;
 use super::errors::nats_err;
 use super::leases::ACK_WAIT;
 use super::{Shared, BACKEND};
 use crate::error::{Error, Result};
-use crate::model::QueueName;
+use crate::model::{Priority, QueueName};
 
 /// Priority levels.
 pub(crate) const LEVELS: usize = 10;
@@ -50,6 +52,44 @@ pub(crate) const PRIORITY_HEADER: &str = "Orch-Priority";
 pub(crate) const DUE_HEADER: &str = "Orch-Due";
 /// Header of a wake-up naming the queue handle that sent it.
 const ORIGIN_HEADER: &str = "Orch-Origin";
+/// Header with the dead-letter reason.
+pub(crate) const REASON_HEADER: &str = "Orch-Reason";
+/// Header with the delivery count at the time of dead-lettering.
+pub(crate) const DELIVERIES_HEADER: &str = "Orch-Deliveries";
+/// Header with the time of dead-lettering (RFC 3339).
+pub(crate) const DEAD_AT_HEADER: &str = "Orch-Dead-At";
+
+/// A header's value, if the message has the header.
+pub(crate) fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    headers.and_then(|h| h.get(name)).map(|v| v.as_str())
+}
+
+/// A header value cannot hold CR or LF; long reasons are cut.
+fn header_safe(text: &str) -> String {
+    let mut s: String = text
+        .chars()
+        .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
+        .collect();
+    if s.len() > 4096 {
+        let mut cut = 4096;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// What a dead letter records.
+pub(crate) struct Epitaph<'a> {
+    /// The message's headers (a blob reference is carried over).
+    pub(crate) headers: Option<&'a HeaderMap>,
+    pub(crate) body: Vec<u8>,
+    pub(crate) message_id: &'a str,
+    pub(crate) priority: Priority,
+    pub(crate) deliveries: u32,
+    pub(crate) reason: &'a str,
+}
 
 /// Which levels may have ready messages.
 #[derive(Debug)]
@@ -300,14 +340,27 @@ impl QueueHandle {
         }
     }
 
-    /// The work stream, created if missing.
+    /// The subjects a queue's consumers read: its levels and its delayed messages. The work
+    /// stream holds exactly these, so that a message on any other subject is refused at
+    /// publish time instead of being stored where nothing reads it.
+    pub(crate) fn subjects(&self) -> Vec<String> {
+        (0..LEVELS)
+            .chain([DELAYED])
+            .map(|l| self.subject(l))
+            .collect()
+    }
+
+    /// The work stream, created if missing. A stream made by an older version is brought up
+    /// to date: its republish rule dropped, its subjects narrowed to [`Self::subjects`] (it
+    /// took every subject under the queue's), and the messages it holds on the subjects no
+    /// consumer reads moved to the dead letters.
     pub(crate) async fn stream(&self) -> Result<&stream::Stream> {
         self.stream
             .get_or_try_init(|| async {
                 let names = &self.shared.names;
                 let config = stream::Config {
                     name: names.work_stream(&self.name),
-                    subjects: vec![format!("{}.>", self.subject_base)],
+                    subjects: self.subjects(),
                     retention: stream::RetentionPolicy::WorkQueue,
                     storage: stream::StorageType::File,
                     ..Default::default()
@@ -319,25 +372,100 @@ impl QueueHandle {
                     .get_or_create_stream(config.clone())
                     .await
                     .map_err(|e| nats_err(&what(), e))?;
-                if stream.cached_info().config.republish.is_some() {
-                    // Made by an older version, which woke fetchers by republishing every
-                    // stored message (4-5x the cost of a plain publish on 2.9): wake-ups are
-                    // core-NATS messages sent by the enqueuer now.
-                    self.shared
-                        .js
-                        .update_stream(&config)
-                        .await
-                        .map_err(|e| nats_err(&what(), e))?;
-                    return self
-                        .shared
-                        .js
-                        .get_stream(config.name)
-                        .await
-                        .map_err(|e| nats_err(&what(), e));
+                let found = &stream.cached_info().config;
+                // Made by an older version, which woke fetchers by republishing every stored
+                // message (4-5x the cost of a plain publish on 2.9): wake-ups are core-NATS
+                // messages sent by the enqueuer now.
+                let republish = found.republish.is_some();
+                let wider: Vec<String> = found
+                    .subjects
+                    .iter()
+                    .filter(|s| !config.subjects.contains(s))
+                    .cloned()
+                    .collect();
+                if !republish && wider.is_empty() && found.subjects == config.subjects {
+                    return Ok(stream);
                 }
+                // The stream's other settings (an operator's limits) are kept.
+                let mut update = found.clone();
+                update.republish = None;
+                update.subjects = config.subjects.clone();
+                self.shared
+                    .js
+                    .update_stream(&update)
+                    .await
+                    .map_err(|e| nats_err(&what(), e))?;
+                let stream = self
+                    .shared
+                    .js
+                    .get_stream(config.name)
+                    .await
+                    .map_err(|e| nats_err(&what(), e))?;
+                self.bury_unread(&stream, &wider).await?;
                 Ok(stream)
             })
             .await
+    }
+
+    /// Moves the messages a stream holds on the subjects matching `filters` but outside
+    /// [`Self::subjects`] to the dead letters (stored there first, then deleted, so a crash
+    /// in between leaves a duplicate dead letter, never a lost message).
+    async fn bury_unread(&self, stream: &stream::Stream, filters: &[String]) -> Result<()> {
+        let what = || format!("cannot clear the unread subjects of queue {}", self.name);
+        let read = self.subjects();
+        for filter in filters {
+            let mut counts = stream
+                .info_with_subjects(filter)
+                .await
+                .map_err(|e| nats_err(&what(), e))?;
+            let mut unread = Vec::new();
+            while let Some(entry) = counts.next().await {
+                let (subject, _) = entry.map_err(|e| nats_err(&what(), e))?;
+                if !read.contains(&subject) {
+                    unread.push(subject);
+                }
+            }
+            for subject in unread {
+                let mut next = 1;
+                loop {
+                    let m = match stream
+                        .raw_message_builder()
+                        .sequence(next)
+                        .next_by_subject(subject.clone())
+                        .send()
+                        .await
+                    {
+                        Ok(m) => m,
+                        Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
+                        Err(e) => return Err(nats_err(&what(), e)),
+                    };
+                    next = m.sequence + 1;
+                    let headers = Some(&m.headers);
+                    let seq = m.sequence.to_string();
+                    let reason = format!(
+                        "published on {subject}, which no consumer reads (a queue's subjects \
+                         are .1 to .{LEVELS} and .delayed)"
+                    );
+                    self.store_dead_letter(Epitaph {
+                        headers,
+                        body: m.payload.to_vec(),
+                        message_id: header(headers, ID_HEADER).unwrap_or(&seq),
+                        priority: header(headers, PRIORITY_HEADER)
+                            .and_then(|p| p.parse::<i64>().ok())
+                            .and_then(|p| Priority::new(p).ok())
+                            .unwrap_or_default(),
+                        deliveries: 0,
+                        reason: &reason,
+                    })
+                    .await?;
+                    stream
+                        .delete_message(m.sequence)
+                        .await
+                        .map_err(|e| nats_err(&what(), e))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The core-NATS wake-up subject of a level (0-based) or of the delayed messages.
@@ -419,6 +547,36 @@ impl QueueHandle {
                     })
             })
             .await
+    }
+
+    /// Stores a dead letter in the queue's dead-letter stream and waits for the server to
+    /// confirm it.
+    pub(crate) async fn store_dead_letter(&self, e: Epitaph<'_>) -> Result<()> {
+        self.dead_stream().await?;
+        tracing::warn!(
+            queue = %self.name,
+            message_id = e.message_id,
+            reason = e.reason,
+            "message dead-lettered"
+        );
+        let mut publish = Publish::build()
+            .payload(e.body.into())
+            .header(ID_HEADER, e.message_id)
+            .header(PRIORITY_HEADER, e.priority.get().to_string().as_str())
+            .header(REASON_HEADER, header_safe(e.reason).as_str())
+            .header(DELIVERIES_HEADER, e.deliveries.to_string().as_str())
+            .header(DEAD_AT_HEADER, chrono::Utc::now().to_rfc3339().as_str());
+        if let Some(b) = header(e.headers, BLOB_HEADER) {
+            publish = publish.header(BLOB_HEADER, b);
+        }
+        self.shared
+            .js
+            .send_publish(self.shared.names.dead_subject(&self.name), publish)
+            .await
+            .map_err(|e| nats_err("cannot dead-letter", e))?
+            .await
+            .map_err(|e| nats_err("cannot dead-letter", e))?;
+        Ok(())
     }
 
     fn level_config(&self, level: usize, ack_wait: Duration) -> pull::Config {
