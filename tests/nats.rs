@@ -73,6 +73,16 @@ async fn subscriber_resubscribes_after_a_server_restart() {
     brokers::subscriber_resubscribes_after_a_restart(&mut server).await;
 }
 
+/// A URL naming the port of another protocol's server fails with one line that says so.
+#[tokio::test]
+async fn a_port_that_does_not_speak_nats_is_one_clear_error() {
+    brokers::a_port_that_speaks_another_protocol_is_one_clear_error(
+        |port| format!("nats://127.0.0.1:{port}"),
+        "not the NATS protocol",
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_refused_is_a_temporary_error() {
     brokers::a_port_nobody_listens_on_is_a_temporary_error(|p| format!("nats://127.0.0.1:{p}"))

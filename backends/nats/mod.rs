@@ -354,14 +354,23 @@ async fn connect(url: &Url, opts: &ConnectOptions) -> Result<Shared> {
     .await
     .map_err(|_| Error::temporary(BACKEND, format!("timed out connecting to {shown}"), None))?
     .map_err(|e| {
-        let temporary = !matches!(
-            e.kind(),
-            async_nats::ConnectErrorKind::Authentication
-                | async_nats::ConnectErrorKind::AuthorizationViolation
-                | async_nats::ConnectErrorKind::ServerParse
-                | async_nats::ConnectErrorKind::Tls
-        );
-        let message = format!("cannot connect to {shown}: {e}");
+        let text = e.to_string();
+        // Another server's greeting (an SSH banner, HTTP, Redis) reaches the client's parser,
+        // whose error quotes the foreign line with its line break: say what it means instead.
+        let foreign = matches!(e.kind(), async_nats::ConnectErrorKind::ServerParse)
+            || text.contains("invalid server operation");
+        let temporary = !foreign
+            && !matches!(
+                e.kind(),
+                async_nats::ConnectErrorKind::Authentication
+                    | async_nats::ConnectErrorKind::AuthorizationViolation
+                    | async_nats::ConnectErrorKind::Tls
+            );
+        let message = if foreign {
+            format!("cannot connect to {shown}: the server's reply is not the NATS protocol (is this the port of a NATS server?)")
+        } else {
+            format!("cannot connect to {shown}: {}", text.replace(['\r', '\n'], " "))
+        };
         if temporary {
             Error::temporary(BACKEND, message, Some(Box::new(e) as _))
         } else {
