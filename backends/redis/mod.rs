@@ -10,7 +10,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> agent_orchestra::Result<()> {
-//! use agent_orchestra::backends::{connect, BackendUrls, ConnectOptions};
+//! use agent_orchestra::{connect, BackendUrls, ConnectOptions};
 //! let b = connect(&BackendUrls::all("redis://127.0.0.1:6379/0"), &ConnectOptions::default()).await?;
 //! assert_eq!(b.registry.backend(), "redis");
 //! # Ok(()) }
