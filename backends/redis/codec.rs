@@ -162,8 +162,9 @@ pub(crate) fn decode(id: &TaskId, fields: HashMap<String, String>) -> Result<Tas
     let int = |name: &str, default: i64| -> Result<i64> {
         match get(name) {
             None => Ok(default),
+            // ASCII whitespace only, as task_check.lua reads it.
             Some(v) => v
-                .trim()
+                .trim_ascii()
                 .parse::<i64>()
                 .map_err(|_| corrupt(name, format!("{v:?} is not an integer"))),
         }
@@ -173,9 +174,15 @@ pub(crate) fn decode(id: &TaskId, fields: HashMap<String, String>) -> Result<Tas
         u32::try_from(v).map_err(|_| corrupt(name, format!("{v} is out of range")))
     };
 
+    // A hash naming another task than its key is not that task (task_check.lua agrees).
     let task_id = match get("task_id") {
-        Some(v) => TaskId::parse(v).map_err(|e| corrupt("task_id", e.to_string()))?,
-        None => id.clone(),
+        Some(v) if v != id.as_str() => {
+            return Err(corrupt(
+                "task_id",
+                format!("{v:?} is not the id {:?} of its key", id.as_str()),
+            ))
+        }
+        _ => id.clone(),
     };
     let queue = QueueName::parse(get("queue").unwrap_or(LAB_DEFAULT_QUEUE))
         .map_err(|e| corrupt("queue", e.to_string()))?;
@@ -384,6 +391,34 @@ mod tests {
         assert_eq!(t.state.worker_id, None);
         assert_eq!(t.queue.as_str(), LAB_DEFAULT_QUEUE);
         assert_eq!((t.state.attempt, t.max_attempts), (0, 1));
+    }
+
+    /// Every time form task_check.lua's `valid_time` accepts is read here (the script checks a
+    /// hash before a claim writes over it; a form it accepts and Rust refused would claim a task
+    /// the worker then cannot read).
+    #[test]
+    fn every_time_form_the_claim_script_accepts_is_read() {
+        for s in [
+            "2024-05-01T12:00:00",
+            "2024-05-01 12:00:00",
+            "2024-05-01 12:00:00.5",
+            "2024-05-01T12:00:00.123456789",
+            "2024-05-01T12:00:00Z",
+            "2024-05-01T12:00:00.1Z",
+            "2024-02-29T23:59:59-23:59",
+            "2000-02-29T00:00:00+00:00",
+            "0001-12-31T00:00:00.000000001+05:30",
+        ] {
+            assert!(parse_time("t", s).is_ok(), "{s}");
+        }
+    }
+
+    #[test]
+    fn a_hash_naming_another_task_is_corrupt() {
+        let t = sample();
+        let other = TaskId::parse("someone_else").unwrap();
+        let e = decode(&other, to_map(task_fields(&t))).unwrap_err();
+        assert!(e.to_string().contains("task_id"), "{e}");
     }
 
     #[test]

@@ -58,6 +58,7 @@ lua_script!(
     FETCH_CLAIM = concat!(
         include_str!("lua/queue_prelude.lua"),
         include_str!("lua/task_prelude.lua"),
+        include_str!("lua/task_check.lua"),
         include_str!("lua/fetch_claim.lua")
     )
 );

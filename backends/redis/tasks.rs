@@ -48,13 +48,14 @@ impl RedisTaskQueue {
     }
 
     /// Turns one entry of the fetch-and-claim script's claims into a [`Claim`]; `claimed` is
-    /// the state the script wrote over a claimed task.
+    /// the state the script wrote over a claimed task. `None`: the script left the message to
+    /// [`TaskQueue::claim`] (a task message in a form it does not read).
     fn claim_of(
         &self,
         d: &Delivery,
         reply: Value,
         claimed: impl FnOnce(&TaskState) -> TaskState,
-    ) -> Result<Claim> {
+    ) -> Result<Option<Claim>> {
         // The script puts the tag last.
         let (tag, mut it) = match reply {
             Value::Array(mut v) => (v.pop(), v.into_iter()),
@@ -67,40 +68,56 @@ impl RedisTaskQueue {
             }
         };
         let tag = tag.map(text).transpose()?.unwrap_or_default();
-        // The script read the id with cjson; read it again here, with the model's rules.
+        // The script read the id only from the canonical forms, which serde_json reads alike;
+        // read it again here, with the model's rules. A message it did not read is decoded
+        // here alone: what this side cannot read is dead-lettered, untouched by the script.
         let id = match TaskMessage::decode(&d.payload) {
             Ok(m) => m.task_id,
-            Err(e) => return Ok(Claim::Malformed(e.to_string())),
+            Err(e) => return Ok(Some(Claim::Malformed(e.to_string()))),
         };
-        match tag.as_str() {
-            "claimed" => {
-                let found = codec::decode(&id, codec::field_map(it.collect())?)?;
-                Ok(Claim::Claimed(Task {
+        let corrupt = |why: &dyn std::fmt::Display| {
+            Claim::Malformed(format!(
+                "the registry entry of task {id} is corrupt ({why}); the task is left as it is"
+            ))
+        };
+        let claim = match tag.as_str() {
+            "claimed" => match codec::field_map(it.collect()).and_then(|f| codec::decode(&id, f)) {
+                Ok(found) => Claim::Claimed(Task {
                     state: claimed(&found.state),
                     ..found
-                }))
+                }),
+                // task_check.lua accepts at most what codec::decode does: a bug if reached.
+                Err(e) => {
+                    tracing::error!(task_id = %id, error = %e, "the claim script claimed a task this side cannot read");
+                    Claim::Malformed(format!(
+                        "the registry entry of task {id} is corrupt ({e}); claimed before this was found"
+                    ))
+                }
+            },
+            "unclaimable" => {
+                match codec::field_map(it.collect()).and_then(|f| codec::decode(&id, f)) {
+                    Ok(found) => Claim::Unclaimable(found),
+                    Err(e) => corrupt(&e),
+                }
             }
-            "unclaimable" => Ok(Claim::Unclaimable(codec::decode(
-                &id,
-                codec::field_map(it.collect())?,
-            )?)),
-            "missing" => Ok(Claim::Missing(id)),
+            "missing" => Claim::Missing(id),
             "unreadable" => {
                 let why = it.nth(1).map(text).transpose()?.unwrap_or_default();
-                Ok(Claim::Malformed(format!(
+                Claim::Malformed(format!(
                     "the registry entry of task {id} cannot be read: {why}"
-                )))
+                ))
             }
-            "malformed" => Ok(Claim::Malformed(format!(
-                "malformed message {:?}: expected {{\"task_id\": \"...\"}}",
-                String::from_utf8_lossy(&d.payload[..d.payload.len().min(80)])
-            ))),
-            other => Err(Error::permanent(
-                BACKEND,
-                format!("fetch_claim returned the claim {other:?}"),
-                None,
-            )),
-        }
+            "corrupt" => corrupt(&it.nth(1).map(text).transpose()?.unwrap_or_default()),
+            "noncanonical" => return Ok(None),
+            other => {
+                return Err(Error::permanent(
+                    BACKEND,
+                    format!("fetch_claim returned the claim {other:?}"),
+                    None,
+                ))
+            }
+        };
+        Ok(Some(claim))
     }
 
     async fn fetch_claim_once(
@@ -148,11 +165,12 @@ impl RedisTaskQueue {
             .into_iter()
             .zip(claims)
             .map(|(d, c)| {
-                // A claim this side cannot read is left to `claim` (the generic path).
-                let claim = self.claim_of(&d, c, |found| spec.claimed_state(found, now)).map_err(|e| {
+                // A claim reply this side cannot read is left to `claim` (the generic path).
+                let claim = self.claim_of(&d, c, |found| spec.claimed_state(found, now)).unwrap_or_else(|e| {
                     tracing::warn!(message_id = %d.message_id, error = %e, "unreadable claim reply; claiming again");
+                    None
                 });
-                (d, claim.ok())
+                (d, claim)
             })
             .collect();
         Ok((out, next))
@@ -359,6 +377,17 @@ impl TaskQueue for RedisTaskQueue {
     }
 
     async fn claim(&self, delivery: &Delivery, spec: &ClaimSpec) -> Result<Claim> {
+        // The generic claim reads the task with `Registry::get`, whose error for a hash edited
+        // by hand is permanent and would come back at every redelivery: such a task's message
+        // is dead-lettered here, as the claim script does, and the task left as it is.
+        if let Ok(m) = TaskMessage::decode(&delivery.payload) {
+            if let Err(e) = self.registry.read(&m.task_id).await? {
+                return Ok(Claim::Malformed(format!(
+                    "the registry entry of task {} is corrupt ({e}); the task is left as it is",
+                    m.task_id
+                )));
+            }
+        }
         self.composed.claim(delivery, spec).await
     }
 
