@@ -344,3 +344,97 @@ fn a_dead_letter_limit_too_large_is_invalid_input() {
         assert!(stderr.contains("limit"), "{stderr}");
     });
 }
+
+/// The same through a running worker: the duplicated-key message and the corrupt task's own
+/// message are dead-lettered at once with their reasons, the real task runs once and completes,
+/// and the corrupt hash is left as it was.
+#[test]
+fn a_worker_dead_letters_what_the_two_sides_cannot_agree_on_and_runs_the_rest() {
+    use agent_orchestra::engine::{handler_fn, TaskContext, TaskError, Worker, WorkerConfig};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    on_redis("worker_dead_letters", |b, url, prefix| async move {
+        let mut con = raw(&url).await;
+        let (real, corrupt) = (new_task(), new_task());
+        b.tasks()
+            .submit(&[real.clone(), corrupt.clone()])
+            .await
+            .expect("submit");
+        let key = format!("{prefix}task_registry:{}", corrupt.task_id);
+        let _: i64 = redis::cmd("HSET")
+            .arg(&key)
+            .arg("attempt")
+            .arg("not a number")
+            .query_async(&mut con)
+            .await
+            .expect("edit by hand");
+        let before = hash_of(&mut con, &key).await;
+        enqueue_raw(
+            &b,
+            &format!(r#"{{"task_id":"x","task_id":"{}"}}"#, real.task_id),
+        )
+        .await;
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = runs.clone();
+        let handler = handler_fn(move |_ctx: TaskContext| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, TaskError>(json!("done"))
+            }
+        });
+        let config = WorkerConfig {
+            worker_id: "w-hardening".into(),
+            fetch_wait: Duration::from_millis(200),
+            ..WorkerConfig::default()
+        };
+        let worker = Worker::new(b.clone(), config)
+            .handle(QUEUE, handler)
+            .expect("handler")
+            .start()
+            .expect("start");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let dead = loop {
+            let dead = b
+                .bus
+                .dead_letters(&queue(), 10)
+                .await
+                .expect("dead letters");
+            let done = status_of(&b, &real.task_id).await.0 == TaskStatus::Completed;
+            if (dead.len() == 2 && done) || tokio::time::Instant::now() > deadline {
+                break dead;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        worker.shutdown().await;
+        assert_eq!(
+            status_of(&b, &real.task_id).await,
+            (TaskStatus::Completed, 1)
+        );
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "the handler ran for the real task only"
+        );
+        assert_eq!(dead.len(), 2, "{dead:?}");
+        assert!(
+            dead.iter().all(|d| d.delivery_count == 1),
+            "at once: {dead:?}"
+        );
+        assert!(
+            dead.iter().any(|d| d.reason.contains("duplicate")),
+            "{dead:?}"
+        );
+        assert!(
+            dead.iter()
+                .any(|d| d.reason.contains(corrupt.task_id.as_str())
+                    && d.reason.contains("`attempt`")),
+            "{dead:?}"
+        );
+        assert_eq!(
+            hash_of(&mut con, &key).await,
+            before,
+            "the corrupt hash was touched"
+        );
+    });
+}
