@@ -438,3 +438,65 @@ fn a_worker_dead_letters_what_the_two_sides_cannot_agree_on_and_runs_the_rest() 
         );
     });
 }
+
+async fn score(con: &mut redis::aio::MultiplexedConnection, key: &str, id: &TaskId) -> Option<f64> {
+    redis::cmd("ZSCORE")
+        .arg(key)
+        .arg(id.as_str())
+        .query_async(con)
+        .await
+        .expect("ZSCORE")
+}
+
+/// The claim script parses no JSON (cjson would disagree with serde_json: it reads NaN, 0x10,
+/// 01 and raw tabs in strings), so a payload that is no JSON gets past its checks: the claim is
+/// undone, hash and indexes exactly as they were, and the message dead-lettered naming the
+/// field.
+#[test]
+fn a_claim_over_a_payload_rust_cannot_read_is_undone() {
+    on_redis("claim_undo", |b, url, prefix| async move {
+        let mut con = raw(&url).await;
+        let pending = format!("{prefix}orchestra:status:PENDING");
+        let leases = format!("{prefix}orchestra:leases");
+        for payload in [
+            "{\"a\":\"tab\tinside\"}",
+            "{\"a\": NaN}",
+            "[0x10]",
+            "01",
+            "1.",
+        ] {
+            let task = new_task();
+            b.tasks()
+                .submit(std::slice::from_ref(&task))
+                .await
+                .expect("submit");
+            let key = format!("{prefix}task_registry:{}", task.task_id);
+            let _: i64 = redis::cmd("HSET")
+                .arg(&key)
+                .arg("payload")
+                .arg(payload)
+                .query_async(&mut con)
+                .await
+                .expect("edit by hand");
+            let before = hash_of(&mut con, &key).await;
+            let index_before = score(&mut con, &pending, &task.task_id).await;
+            assert!(index_before.is_some());
+            let (d, claim) = fetch_claim_one(&b).await;
+            match claim {
+                Some(Claim::Malformed(why)) => {
+                    assert!(why.contains("`payload`"), "{payload}: {why}");
+                    assert!(why.contains(task.task_id.as_str()), "{payload}: {why}");
+                }
+                other => panic!("{payload}: expected a malformed claim, got {other:?}"),
+            }
+            assert_eq!(
+                hash_of(&mut con, &key).await,
+                before,
+                "{payload}: not undone"
+            );
+            assert_eq!(score(&mut con, &pending, &task.task_id).await, index_before);
+            assert_eq!(score(&mut con, &leases, &task.task_id).await, None);
+            b.bus.dead_letter(&d, "test").await.expect("dead-letter");
+        }
+    });
+}

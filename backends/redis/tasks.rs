@@ -47,15 +47,14 @@ impl RedisTaskQueue {
         }
     }
 
-    /// Turns one entry of the fetch-and-claim script's claims into a [`Claim`]; `claimed` is
-    /// the state the script wrote over a claimed task. `None`: the script left the message to
-    /// [`TaskQueue::claim`] (a task message in a form it does not read).
+    /// Reads one entry of the fetch-and-claim script's claims; `claimed` is the state the script
+    /// wrote over a claimed task.
     fn claim_of(
         &self,
         d: &Delivery,
         reply: Value,
         claimed: impl FnOnce(&TaskState) -> TaskState,
-    ) -> Result<Option<Claim>> {
+    ) -> Result<ClaimReply> {
         // The script puts the tag last.
         let (tag, mut it) = match reply {
             Value::Array(mut v) => (v.pop(), v.into_iter()),
@@ -73,7 +72,7 @@ impl RedisTaskQueue {
         // here alone: what this side cannot read is dead-lettered, untouched by the script.
         let id = match TaskMessage::decode(&d.payload) {
             Ok(m) => m.task_id,
-            Err(e) => return Ok(Some(Claim::Malformed(e.to_string()))),
+            Err(e) => return Ok(ClaimReply::Claim(Claim::Malformed(e.to_string()))),
         };
         let corrupt = |why: &dyn std::fmt::Display| {
             Claim::Malformed(format!(
@@ -81,19 +80,22 @@ impl RedisTaskQueue {
             ))
         };
         let claim = match tag.as_str() {
-            "claimed" => match codec::field_map(it.collect()).and_then(|f| codec::decode(&id, f)) {
-                Ok(found) => Claim::Claimed(Task {
-                    state: claimed(&found.state),
-                    ..found
-                }),
-                // task_check.lua accepts at most what codec::decode does: a bug if reached.
-                Err(e) => {
-                    tracing::error!(task_id = %id, error = %e, "the claim script claimed a task this side cannot read");
-                    Claim::Malformed(format!(
-                        "the registry entry of task {id} is corrupt ({e}); claimed before this was found"
-                    ))
+            "claimed" => {
+                let old: Vec<Value> = it.collect();
+                match codec::field_map(old.clone()).and_then(|f| codec::decode(&id, f)) {
+                    Ok(found) => Claim::Claimed(Task {
+                        state: claimed(&found.state),
+                        ..found
+                    }),
+                    Err(e) => {
+                        return Ok(ClaimReply::Undo {
+                            id,
+                            old,
+                            why: e.to_string(),
+                        })
+                    }
                 }
-            },
+            }
             "unclaimable" => {
                 match codec::field_map(it.collect()).and_then(|f| codec::decode(&id, f)) {
                     Ok(found) => Claim::Unclaimable(found),
@@ -108,7 +110,7 @@ impl RedisTaskQueue {
                 ))
             }
             "corrupt" => corrupt(&it.nth(1).map(text).transpose()?.unwrap_or_default()),
-            "noncanonical" => return Ok(None),
+            "noncanonical" => return Ok(ClaimReply::Generic),
             other => {
                 return Err(Error::permanent(
                     BACKEND,
@@ -117,7 +119,61 @@ impl RedisTaskQueue {
                 ))
             }
         };
-        Ok(Some(claim))
+        Ok(ClaimReply::Claim(claim))
+    }
+
+    /// Undoes the claim the fetch-and-claim script made at `now` over task `id`, whose hash
+    /// was `old` (field, value pairs) before it and cannot be decoded here; the claim's
+    /// message is then dead-lettered with `why`. True when undone.
+    async fn undo_claim(
+        &self,
+        id: &TaskId,
+        old: Vec<Value>,
+        spec: &ClaimSpec,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<bool> {
+        let p = self.conn.prefix();
+        let field = |name: &str| -> Option<String> {
+            old.chunks(2).find_map(|kv| match kv {
+                [k, v] if text(k.clone()).ok().as_deref() == Some(name) => text(v.clone()).ok(),
+                _ => None,
+            })
+        };
+        // task_check.lua read the status before claiming: it is one of ours.
+        let status = field("status")
+            .and_then(|s| codec::parse_status(&s).ok())
+            .unwrap_or(TaskStatus::Pending);
+        let time = |name: &str| field(name).and_then(|t| codec::parse_time(name, &t).ok());
+        // The index score as the registry writes it: the lease end (the lease index) or the
+        // last change (a status index); when that field is the unreadable one, an expired
+        // lease or now.
+        let score = match status {
+            TaskStatus::Running => {
+                time("lease_until").map_or("-inf".to_string(), |t| micros(t).to_string())
+            }
+            _ => micros(
+                time("updated_at")
+                    .or_else(|| time("created_at"))
+                    .unwrap_or(now),
+            )
+            .to_string(),
+        };
+        let mut inv = scripts::CLAIM_UNDO.prepare();
+        inv.key(keys::task(p, id))
+            .key(keys::lease_index(p))
+            .key(keys::status_index(p, status))
+            .arg(id.as_str())
+            .arg(&*spec.worker_id)
+            .arg(codec::format_time(now))
+            .arg(score);
+        for v in &old {
+            inv.arg(match v {
+                Value::BulkString(b) => b.clone(),
+                other => text(other.clone())?.into_bytes(),
+            });
+        }
+        let undone: i64 = self.conn.eval("claim_undo", &inv).await?;
+        Ok(undone == 1)
     }
 
     async fn fetch_claim_once(
@@ -161,20 +217,46 @@ impl RedisTaskQueue {
         if claims.len() != deliveries.len() {
             return Err(short());
         }
-        let out = deliveries
-            .into_iter()
-            .zip(claims)
-            .map(|(d, c)| {
+        let mut out = Vec::with_capacity(deliveries.len());
+        for (d, c) in deliveries.into_iter().zip(claims) {
+            let claim = match self.claim_of(&d, c, |found| spec.claimed_state(found, now)) {
+                Ok(ClaimReply::Claim(c)) => Some(c),
+                Ok(ClaimReply::Generic) => None,
+                Ok(ClaimReply::Undo { id, old, why }) => {
+                    let undone = self.undo_claim(&id, old, spec, now).await;
+                    if !matches!(undone, Ok(true)) {
+                        tracing::error!(task_id = %id, undone = ?undone, "a claim over an unreadable task could not be undone; it stays RUNNING until its lease ends");
+                    }
+                    Some(Claim::Malformed(format!(
+                        "the registry entry of task {id} is corrupt ({why}); the task is left as it is"
+                    )))
+                }
                 // A claim reply this side cannot read is left to `claim` (the generic path).
-                let claim = self.claim_of(&d, c, |found| spec.claimed_state(found, now)).unwrap_or_else(|e| {
+                Err(e) => {
                     tracing::warn!(message_id = %d.message_id, error = %e, "unreadable claim reply; claiming again");
                     None
-                });
-                (d, claim)
-            })
-            .collect();
+                }
+            };
+            out.push((d, claim));
+        }
         Ok((out, next))
     }
+}
+
+/// What one entry of the fetch-and-claim script's claims says to do.
+enum ClaimReply {
+    /// The claim.
+    Claim(Claim),
+    /// The script left the message to [`TaskQueue::claim`] (a task message in a form it does
+    /// not read).
+    Generic,
+    /// The script claimed a task whose hash (`old`, as it was) cannot be decoded here: undo the
+    /// claim, dead-letter the message with `why`.
+    Undo {
+        id: TaskId,
+        old: Vec<Value>,
+        why: String,
+    },
 }
 
 /// The fields a record writes and deletes: only those that differ from `current`, the state

@@ -1,8 +1,9 @@
--- Shared by fetch_claim.lua (prepended at build time): the rules of codec::decode, so that the
--- claim never writes over a task hash that Rust cannot read (a hash edited by hand). Each check
--- accepts at most what Rust accepts; where Rust's parser is the richer one (chrono for times,
--- serde_json for JSON), the check here is the stricter, so a disagreement rejects here (the
--- message is dead-lettered, the task left as it is) rather than claims a task Rust then refuses.
+-- Shared by fetch_claim.lua (prepended at build time): codec::decode's rules for the fields a
+-- claim reads or a hand edit most likely spoils, so that the claim does not write over a task
+-- hash Rust cannot read. Each check accepts at most what Rust accepts. The JSON fields
+-- (`payload`, `depends_on`) are left to serde_json: a JSON parser here (cjson) would cost every
+-- claim and still disagree with it (cjson reads NaN, 0x10, 01, raw tabs in strings); a claim
+-- over a hash Rust then refuses is undone (claim_undo.lua).
 
 -- ASCII whitespace as Rust's `str::trim_ascii`: space, \t, \n, \f, \r (not \v).
 local WS = '[ \t\n\f\r]*'
@@ -123,15 +124,6 @@ local function valid_time(s)
   return oh ~= nil and tonumber(oh) <= 23 and tonumber(om) <= 59
 end
 
--- Whether `s` is JSON (cjson, wrapped: a parse error is an answer, not a script error).
-local function json_value(s)
-  local ok, v = pcall(cjson.decode, s)
-  if ok then
-    return true, v
-  end
-  return false
-end
-
 local STATUSES = {WAITING = true, PENDING = true, RUNNING = true, COMPLETED = true,
   FAILED = true, CANCELLED = true}
 local TIMES = {'created_at', 'updated_at', 'lease_until', 'heartbeat_at', 'started_at',
@@ -167,9 +159,6 @@ local function task_unreadable(id, f, all)
   if not f.payload then
     return bad('payload', 'missing')
   end
-  if not json_value(f.payload) then
-    return bad('payload', 'not JSON')
-  end
   if not f.created_at then
     return bad('created_at', 'missing')
   end
@@ -189,18 +178,6 @@ local function task_unreadable(id, f, all)
       local _, why = checked_int(f[name], 0, 4294967295)
       if why then
         return bad(name, why)
-      end
-    end
-  end
-  if f.depends_on then
-    local ok, deps = json_value(f.depends_on)
-    local is_array = string.match(f.depends_on, '^' .. WS .. '%[') ~= nil
-    if not ok or not is_array or type(deps) ~= 'table' then
-      return bad('depends_on', 'not a JSON array of ids')
-    end
-    for k, v in pairs(deps) do
-      if type(k) ~= 'number' or type(v) ~= 'string' or not valid_id(v) then
-        return bad('depends_on', 'not a JSON array of ids')
       end
     end
   end
