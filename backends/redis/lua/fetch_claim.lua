@@ -42,7 +42,7 @@ local function claim(body)
   local id = string.match(body, '^{"task_id":"([%w_.:%-]+)"}$')
     or string.match(body, CANONICAL_SPACED)
   -- The model's rule for a task id (TaskId::parse).
-  if not id or not valid_id(id) then
+  if not id or not valid_matched_id(id) then
     return {'noncanonical'}
   end
   local key = tp .. id
@@ -60,7 +60,7 @@ local function claim(body)
     f[all[i]] = all[i + 1]
   end
   -- A hash Rust cannot read is not touched: its message is dead-lettered with the reason.
-  local why, status = task_unreadable(id, f, all)
+  local why, status = task_unreadable(id, f)
   if why then
     return {id, why, 'corrupt'}
   end
