@@ -500,3 +500,56 @@ fn a_claim_over_a_payload_rust_cannot_read_is_undone() {
         }
     });
 }
+
+/// The undo of a takeover (a RUNNING task whose lease ended) puts the task back as it was:
+/// RUNNING under its old, expired lease, with its old score in the lease index.
+#[test]
+fn an_undone_takeover_leaves_the_task_running_under_its_old_lease() {
+    on_redis("undo_takeover", |b, url, prefix| async move {
+        let mut con = raw(&url).await;
+        let leases = format!("{prefix}orchestra:leases");
+        let task = new_task();
+        b.tasks()
+            .submit(std::slice::from_ref(&task))
+            .await
+            .expect("submit");
+        let short = ClaimSpec {
+            worker_id: "w-short".into(),
+            lease: Duration::from_millis(50),
+        };
+        let options = FetchOptions {
+            max: 1,
+            wait: Duration::from_secs(5),
+            lease: Duration::from_secs(60),
+        };
+        let (d, claim) = b
+            .tasks()
+            .fetch_claim(&queue(), options, &short)
+            .await
+            .expect("fetch_claim")
+            .pop()
+            .expect("one delivery");
+        assert!(matches!(claim, Some(Claim::Claimed(_))), "{claim:?}");
+        // The worker dies; its message comes back, its registry lease ends.
+        b.bus.nack(&d, Duration::ZERO).await.expect("nack");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let key = format!("{prefix}task_registry:{}", task.task_id);
+        let _: i64 = redis::cmd("HSET")
+            .arg(&key)
+            .arg("payload")
+            .arg("{not json")
+            .query_async(&mut con)
+            .await
+            .expect("edit by hand");
+        let before = hash_of(&mut con, &key).await;
+        let lease_before = score(&mut con, &leases, &task.task_id).await;
+        assert!(lease_before.is_some());
+        let (_, claim) = fetch_claim_one(&b).await;
+        match claim {
+            Some(Claim::Malformed(why)) => assert!(why.contains("`payload`"), "{why}"),
+            other => panic!("expected a malformed claim, got {other:?}"),
+        }
+        assert_eq!(hash_of(&mut con, &key).await, before, "not undone");
+        assert_eq!(score(&mut con, &leases, &task.task_id).await, lease_before);
+    });
+}
