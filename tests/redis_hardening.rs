@@ -117,10 +117,11 @@ async fn status_of(b: &Backends, id: &TaskId) -> (TaskStatus, u32) {
     (t.state.status, t.state.attempt)
 }
 
+/// A task hash as stored (bytes: a test edits one into text that is not UTF-8).
 async fn hash_of(
     con: &mut redis::aio::MultiplexedConnection,
     key: &str,
-) -> HashMap<String, String> {
+) -> HashMap<Vec<u8>, Vec<u8>> {
     redis::cmd("HGETALL")
         .arg(key)
         .query_async(con)
@@ -458,13 +459,15 @@ fn a_claim_over_a_payload_rust_cannot_read_is_undone() {
         let mut con = raw(&url).await;
         let pending = format!("{prefix}orchestra:status:PENDING");
         let leases = format!("{prefix}orchestra:leases");
-        for payload in [
-            "{\"a\":\"tab\tinside\"}",
-            "{\"a\": NaN}",
-            "[0x10]",
-            "01",
-            "1.",
+        for raw_payload in [
+            &b"{\"a\":\"tab\tinside\"}"[..],
+            b"{\"a\": NaN}",
+            b"[0x10]",
+            b"01",
+            b"1.",
+            b"{\"a\":\"\xff\"}",
         ] {
+            let payload = String::from_utf8_lossy(raw_payload);
             let task = new_task();
             b.tasks()
                 .submit(std::slice::from_ref(&task))
@@ -474,7 +477,7 @@ fn a_claim_over_a_payload_rust_cannot_read_is_undone() {
             let _: i64 = redis::cmd("HSET")
                 .arg(&key)
                 .arg("payload")
-                .arg(payload)
+                .arg(raw_payload)
                 .query_async(&mut con)
                 .await
                 .expect("edit by hand");

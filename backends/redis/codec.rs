@@ -149,7 +149,7 @@ pub(crate) fn parse_status(s: &str) -> Result<TaskStatus> {
 
 /// Decodes a task from its HASH fields. `id` is the id the key was built from (used when the
 /// hash has no `task_id` field).
-pub(crate) fn decode(id: &TaskId, fields: HashMap<String, String>) -> Result<Task> {
+pub(crate) fn decode(id: &TaskId, fields: &HashMap<String, String>) -> Result<Task> {
     let get = |name: &str| -> Option<&str> { fields.get(name).map(String::as_str) };
     // The lab stores str(None) == "None" for its optional fields.
     let lab = |name: &str| -> Option<&str> { get(name).filter(|v| *v != "None") };
@@ -313,7 +313,7 @@ mod tests {
     #[test]
     fn task_round_trips_exactly_through_its_fields() {
         let t = sample();
-        let back = decode(&t.task_id, to_map(task_fields(&t))).unwrap();
+        let back = decode(&t.task_id, &to_map(task_fields(&t))).unwrap();
         assert_eq!(back, t);
     }
 
@@ -330,7 +330,7 @@ mod tests {
             t.state.result = Some(v.clone());
             let map = to_map(task_fields(&t));
             assert_eq!(map["result"], lab_result_text(&v));
-            assert_eq!(decode(&t.task_id, map).unwrap().state.result, Some(v));
+            assert_eq!(decode(&t.task_id, &map).unwrap().state.result, Some(v));
         }
     }
 
@@ -339,7 +339,7 @@ mod tests {
         let t = sample();
         let mut map = to_map(task_fields(&t));
         map.insert("result".into(), "written by python".into());
-        let back = decode(&t.task_id, map).unwrap();
+        let back = decode(&t.task_id, &map).unwrap();
         assert_eq!(back.state.result, Some(json!("written by python")));
     }
 
@@ -383,7 +383,7 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let t = decode(&TaskId::parse("task_1a2b3c4d").unwrap(), map).unwrap();
+        let t = decode(&TaskId::parse("task_1a2b3c4d").unwrap(), &map).unwrap();
         assert_eq!(t.status(), TaskStatus::Pending);
         assert_eq!(t.priority.get(), 3);
         assert_eq!(t.payload["user_id"], "user_123");
@@ -397,7 +397,7 @@ mod tests {
     fn a_hash_naming_another_task_is_corrupt() {
         let t = sample();
         let other = TaskId::parse("someone_else").unwrap();
-        let e = decode(&other, to_map(task_fields(&t))).unwrap_err();
+        let e = decode(&other, &to_map(task_fields(&t))).unwrap_err();
         assert!(e.to_string().contains("task_id"), "{e}");
     }
 
@@ -406,7 +406,7 @@ mod tests {
         let t = sample();
         let mut map = to_map(task_fields(&t));
         map.insert("priority".into(), "11".into());
-        let e = decode(&t.task_id, map).unwrap_err();
+        let e = decode(&t.task_id, &map).unwrap_err();
         assert!(!e.is_temporary());
         assert!(e.to_string().contains("priority"), "{e}");
     }

@@ -172,7 +172,7 @@ impl RedisRegistry {
         fields: HashMap<String, String>,
     ) -> Result<Task> {
         let payload_len = fields.get("payload").map_or(0, String::len);
-        let task = codec::decode(id, fields)?;
+        let task = codec::decode(id, &fields)?;
         self.remember(&task, payload_len);
         Ok(task)
     }

@@ -4,6 +4,7 @@
 //! and its dependents read (`record.lua`). What each script does is what
 //! [`Composed`] does with separate calls.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -81,23 +82,42 @@ impl RedisTaskQueue {
         };
         let claim = match tag.as_str() {
             "claimed" => {
-                let old: Vec<Value> = it.collect();
-                match codec::field_map(old.clone()).and_then(|f| codec::decode(&id, f)) {
+                // Kept until decoded: a claim over a hash that cannot be is undone with it.
+                let (fields, found) = match claim_fields(it.collect()) {
+                    Ok(fields) => {
+                        let found = codec::decode(&id, &fields);
+                        (fields, found)
+                    }
+                    Err(old) => {
+                        let utf8 = |b: &[u8]| std::str::from_utf8(b).is_ok();
+                        let why = old
+                            .iter()
+                            .find(|(k, v)| !utf8(k) || !utf8(v))
+                            .map(|(k, _)| {
+                                let name = String::from_utf8_lossy(k);
+                                format!("stored task field `{name}`: is not UTF-8")
+                            })
+                            .unwrap_or_default();
+                        return Ok(ClaimReply::Undo { id, old, why });
+                    }
+                };
+                match found {
                     Ok(found) => Claim::Claimed(Task {
                         state: claimed(&found.state),
                         ..found
                     }),
                     Err(e) => {
-                        return Ok(ClaimReply::Undo {
-                            id,
-                            old,
-                            why: e.to_string(),
-                        })
+                        let old = fields
+                            .into_iter()
+                            .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
+                            .collect();
+                        let why = e.to_string();
+                        return Ok(ClaimReply::Undo { id, old, why });
                     }
                 }
             }
             "unclaimable" => {
-                match codec::field_map(it.collect()).and_then(|f| codec::decode(&id, f)) {
+                match codec::field_map(it.collect()).and_then(|f| codec::decode(&id, &f)) {
                     Ok(found) => Claim::Unclaimable(found),
                     Err(e) => corrupt(&e),
                 }
@@ -128,22 +148,21 @@ impl RedisTaskQueue {
     async fn undo_claim(
         &self,
         id: &TaskId,
-        old: Vec<Value>,
+        old: RawFields,
         spec: &ClaimSpec,
         now: chrono::DateTime<Utc>,
     ) -> Result<bool> {
         let p = self.conn.prefix();
-        let field = |name: &str| -> Option<String> {
-            old.chunks(2).find_map(|kv| match kv {
-                [k, v] if text(k.clone()).ok().as_deref() == Some(name) => text(v.clone()).ok(),
-                _ => None,
-            })
+        let field = |name: &str| -> Option<&str> {
+            old.iter()
+                .find(|(k, _)| k == name.as_bytes())
+                .and_then(|(_, v)| std::str::from_utf8(v).ok())
         };
         // task_check.lua read the status before claiming: it is one of ours.
         let status = field("status")
-            .and_then(|s| codec::parse_status(&s).ok())
+            .and_then(|s| codec::parse_status(s).ok())
             .unwrap_or(TaskStatus::Pending);
-        let time = |name: &str| field(name).and_then(|t| codec::parse_time(name, &t).ok());
+        let time = |name: &str| field(name).and_then(|t| codec::parse_time(name, t).ok());
         // The index score as the registry writes it: the lease end (the lease index) or the
         // last change (a status index); when that field is the unreadable one, an expired
         // lease or now.
@@ -166,11 +185,8 @@ impl RedisTaskQueue {
             .arg(&*spec.worker_id)
             .arg(codec::format_time(now))
             .arg(score);
-        for v in &old {
-            inv.arg(match v {
-                Value::BulkString(b) => b.clone(),
-                other => text(other.clone())?.into_bytes(),
-            });
+        for (k, v) in &old {
+            inv.arg(k.as_slice()).arg(v.as_slice());
         }
         let undone: i64 = self.conn.eval("claim_undo", &inv).await?;
         Ok(undone == 1)
@@ -256,10 +272,51 @@ enum ClaimReply {
     /// claim, dead-letter the message with `why`.
     Undo {
         id: TaskId,
-        old: Vec<Value>,
+        old: RawFields,
         why: String,
     },
 }
+
+/// The (field, value) pairs of a claim reply as text, moved without a copy; when one is not
+/// UTF-8, every pair as bytes (for the undo of the claim).
+fn claim_fields(values: Vec<Value>) -> std::result::Result<HashMap<String, String>, RawFields> {
+    fn bytes(v: Value) -> Vec<u8> {
+        match v {
+            Value::BulkString(b) => b,
+            Value::SimpleString(s) => s.into_bytes(),
+            Value::Int(i) => i.to_string().into_bytes(),
+            Value::VerbatimString { text, .. } => text.into_bytes(),
+            _ => Vec::new(),
+        }
+    }
+    let back = |r: std::result::Result<String, std::string::FromUtf8Error>| {
+        r.map_or_else(|e| e.into_bytes(), String::into_bytes)
+    };
+    let mut fields = HashMap::with_capacity(values.len() / 2);
+    let mut it = values.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        match (String::from_utf8(bytes(k)), String::from_utf8(bytes(v))) {
+            (Ok(k), Ok(v)) => {
+                fields.insert(k, v);
+            }
+            (k, v) => {
+                let mut raw: RawFields = fields
+                    .into_iter()
+                    .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
+                    .collect();
+                raw.push((back(k), back(v)));
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    raw.push((bytes(k), bytes(v)));
+                }
+                return Err(raw);
+            }
+        }
+    }
+    Ok(fields)
+}
+
+/// A task hash's (field, value) pairs as stored.
+type RawFields = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The fields a record writes and deletes: only those that differ from `current`, the state
 /// the compare-and-set on (status, attempt) finds stored. (A heartbeat may have renewed the
