@@ -51,48 +51,57 @@ end
 
 local STATUSES = {WAITING = true, PENDING = true, RUNNING = true, COMPLETED = true,
   FAILED = true, CANCELLED = true}
-local COUNTS = {'attempt', 'handed_back', 'max_attempts'}
 
 local function bad(field, why)
   return 'stored task field `' .. field .. '`: ' .. why
 end
 
--- Why the task `id` whose fields are `f` (field -> value) is not one codec::decode reads (nil
--- when it is), then its status as Rust reads it.
-local function task_unreadable(id, f)
-  if f.task_id and f.task_id ~= id then
-    return bad('task_id', string.format('%q is not the id %q of its key', f.task_id, id))
+-- Why the task `id` whose fields (nil when absent) are these is not one codec::decode reads
+-- (nil when it is), then its status as Rust reads it.
+local function task_unreadable(id, task_id, status, payload, created_at, priority, attempt,
+    handed_back, max_attempts)
+  if task_id and task_id ~= id then
+    return bad('task_id', string.format('%q is not the id %q of its key', task_id, id))
   end
-  local status = f.status
   if not status then
     return bad('status', 'missing')
   end
+  local raw = status
   if not STATUSES[status] then
     -- The lab's 'TaskStatus.PENDING'; any case, as TaskStatus::from_str.
     status = string.upper((string.gsub(status, '^TaskStatus%.', '')))
     if not STATUSES[status] then
-      return bad('status', string.format('unknown status %q', f.status))
+      return bad('status', string.format('unknown status %q', raw))
     end
   end
-  if not f.payload then
+  if not payload then
     return bad('payload', 'missing')
   end
-  if not f.created_at then
+  if not created_at then
     return bad('created_at', 'missing')
   end
-  if f.priority then
-    local _, why = checked_int(f.priority, 1, 10)
+  if priority then
+    local _, why = checked_int(priority, 1, 10)
     if why then
       return bad('priority', why .. ' (1..=10)')
     end
   end
-  for i = 1, #COUNTS do
-    local v = f[COUNTS[i]]
-    if v then
-      local _, why = checked_int(v, 0, 4294967295)
-      if why then
-        return bad(COUNTS[i], why)
-      end
+  if attempt then
+    local _, why = checked_int(attempt, 0, 4294967295)
+    if why then
+      return bad('attempt', why)
+    end
+  end
+  if handed_back then
+    local _, why = checked_int(handed_back, 0, 4294967295)
+    if why then
+      return bad('handed_back', why)
+    end
+  end
+  if max_attempts then
+    local _, why = checked_int(max_attempts, 0, 4294967295)
+    if why then
+      return bad('max_attempts', why)
     end
   end
   return nil, status
