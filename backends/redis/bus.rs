@@ -412,6 +412,16 @@ impl Bus for RedisBus {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        // No more are kept; and a larger number would reach the script as a float (Lua's
+        // numbers are doubles) that LRANGE refuses.
+        if limit > DEAD_LETTERS_KEPT {
+            return Err(Error::invalid(
+                "limit",
+                format!(
+                    "a queue keeps at most {DEAD_LETTERS_KEPT} dead letters; ask for 1 to {DEAD_LETTERS_KEPT}, got {limit}"
+                ),
+            ));
+        }
         let k = self.keys(queue);
         let mut inv = scripts::DEAD_LETTERS.prepare();
         inv.key(&k.dead).key(&k.bodies).arg(limit);

@@ -149,7 +149,7 @@ pub(crate) fn parse_status(s: &str) -> Result<TaskStatus> {
 
 /// Decodes a task from its HASH fields. `id` is the id the key was built from (used when the
 /// hash has no `task_id` field).
-pub(crate) fn decode(id: &TaskId, fields: HashMap<String, String>) -> Result<Task> {
+pub(crate) fn decode(id: &TaskId, fields: &HashMap<String, String>) -> Result<Task> {
     let get = |name: &str| -> Option<&str> { fields.get(name).map(String::as_str) };
     // The lab stores str(None) == "None" for its optional fields.
     let lab = |name: &str| -> Option<&str> { get(name).filter(|v| *v != "None") };
@@ -162,8 +162,9 @@ pub(crate) fn decode(id: &TaskId, fields: HashMap<String, String>) -> Result<Tas
     let int = |name: &str, default: i64| -> Result<i64> {
         match get(name) {
             None => Ok(default),
+            // ASCII whitespace only, as task_check.lua reads it.
             Some(v) => v
-                .trim()
+                .trim_ascii()
                 .parse::<i64>()
                 .map_err(|_| corrupt(name, format!("{v:?} is not an integer"))),
         }
@@ -173,9 +174,15 @@ pub(crate) fn decode(id: &TaskId, fields: HashMap<String, String>) -> Result<Tas
         u32::try_from(v).map_err(|_| corrupt(name, format!("{v} is out of range")))
     };
 
+    // A hash naming another task than its key is not that task (task_check.lua agrees).
     let task_id = match get("task_id") {
-        Some(v) => TaskId::parse(v).map_err(|e| corrupt("task_id", e.to_string()))?,
-        None => id.clone(),
+        Some(v) if v != id.as_str() => {
+            return Err(corrupt(
+                "task_id",
+                format!("{v:?} is not the id {:?} of its key", id.as_str()),
+            ))
+        }
+        _ => id.clone(),
     };
     let queue = QueueName::parse(get("queue").unwrap_or(LAB_DEFAULT_QUEUE))
         .map_err(|e| corrupt("queue", e.to_string()))?;
@@ -306,7 +313,7 @@ mod tests {
     #[test]
     fn task_round_trips_exactly_through_its_fields() {
         let t = sample();
-        let back = decode(&t.task_id, to_map(task_fields(&t))).unwrap();
+        let back = decode(&t.task_id, &to_map(task_fields(&t))).unwrap();
         assert_eq!(back, t);
     }
 
@@ -323,7 +330,7 @@ mod tests {
             t.state.result = Some(v.clone());
             let map = to_map(task_fields(&t));
             assert_eq!(map["result"], lab_result_text(&v));
-            assert_eq!(decode(&t.task_id, map).unwrap().state.result, Some(v));
+            assert_eq!(decode(&t.task_id, &map).unwrap().state.result, Some(v));
         }
     }
 
@@ -332,7 +339,7 @@ mod tests {
         let t = sample();
         let mut map = to_map(task_fields(&t));
         map.insert("result".into(), "written by python".into());
-        let back = decode(&t.task_id, map).unwrap();
+        let back = decode(&t.task_id, &map).unwrap();
         assert_eq!(back.state.result, Some(json!("written by python")));
     }
 
@@ -376,7 +383,7 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let t = decode(&TaskId::parse("task_1a2b3c4d").unwrap(), map).unwrap();
+        let t = decode(&TaskId::parse("task_1a2b3c4d").unwrap(), &map).unwrap();
         assert_eq!(t.status(), TaskStatus::Pending);
         assert_eq!(t.priority.get(), 3);
         assert_eq!(t.payload["user_id"], "user_123");
@@ -387,11 +394,19 @@ mod tests {
     }
 
     #[test]
+    fn a_hash_naming_another_task_is_corrupt() {
+        let t = sample();
+        let other = TaskId::parse("someone_else").unwrap();
+        let e = decode(&other, &to_map(task_fields(&t))).unwrap_err();
+        assert!(e.to_string().contains("task_id"), "{e}");
+    }
+
+    #[test]
     fn corrupt_fields_are_permanent_errors_naming_the_field() {
         let t = sample();
         let mut map = to_map(task_fields(&t));
         map.insert("priority".into(), "11".into());
-        let e = decode(&t.task_id, map).unwrap_err();
+        let e = decode(&t.task_id, &map).unwrap_err();
         assert!(!e.is_temporary());
         assert!(e.to_string().contains("priority"), "{e}");
     }

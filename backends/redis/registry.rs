@@ -172,9 +172,26 @@ impl RedisRegistry {
         fields: HashMap<String, String>,
     ) -> Result<Task> {
         let payload_len = fields.get("payload").map_or(0, String::len);
-        let task = codec::decode(id, fields)?;
+        let task = codec::decode(id, &fields)?;
         self.remember(&task, payload_len);
         Ok(task)
+    }
+
+    /// Reads a task: the outer error is Redis's, the inner one says the stored hash cannot be
+    /// decoded (edited by hand).
+    pub(crate) async fn read(&self, id: &TaskId) -> Result<Result<Option<Task>>> {
+        let mut c = self.conn.manager();
+        let reply: Value = redis::cmd("HGETALL")
+            .arg(keys::task(self.prefix(), id))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.conn.error("HGETALL", e))?;
+        Ok(hash_reply(reply).and_then(|fields| {
+            if fields.is_empty() {
+                return Ok(None);
+            }
+            self.decode_and_remember(id, fields).map(Some)
+        }))
     }
 
     pub(crate) fn prefix(&self) -> &str {
@@ -317,17 +334,7 @@ impl Registry for RedisRegistry {
     }
 
     async fn get(&self, id: &TaskId) -> Result<Option<Task>> {
-        let mut c = self.conn.manager();
-        let reply: Value = redis::cmd("HGETALL")
-            .arg(keys::task(self.prefix(), id))
-            .query_async(&mut c)
-            .await
-            .map_err(|e| self.conn.error("HGETALL", e))?;
-        let fields = hash_reply(reply)?;
-        if fields.is_empty() {
-            return Ok(None);
-        }
-        self.decode_and_remember(id, fields).map(Some)
+        self.read(id).await?
     }
 
     async fn transition(&self, id: &TaskId, expected: Expected, next: TaskState) -> Result<Task> {

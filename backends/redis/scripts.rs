@@ -58,8 +58,13 @@ lua_script!(
     FETCH_CLAIM = concat!(
         include_str!("lua/queue_prelude.lua"),
         include_str!("lua/task_prelude.lua"),
+        include_str!("lua/task_check.lua"),
         include_str!("lua/fetch_claim.lua")
     )
+);
+lua_script!(
+    /// Undoes a claim over a task hash that turned out unreadable.
+    CLAIM_UNDO = include_str!("lua/claim_undo.lua")
 );
 lua_script!(
     /// Creates new PENDING tasks of one queue and announces them (the dispatcher's step).
@@ -95,7 +100,7 @@ lua_script!(
 );
 
 /// Every script, for `SCRIPT LOAD` at connect time.
-pub(crate) static ALL: [&LuaScript; 18] = [
+pub(crate) static ALL: [&LuaScript; 19] = [
     &ENQUEUE,
     &FETCH,
     &ACK,
@@ -107,6 +112,7 @@ pub(crate) static ALL: [&LuaScript; 18] = [
     &TASK_CREATE,
     &TASK_TRANSITION,
     &FETCH_CLAIM,
+    &CLAIM_UNDO,
     &RECORD,
     &SUBMIT,
     &TASK_PURGE,

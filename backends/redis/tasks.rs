@@ -4,6 +4,7 @@
 //! and its dependents read (`record.lua`). What each script does is what
 //! [`Composed`] does with separate calls.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -47,14 +48,14 @@ impl RedisTaskQueue {
         }
     }
 
-    /// Turns one entry of the fetch-and-claim script's claims into a [`Claim`]; `claimed` is
-    /// the state the script wrote over a claimed task.
+    /// Reads one entry of the fetch-and-claim script's claims; `claimed` is the state the script
+    /// wrote over a claimed task.
     fn claim_of(
         &self,
         d: &Delivery,
         reply: Value,
         claimed: impl FnOnce(&TaskState) -> TaskState,
-    ) -> Result<Claim> {
+    ) -> Result<ClaimReply> {
         // The script puts the tag last.
         let (tag, mut it) = match reply {
             Value::Array(mut v) => (v.pop(), v.into_iter()),
@@ -67,40 +68,128 @@ impl RedisTaskQueue {
             }
         };
         let tag = tag.map(text).transpose()?.unwrap_or_default();
-        // The script read the id with cjson; read it again here, with the model's rules.
+        // The script read the id only from the canonical forms, which serde_json reads alike;
+        // read it again here, with the model's rules. A message it did not read is decoded
+        // here alone: what this side cannot read is dead-lettered, untouched by the script.
         let id = match TaskMessage::decode(&d.payload) {
             Ok(m) => m.task_id,
-            Err(e) => return Ok(Claim::Malformed(e.to_string())),
+            Err(e) => return Ok(ClaimReply::Claim(Claim::Malformed(e.to_string()))),
         };
-        match tag.as_str() {
+        let corrupt = |why: &dyn std::fmt::Display| {
+            Claim::Malformed(format!(
+                "the registry entry of task {id} is corrupt ({why}); the task is left as it is"
+            ))
+        };
+        let claim = match tag.as_str() {
             "claimed" => {
-                let found = codec::decode(&id, codec::field_map(it.collect())?)?;
-                Ok(Claim::Claimed(Task {
-                    state: claimed(&found.state),
-                    ..found
-                }))
+                // Kept until decoded: a claim over a hash that cannot be is undone with it.
+                let (fields, found) = match claim_fields(it.collect()) {
+                    Ok(fields) => {
+                        let found = codec::decode(&id, &fields);
+                        (fields, found)
+                    }
+                    Err(old) => {
+                        let utf8 = |b: &[u8]| std::str::from_utf8(b).is_ok();
+                        let why = old
+                            .iter()
+                            .find(|(k, v)| !utf8(k) || !utf8(v))
+                            .map(|(k, _)| {
+                                let name = String::from_utf8_lossy(k);
+                                format!("stored task field `{name}`: is not UTF-8")
+                            })
+                            .unwrap_or_default();
+                        return Ok(ClaimReply::Undo { id, old, why });
+                    }
+                };
+                match found {
+                    Ok(found) => Claim::Claimed(Task {
+                        state: claimed(&found.state),
+                        ..found
+                    }),
+                    Err(e) => {
+                        let old = fields
+                            .into_iter()
+                            .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
+                            .collect();
+                        let why = e.to_string();
+                        return Ok(ClaimReply::Undo { id, old, why });
+                    }
+                }
             }
-            "unclaimable" => Ok(Claim::Unclaimable(codec::decode(
-                &id,
-                codec::field_map(it.collect())?,
-            )?)),
-            "missing" => Ok(Claim::Missing(id)),
+            "unclaimable" => {
+                match codec::field_map(it.collect()).and_then(|f| codec::decode(&id, &f)) {
+                    Ok(found) => Claim::Unclaimable(found),
+                    Err(e) => corrupt(&e),
+                }
+            }
+            "missing" => Claim::Missing(id),
             "unreadable" => {
                 let why = it.nth(1).map(text).transpose()?.unwrap_or_default();
-                Ok(Claim::Malformed(format!(
+                Claim::Malformed(format!(
                     "the registry entry of task {id} cannot be read: {why}"
-                )))
+                ))
             }
-            "malformed" => Ok(Claim::Malformed(format!(
-                "malformed message {:?}: expected {{\"task_id\": \"...\"}}",
-                String::from_utf8_lossy(&d.payload[..d.payload.len().min(80)])
-            ))),
-            other => Err(Error::permanent(
-                BACKEND,
-                format!("fetch_claim returned the claim {other:?}"),
-                None,
-            )),
+            "corrupt" => corrupt(&it.nth(1).map(text).transpose()?.unwrap_or_default()),
+            "noncanonical" => return Ok(ClaimReply::Generic),
+            other => {
+                return Err(Error::permanent(
+                    BACKEND,
+                    format!("fetch_claim returned the claim {other:?}"),
+                    None,
+                ))
+            }
+        };
+        Ok(ClaimReply::Claim(claim))
+    }
+
+    /// Undoes the claim the fetch-and-claim script made at `now` over task `id`, whose hash
+    /// was `old` (field, value pairs) before it and cannot be decoded here; the claim's
+    /// message is then dead-lettered with `why`. True when undone.
+    async fn undo_claim(
+        &self,
+        id: &TaskId,
+        old: RawFields,
+        spec: &ClaimSpec,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<bool> {
+        let p = self.conn.prefix();
+        let field = |name: &str| -> Option<&str> {
+            old.iter()
+                .find(|(k, _)| k == name.as_bytes())
+                .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        };
+        // task_check.lua read the status before claiming: it is one of ours.
+        let status = field("status")
+            .and_then(|s| codec::parse_status(s).ok())
+            .unwrap_or(TaskStatus::Pending);
+        let time = |name: &str| field(name).and_then(|t| codec::parse_time(name, t).ok());
+        // The index score as the registry writes it: the lease end (the lease index) or the
+        // last change (a status index); when that field is the unreadable one, an expired
+        // lease or now.
+        let score = match status {
+            TaskStatus::Running => {
+                time("lease_until").map_or("-inf".to_string(), |t| micros(t).to_string())
+            }
+            _ => micros(
+                time("updated_at")
+                    .or_else(|| time("created_at"))
+                    .unwrap_or(now),
+            )
+            .to_string(),
+        };
+        let mut inv = scripts::CLAIM_UNDO.prepare();
+        inv.key(keys::task(p, id))
+            .key(keys::lease_index(p))
+            .key(keys::status_index(p, status))
+            .arg(id.as_str())
+            .arg(&*spec.worker_id)
+            .arg(codec::format_time(now))
+            .arg(score);
+        for (k, v) in &old {
+            inv.arg(k.as_slice()).arg(v.as_slice());
         }
+        let undone: i64 = self.conn.eval("claim_undo", &inv).await?;
+        Ok(undone == 1)
     }
 
     async fn fetch_claim_once(
@@ -144,20 +233,90 @@ impl RedisTaskQueue {
         if claims.len() != deliveries.len() {
             return Err(short());
         }
-        let out = deliveries
-            .into_iter()
-            .zip(claims)
-            .map(|(d, c)| {
-                // A claim this side cannot read is left to `claim` (the generic path).
-                let claim = self.claim_of(&d, c, |found| spec.claimed_state(found, now)).map_err(|e| {
+        let mut out = Vec::with_capacity(deliveries.len());
+        for (d, c) in deliveries.into_iter().zip(claims) {
+            let claim = match self.claim_of(&d, c, |found| spec.claimed_state(found, now)) {
+                Ok(ClaimReply::Claim(c)) => Some(c),
+                Ok(ClaimReply::Generic) => None,
+                Ok(ClaimReply::Undo { id, old, why }) => {
+                    let undone = self.undo_claim(&id, old, spec, now).await;
+                    if !matches!(undone, Ok(true)) {
+                        tracing::error!(task_id = %id, undone = ?undone, "a claim over an unreadable task could not be undone; it stays RUNNING until its lease ends");
+                    }
+                    Some(Claim::Malformed(format!(
+                        "the registry entry of task {id} is corrupt ({why}); the task is left as it is"
+                    )))
+                }
+                // A claim reply this side cannot read is left to `claim` (the generic path).
+                Err(e) => {
                     tracing::warn!(message_id = %d.message_id, error = %e, "unreadable claim reply; claiming again");
-                });
-                (d, claim.ok())
-            })
-            .collect();
+                    None
+                }
+            };
+            out.push((d, claim));
+        }
         Ok((out, next))
     }
 }
+
+/// What one entry of the fetch-and-claim script's claims says to do.
+// Lives a moment on the stack, once per claim: boxing the large variant would allocate per claim.
+#[allow(clippy::large_enum_variant)]
+enum ClaimReply {
+    /// The claim.
+    Claim(Claim),
+    /// The script left the message to [`TaskQueue::claim`] (a task message in a form it does
+    /// not read).
+    Generic,
+    /// The script claimed a task whose hash (`old`, as it was) cannot be decoded here: undo the
+    /// claim, dead-letter the message with `why`.
+    Undo {
+        id: TaskId,
+        old: RawFields,
+        why: String,
+    },
+}
+
+/// The (field, value) pairs of a claim reply as text, moved without a copy; when one is not
+/// UTF-8, every pair as bytes (for the undo of the claim).
+fn claim_fields(values: Vec<Value>) -> std::result::Result<HashMap<String, String>, RawFields> {
+    fn bytes(v: Value) -> Vec<u8> {
+        match v {
+            Value::BulkString(b) => b,
+            Value::SimpleString(s) => s.into_bytes(),
+            Value::Int(i) => i.to_string().into_bytes(),
+            Value::VerbatimString { text, .. } => text.into_bytes(),
+            _ => Vec::new(),
+        }
+    }
+    let back = |r: std::result::Result<String, std::string::FromUtf8Error>| {
+        r.map_or_else(|e| e.into_bytes(), String::into_bytes)
+    };
+    let mut fields = HashMap::with_capacity(values.len() / 2);
+    let mut it = values.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        match (String::from_utf8(bytes(k)), String::from_utf8(bytes(v))) {
+            (Ok(k), Ok(v)) => {
+                fields.insert(k, v);
+            }
+            (k, v) => {
+                let mut raw: RawFields = fields
+                    .into_iter()
+                    .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
+                    .collect();
+                raw.push((back(k), back(v)));
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    raw.push((bytes(k), bytes(v)));
+                }
+                return Err(raw);
+            }
+        }
+    }
+    Ok(fields)
+}
+
+/// A task hash's (field, value) pairs as stored.
+type RawFields = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The fields a record writes and deletes: only those that differ from `current`, the state
 /// the compare-and-set on (status, attempt) finds stored. (A heartbeat may have renewed the
@@ -359,6 +518,17 @@ impl TaskQueue for RedisTaskQueue {
     }
 
     async fn claim(&self, delivery: &Delivery, spec: &ClaimSpec) -> Result<Claim> {
+        // The generic claim reads the task with `Registry::get`, whose error for a hash edited
+        // by hand is permanent and would come back at every redelivery: such a task's message
+        // is dead-lettered here, as the claim script does, and the task left as it is.
+        if let Ok(m) = TaskMessage::decode(&delivery.payload) {
+            if let Err(e) = self.registry.read(&m.task_id).await? {
+                return Ok(Claim::Malformed(format!(
+                    "the registry entry of task {} is corrupt ({e}); the task is left as it is",
+                    m.task_id
+                )));
+            }
+        }
         self.composed.claim(delivery, spec).await
     }
 

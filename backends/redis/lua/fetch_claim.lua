@@ -12,7 +12,12 @@
 -- Returns {fetch reply, claims} where claims[i] is, for the i-th delivered message,
 -- {field, value, ..., 'claimed'} (the task as it was before the claim), {field, value, ...,
 -- 'unclaimable'}, {task id, 'missing'}, {task id, error, 'unreadable'} (the task key holds no
--- hash) or {'malformed'}: the tag comes last (appending is cheaper than inserting in front).
+-- hash), {task id, why, 'corrupt'} (a hash codec::decode would refuse: task_check.lua) or
+-- {'noncanonical'}: the tag comes last (appending is cheaper than inserting in front).
+-- A message is read here only in the canonical forms TaskMessage::encode and the lab write
+-- (`{"task_id":"<id>"}`, JSON whitespace allowed around the tokens), which serde_json reads
+-- the same way; any other text is 'noncanonical' and left untouched to TaskMessage::decode
+-- (the one JSON parser), so the two never disagree on which task a message names.
 local out = lease_batch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], tonumber(ARGV[1]),
   tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6])
 local tp, sp, leases = ARGV[7], ARGV[8], ARGV[9]
@@ -27,19 +32,18 @@ local mine = {}
 -- Events are published only when someone listens (asked once, at the first event).
 local events = nil
 
+-- `{"task_id": "<id>"}` with JSON whitespace (space, \t, \n, \r) around its tokens.
+local JW = '[ \t\n\r]*'
+local CANONICAL_SPACED = '^' .. JW .. '{' .. JW .. '"task_id"' .. JW .. ':' .. JW
+  .. '"([%w_.:%-]+)"' .. JW .. '}' .. JW .. '$'
+
 local function claim(body)
-  -- The body the submit script writes, read without a JSON parser; anything else through cjson.
+  -- The body the submit script writes (and the lab's, with spaces), read without a JSON parser.
   local id = string.match(body, '^{"task_id":"([%w_.:%-]+)"}$')
-  if not id then
-    local ok, m = pcall(cjson.decode, body)
-    if not ok or type(m) ~= 'table' or type(m.task_id) ~= 'string' then
-      return {'malformed'}
-    end
-    id = m.task_id
-  end
+    or string.match(body, CANONICAL_SPACED)
   -- The model's rule for a task id (TaskId::parse).
-  if #id > 128 or not string.match(id, '^[%w_.:%-]+$') then
-    return {'malformed'}
+  if not id or not valid_matched_id(id) then
+    return {'noncanonical'}
   end
   local key = tp .. id
   -- pcall: a task key that holds no hash (written by hand) makes this claim unreadable, not
@@ -51,40 +55,54 @@ local function claim(body)
   if #all == 0 then
     return {id, 'missing'}
   end
-  -- The fields the claim looks at (a scan: cheaper than a table of every field).
-  local status, attempt, handed_back, max_attempts, finished = '', '0', '0', '1', false
+  -- The fields the claim and its checks look at (a scan: cheaper than a table of every field).
+  local task_id, status, attempt, handed_back, max_attempts, priority, payload, created_at
+  local finished = false
   for i = 1, #all, 2 do
     local f = all[i]
     if f == 'status' then
       status = all[i + 1]
     elseif f == 'attempt' then
       attempt = all[i + 1]
-    elseif f == 'handed_back' then
-      handed_back = all[i + 1]
+    elseif f == 'payload' then
+      payload = true
+    elseif f == 'created_at' then
+      created_at = true
+    elseif f == 'priority' then
+      priority = all[i + 1]
+    elseif f == 'task_id' then
+      task_id = all[i + 1]
     elseif f == 'max_attempts' then
       max_attempts = all[i + 1]
+    elseif f == 'handed_back' then
+      handed_back = all[i + 1]
     elseif f == 'result' or f == 'result_json' or f == 'finished_at' then
       finished = true
     end
   end
-  if string.byte(status, 1) == 84 then -- 'T': the lab's 'TaskStatus.PENDING'
-    status = string.gsub(status, '^TaskStatus%.', '')
+  -- A hash Rust cannot read is not touched: its message is dead-lettered with the reason.
+  local why
+  why, status = task_unreadable(id, task_id, status, payload, created_at, priority, attempt,
+    handed_back, max_attempts)
+  if why then
+    return {id, why, 'corrupt'}
   end
-  attempt = tonumber(attempt) or 0
+  attempt = checked_int(attempt or '0', 0, 4294967295)
   local can = status == 'PENDING'
   if status == 'RUNNING' then
     local lease = redis.call('ZSCORE', leases, id)
     -- Attempts handed back by a worker shutting down are not charged (Task::attempts_left).
-    local charged = attempt - (tonumber(handed_back) or 0)
+    local charged = attempt - checked_int(handed_back or '0', 0, 4294967295)
     can = not mine[id] and (not lease or tonumber(lease) <= now_us)
-      and charged < (tonumber(max_attempts) or 1)
+      and charged < checked_int(max_attempts or '1', 0, 4294967295)
   end
   if not can then
     all[#all + 1] = 'unclaimable'
     return all
   end
   mine[id] = true
-  local a = num(attempt + 1)
+  -- Saturating, as ClaimSpec::claimed_state: the attempt stays a u32.
+  local a = num(math.min(attempt + 1, 4294967295))
   if status ~= 'RUNNING' then
     push(leaving, status, id)
   end
