@@ -87,10 +87,10 @@ impl TaskView {
                 attempt: current.state.attempt,
             };
         }
-        let mut updated = current.clone();
-        updated.state = next;
-        self.table.upsert(updated.clone());
-        RegistryOutcome::Transitioned(Box::new(updated))
+        match self.table.update(id, |task| task.state = next) {
+            Some((_, updated)) => RegistryOutcome::Transitioned(Box::new(updated.clone())),
+            None => RegistryOutcome::NotFound,
+        }
     }
 
     fn purge(&mut self, victims: Vec<Victim>) -> RegistryOutcome {

@@ -68,10 +68,10 @@ impl Registry for MemoryRegistry {
         if current.state.status != expected.status || current.state.attempt != expected.attempt {
             return Err(conflict(id, &expected, &current.state));
         }
-        let mut updated = current.clone();
-        updated.state = next;
-        table.upsert(updated.clone());
-        Ok(updated)
+        let (_, updated) = table
+            .update(id, |task| task.state = next)
+            .ok_or_else(|| Error::TaskNotFound(id.clone()))?;
+        Ok(updated.clone())
     }
 
     async fn list(
