@@ -162,6 +162,7 @@ impl<R: Row> TaskTable<R> {
 
     /// Puts `row` in place of the row with its id (or adds it), moving it in the indexes.
     /// Returns the row it replaced.
+    #[cfg(any(feature = "nats", feature = "rabbitmq", test))]
     pub(crate) fn upsert(&mut self, row: R) -> Option<R> {
         let old = self.rows.remove(row.id());
         match &old {
