@@ -325,21 +325,14 @@ pub async fn a_port_that_speaks_another_protocol_is_one_clear_error(
     says: &str,
 ) {
     let url = url(wrong_protocol_server());
-    let opts = ConnectOptions {
-        prefix: unique_prefix("wrongport"),
-        connect_timeout: Duration::from_secs(3),
-        ..ConnectOptions::default()
-    };
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(30),
-        connect(&BackendUrls::all(url.as_str()), &opts),
+    let e = connect_error(
+        &url,
+        "wrongport",
+        Duration::from_secs(3),
+        "no broker answers",
     )
     .await
-    .unwrap_or_else(|_| panic!("connecting to {url} did not end within 30 s"));
-    let e = match outcome {
-        Ok(_) => panic!("connected to {url}, where no broker answers"),
-        Err(e) => e.to_string(),
-    };
+    .to_string();
     assert!(
         e.contains(says) && !e.contains('\n'),
         "want one line saying {says:?}, got: {e}"
@@ -351,19 +344,31 @@ pub async fn a_port_that_speaks_another_protocol_is_one_clear_error(
 /// 127.0.0.1:`port`.
 pub async fn a_port_nobody_listens_on_is_a_temporary_error(url: impl Fn(u16) -> String) {
     let url = url(free_port());
+    let e = connect_error(&url, "refused", Duration::from_secs(2), "nothing listens").await;
+    assert!(e.is_temporary(), "a refused connection is temporary: {e:?}");
+}
+
+/// The error of connecting every role to `url` with `connect_timeout`, which must come within
+/// 30 s; `nobody` says why a success is wrong.
+async fn connect_error(
+    url: &str,
+    prefix: &str,
+    connect_timeout: Duration,
+    nobody: &str,
+) -> crate::Error {
     let opts = ConnectOptions {
-        prefix: unique_prefix("refused"),
-        connect_timeout: Duration::from_secs(2),
+        prefix: unique_prefix(prefix),
+        connect_timeout,
         ..ConnectOptions::default()
     };
     let outcome = tokio::time::timeout(
         Duration::from_secs(30),
-        connect(&BackendUrls::all(url.as_str()), &opts),
+        connect(&BackendUrls::all(url), &opts),
     )
     .await
     .unwrap_or_else(|_| panic!("connecting to {url} did not end within 30 s"));
     match outcome {
-        Ok(_) => panic!("connected to {url}, where nothing listens"),
-        Err(e) => assert!(e.is_temporary(), "a refused connection is temporary: {e:?}"),
+        Ok(_) => panic!("connected to {url}, where {nobody}"),
+        Err(e) => e,
     }
 }
