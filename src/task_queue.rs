@@ -27,6 +27,56 @@ use crate::model::{QueueName, Task, TaskId, TaskState, TaskStatus};
 use crate::registry::Registry;
 use crate::wire::TaskMessage;
 
+/// How the error of a task whose dispatch was undone starts (see [`withdraw`]).
+pub(crate) const NOT_ANNOUNCED: &str = "not announced";
+
+/// Undoes the registration of `task`, just created PENDING at attempt 0, whose message could
+/// not be sent (`cause`): the task becomes FAILED at attempt 0 with an error that starts with
+/// [`NOT_ANNOUNCED`], so that nothing runs a task whose caller was told its dispatch failed, and
+/// a dispatch with the same id sends it again (see
+/// [`Dispatcher::dispatch`](crate::Dispatcher::dispatch)). The compare-and-set loses only to a
+/// worker that claimed the task: the failed enqueue had reached the broker after all, and the
+/// task runs.
+///
+/// Returns the error for the caller, temporary when `cause` is. When the registry cannot be
+/// written either, the task stays PENDING with no message: a dispatch with the same id
+/// announces it, and so does the monitor once `reannounce_pending_after` has passed.
+pub(crate) async fn withdraw(
+    bus: &dyn Bus,
+    registry: &dyn Registry,
+    task: &Task,
+    cause: &Error,
+) -> Error {
+    let now = Utc::now();
+    let next = TaskState {
+        status: TaskStatus::Failed,
+        error: Some(format!("{NOT_ANNOUNCED}: the dispatch could not enqueue the task's message ({cause}); dispatch it again with the same id")),
+        finished_at: Some(now),
+        updated_at: now,
+        ..task.state.clone()
+    };
+    let id = &task.task_id;
+    let message = match registry.transition(id, task.expect(), next).await {
+        Ok(failed) => {
+            crate::bus::publish_event(bus, &failed).await;
+            format!("task {id} was not announced ({cause}); its registration was undone (FAILED, attempt 0): dispatch it again with the same id")
+        }
+        Err(Error::Conflict { .. }) => {
+            format!("the enqueue of task {id} reported an error ({cause}), but a worker has claimed the task: it was announced after all")
+        }
+        Err(e) => {
+            tracing::warn!(task_id = %id, error = %e, "a task whose announcement failed stays PENDING with no message");
+            format!("task {id} was registered but not announced ({cause}), and could not be withdrawn ({e}): it stays PENDING until a dispatch with the same id or the monitor announces it")
+        }
+    };
+    Error::Backend {
+        backend: bus.backend(),
+        temporary: cause.is_temporary(),
+        message,
+        source: None,
+    }
+}
+
 /// Who claims, and for how long.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimSpec {
@@ -107,8 +157,11 @@ pub trait TaskQueue: Send + Sync + fmt::Debug + 'static {
     /// events: [`Registry::create_many`], then the messages ([`Bus::enqueue_many`]). For
     /// PENDING tasks without dependencies (the dispatcher handles the others). Not atomic as a
     /// whole: one result per task, in order ([`Error::TaskExists`] for a taken id). A task is
-    /// announced only once stored; if announcing fails after that, the monitor's re-announce of
-    /// orphaned PENDING tasks covers it.
+    /// announced only once stored. A task whose message cannot be sent after that gets an
+    /// error and is not left PENDING behind: its registration is undone (FAILED at attempt 0,
+    /// its error starting with "not announced"), so that a dispatch with the same id sends it
+    /// again. Only a process that dies between the two steps leaves a PENDING task with no
+    /// message; the monitor's re-announce of orphaned PENDING tasks covers that.
     async fn submit(&self, tasks: &[Task]) -> Result<Vec<Result<()>>>;
 
     /// Leases up to `options.max` messages of `queue` like [`Bus::fetch`], and claims the task
@@ -159,24 +212,33 @@ impl Composed {
 #[async_trait]
 impl TaskQueue for Composed {
     async fn submit(&self, tasks: &[Task]) -> Result<Vec<Result<()>>> {
-        let created = self.registry.create_many(tasks).await?;
-        let mut by_queue: BTreeMap<&QueueName, Vec<OutgoingMessage>> = BTreeMap::new();
+        let mut created = self.registry.create_many(tasks).await?;
+        let mut by_queue: BTreeMap<&QueueName, (Vec<OutgoingMessage>, Vec<usize>)> =
+            BTreeMap::new();
         let mut announced = Vec::new();
-        for (task, r) in tasks.iter().zip(&created) {
+        for (i, (task, r)) in tasks.iter().zip(&created).enumerate() {
             if r.is_ok() {
                 announced.push(crate::bus::publish_event(self.bus.as_ref(), task));
-                by_queue
-                    .entry(&task.queue)
-                    .or_default()
-                    .push(OutgoingMessage::new(
-                        TaskMessage::encode(&task.task_id),
-                        task.priority,
-                    ));
+                let (messages, positions) = by_queue.entry(&task.queue).or_default();
+                messages.push(OutgoingMessage::new(
+                    TaskMessage::encode(&task.task_id),
+                    task.priority,
+                ));
+                positions.push(i);
             }
         }
         futures::future::join_all(announced).await;
-        for (queue, messages) in by_queue {
-            self.bus.enqueue_many(queue, messages).await?;
+        for (queue, (messages, positions)) in by_queue {
+            // A failed enqueue must not leave registered tasks behind with no message.
+            if let Err(cause) = self.bus.enqueue_many(queue, messages).await {
+                for i in positions {
+                    created[i] =
+                        Err(
+                            withdraw(self.bus.as_ref(), self.registry.as_ref(), &tasks[i], &cause)
+                                .await,
+                        );
+                }
+            }
         }
         Ok(created)
     }

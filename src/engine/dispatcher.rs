@@ -13,6 +13,7 @@ use crate::model::{Limits, Priority, QueueName, Task, TaskId, TaskState, TaskSta
 
 use super::builder::TaskBuilder;
 use super::flow;
+use crate::task_queue::{withdraw, NOT_ANNOUNCED};
 use crate::wire::{TaskEvent, EVENTS_TOPIC};
 
 /// Options of [`Dispatcher::dispatch`].
@@ -25,7 +26,11 @@ pub struct DispatchOptions {
     pub depends_on: Vec<TaskId>,
     /// Run no earlier than this long from now.
     pub delay: Duration,
-    /// Use this id instead of a generated one (fails with [`Error::TaskExists`] if taken).
+    /// Use this id instead of a generated one. A dispatch is idempotent by id: when the id is
+    /// taken by a task with the same queue, payload, priority, attempts and dependencies, the
+    /// dispatch returns that task's id (announcing it again if it was never claimed, so a
+    /// caller who retries a dispatch that failed loses nothing and creates no duplicate);
+    /// when the id is taken by another task, it fails with [`Error::TaskExists`].
     pub task_id: Option<TaskId>,
 }
 
@@ -201,20 +206,30 @@ impl Dispatcher {
                 .tasks()
                 .submit(std::slice::from_ref(&task))
                 .await?;
-            created.pop().ok_or_else(|| {
+            let r = created.pop().ok_or_else(|| {
                 Error::permanent(
                     self.backends.registry.backend(),
                     "submit returned no result for the task",
                     None,
                 )
-            })??;
+            })?;
+            match r {
+                Err(Error::TaskExists(_)) => return self.redispatch(&task, options.delay).await,
+                r => r?,
+            }
             tracing::debug!(task_id = %task.task_id, queue = %task.queue, priority = %task.priority, "dispatched");
             return Ok(task.task_id);
         }
-        self.backends.registry.create(&task).await?;
+        match self.backends.registry.create(&task).await {
+            Err(Error::TaskExists(_)) => return self.redispatch(&task, options.delay).await,
+            r => r?,
+        }
         crate::bus::publish_event(self.backends.bus.as_ref(), &task).await;
         if task.depends_on.is_empty() {
-            flow::announce(&self.backends, &task, options.delay).await?;
+            if let Err(cause) = flow::announce(&self.backends, &task, options.delay).await {
+                let b = &self.backends;
+                return Err(withdraw(b.bus.as_ref(), b.registry.as_ref(), &task, &cause).await);
+            }
         } else {
             // The parents may have finished before the edges existed: check once now.
             flow::resolve_waiting(&self.backends, &task).await?;
@@ -238,11 +253,11 @@ impl Dispatcher {
             .all(|t| t.depends_on.is_empty() && self.check_budget(t).is_ok())
         {
             let submitted = self.backends.tasks().submit(&tasks).await?;
-            return Ok(tasks
-                .into_iter()
-                .zip(submitted)
-                .map(|(t, r)| r.map(|()| t.task_id))
-                .collect());
+            let mut out = Vec::with_capacity(tasks.len());
+            for (t, r) in tasks.iter().zip(submitted) {
+                out.push(self.dispatched(t, r).await);
+            }
+            return Ok(out);
         }
         let mut out: Vec<Option<Result<TaskId>>> = (0..tasks.len()).map(|_| None).collect();
         let position: HashMap<&TaskId, usize> = tasks
@@ -291,7 +306,7 @@ impl Dispatcher {
             let batch: Vec<Task> = ready.iter().map(|&i| tasks[i].clone()).collect();
             let submitted = self.backends.tasks().submit(&batch).await?;
             for (&i, r) in ready.iter().zip(submitted) {
-                out[i] = Some(r.map(|()| tasks[i].task_id.clone()));
+                out[i] = Some(self.dispatched(&tasks[i], r).await);
             }
         }
         if !waiting.is_empty() {
@@ -304,11 +319,77 @@ impl Dispatcher {
                         flow::resolve_waiting(&self.backends, task).await?;
                         Ok(task.task_id.clone())
                     }
-                    Err(e) => Err(e),
+                    Err(e) => self.dispatched(task, Err(e)).await,
                 });
             }
         }
         Ok(out.into_iter().flatten().collect())
+    }
+
+    /// The result of one task of a batch: a taken id is idempotent as in [`Dispatcher::dispatch`].
+    async fn dispatched(&self, task: &Task, r: Result<()>) -> Result<TaskId> {
+        match r {
+            Ok(()) => Ok(task.task_id.clone()),
+            Err(Error::TaskExists(_)) => self.redispatch(task, Duration::ZERO).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A dispatch of `wanted` whose id is taken. The same request again (same queue, payload,
+    /// priority, attempts and dependencies) returns the id: a task whose dispatch was undone
+    /// (FAILED, "not announced") is put back to PENDING and announced; a PENDING task never
+    /// claimed is announced again (its message may be the one that was lost; if not, the worker
+    /// that finds the task already claimed drops the extra one); any other is left as it is.
+    /// Another request under a taken id is [`Error::TaskExists`].
+    async fn redispatch(&self, wanted: &Task, delay: Duration) -> Result<TaskId> {
+        let id = &wanted.task_id;
+        let Some(found) = self.backends.registry.get(id).await? else {
+            return Err(Error::TaskExists(id.clone())); // removed meanwhile: a race, say so
+        };
+        let same = found.queue == wanted.queue
+            && found.payload == wanted.payload
+            && found.priority == wanted.priority
+            && found.max_attempts == wanted.max_attempts
+            && found.depends_on == wanted.depends_on;
+        if !same {
+            return Err(Error::TaskExists(id.clone()));
+        }
+        let s = &found.state;
+        let undone = s.status == TaskStatus::Failed
+            && s.attempt == 0
+            && s.error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(NOT_ANNOUNCED));
+        let b = &self.backends;
+        if undone {
+            let now = Utc::now();
+            let next = TaskState {
+                status: TaskStatus::Pending,
+                error: None,
+                finished_at: None,
+                ready_at: (!delay.is_zero()).then(|| crate::clock::after(now, delay)),
+                updated_at: now,
+                ..s.clone()
+            };
+            let revived = match b.registry.transition(id, found.expect(), next).await {
+                Ok(t) => t,
+                Err(Error::Conflict { .. }) => return Ok(id.clone()), // another caller revived it
+                Err(e) => return Err(e),
+            };
+            crate::bus::publish_event(b.bus.as_ref(), &revived).await;
+            if let Err(cause) = flow::announce(b, &revived, delay).await {
+                return Err(withdraw(b.bus.as_ref(), b.registry.as_ref(), &revived, &cause).await);
+            }
+            tracing::debug!(task_id = %id, "dispatched again after an undone dispatch");
+        } else if s.status == TaskStatus::Pending && s.attempt == 0 {
+            let left = s
+                .ready_at
+                .and_then(|at| (at - Utc::now()).to_std().ok())
+                .unwrap_or_default();
+            flow::announce(b, &found, left).await?;
+            tracing::debug!(task_id = %id, "announced again by a repeated dispatch");
+        }
+        Ok(id.clone())
     }
 
     /// Reads a task; [`Error::TaskNotFound`] if there is none.

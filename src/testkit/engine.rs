@@ -1136,8 +1136,15 @@ pub async fn dispatcher_rejects_bad_input_with_typed_errors(b: &Backends) {
         task_id: Some(id.clone()),
         ..o()
     };
+    // The same request again is idempotent; another request under a taken id is refused.
+    assert_eq!(
+        d.dispatch("q", json!({}), 5, dup.clone()).await.unwrap(),
+        id
+    );
     assert!(matches!(
-        d.dispatch("q", json!({}), 5, dup).await.unwrap_err(),
+        d.dispatch("q", json!({"other": 1}), 5, dup)
+            .await
+            .unwrap_err(),
         crate::Error::TaskExists(_)
     ));
     let missing = TaskId::parse("task_missing").unwrap();
@@ -1319,6 +1326,231 @@ pub async fn monitor_fails_a_stale_task_with_no_attempts_left(b: &Backends) {
     );
 }
 
+/// A bus whose enqueues fail while `refuse` is set (a broker that cannot take a message);
+/// everything else passes through.
+#[derive(Debug)]
+struct RefusingBus {
+    inner: Arc<dyn crate::bus::Bus>,
+    refuse: std::sync::atomic::AtomicBool,
+}
+
+impl RefusingBus {
+    fn check(&self) -> crate::Result<()> {
+        if self.refuse.load(Ordering::SeqCst) {
+            return Err(crate::Error::temporary(
+                self.inner.backend(),
+                "the test's broker refuses every message",
+                None,
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::bus::Bus for RefusingBus {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn publish(&self, topic: &str, payload: &[u8]) -> crate::Result<()> {
+        self.inner.publish(topic, payload).await
+    }
+    async fn subscribe(&self, topic: &str) -> crate::Result<crate::bus::Subscription> {
+        self.inner.subscribe(topic).await
+    }
+    async fn enqueue(
+        &self,
+        queue: &QueueName,
+        message: crate::bus::OutgoingMessage,
+    ) -> crate::Result<String> {
+        self.check()?;
+        self.inner.enqueue(queue, message).await
+    }
+    async fn enqueue_many(
+        &self,
+        queue: &QueueName,
+        messages: Vec<crate::bus::OutgoingMessage>,
+    ) -> crate::Result<Vec<String>> {
+        self.check()?;
+        self.inner.enqueue_many(queue, messages).await
+    }
+    async fn fetch(
+        &self,
+        queue: &QueueName,
+        options: crate::bus::FetchOptions,
+    ) -> crate::Result<Vec<crate::bus::Delivery>> {
+        self.inner.fetch(queue, options).await
+    }
+    async fn ack(&self, delivery: &crate::bus::Delivery) -> crate::Result<()> {
+        self.inner.ack(delivery).await
+    }
+    async fn nack(&self, delivery: &crate::bus::Delivery, delay: Duration) -> crate::Result<()> {
+        self.inner.nack(delivery, delay).await
+    }
+    async fn extend(
+        &self,
+        delivery: &crate::bus::Delivery,
+        lease: Duration,
+    ) -> crate::Result<chrono::DateTime<chrono::Utc>> {
+        self.inner.extend(delivery, lease).await
+    }
+    async fn dead_letter(
+        &self,
+        delivery: &crate::bus::Delivery,
+        reason: &str,
+    ) -> crate::Result<()> {
+        self.inner.dead_letter(delivery, reason).await
+    }
+    async fn dead_letters(
+        &self,
+        queue: &QueueName,
+        limit: usize,
+    ) -> crate::Result<Vec<crate::bus::DeadLetter>> {
+        self.inner.dead_letters(queue, limit).await
+    }
+    async fn stats(&self, queue: &QueueName) -> crate::Result<crate::bus::QueueStats> {
+        self.inner.stats(queue).await
+    }
+    fn max_deliveries(&self) -> u32 {
+        self.inner.max_deliveries()
+    }
+    fn max_delay(&self) -> Option<Duration> {
+        self.inner.max_delay()
+    }
+}
+
+/// A dispatch whose message cannot be sent leaves no PENDING task behind (its registration is
+/// undone), alone, delayed and in a batch; the caller's retry with the same id, once the broker
+/// takes messages again, runs each task exactly once. A task registered by a dispatcher that
+/// died before announcing it is announced by the same dispatch repeated.
+pub async fn a_failed_dispatch_leaves_no_orphan_and_can_be_repeated(b: &Backends) {
+    let bus = Arc::new(RefusingBus {
+        inner: b.bus.clone(),
+        refuse: std::sync::atomic::AtomicBool::new(true),
+    });
+    let faulty = Backends::new(bus.clone(), b.registry.clone(), b.locks.clone());
+    let d = Dispatcher::new(faulty);
+    let with_id = |id: &str| DispatchOptions {
+        task_id: Some(TaskId::parse(id).unwrap()),
+        ..DispatchOptions::default()
+    };
+    let now = with_id("task_refused_now");
+    let later = DispatchOptions {
+        delay: Duration::from_millis(200),
+        ..with_id("task_refused_later")
+    };
+    let batch = || {
+        ["task_refused_b1", "task_refused_b2"]
+            .map(|id| {
+                d.build("refused", json!({"id": id}), 3, &with_id(id))
+                    .unwrap()
+            })
+            .to_vec()
+    };
+    let ids: Vec<TaskId> = [
+        "task_refused_now",
+        "task_refused_later",
+        "task_refused_b1",
+        "task_refused_b2",
+    ]
+    .map(|id| TaskId::parse(id).unwrap())
+    .to_vec();
+
+    let e = d
+        .dispatch("refused", json!({"n": 1}), 5, now.clone())
+        .await
+        .unwrap_err();
+    assert!(e.is_temporary(), "a refused enqueue is worth retrying: {e}");
+    let e = d
+        .dispatch("refused", json!({"n": 2}), 5, later.clone())
+        .await
+        .unwrap_err();
+    assert!(e.is_temporary(), "{e}");
+    let results = d.dispatch_many(batch()).await.unwrap();
+    assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+    for id in &ids {
+        let t = d.get(id).await.unwrap();
+        assert_eq!(t.status(), TaskStatus::Failed, "{id} left as {t:?}");
+        assert_eq!(t.state.attempt, 0, "{t:?}");
+        let why = t.state.error.as_deref().unwrap_or("");
+        assert!(why.starts_with("not announced"), "{id}: {why}");
+    }
+    let counts = b.registry.counts().await.unwrap();
+    assert_eq!(
+        counts.get(TaskStatus::Pending),
+        0,
+        "an orphan is left: {counts:?}"
+    );
+
+    // A dispatcher that died between registering and announcing: the task is PENDING with no
+    // message, and its caller repeats the dispatch.
+    let stranded = d
+        .build("refused", json!({"n": 3}), 5, &with_id("task_stranded"))
+        .unwrap();
+    b.registry.create(&stranded).await.unwrap();
+
+    bus.refuse.store(false, Ordering::SeqCst);
+    let w = Worker::new(b.clone(), quick_config("refused-runner", 2))
+        .handle("refused", echo())
+        .unwrap()
+        .start()
+        .unwrap();
+    assert_eq!(
+        d.dispatch("refused", json!({"n": 1}), 5, now.clone())
+            .await
+            .unwrap(),
+        ids[0]
+    );
+    assert_eq!(
+        d.dispatch("refused", json!({"n": 2}), 5, later)
+            .await
+            .unwrap(),
+        ids[1]
+    );
+    let again: Vec<TaskId> = d
+        .dispatch_many(batch())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(again, ids[2..]);
+    assert_eq!(
+        d.dispatch("refused", json!({"n": 3}), 5, with_id("task_stranded"))
+            .await
+            .unwrap(),
+        stranded.task_id
+    );
+    for id in ids.iter().chain([&stranded.task_id]) {
+        let t = wait_done(&d, id).await;
+        assert_eq!(t.status(), TaskStatus::Completed, "{t:?}");
+        assert_eq!(t.state.attempt, 1, "{id} ran more than once: {t:?}");
+        assert_eq!(t.state.error, None, "{t:?}");
+    }
+    // Repeating a finished task's dispatch changes nothing; another request under its id is
+    // refused.
+    assert_eq!(
+        d.dispatch("refused", json!({"n": 1}), 5, now.clone())
+            .await
+            .unwrap(),
+        ids[0]
+    );
+    assert!(matches!(
+        d.dispatch("refused", json!({"n": 9}), 5, now)
+            .await
+            .unwrap_err(),
+        crate::Error::TaskExists(_)
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await; // any extra message would run now
+    let t = d.get(&ids[0]).await.unwrap();
+    assert_eq!(
+        (t.status(), t.state.attempt),
+        (TaskStatus::Completed, 1),
+        "{t:?}"
+    );
+    w.shutdown().await;
+}
+
 /// Expands to one test per function of this module, each on fresh backends made by
 /// `$make(prefix)` and cleaned by `$cleanup(prefix)` afterwards (also when the test fails), like
 /// [`conformance_suite!`](crate::conformance_suite).
@@ -1349,6 +1581,7 @@ macro_rules! engine_suite {
                 monitor_reannounces_a_pending_task_whose_message_was_lost,
                 retry_announces_a_pending_task_whose_message_was_lost,
                 monitor_fails_a_stale_task_with_no_attempts_left,
+                a_failed_dispatch_leaves_no_orphan_and_can_be_repeated,
             ];
         }
     };

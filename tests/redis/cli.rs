@@ -328,6 +328,35 @@ fn dispatch_after_a_cancelled_dependency_reports_the_failure() {
     rt.block_on(cleanup(&prefix));
 }
 
+/// `dispatch --id` run twice is idempotent (same id, exit 0, one task that runs once); the same id
+/// with another payload is refused.
+#[test]
+fn dispatch_with_the_same_id_twice_is_idempotent() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = rt.block_on(broker_url(BrokerKind::Redis));
+    let prefix = unique_prefix("cli_same_id");
+    for _ in 0..2 {
+        let (code, out, err) = orchestra_run(
+            &url,
+            &prefix,
+            &["dispatch", "q", r#"{"n":1}"#, "--id", "once"],
+        );
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert!(out.contains("dispatched once"), "{out}");
+    }
+    let (code, out, err) = orchestra_run(
+        &url,
+        &prefix,
+        &["dispatch", "q", r#"{"n":2}"#, "--id", "once"],
+    );
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("task once already exists"), "{err}");
+    let (code, out, err) = orchestra_run(&url, &prefix, &["--json", "stats"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains(r#""PENDING":1"#), "one task, PENDING: {out}");
+    rt.block_on(cleanup(&prefix));
+}
+
 /// `drop-namespace` deletes everything under the prefix, only with `--yes`, and nothing of a
 /// neighbouring prefix.
 #[test]
