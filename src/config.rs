@@ -202,6 +202,9 @@ pub struct WorkerSection {
     /// How long a backend call is retried through temporary errors (60 s).
     #[serde(with = "duration_serde")]
     pub backend_retry_budget: Duration,
+    /// How often the worker announces itself on the bus (2 s; `"never"`: not at all).
+    #[serde(with = "duration_or_never")]
+    pub announce_every: Option<Duration>,
     /// Backoff between a task's attempts.
     pub retry: RetrySection,
 }
@@ -218,6 +221,7 @@ impl Default for WorkerSection {
             handler_timeout: w.handler_timeout,
             shutdown_timeout: w.shutdown_timeout,
             backend_retry_budget: w.backend_retry_budget,
+            announce_every: w.announce_every,
             retry: RetrySection::from(w.retry),
         }
     }
@@ -652,6 +656,7 @@ impl Config {
             handler_timeout: w.handler_timeout,
             shutdown_timeout: w.shutdown_timeout,
             backend_retry_budget: w.backend_retry_budget,
+            announce_every: w.announce_every,
         }
     }
 

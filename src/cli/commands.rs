@@ -86,6 +86,14 @@ pub struct StatsArgs {
     queues: Vec<String>,
 }
 
+/// `orchestra workers`.
+#[derive(Args)]
+pub struct WorkersArgs {
+    /// How long to listen for the workers' announcements (they come every 2 s by default).
+    #[arg(long, value_parser = duration_arg, default_value = "3s")]
+    listen: Duration,
+}
+
 /// `orchestra monitor`.
 #[derive(Args)]
 pub struct MonitorArgs {
@@ -300,6 +308,50 @@ pub async fn tasks(ctx: &Ctx, command: TasksCommand) -> Result<(), CliError> {
     }
     if let Some(c) = page.next_cursor {
         println!("more: --cursor {c}");
+    }
+    Ok(())
+}
+
+pub async fn workers(ctx: &Ctx, a: WorkersArgs) -> Result<(), CliError> {
+    let (backends, _) = ctx.connect_to_read(&[]).await?;
+    let workers = agent_orchestra::engine::list_workers(backends.bus.as_ref(), a.listen).await?;
+    if ctx.out.json {
+        ctx.out.json(&workers);
+        return Ok(());
+    }
+    if workers.is_empty() {
+        println!(
+            "no worker heard within {}",
+            agent_orchestra::config::format_duration(a.listen)
+        );
+        return Ok(());
+    }
+    let now = chrono::Utc::now();
+    let ago = |t: chrono::DateTime<chrono::Utc>| {
+        agent_orchestra::config::format_duration((now - t).to_std().unwrap_or_default())
+    };
+    for w in &workers {
+        let queues: Vec<&str> = w.queues.iter().map(|q| q.as_str()).collect();
+        println!(
+            "{} on {} (pid {}), queues {}, {}/{} running, up {}, seen {} ago",
+            w.worker_id,
+            w.host,
+            w.pid,
+            queues.join(","),
+            w.running.len(),
+            w.concurrency,
+            ago(w.started_at),
+            ago(w.seen_at)
+        );
+        for r in &w.running {
+            println!(
+                "  {} on {} attempt {}, for {}",
+                r.task_id,
+                r.queue,
+                r.attempt,
+                ago(r.since)
+            );
+        }
     }
     Ok(())
 }

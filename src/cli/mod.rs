@@ -120,6 +120,8 @@ enum Command {
     },
     /// Task counts by status, and queue sizes for the queues named with --queue.
     Stats(commands::StatsArgs),
+    /// Lists the live workers (id, host, queues, running tasks), as heard on the bus.
+    Workers(commands::WorkersArgs),
     /// Runs the monitor (recovery of crashed workers' tasks) and prints its snapshots.
     Monitor(commands::MonitorArgs),
     /// Runs built-in agents (echo, sleep, fail) on named queues until Ctrl-C.
@@ -417,6 +419,7 @@ async fn run(ctx: &Ctx, command: Command) -> Result<(), CliError> {
         Command::Tasks { command } => commands::tasks(ctx, command).await,
         Command::Stats(a) => commands::stats(ctx, a).await,
         Command::Monitor(a) => commands::monitor(ctx, a).await,
+        Command::Workers(a) => commands::workers(ctx, a).await,
         Command::Worker(a) => agents::run(ctx, a).await,
         Command::Cancel { id } => commands::cancel(ctx, &id).await,
         Command::Retry { id } => commands::retry(ctx, &id).await,

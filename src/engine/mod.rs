@@ -8,6 +8,7 @@ mod handler;
 pub mod metrics;
 mod monitor;
 mod retry;
+mod roster;
 mod worker;
 
 pub use builder::TaskBuilder;
@@ -18,4 +19,5 @@ pub use metrics::prometheus::backend_gauges;
 pub use metrics::{MetricsSnapshot, WorkerMetrics};
 pub use monitor::{Monitor, MonitorConfig, MonitorHandle, MonitorReport};
 pub use retry::Backoff;
+pub use roster::{list_workers, RunningTask, WorkerInfo, MAX_LISTEN, WORKERS_TOPIC};
 pub use worker::{default_worker_id, Finished, ShutdownReport, Worker, WorkerConfig, WorkerHandle};

@@ -1551,6 +1551,68 @@ pub async fn a_failed_dispatch_leaves_no_orphan_and_can_be_repeated(b: &Backends
     w.shutdown().await;
 }
 
+/// A worker announces itself on the bus: `list_workers` hears its id, queues and the task it
+/// is running; after a shutdown it is no longer listed.
+pub async fn workers_announce_themselves_with_their_running_tasks(b: &Backends) {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let started = Arc::new(tokio::sync::Notify::new());
+    let (r, s) = (release.clone(), started.clone());
+    let mut cfg = quick_config("announced-worker", 2);
+    cfg.announce_every = Some(Duration::from_millis(100));
+    let w = Worker::new(b.clone(), cfg)
+        .handle(
+            "announced",
+            handler_fn(move |ctx: TaskContext| {
+                let (r, s) = (r.clone(), s.clone());
+                async move {
+                    s.notify_one();
+                    r.notified().await;
+                    Ok::<_, TaskError>(ctx.task.payload)
+                }
+            }),
+        )
+        .unwrap()
+        .start()
+        .unwrap();
+    let d = Dispatcher::new(b.clone());
+    let id = d
+        .dispatch("announced", json!({}), 5, DispatchOptions::default())
+        .await
+        .unwrap();
+    tokio::time::timeout(LIMIT, started.notified())
+        .await
+        .expect("the task never started");
+    let heard = crate::engine::list_workers(b.bus.as_ref(), Duration::from_secs(2))
+        .await
+        .unwrap();
+    let me = heard
+        .iter()
+        .find(|w| w.worker_id == "announced-worker")
+        .unwrap_or_else(|| panic!("the worker was not heard: {heard:?}"));
+    assert_eq!(me.queues, [QueueName::parse("announced").unwrap()]);
+    assert_eq!(me.concurrency, 2);
+    assert_eq!(me.pid, std::process::id());
+    assert!(!me.stopping);
+    let running: Vec<&TaskId> = me.running.iter().map(|r| &r.task_id).collect();
+    assert_eq!(running, [&id], "{me:?}");
+    assert_eq!(me.running[0].attempt, 1);
+    release.notify_one();
+    assert_eq!(wait_done(&d, &id).await.status(), TaskStatus::Completed);
+    w.shutdown().await;
+    let heard = crate::engine::list_workers(b.bus.as_ref(), Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert!(
+        heard.iter().all(|w| w.worker_id != "announced-worker"),
+        "a stopped worker is still listed: {heard:?}"
+    );
+    // Nonsense windows are refused.
+    assert!(matches!(
+        crate::engine::list_workers(b.bus.as_ref(), Duration::ZERO).await,
+        Err(crate::Error::InvalidInput { .. })
+    ));
+}
+
 /// Expands to one test per function of this module, each on fresh backends made by
 /// `$make(prefix)` and cleaned by `$cleanup(prefix)` afterwards (also when the test fails), like
 /// [`conformance_suite!`](crate::conformance_suite).
@@ -1582,6 +1644,7 @@ macro_rules! engine_suite {
                 retry_announces_a_pending_task_whose_message_was_lost,
                 monitor_fails_a_stale_task_with_no_attempts_left,
                 a_failed_dispatch_leaves_no_orphan_and_can_be_repeated,
+                workers_announce_themselves_with_their_running_tasks,
             ];
         }
     };

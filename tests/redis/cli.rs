@@ -208,6 +208,34 @@ fn a_worker_that_misses_its_shutdown_deadline_exits_1() {
     rt.block_on(cleanup(&prefix));
 }
 
+/// `orchestra workers` lists a CLI worker from another process with its queue and running task,
+/// and no longer once it stopped.
+#[test]
+fn workers_lists_a_running_worker_and_its_task() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = rt.block_on(broker_url(BrokerKind::Redis));
+    let prefix = unique_prefix("cli_workers");
+    let worker = worker_running_a_slow_task(&url, &prefix, "seen_one", "1s");
+    let (code, out, err) = orchestra_run(&url, &prefix, &["--json", "workers", "--listen", "3s"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let workers = listed.as_array().expect("an array");
+    assert_eq!(workers.len(), 1, "{out}");
+    assert_eq!(workers[0]["queues"], serde_json::json!(["slow"]), "{out}");
+    assert_eq!(workers[0]["running"][0]["task_id"], "seen_one", "{out}");
+    let (code, out, _) = orchestra_run(&url, &prefix, &["workers", "--listen", "3s"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("queues slow, 1/"), "{out}");
+    assert!(out.contains("  seen_one on slow attempt 1"), "{out}");
+    let _ = interrupt(worker);
+    let (code, out, _) = orchestra_run(&url, &prefix, &["workers", "--listen", "1s"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("no worker heard within 1s"), "{out}");
+    let (code, _, err) = orchestra_run(&url, &prefix, &["workers", "--listen", "0s"]);
+    assert_eq!(code, 2, "{err}");
+    rt.block_on(cleanup(&prefix));
+}
+
 /// Ctrl-C during a bench or the demo stops it, deletes its namespace (as a finished run does)
 /// and exits 130; before, everything it had created stayed.
 #[test]

@@ -27,6 +27,9 @@ pub struct WorkerConfig {
     /// How long one backend call is retried through temporary errors before the worker gives
     /// up on that step (the message is then redelivered when its lease ends).
     pub backend_retry_budget: Duration,
+    /// How often the worker announces itself (id, host, queues, running tasks) on the bus, for
+    /// `orchestra workers` and [`list_workers`](crate::engine::list_workers); `None`: never.
+    pub announce_every: Option<Duration>,
 }
 
 impl Default for WorkerConfig {
@@ -41,9 +44,13 @@ impl Default for WorkerConfig {
             handler_timeout: None,
             shutdown_timeout: Duration::from_secs(30),
             backend_retry_budget: Duration::from_secs(60),
+            announce_every: Some(DEFAULT_ANNOUNCE_EVERY),
         }
     }
 }
+
+/// How often a worker announces itself by default.
+pub const DEFAULT_ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
 
 /// `worker-<pid>-<4 hex>`.
 pub fn default_worker_id() -> String {
@@ -84,6 +91,17 @@ impl WorkerConfig {
                 return Err(Error::config(
                     "worker.heartbeat",
                     "must be greater than zero and shorter than worker.lease",
+                ));
+            }
+        }
+        if let Some(every) = self.announce_every {
+            if every < Duration::from_millis(50) || every > Duration::from_secs(3600) {
+                return Err(Error::config(
+                    "worker.announce_every",
+                    format!(
+                        "must be between 50ms and 1h, got {}",
+                        crate::clock::format_duration(every)
+                    ),
                 ));
             }
         }

@@ -7,6 +7,7 @@ pub struct WorkerHandle {
     pub(super) inner: Arc<Inner>,
     pub(super) slots: Arc<Semaphore>,
     pub(super) loops: Vec<tokio::task::JoinHandle<()>>,
+    pub(super) announcer: Option<tokio::task::JoinHandle<()>>,
     pub(super) stop_tx: watch::Sender<bool>,
     pub(super) abandon_tx: watch::Sender<bool>,
     pub(super) kill_tx: watch::Sender<bool>,
@@ -108,6 +109,11 @@ impl WorkerHandle {
         for l in self.loops.iter() {
             l.abort();
         }
+        if let Some(a) = self.announcer.take() {
+            a.abort();
+            // Listeners drop the worker now instead of after its interval.
+            self.inner.announce(true).await;
+        }
         let after = self
             .inner
             .metrics
@@ -134,7 +140,7 @@ impl WorkerHandle {
     /// hands them to another worker. For tests and demonstrations.
     pub fn kill(self) {
         let _ = self.kill_tx.send(true);
-        for l in &self.loops {
+        for l in self.loops.iter().chain(&self.announcer) {
             l.abort();
         }
         tracing::warn!(worker_id = %self.inner.worker_id, "worker killed");
@@ -144,7 +150,7 @@ impl WorkerHandle {
 impl Drop for WorkerHandle {
     fn drop(&mut self) {
         let _ = self.kill_tx.send(true);
-        for l in &self.loops {
+        for l in self.loops.iter().chain(&self.announcer) {
             l.abort();
         }
     }

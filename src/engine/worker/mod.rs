@@ -8,7 +8,7 @@
 //! - `process`: one delivery, from claim to recorded outcome;
 //! - `lease`: running the handler under a renewed lease.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,13 +21,14 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use crate::bundle::Backends;
 use crate::bus::{Delivery, FetchOptions};
 use crate::error::{Error, Result};
-use crate::model::{QueueName, Task, TaskState, TaskStatus};
+use crate::model::{QueueName, Task, TaskId, TaskState, TaskStatus};
 use crate::task_queue::{Claim, ClaimSpec, Recorded, Settle};
 
 use super::flow;
 use super::handler::{Handler, TaskContext, TaskError};
 use super::metrics::{MetricsSnapshot, WorkerMetrics};
 use super::retry::{with_backend_retry, Backoff};
+use super::roster::{host_name, RunningTask, WorkerInfo, WORKERS_TOPIC};
 
 mod config;
 mod fetch;
@@ -66,6 +67,68 @@ struct Inner {
     /// Outcomes being recorded (at most `concurrency`): taken when a handler returns, before
     /// its slot is given back.
     recording: Arc<Semaphore>,
+    /// The tasks running now, for the worker's announcements.
+    running: parking_lot::Mutex<BTreeMap<TaskId, RunningTask>>,
+    /// When the worker was created.
+    started_at: chrono::DateTime<Utc>,
+}
+
+impl Inner {
+    /// What this worker says about itself now.
+    fn info(&self, stopping: bool) -> WorkerInfo {
+        let mut running: Vec<RunningTask> = self.running.lock().values().cloned().collect();
+        running.sort_by_key(|r| r.since);
+        let mut queues: Vec<QueueName> = self.handlers.keys().cloned().collect();
+        queues.sort();
+        WorkerInfo {
+            worker_id: self.worker_id.to_string(),
+            host: host_name(),
+            pid: std::process::id(),
+            queues,
+            concurrency: self.config.concurrency,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: self.started_at,
+            seen_at: Utc::now(),
+            every_ms: self
+                .config
+                .announce_every
+                .map_or(0, |d| d.as_millis() as u64),
+            running,
+            stopping,
+        }
+    }
+
+    /// Publishes this worker's announcement (at-most-once, like every event).
+    async fn announce(&self, stopping: bool) {
+        let bus = self.backends.bus.as_ref();
+        if !bus.may_have_subscribers(WORKERS_TOPIC) {
+            return;
+        }
+        if let Err(e) = bus
+            .publish(WORKERS_TOPIC, &self.info(stopping).encode())
+            .await
+        {
+            tracing::debug!(worker_id = %self.worker_id, error = %e, "could not announce the worker");
+        }
+    }
+}
+
+/// Announces the worker every `every` until `stop` or `kill` flips.
+async fn announce_loop(
+    inner: Arc<Inner>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+    mut kill: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => inner.announce(false).await,
+            _ = stop.changed() => return,
+            _ = kill.changed() => return,
+        }
+    }
 }
 
 /// Serves one or more queues.
@@ -114,6 +177,8 @@ impl Worker {
                 recording: Arc::new(Semaphore::new(
                     config.concurrency.min(Semaphore::MAX_PERMITS),
                 )),
+                running: Default::default(),
+                started_at: Utc::now(),
                 claim: ClaimSpec {
                     worker_id: Arc::from(config.worker_id.as_str()),
                     lease: config.lease,
@@ -171,6 +236,14 @@ impl Worker {
                 kill_rx.clone(),
             )));
         }
+        let announcer = inner.config.announce_every.map(|every| {
+            tokio::spawn(announce_loop(
+                inner.clone(),
+                every,
+                stop_rx.clone(),
+                kill_rx.clone(),
+            ))
+        });
         tracing::info!(
             worker_id = %inner.worker_id,
             queues = ?inner.handlers.keys().map(|q| q.as_str()).collect::<Vec<_>>(),
@@ -181,6 +254,7 @@ impl Worker {
             inner,
             slots,
             loops,
+            announcer,
             stop_tx,
             abandon_tx,
             kill_tx,

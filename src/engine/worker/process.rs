@@ -37,6 +37,30 @@ pub(super) async fn hand_back(inner: &Inner, d: &Delivery, running: &Task) -> Re
     Ok(())
 }
 
+/// Lists a claimed task among the worker's running tasks while alive.
+struct Listed<'a>(&'a Inner, TaskId);
+
+impl<'a> Listed<'a> {
+    fn enter(inner: &'a Inner, task: &Task) -> Self {
+        inner.running.lock().insert(
+            task.task_id.clone(),
+            RunningTask {
+                task_id: task.task_id.clone(),
+                queue: task.queue.clone(),
+                attempt: task.state.attempt,
+                since: task.state.started_at.unwrap_or_else(Utc::now),
+            },
+        );
+        Listed(inner, task.task_id.clone())
+    }
+}
+
+impl Drop for Listed<'_> {
+    fn drop(&mut self) {
+        self.0.running.lock().remove(&self.1);
+    }
+}
+
 /// Counts a delivery as being processed while alive.
 pub(super) struct InProgress<'a>(&'a std::sync::atomic::AtomicUsize);
 
@@ -145,6 +169,7 @@ pub(super) async fn process_inner(
     };
     let id = running.task_id.clone();
     let attempt = running.state.attempt;
+    let _listed = Listed::enter(inner, &running);
     WorkerMetrics::inc(&inner.metrics.claimed);
     tracing::debug!(task_id = %id, attempt, "claimed");
 
