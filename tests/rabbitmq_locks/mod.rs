@@ -5,9 +5,40 @@
 
 use std::time::{Duration, Instant};
 
-use super::{make_backends, with_cleanup};
+use agent_orchestra::testkit::harness::unique_prefix;
+
+use super::{cleanup, make_backends, with_cleanup};
 
 const TTL: Duration = Duration::from_secs(60);
+
+/// How long the two tests with thousands of refusals may take: 28–80 s measured on a 2-core
+/// machine at a load average of 10–17 (the broker's CPU is what they wait for), too close to
+/// the harness's usual 120 s.
+const CONTENTION_LIMIT: Duration = Duration::from_secs(300);
+
+/// Like `with_cleanup`, bounded by [`CONTENTION_LIMIT`] instead of the harness's limit.
+fn with_cleanup_bounded<F, Fut>(name: &str, test: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let prefix = unique_prefix(name);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let test = test(prefix.clone());
+    let outcome = runtime
+        .block_on(async move { tokio::time::timeout(CONTENTION_LIMIT, tokio::spawn(test)).await });
+    runtime.block_on(cleanup(&prefix));
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Ok(Err(e)) => panic!("{name}: {e}"),
+        Err(_) => panic!("{name} did not finish within {CONTENTION_LIMIT:?}"),
+    }
+}
 
 /// More refusals than one AMQP connection has channels (RabbitMQ's default `channel_max` is
 /// 2,047, and the client never frees a channel the broker closed): each is `Ok(None)`, and the
@@ -57,7 +88,7 @@ const ACQUISITIONS: usize = 100;
 /// two holders overlap, and the tokens, in the order the holders wrote them, strictly increase.
 #[test]
 fn processes_contending_for_one_key_never_overlap() {
-    with_cleanup("rmq_lock_procs", |prefix| async move {
+    with_cleanup_bounded("rmq_lock_procs", |prefix| async move {
         let url = agent_orchestra::testkit::harness::broker_url(
             agent_orchestra::testkit::harness::BrokerKind::Amqp,
         )
@@ -84,13 +115,13 @@ fn processes_contending_for_one_key_never_overlap() {
                     .expect("start a contender process")
             })
             .collect();
-        // Bounded below the harness's limit so that a stuck child is reported with its output.
+        // Bounded below the test's limit, so that a stuck child is reported as such.
         let outputs = tokio::time::timeout(
-            Duration::from_secs(100),
+            CONTENTION_LIMIT - Duration::from_secs(20),
             futures::future::join_all(children.into_iter().map(|c| c.wait_with_output())),
         )
         .await
-        .expect("the contender processes did not all finish within 100 s");
+        .expect("the contender processes did not all finish in time");
         for (n, out) in outputs.into_iter().enumerate() {
             let out = out.expect("contender output");
             let stdout = String::from_utf8_lossy(&out.stdout);
@@ -198,7 +229,7 @@ fn contender_process() {
 #[test]
 fn a_standby_monitor_takes_over_after_10_000_refused_passes() {
     use agent_orchestra::{Monitor, MonitorConfig};
-    with_cleanup("rmq_lock_standby", |prefix| async move {
+    with_cleanup_bounded("rmq_lock_standby", |prefix| async move {
         // The leader makes one pass: its lease (three intervals) must outlast the refusals.
         let config = |id: &str| MonitorConfig {
             monitor_id: id.to_string(),
