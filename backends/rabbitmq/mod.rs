@@ -5,8 +5,8 @@
 //!   dead-letter back, a dead-letter queue per work queue, events on a direct exchange.
 //! * [`RabbitRegistry`]: an append-only log of task changes in a stream queue, replayed into an
 //!   in-process view; compare-and-set is decided by log order.
-//! * [`RabbitLockManager`]: exclusive queues held by a dedicated connection, with fencing
-//!   tokens and holder records in a lock log stream.
+//! * [`RabbitLockManager`]: exclusive queues held by the lock manager's own connections, with
+//!   fencing tokens and holder records in a lock log stream.
 //!
 //! All state lives in RabbitMQ. docs/backends/rabbitmq.md explains the design, its guarantees
 //! and its costs.
