@@ -26,6 +26,9 @@ use agent_orchestra::{
 
 mod support;
 
+#[path = "rabbitmq_locks/mod.rs"]
+mod locks;
+
 fn options(prefix: &str) -> ConnectOptions {
     ConnectOptions {
         prefix: prefix.to_string(),

@@ -36,6 +36,8 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a sync keeps retrying to append its marker (the broker unreachable) before it
 /// returns a temporary error: reads should fail fast while the broker is away.
 const SYNC_RETRY_BUDGET: Duration = Duration::from_secs(5);
+/// How long a follower waits for a stream's first message when it checks skipped offsets.
+const FIRST_OFFSET_TIMEOUT: Duration = Duration::from_secs(5);
 /// The deterministic rules a log's records are applied with.
 pub(crate) trait Machine: Send + Sync + 'static {
     /// A record's content.
@@ -70,6 +72,8 @@ struct Shared<M: Machine> {
     waiters: Mutex<HashMap<String, oneshot::Sender<Applied<M::Outcome>>>>,
     /// Offset of the last message applied (None before the first).
     applied: Mutex<Option<u64>>,
+    /// Times the follower found records removed by retention before it read them.
+    missing: AtomicU64,
 }
 
 /// A stream-backed replicated state machine. Dropping it stops following the stream.
@@ -139,6 +143,7 @@ impl<M: Machine> Log<M> {
             machine: RwLock::new(machine),
             waiters: Mutex::new(HashMap::new()),
             applied: Mutex::new(None),
+            missing: AtomicU64::new(0),
         });
         let session = shared.link.session().await?;
         let ch = session.channel(false).await?;
@@ -159,6 +164,13 @@ impl<M: Machine> Log<M> {
     /// must travel on a particular connection).
     pub(crate) fn writer_on(&self, publisher: CachedChannel) -> Writer {
         Writer::new(self.shared.stream.clone(), publisher)
+    }
+
+    /// How many times the follower found records that retention had removed before this
+    /// process read them (each logged as an error).
+    #[cfg(test)]
+    pub(crate) fn missing_reports(&self) -> u64 {
+        self.shared.missing.load(Ordering::Relaxed)
     }
 
     /// Reads the view.
@@ -429,6 +441,72 @@ impl<M: Machine> Shared<M> {
         }
     }
 
+    /// The offsets from `expected` to `got` (excluded) were not delivered. That alone does not
+    /// mean records are missing: a stream also stores entries that are not messages and take
+    /// up offsets, which a consumer never sees (RabbitMQ's stream store, osiris, starts every
+    /// new segment with a writer-tracking chunk: one skipped offset per segment, e.g. every
+    /// 1 MB of the lock log). Records are missing only if retention removed them, that is if
+    /// the stream's first message now lies past `expected`; this asks the stream for it.
+    async fn check_gap(&self, session: &Session, expected: u64, got: u64) {
+        match self.first_offset(session).await {
+            Ok(first) if first <= expected => {
+                tracing::debug!(stream = %self.stream, expected, got, first, "offsets without a message (stream bookkeeping); nothing is missing");
+            }
+            Ok(first) => {
+                self.missing.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(stream = %self.stream, expected, got, first, "log records are missing (removed by retention before this process read them); the view may be incomplete");
+            }
+            Err(e) => {
+                tracing::warn!(stream = %self.stream, expected, got, error = %e, "offsets were skipped and the stream's first offset could not be read: records may be missing (removed by retention)");
+            }
+        }
+    }
+
+    /// The offset of the first message the stream still holds, read with a one-message
+    /// consumer from `first` on a channel of its own.
+    async fn first_offset(&self, session: &Session) -> Result<u64> {
+        let ch = session.channel(false).await?;
+        let result = async {
+            ch.basic_qos(1, Default::default())
+                .await
+                .map_err(|e| amqp_error("set the prefetch of a stream probe", e))?;
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-stream-offset".into(),
+                AMQPValue::LongString("first".into()),
+            );
+            let mut consumer = ch
+                .basic_consume(
+                    self.stream.clone(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    args,
+                )
+                .await
+                .map_err(|e| amqp_error("read the first offset of a stream", e))?;
+            let first = tokio::time::timeout(FIRST_OFFSET_TIMEOUT, consumer.next()).await;
+            match first {
+                Ok(Some(Ok(d))) => delivery_offset(&d).ok_or_else(|| {
+                    Error::temporary(BACKEND, "a stream message without x-stream-offset", None)
+                }),
+                Ok(Some(Err(e))) => Err(amqp_error("read the first offset of a stream", e)),
+                Ok(None) => Err(Error::temporary(
+                    BACKEND,
+                    "the broker cancelled a stream probe",
+                    None,
+                )),
+                Err(_) => Err(Error::temporary(
+                    BACKEND,
+                    format!("the stream sent no message within {FIRST_OFFSET_TIMEOUT:?}"),
+                    None,
+                )),
+            }
+        }
+        .await;
+        let _ = ch.close(200, "probed".into()).await;
+        result
+    }
+
     /// Consumes from `next` (or the first record) until the consumer fails; advances `next`.
     async fn consume(&self, session: &Session, next: &mut Option<u64>) -> Result<()> {
         let ch = session.channel(false).await?;
@@ -479,23 +557,12 @@ impl<M: Machine> Shared<M> {
                     ))
                 }
             };
-            let offset = d
-                .properties
-                .headers()
-                .as_ref()
-                .and_then(|h| h.inner().get("x-stream-offset"))
-                .and_then(|v| match v {
-                    AMQPValue::LongLongInt(o) => u64::try_from(*o).ok(),
-                    AMQPValue::LongInt(o) => u64::try_from(*o).ok(),
-                    AMQPValue::LongUInt(o) => Some(u64::from(*o)),
-                    _ => None,
-                });
-            match offset {
+            match delivery_offset(&d) {
                 // Streams deliver from the start of a chunk: skip what was applied already.
                 Some(o) if next.is_some_and(|n| o < n) => {}
                 Some(o) => {
                     if let Some(n) = next.filter(|n| o > *n) {
-                        tracing::error!(stream = %self.stream, expected = n, got = o, "log records are missing (removed by retention before this process read them); the view may be incomplete");
+                        self.check_gap(session, n, o).await;
                     }
                     self.apply(o, &d.data);
                     *next = Some(o + 1);
@@ -513,6 +580,20 @@ impl<M: Machine> Shared<M> {
             }
         }
     }
+}
+
+/// A stream message's offset (its `x-stream-offset` header).
+fn delivery_offset(d: &lapin::message::Delivery) -> Option<u64> {
+    d.properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-stream-offset"))
+        .and_then(|v| match v {
+            AMQPValue::LongLongInt(o) => u64::try_from(*o).ok(),
+            AMQPValue::LongInt(o) => u64::try_from(*o).ok(),
+            AMQPValue::LongUInt(o) => Some(u64::from(*o)),
+            _ => None,
+        })
 }
 
 async fn ack_up_to(ch: &lapin::Channel, tag: u64) -> Result<()> {
@@ -541,5 +622,123 @@ async fn follow<M: Machine>(shared: Arc<Shared<M>>, start: Option<u64>) {
             };
             tokio::time::sleep(pause).await;
         }
+    }
+}
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use super::*;
+    use crate::testkit::harness::{broker_url, unique_prefix, BrokerKind};
+
+    /// Remembers the stream offset of every record applied.
+    #[derive(Default)]
+    struct Offsets(Vec<u64>);
+
+    impl Machine for Offsets {
+        type Op = String;
+        type Outcome = ();
+        fn apply(&mut self, position: u64, _op: String) {
+            self.0.push(position / MAX_RECORDS_PER_MESSAGE as u64);
+        }
+    }
+
+    async fn link(prefix: &str) -> Arc<Link> {
+        let url = url::Url::parse(&broker_url(BrokerKind::Amqp).await).expect("test URL");
+        let opts = crate::bundle::ConnectOptions {
+            prefix: prefix.to_string(),
+            ..Default::default()
+        };
+        super::super::link_for(&url, &opts, "log-test")
+            .expect("link")
+            .0
+    }
+
+    async fn delete_stream(link: &Link, stream: &str) {
+        let session = link.session().await.expect("session");
+        let ch = session.channel(false).await.expect("channel");
+        ch.queue_delete(stream.into(), Default::default())
+            .await
+            .expect("delete the test stream");
+    }
+
+    /// Appends `n` records of about 200 bytes, one stream message each.
+    async fn append(log: &Log<Offsets>, n: usize) {
+        for i in 0..n {
+            log.submit(&format!("{i:0>200}")).await.expect("append");
+        }
+    }
+
+    /// A stream whose segments are small rolls over often; each new segment starts with a
+    /// bookkeeping entry that takes an offset and is never delivered. The follower skips those
+    /// offsets without reporting missing records (it used to log a false ERROR at each roll).
+    #[tokio::test]
+    async fn offsets_skipped_at_a_segment_roll_are_not_missing_records() {
+        let prefix = unique_prefix("log_gap");
+        let link = link(&prefix).await;
+        let stream = format!("{prefix}gaps");
+        let args = stream_arguments(&[(
+            "x-stream-max-segment-size-bytes",
+            AMQPValue::LongLongInt(4_000),
+        )]);
+        let log = Log::open(link.clone(), stream.clone(), args, Offsets::default())
+            .await
+            .expect("open the log");
+        append(&log, 200).await;
+        log.sync().await.expect("sync");
+        let offsets = log.read(|m| m.0.clone());
+        let gaps = offsets.windows(2).filter(|w| w[1] > w[0] + 1).count();
+        let missing = log.missing_reports();
+        drop(log);
+        delete_stream(&link, &stream).await;
+        assert_eq!(offsets.len(), 200, "every record was applied");
+        assert!(
+            gaps > 0,
+            "the segments rolled over without skipping an offset: {offsets:?}"
+        );
+        assert_eq!(
+            missing, 0,
+            "{gaps} segment rolls were reported as missing records"
+        );
+    }
+
+    /// Records really removed by retention before the follower read them are still reported:
+    /// a follower starting at offset 0 of a stream whose first segments are gone.
+    #[tokio::test]
+    async fn records_removed_by_retention_are_reported_missing() {
+        let prefix = unique_prefix("log_retention");
+        let link = link(&prefix).await;
+        let stream = format!("{prefix}retained");
+        let args = || {
+            stream_arguments(&[
+                (
+                    "x-stream-max-segment-size-bytes",
+                    AMQPValue::LongLongInt(4_000),
+                ),
+                ("x-max-length-bytes", AMQPValue::LongLongInt(12_000)),
+            ])
+        };
+        let writer = Log::open(link.clone(), stream.clone(), args(), Offsets::default())
+            .await
+            .expect("open the log");
+        append(&writer, 200).await;
+        writer.sync().await.expect("sync");
+        let late = Log::open_from(
+            link.clone(),
+            stream.clone(),
+            args(),
+            Offsets::default(),
+            Some(0),
+        )
+        .await
+        .expect("open the log from offset 0");
+        let first = late.read(|m| m.0.first().copied());
+        let missing = late.missing_reports();
+        drop((writer, late));
+        delete_stream(&link, &stream).await;
+        assert!(
+            first.is_some_and(|f| f > 0),
+            "retention removed nothing (first offset read: {first:?})"
+        );
+        assert_eq!(missing, 1, "the removed records were not reported");
     }
 }

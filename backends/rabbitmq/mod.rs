@@ -5,8 +5,8 @@
 //!   dead-letter back, a dead-letter queue per work queue, events on a direct exchange.
 //! * [`RabbitRegistry`]: an append-only log of task changes in a stream queue, replayed into an
 //!   in-process view; compare-and-set is decided by log order.
-//! * [`RabbitLockManager`]: exclusive queues held by a dedicated connection, with fencing
-//!   tokens and holder records in a lock log stream.
+//! * [`RabbitLockManager`]: exclusive queues held by the lock manager's own connections, with
+//!   fencing tokens and holder records in a lock log stream.
 //!
 //! All state lives in RabbitMQ. docs/backends/rabbitmq.md explains the design, its guarantees
 //! and its costs.
@@ -43,8 +43,8 @@ use crate::redact::redact_url;
 /// answering is noticed within about twice this, and its deliveries and locks are released.
 pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 
-/// Opens the requested roles on one shared connection (plus a dedicated connection for the
-/// exclusive lock queues when `roles.locks` is set).
+/// Opens the requested roles on one shared connection (plus connections of its own for the
+/// exclusive lock queues when `roles.locks` is set, see `lock.rs`).
 ///
 /// The URL gives the user, password, host, port and vhost (`amqp://user:pass@host:5672/vhost`,
 /// `%2f` for `/`; an empty path means `/`), and optionally `heartbeat`, `frame_max`,
@@ -65,10 +65,10 @@ pub async fn open(url: &Url, roles: &Roles, opts: &ConnectOptions) -> Result<Par
         parts.registry = Some(Arc::new(RabbitRegistry::open(link.clone(), &names).await?) as _);
     }
     if roles.locks {
-        let (holder_link, _) = link_for(url, opts, "locks")?;
-        holder_link.session().await?;
+        let (url, opts) = (url.clone(), opts.clone());
+        let connect = Box::new(move || link_for(&url, &opts, "locks").map(|(l, _)| l));
         parts.locks =
-            Some(Arc::new(RabbitLockManager::open(link.clone(), holder_link, &names).await?) as _);
+            Some(Arc::new(RabbitLockManager::open(link.clone(), connect, &names).await?) as _);
     }
     Ok(parts)
 }
