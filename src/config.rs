@@ -113,7 +113,17 @@ pub const ENV_VARS: &[(&str, &str)] = &[
 pub const DEFAULT_URL: &str = "memory://";
 
 /// URL schemes the crate knows (whether or not their cargo feature is compiled in).
-const KNOWN_SCHEMES: &[&str] = &["memory", "redis", "rediss", "nats", "tls", "amqp", "amqps"];
+const KNOWN_SCHEMES: &[&str] = &[
+    "memory",
+    "redis",
+    "rediss",
+    "redis+cluster",
+    "rediss+cluster",
+    "nats",
+    "tls",
+    "amqp",
+    "amqps",
+];
 
 /// Everything agent-orchestra can be configured with. See the [module docs](self) for the
 /// loading order and an example.
@@ -798,13 +808,13 @@ fn to_u32(key: &str, n: u64) -> Result<u32> {
 }
 
 fn check_url(key: &str, url: &str) -> Result<()> {
-    let parsed = url::Url::parse(url.trim())
+    let parsed = crate::connect::parse_url(url)
         .map_err(|e| Error::config(key, format!("{} is not a URL: {e}", redact_url(url))))?;
     if !KNOWN_SCHEMES.contains(&parsed.scheme()) {
         return Err(Error::config(
             key,
             format!(
-                "{} has unknown scheme `{}`; expected memory://, redis://, rediss://, nats://, tls://, amqp:// or amqps://",
+                "{} has unknown scheme `{}`; expected memory://, redis://, rediss://, redis+cluster://, rediss+cluster://, nats://, tls://, amqp:// or amqps://",
                 redact_url(url),
                 parsed.scheme()
             ),
