@@ -71,8 +71,10 @@ impl RedisCluster {
     pub fn start() -> RedisCluster {
         let dir = PrivateDir::new("redis-cluster");
         let mut nodes = Vec::new();
+        let mut taken: Vec<u16> = Vec::new();
         for i in 0..6 {
-            let port = free_port();
+            let port = cluster_port(&taken);
+            taken.push(port);
             let node_dir = dir.path().join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir)
                 .unwrap_or_else(|e| panic!("cannot create {}: {e}", node_dir.display()));
@@ -256,6 +258,23 @@ impl Drop for RedisCluster {
     fn drop(&mut self) {
         for n in &mut self.nodes {
             n.kill();
+        }
+    }
+}
+
+/// A free local port whose cluster bus port (port + 10000) is free too, and neither of which
+/// is one of `taken`'s or their bus ports.
+fn cluster_port(taken: &[u16]) -> u16 {
+    loop {
+        let port = free_port();
+        let Some(bus) = port.checked_add(10_000) else {
+            continue;
+        };
+        let clash = taken
+            .iter()
+            .any(|&t| [t, t + 10_000].contains(&port) || [t, t + 10_000].contains(&bus));
+        if !clash && std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok() {
+            return port;
         }
     }
 }
