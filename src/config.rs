@@ -988,6 +988,20 @@ max_age = "7d"
     }
 
     #[test]
+    fn a_redis_cluster_url_with_its_seed_list_is_accepted_from_file_and_env() {
+        let url = "redis+cluster://u:pw@10.0.0.1:7000,10.0.0.2:7001";
+        let c = Config::from_toml_str(&format!("url = \"{url}\"\n")).unwrap();
+        assert_eq!(c.backend_urls(), BackendUrls::all(url));
+        let c = Config::load_with(None, env(&[("ORCHESTRA_URL", url)])).unwrap();
+        assert_eq!(c.backend_urls(), BackendUrls::all(url));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("pw@"), "{shown}");
+        let e = Config::load_with(None, env(&[("ORCHESTRA_URL", "redis+cluster://h:x,h2:1")]))
+            .unwrap_err();
+        assert_eq!(key_of(e), "url");
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         let e = Config::from_toml_str("[worker]\nlease = \"soon\"\n").unwrap_err();
         assert_eq!(key_of(e), "worker.lease");

@@ -603,6 +603,9 @@ impl Registry for RedisRegistry {
         let Some(queue) = self.queue_of(id).await? else {
             return Err(Error::TaskNotFound(id.clone()));
         };
+        // A task the lab wrote enters our indexes here: its queue must be listed (once per
+        // process and queue).
+        self.conn.note_queues([&queue]).await?;
         let k = self.qk(&queue);
         let known = self.immutables.lock().map.get(id).cloned();
         let (set, del) = codec::state_fields(&next);
