@@ -113,7 +113,17 @@ pub const ENV_VARS: &[(&str, &str)] = &[
 pub const DEFAULT_URL: &str = "memory://";
 
 /// URL schemes the crate knows (whether or not their cargo feature is compiled in).
-const KNOWN_SCHEMES: &[&str] = &["memory", "redis", "rediss", "nats", "tls", "amqp", "amqps"];
+const KNOWN_SCHEMES: &[&str] = &[
+    "memory",
+    "redis",
+    "rediss",
+    "redis+cluster",
+    "rediss+cluster",
+    "nats",
+    "tls",
+    "amqp",
+    "amqps",
+];
 
 /// Everything agent-orchestra can be configured with. See the [module docs](self) for the
 /// loading order and an example.
@@ -803,13 +813,13 @@ fn to_u32(key: &str, n: u64) -> Result<u32> {
 }
 
 fn check_url(key: &str, url: &str) -> Result<()> {
-    let parsed = url::Url::parse(url.trim())
+    let parsed = crate::connect::parse_url(url)
         .map_err(|e| Error::config(key, format!("{} is not a URL: {e}", redact_url(url))))?;
     if !KNOWN_SCHEMES.contains(&parsed.scheme()) {
         return Err(Error::config(
             key,
             format!(
-                "{} has unknown scheme `{}`; expected memory://, redis://, rediss://, nats://, tls://, amqp:// or amqps://",
+                "{} has unknown scheme `{}`; expected memory://, redis://, rediss://, redis+cluster://, rediss+cluster://, nats://, tls://, amqp:// or amqps://",
                 redact_url(url),
                 parsed.scheme()
             ),
@@ -980,6 +990,20 @@ max_age = "7d"
         assert_eq!(key_of(e), "urll");
         let e = Config::from_toml_str("[wokrer]\nconcurrency = 3\n").unwrap_err();
         assert_eq!(key_of(e), "wokrer");
+    }
+
+    #[test]
+    fn a_redis_cluster_url_with_its_seed_list_is_accepted_from_file_and_env() {
+        let url = "redis+cluster://u:pw@10.0.0.1:7000,10.0.0.2:7001";
+        let c = Config::from_toml_str(&format!("url = \"{url}\"\n")).unwrap();
+        assert_eq!(c.backend_urls(), BackendUrls::all(url));
+        let c = Config::load_with(None, env(&[("ORCHESTRA_URL", url)])).unwrap();
+        assert_eq!(c.backend_urls(), BackendUrls::all(url));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("pw@"), "{shown}");
+        let e = Config::load_with(None, env(&[("ORCHESTRA_URL", "redis+cluster://h:x,h2:1")]))
+            .unwrap_err();
+        assert_eq!(key_of(e), "url");
     }
 
     #[test]

@@ -38,6 +38,8 @@ const KNOWN_SCHEMES: &[(&str, Option<&str>)] = &[
     ("memory", None),
     ("redis", Some("redis")),
     ("rediss", Some("redis")),
+    ("redis+cluster", Some("redis")),
+    ("rediss+cluster", Some("redis")),
     ("nats", Some("nats")),
     ("tls", Some("nats")),
     ("amqp", Some("rabbitmq")),
@@ -70,7 +72,7 @@ const DRIVERS: &[Driver] = &[
     },
     #[cfg(feature = "redis")]
     Driver {
-        schemes: &["redis", "rediss"],
+        schemes: &["redis", "rediss", "redis+cluster", "rediss+cluster"],
         remote: true,
         open: |url, roles, opts| Box::pin(backends::redis::open(url, roles, opts)),
         drop_namespace: |url, opts, _| Box::pin(backends::redis::drop_namespace(url, opts)),
@@ -100,9 +102,38 @@ const DRIVERS: &[Driver] = &[
     },
 ];
 
+/// Parses a URL, accepting the seed list of a Redis Cluster URL
+/// (`redis+cluster://[user:password@]host:port,host:port,...`, which is not a URL by RFC 3986):
+/// the first seed stays the host, the others move to the query parameter `seeds`.
+pub(crate) fn parse_url(url: &str) -> std::result::Result<Url, url::ParseError> {
+    let trimmed = url.trim();
+    let rewritten = match trimmed.split_once("://") {
+        Some((scheme, rest)) if scheme.ends_with("+cluster") => {
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let (authority, tail) = rest.split_at(end);
+            let (userinfo, hosts) = match authority.rfind('@') {
+                Some(at) => authority.split_at(at + 1),
+                None => ("", authority),
+            };
+            match hosts.split_once(',') {
+                Some((first, others)) => {
+                    let (path, query) = match tail.split_once('?') {
+                        Some((p, q)) => (p, format!("{q}&")),
+                        None => (tail, String::new()),
+                    };
+                    format!("{scheme}://{userinfo}{first}{path}?{query}seeds={others}")
+                }
+                None => trimmed.to_string(),
+            }
+        }
+        _ => trimmed.to_string(),
+    };
+    Url::parse(&rewritten)
+}
+
 /// The parsed URL and the driver of its scheme, with TLS ready for a remote one.
 fn driver(url: &str) -> Result<(Url, &'static Driver)> {
-    let parsed = Url::parse(url).map_err(|e| Error::UnsupportedUrl {
+    let parsed = parse_url(url).map_err(|e| Error::UnsupportedUrl {
         url: redact_url(url),
         reason: format!("not a URL: {e}"),
     })?;

@@ -12,13 +12,37 @@ use url::Url;
 /// assert_eq!(redact_url("nats://host:4222?token=abc"), "nats://host:4222?token=***");
 /// assert_eq!(redact_url("tls://s3cr3t@host:4222"), "tls://***@host:4222");
 /// assert_eq!(redact_url("nats://s3cr3t@host:4222"), "nats://***@host:4222");
+/// assert_eq!(
+///     redact_url("redis+cluster://u:pw@h1:7000,h2:7001"),
+///     "redis+cluster://u:***@h1:7000,h2:7001"
+/// );
 /// ```
 pub fn redact_url(url: &str) -> String {
     let Ok(mut parsed) = Url::parse(url) else {
-        // Not parseable: hide everything between "://" and the last '@', if any.
-        return match (url.find("://"), url.rfind('@')) {
-            (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        // Not parseable (such as a Redis Cluster URL with its seed list, `host:port,host:port`):
+        // hide the password between "://" and the last '@' (or all of it, when there is no
+        // `user:` before it), and any secret in the query.
+        let hidden = match (url.find("://"), url.rfind('@')) {
+            (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+                Some((user, _)) if !user.is_empty() => {
+                    format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+                }
+                _ => format!("{}***{}", &url[..s + 3], &url[at..]),
+            },
             _ => url.to_string(),
+        };
+        return match hidden.split_once('?') {
+            Some((base, query)) if !query.is_empty() => {
+                let fake = format!("x://h?{query}");
+                match Url::parse(&fake) {
+                    Ok(_) => {
+                        let q = redact_url(&fake);
+                        format!("{base}?{}", q.split_once('?').map_or("", |(_, q)| q))
+                    }
+                    Err(_) => hidden,
+                }
+            }
+            _ => hidden,
         };
     };
     if parsed.password().is_some() {

@@ -458,8 +458,8 @@ async fn score(con: &mut redis::aio::MultiplexedConnection, key: &str, id: &Task
 fn a_claim_over_a_payload_rust_cannot_read_is_undone() {
     on_redis("claim_undo", |b, url, prefix| async move {
         let mut con = raw(&url).await;
-        let pending = format!("{prefix}orchestra:status:PENDING");
-        let leases = format!("{prefix}orchestra:leases");
+        let pending = format!("{prefix}q:{{{QUEUE}}}:status:PENDING");
+        let leases = format!("{prefix}q:{{{QUEUE}}}:leases");
         for raw_payload in [
             &b"{\"a\":\"tab\tinside\"}"[..],
             b"{\"a\": NaN}",
@@ -511,7 +511,7 @@ fn a_claim_over_a_payload_rust_cannot_read_is_undone() {
 fn an_undone_takeover_leaves_the_task_running_under_its_old_lease() {
     on_redis("undo_takeover", |b, url, prefix| async move {
         let mut con = raw(&url).await;
-        let leases = format!("{prefix}orchestra:leases");
+        let leases = format!("{prefix}q:{{{QUEUE}}}:leases");
         let task = new_task();
         b.tasks()
             .submit(std::slice::from_ref(&task))

@@ -131,7 +131,7 @@ impl RedisBus {
         if let Some(k) = queues.get(queue) {
             return k.clone();
         }
-        let k = Arc::new(QueueKeys::new(self.conn.prefix(), queue));
+        let k = Arc::new(self.conn.queue_keys(queue));
         queues.insert(queue.clone(), k.clone());
         k
     }

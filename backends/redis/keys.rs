@@ -1,21 +1,39 @@
 //! Every key and channel name the Redis backend uses, in one place.
 //!
-//! * a work queue: `{prefix}q:{<queue>}:ready|delayed|inflight|seq|dead|bodies` and the channel
-//!   `{prefix}q:{<queue>}:wake` — hash-tagged by the queue, so every queue script touches one
-//!   slot (and different queues spread over a cluster);
-//! * a task: `{prefix}task_registry:<id>` (the lab's key), with the indexes
-//!   `{prefix}orchestra:status:<STATUS>`, `{prefix}orchestra:leases` and
-//!   `{prefix}orchestra:dependents:<parent>`;
+//! Everything of a queue `Q` is hash-tagged `{Q}`, so that each script touches one Redis Cluster
+//! slot and different queues spread over the cluster's masters (docs/backends/redis.md has the
+//! table of keys and slots):
+//!
+//! * the queue: `{prefix}q:{Q}:ready|delayed|inflight|seq|dead|bodies` and the channel
+//!   `{prefix}q:{Q}:wake`;
+//! * the indexes of the tasks of `Q`: `{prefix}q:{Q}:status:<STATUS>` (every status but
+//!   RUNNING), `{prefix}q:{Q}:leases` (RUNNING, by lease end) and
+//!   `{prefix}q:{Q}:dependents:<parent>` (the children of a parent of `Q`, wherever they live);
+//! * a task's hash, in one of two layouts ([`Layout`]): `{prefix}task_registry:<id>` (the lab's
+//!   key) on a single server, `{prefix}q:{Q}:task:<id>` on a cluster, where the pointer
+//!   `{prefix}orchestra:task_queue:<id>` (a STRING: `Q`) finds it by id;
+//! * the queues that have tasks: `{prefix}orchestra:queues` (a SET), for the work that spans
+//!   queues (counts, the stale-lease scan, listings, retention);
 //! * a lock: `{prefix}lock:{<key>}` and its fencing counter `{prefix}lock:{<key>}:fence`;
 //! * events: the channel `{prefix}events:<topic>`.
 //!
-//! When the prefix itself holds a hash tag (`{orchestra}:`), Redis hashes only that tag, so
-//! every key lands in one slot: that is how the registry becomes Redis Cluster safe (see
-//! docs/backends/redis.md).
+//! The prefix cannot hold a hash tag (the configuration refuses `{`): a tag in the prefix would
+//! be the one Redis hashes, and every queue would land in one slot.
 
 use crate::model::{QueueName, TaskId, TaskStatus};
 
-/// The keys of one work queue.
+/// Where a task's hash lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// One server: `{prefix}task_registry:<id>`, the lab's key, readable by its
+    /// `TaskRegistry.get_task` (with the default empty prefix).
+    Lab,
+    /// A Redis Cluster: `{prefix}q:{Q}:task:<id>`, in its queue's slot, found by id through the
+    /// pointer `{prefix}orchestra:task_queue:<id>`.
+    Sharded,
+}
+
+/// The keys of one work queue, and of the tasks of that queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct QueueKeys {
     /// ZSET of ready message headers (`id:d:p:s`), by priority * 2^49 + sequence.
@@ -32,11 +50,22 @@ pub(crate) struct QueueKeys {
     pub bodies: String,
     /// Pub/sub channel that wakes waiting consumers.
     pub wake: String,
+    /// ZSET of the queue's RUNNING tasks by lease end (µs): the RUNNING index.
+    pub leases: String,
+    /// What the queue's status indexes are named after: `…:status:`.
+    pub status_prefix: String,
+    /// What the dependents sets of the queue's tasks are named after: `…:dependents:`.
+    pub dependents_prefix: String,
+    /// What the queue's task hashes are named after (see [`Layout`]).
+    pub task_prefix: String,
+    /// LIST of purged tasks (`id`, `depends_on` pairs) whose entries in other slots (parents'
+    /// dependents sets, id pointers) are still to be removed.
+    pub purged: String,
 }
 
 impl QueueKeys {
-    /// The keys of `queue` under `prefix`.
-    pub fn new(prefix: &str, queue: &QueueName) -> Self {
+    /// The keys of `queue` under `prefix`, its task hashes in `layout`.
+    pub fn new(prefix: &str, layout: Layout, queue: &QueueName) -> Self {
         let base = format!("{prefix}q:{{{queue}}}");
         QueueKeys {
             ready: format!("{base}:ready"),
@@ -46,42 +75,45 @@ impl QueueKeys {
             dead: format!("{base}:dead"),
             bodies: format!("{base}:bodies"),
             wake: format!("{base}:wake"),
+            leases: format!("{base}:leases"),
+            status_prefix: format!("{base}:status:"),
+            dependents_prefix: format!("{base}:dependents:"),
+            purged: format!("{base}:purged"),
+            task_prefix: match layout {
+                Layout::Lab => format!("{prefix}task_registry:"),
+                Layout::Sharded => format!("{base}:task:"),
+            },
         }
     }
-}
 
-/// The lab's task key: `{prefix}task_registry:<id>`.
-pub(crate) fn task(prefix: &str, id: &TaskId) -> String {
-    format!("{prefix}task_registry:{id}")
-}
-
-/// ZSET of the tasks in `status`, by updated_at (µs); for RUNNING, the lease index (by lease
-/// end), so that a claim and a finish each move a task in one index, not two.
-pub(crate) fn status_index(prefix: &str, status: TaskStatus) -> String {
-    if status == TaskStatus::Running {
-        return lease_index(prefix);
+    /// The hash of task `id` of this queue.
+    pub fn task(&self, id: &TaskId) -> String {
+        format!("{}{id}", self.task_prefix)
     }
-    format!("{}{}", status_prefix(prefix), status.as_str())
+
+    /// ZSET of the queue's tasks in `status`, by updated_at (µs); for RUNNING, the lease index
+    /// (by lease end), so that a claim and a finish each move a task in one index, not two.
+    pub fn status_index(&self, status: TaskStatus) -> String {
+        if status == TaskStatus::Running {
+            return self.leases.clone();
+        }
+        format!("{}{}", self.status_prefix, status.as_str())
+    }
+
+    /// ZSET of the children of `parent` (a task of this queue), by their created_at (µs).
+    pub fn dependents(&self, parent: &TaskId) -> String {
+        format!("{}{parent}", self.dependents_prefix)
+    }
 }
 
-/// What the index of a status (other than RUNNING) is named after: `{prefix}orchestra:status:`.
-pub(crate) fn status_prefix(prefix: &str) -> String {
-    format!("{prefix}orchestra:status:")
+/// SET of the names of the queues that have (had) tasks.
+pub(crate) fn queues(prefix: &str) -> String {
+    format!("{prefix}orchestra:queues")
 }
 
-/// What a dependents set is named after: `{prefix}orchestra:dependents:`.
-pub(crate) fn dependents_prefix(prefix: &str) -> String {
-    format!("{prefix}orchestra:dependents:")
-}
-
-/// ZSET of RUNNING tasks by lease end (µs).
-pub(crate) fn lease_index(prefix: &str) -> String {
-    format!("{prefix}orchestra:leases")
-}
-
-/// ZSET of the children of `parent`, by their created_at (µs).
-pub(crate) fn dependents(prefix: &str, parent: &TaskId) -> String {
-    format!("{}{parent}", dependents_prefix(prefix))
+/// STRING naming the queue of task `id` ([`Layout::Sharded`] only).
+pub(crate) fn task_queue(prefix: &str, id: &TaskId) -> String {
+    format!("{prefix}orchestra:task_queue:{id}")
 }
 
 /// The lock key.
@@ -123,8 +155,8 @@ pub(crate) fn glob_escape(s: &str) -> String {
 }
 
 /// The Redis Cluster slot of `key` (CRC16/XMODEM of the hash tag or the whole key, mod 16384),
-/// as Redis computes it. Used by the tests that prove which scripts are cluster safe.
-#[cfg(test)]
+/// as Redis computes it: where a command goes that redis-rs cannot route by itself (`WAIT`
+/// after a script), and what the tests that prove which scripts are cluster safe check.
 pub(crate) fn slot(key: &str) -> u16 {
     let bytes = key.as_bytes();
     let hashed = match bytes.iter().position(|&b| b == b'{') {
@@ -156,6 +188,27 @@ mod tests {
         keys.windows(2).all(|w| slot(&w[0]) == slot(&w[1]))
     }
 
+    /// Every key of a queue that holds data (not the wake channel), with the indexes and
+    /// dependents sets of its tasks and, in `layout`, a task hash.
+    fn stored(q: &QueueKeys, layout: Layout) -> Vec<String> {
+        let id = TaskId::parse("task_001").unwrap();
+        let mut k = vec![
+            q.ready.clone(),
+            q.delayed.clone(),
+            q.inflight.clone(),
+            q.seq.clone(),
+            q.dead.clone(),
+            q.bodies.clone(),
+            q.dependents(&id),
+            q.purged.clone(),
+        ];
+        k.extend(TaskStatus::ALL.iter().map(|s| q.status_index(*s)));
+        if layout == Layout::Sharded {
+            k.push(q.task(&id));
+        }
+        k
+    }
+
     #[test]
     fn slot_matches_redis_reference_values() {
         // Values from the Redis Cluster specification and CLUSTER KEYSLOT.
@@ -166,28 +219,27 @@ mod tests {
         assert_eq!(slot("foo{{bar}}zap"), slot("{bar"));
     }
 
-    /// Every key of a queue that holds data (not the wake channel).
-    fn stored(q: &QueueKeys) -> Vec<String> {
-        vec![
-            q.ready.clone(),
-            q.delayed.clone(),
-            q.inflight.clone(),
-            q.seq.clone(),
-            q.dead.clone(),
-            q.bodies.clone(),
-        ]
+    #[test]
+    fn every_key_of_a_queue_and_its_tasks_shares_one_slot() {
+        for prefix in ["", "app:"] {
+            for layout in [Layout::Lab, Layout::Sharded] {
+                let q = QueueKeys::new(prefix, layout, &QueueName::parse("research").unwrap());
+                let keys = stored(&q, layout);
+                assert!(same_slot(&keys), "prefix {prefix:?}: {keys:?}");
+            }
+        }
+        let a = QueueKeys::new("", Layout::Sharded, &QueueName::parse("research").unwrap());
+        let b = QueueKeys::new("", Layout::Sharded, &QueueName::parse("writing").unwrap());
+        assert_ne!(slot(&a.ready), slot(&b.ready), "queues spread over slots");
     }
 
     #[test]
-    fn every_key_of_a_queue_shares_one_slot_with_any_prefix() {
-        for prefix in ["", "app:", "{orchestra}:"] {
-            let q = QueueKeys::new(prefix, &QueueName::parse("research").unwrap());
-            let keys = stored(&q);
-            assert!(same_slot(&keys), "prefix {prefix:?}: {keys:?}");
-        }
-        let a = QueueKeys::new("", &QueueName::parse("research").unwrap());
-        let b = QueueKeys::new("", &QueueName::parse("writing").unwrap());
-        assert_ne!(slot(&a.ready), slot(&b.ready), "queues spread over slots");
+    fn the_lab_layout_keeps_the_lab_key() {
+        let q = QueueKeys::new("", Layout::Lab, &QueueName::parse("research").unwrap());
+        let id = TaskId::parse("task_001").unwrap();
+        assert_eq!(q.task(&id), "task_registry:task_001");
+        let q = QueueKeys::new("", Layout::Sharded, &QueueName::parse("research").unwrap());
+        assert_eq!(q.task(&id), "q:{research}:task:task_001");
     }
 
     #[test]
@@ -200,16 +252,17 @@ mod tests {
             .map(|f| f.trim_end_matches('*').to_string())
             .collect();
         let id = TaskId::parse("task_001").unwrap();
-        let q = QueueKeys::new(prefix, &QueueName::parse("research").unwrap());
         let mut all = vec![
-            task(prefix, &id),
-            lease_index(prefix),
-            dependents(prefix, &id),
+            queues(prefix),
+            task_queue(prefix, &id),
             lock(prefix, "monitor"),
             fence(prefix, "monitor"),
         ];
-        all.extend(stored(&q));
-        all.extend(TaskStatus::ALL.iter().map(|s| status_index(prefix, *s)));
+        for layout in [Layout::Lab, Layout::Sharded] {
+            let q = QueueKeys::new(prefix, layout, &QueueName::parse("research").unwrap());
+            all.extend(stored(&q, layout));
+            all.push(q.task(&id));
+        }
         for key in all {
             assert_eq!(
                 starts
@@ -224,31 +277,11 @@ mod tests {
 
     #[test]
     fn lock_and_its_fence_share_one_slot() {
-        for prefix in ["", "x:", "{orchestra}:"] {
+        for prefix in ["", "x:"] {
             assert_eq!(
                 slot(&lock(prefix, "monitor")),
                 slot(&fence(prefix, "monitor"))
             );
         }
-    }
-
-    #[test]
-    fn registry_keys_share_one_slot_only_under_a_hash_tagged_prefix() {
-        let id = TaskId::parse("task_001").unwrap();
-        let parent = TaskId::parse("task_000").unwrap();
-        let keys = |prefix: &str| {
-            let mut k = vec![
-                task(prefix, &id),
-                lease_index(prefix),
-                dependents(prefix, &parent),
-            ];
-            k.extend(TaskStatus::ALL.iter().map(|s| status_index(prefix, *s)));
-            k
-        };
-        assert!(same_slot(&keys("{orchestra}:")));
-        assert!(
-            !same_slot(&keys("")),
-            "the lab's untagged keys spread over slots"
-        );
     }
 }

@@ -5,7 +5,8 @@
 //! URLs: `redis://[user][:password]@host[:port][/db]` and `rediss://...` (TLS), with optional
 //! query parameters `tls_ca_file` (PEM of the CAs to trust instead of the system's, e.g. for a
 //! self-signed server), `tls_cert_file` + `tls_key_file` (mutual TLS) and `protocol`
-//! (`resp2`/`resp3`). The key layout, the Lua scripts, what is atomic, the round trips per
+//! (`resp2`/`resp3`); for a Redis Cluster, `redis+cluster://[user][:password]@host:port[,host:port...]`
+//! and `rediss+cluster://...`, naming seed nodes (the same query parameters apply). The key layout, the Lua scripts, what is atomic, the round trips per
 //! operation and how keys map to Redis Cluster slots are in docs/backends/redis.md.
 //!
 //! ```no_run
@@ -69,35 +70,107 @@ pub async fn open(url: &url::Url, roles: &Roles, opts: &ConnectOptions) -> Resul
 
 /// [`crate::connect::drop_namespace`] on Redis: every key of the four families this backend
 /// writes under the prefix (`q:{…}`, `task_registry:`, `orchestra:`, `lock:{…}`), found with
-/// `SCAN MATCH` (incremental, but it walks the whole keyspace of the server once per family) and
-/// deleted with `UNLINK`.
+/// `SCAN MATCH` (incremental, but it walks the whole keyspace of the server once per family)
+/// and deleted with `UNLINK`. On a Redis Cluster, on every master (`CLUSTER NODES`), each key
+/// unlinked through its own slot.
 pub async fn drop_namespace(url: &url::Url, opts: &ConnectOptions) -> Result<()> {
     let conn = conn::Conn::open(conn::Target::parse(url)?, opts).await?;
     let mut con = conn.manager();
-    for pattern in keys::families(&keys::glob_escape(&opts.prefix)) {
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
+    let nodes: Vec<Option<(String, u16)>> = match &con {
+        conn::Link::Single(_) => vec![None],
+        conn::Link::Cluster(_) => {
+            let text: String = redis::cmd("CLUSTER")
+                .arg("NODES")
                 .query_async(&mut con)
                 .await
+                .map_err(|e| conn.error("CLUSTER NODES", e))?;
+            masters(&text).into_iter().map(Some).collect()
+        }
+    };
+    for node in nodes {
+        for pattern in keys::families(&keys::glob_escape(&opts.prefix)) {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let reply: redis::Value = match (&mut con, &node) {
+                    (conn::Link::Cluster(c), Some((host, port))) => {
+                        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                        c.route_command(
+                            scan,
+                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                                host: host.clone(),
+                                port: *port,
+                            }),
+                        )
+                        .await
+                    }
+                    (c, _) => scan.query_async(c).await,
+                }
                 .map_err(|e| conn.error("SCAN the prefix's keys", e))?;
-            if !found.is_empty() {
-                let _: i64 = redis::cmd("UNLINK")
-                    .arg(&found)
-                    .query_async(&mut con)
-                    .await
-                    .map_err(|e| conn.error("UNLINK the prefix's keys", e))?;
+                let (next, found): (u64, Vec<String>) = redis::from_redis_value(reply)
+                    .map_err(|e| conn.error("SCAN the prefix's keys", e.into()))?;
+                if !found.is_empty() {
+                    let mut pipe = redis::pipe();
+                    if conn.is_cluster() {
+                        // Keys of several slots: one UNLINK each.
+                        for k in &found {
+                            pipe.cmd("UNLINK").arg(k);
+                        }
+                    } else {
+                        pipe.cmd("UNLINK").arg(&found);
+                    }
+                    let _: Vec<i64> = pipe
+                        .query_async(&mut con)
+                        .await
+                        .map_err(|e| conn.error("UNLINK the prefix's keys", e))?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
         }
     }
     Ok(())
+}
+
+/// The `host:port` of every master that is not failing, from `CLUSTER NODES`.
+fn masters(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (_id, addr, flags) = (f.next()?, f.next()?, f.next()?);
+            let flags: Vec<&str> = flags.split(',').collect();
+            if !flags.contains(&"master") || flags.iter().any(|f| f.starts_with("fail")) {
+                return None;
+            }
+            let addr = addr.split('@').next()?;
+            let (host, port) = addr.rsplit_once(':')?;
+            Some((host.to_string(), port.parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn masters_are_read_from_cluster_nodes() {
+        let text = "07c3 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460\n\
+                    67ed 127.0.0.1:30002@40002 master - 0 0 2 connected 5461-10922\n\
+                    292f 127.0.0.1:30003@40003 master,fail - 0 0 3 connected\n\
+                    6ec2 127.0.0.1:30004@40004 slave 07c3 0 0 1 connected\n";
+        assert_eq!(
+            super::masters(text),
+            vec![
+                ("127.0.0.1".to_string(), 30001),
+                ("127.0.0.1".to_string(), 30002)
+            ]
+        );
+    }
 }

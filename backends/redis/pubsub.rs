@@ -18,9 +18,9 @@ use redis::aio::ConnectionManager;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, Notify};
 
-use super::conn::{manager_config, Conn, BACKEND};
+use super::conn::{manager_config, no_answer, Conn, Link, PushHandler, BACKEND};
 use crate::bus::Subscription;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Events buffered per subscriber before it starts missing them (as in the memory bus).
 const SUBSCRIBER_BUFFER: usize = 65_536;
@@ -123,7 +123,7 @@ fn bytes(v: Value) -> Option<Vec<u8>> {
 
 /// The pub/sub side of one bus.
 pub(crate) struct PubSub {
-    manager: ConnectionManager,
+    manager: Link,
     routes: Arc<Routes>,
     /// Serializes SUBSCRIBE/UNSUBSCRIBE with the routing-table changes around them.
     changes: tokio::sync::Mutex<()>,
@@ -132,35 +132,51 @@ pub(crate) struct PubSub {
 }
 
 impl PubSub {
-    /// Opens the dedicated RESP3 connection of `conn`'s target.
+    /// Opens the dedicated RESP3 connection of `conn`'s target. On a Redis Cluster, a cluster
+    /// connection: `PUBLISH` reaches the subscribers of every node (the cluster bus forwards
+    /// it), so a SUBSCRIBE on whichever node redis-rs picks hears every queue's wake-ups and
+    /// every event; redis-rs resubscribes after a reconnect or a failover.
     pub async fn open(conn: &Conn) -> Result<Arc<PubSub>> {
         let target = conn.target();
-        let client = target.client(true)?;
         let routes = Arc::new(Routes::default());
         let handler_routes = routes.clone();
-        let config = manager_config(conn.connect_timeout())
-            .set_push_sender(move |push: PushInfo| {
-                handler_routes.on_push(push);
-                Ok::<(), std::convert::Infallible>(())
-            })
-            .set_automatic_resubscription();
-        let manager = tokio::time::timeout(
-            conn.connect_timeout(),
-            ConnectionManager::new_with_config(client, config),
-        )
-        .await
-        .map_err(|_| {
-            Error::temporary(
-                BACKEND,
-                format!(
-                    "open the pub/sub connection to {}: no answer within {:?}",
-                    target.redacted,
-                    conn.connect_timeout()
-                ),
-                None,
+        let handler: PushHandler = Box::new(move |push: PushInfo| {
+            handler_routes.on_push(push);
+            Ok(())
+        });
+        let manager = if target.is_cluster() {
+            let client = target.cluster_client(conn.connect_timeout(), Some(handler))?;
+            let c = tokio::time::timeout(conn.connect_timeout(), client.get_async_connection())
+                .await
+                .map_err(|_| {
+                    no_answer(
+                        "open the pub/sub connection to",
+                        target,
+                        conn.connect_timeout(),
+                    )
+                })?
+                .map_err(|e| conn.error("open the pub/sub connection", e))?;
+            Link::Cluster(c)
+        } else {
+            let client = target.client(true)?;
+            let config = manager_config(conn.connect_timeout())
+                .set_push_sender(handler)
+                .set_automatic_resubscription();
+            let m = tokio::time::timeout(
+                conn.connect_timeout(),
+                ConnectionManager::new_with_config(client, config),
             )
-        })?
-        .map_err(|e| conn.error("open the pub/sub connection", e))?;
+            .await
+            .map_err(|_| {
+                no_answer(
+                    "open the pub/sub connection to",
+                    target,
+                    conn.connect_timeout(),
+                )
+            })?
+            .map_err(|e| conn.error("open the pub/sub connection", e))?;
+            Link::Single(m)
+        };
         let hub = Arc::new(PubSub {
             manager,
             routes: routes.clone(),
@@ -188,7 +204,7 @@ impl PubSub {
             };
             if first {
                 let mut m = self.manager.clone();
-                if let Err(e) = m.subscribe(&channel).await {
+                if let Err(e) = m.subscribe(channel.as_bytes()).await {
                     self.routes.events.lock().remove(&key);
                     return Err(self.conn.error("SUBSCRIBE", e));
                 }
@@ -241,7 +257,7 @@ impl PubSub {
             return Ok(n.clone());
         }
         let mut m = self.manager.clone();
-        m.subscribe(channel)
+        m.subscribe(channel.as_bytes())
             .await
             .map_err(|e| self.conn.error("SUBSCRIBE", e))?;
         let n = Arc::new(Notify::new());

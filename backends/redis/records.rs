@@ -20,11 +20,9 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::conn::{Conn, BACKEND};
-use super::keys;
 use super::scripts;
 use crate::error::{Error, Result};
 use crate::model::{QueueName, TaskId};
-use crate::wire::EVENTS_TOPIC;
 
 use super::bus::RedisBus;
 
@@ -180,20 +178,19 @@ async fn run_batch(conn: &Conn, bus: &RedisBus, jobs: Vec<Job>) {
 }
 
 async fn run_queue(conn: &Conn, bus: &RedisBus, queue: QueueName, jobs: Vec<Job>) {
-    let p = conn.prefix();
     let k = bus.keys(&queue);
     let mut cmd = scripts::RECORD.evalsha(6);
-    cmd.arg(keys::lease_index(p))
+    cmd.arg(&k.leases)
         .arg(&k.ready)
         .arg(&k.delayed)
         .arg(&k.inflight)
         .arg(&k.seq)
         .arg(&k.bodies)
         .arg(&k.wake)
-        .arg(keys::events(p, EVENTS_TOPIC))
-        .arg(format!("{p}task_registry:"))
-        .arg(keys::status_prefix(p))
-        .arg(keys::dependents_prefix(p));
+        .arg(conn.script_events_channel())
+        .arg(&k.task_prefix)
+        .arg(&k.status_prefix)
+        .arg(&k.dependents_prefix);
     for j in &jobs {
         for a in j.args.args_iter() {
             if let redis::Arg::Simple(b) = a {

@@ -24,7 +24,7 @@ use crate::model::{Expected, QueueName, Task, TaskId, TaskState, TaskStatus};
 use crate::registry::check_transition;
 use crate::task_queue::{Claim, ClaimSpec, Composed, Recorded, Settle, TaskQueue};
 use crate::wire::TaskMessage;
-use crate::wire::{around_attempt, encode_parts, EVENTS_TOPIC};
+use crate::wire::{around_attempt, encode_parts};
 
 /// The Redis [`TaskQueue`]. Built by `open` when one URL opens both the bus and the registry.
 #[derive(Debug)]
@@ -147,12 +147,13 @@ impl RedisTaskQueue {
     /// message is then dead-lettered with `why`. True when undone.
     async fn undo_claim(
         &self,
+        queue: &QueueName,
         id: &TaskId,
         old: RawFields,
         spec: &ClaimSpec,
         now: chrono::DateTime<Utc>,
     ) -> Result<bool> {
-        let p = self.conn.prefix();
+        let k = self.bus.keys(queue);
         let field = |name: &str| -> Option<&str> {
             old.iter()
                 .find(|(k, _)| k == name.as_bytes())
@@ -178,9 +179,9 @@ impl RedisTaskQueue {
             .to_string(),
         };
         let mut inv = scripts::CLAIM_UNDO.prepare();
-        inv.key(keys::task(p, id))
-            .key(keys::lease_index(p))
-            .key(keys::status_index(p, status))
+        inv.key(k.task(id))
+            .key(&k.leases)
+            .key(k.status_index(status))
             .arg(id.as_str())
             .arg(&*spec.worker_id)
             .arg(codec::format_time(now))
@@ -199,7 +200,6 @@ impl RedisTaskQueue {
         options: FetchOptions,
         spec: &ClaimSpec,
     ) -> Result<(Vec<(Delivery, Option<Claim>)>, Option<std::time::Duration>)> {
-        let p = self.conn.prefix();
         let now = Utc::now();
         let lease_until = crate::clock::after(now, spec.lease);
         let (before, after) =
@@ -207,15 +207,15 @@ impl RedisTaskQueue {
         let mut inv = self
             .bus
             .fetch_command(&scripts::FETCH_CLAIM, &k, options.max, options.lease);
-        inv.arg(format!("{p}task_registry:"))
-            .arg(keys::status_prefix(p))
-            .arg(keys::lease_index(p))
+        inv.arg(&k.task_prefix)
+            .arg(&k.status_prefix)
+            .arg(&k.leases)
             .arg(micros(now))
             .arg(micros(lease_until))
             .arg(&*spec.worker_id)
             .arg(codec::format_time(now))
             .arg(codec::format_time(lease_until))
-            .arg(keys::events(p, EVENTS_TOPIC))
+            .arg(self.conn.script_events_channel())
             .arg(before)
             .arg(after);
         let reply: Vec<Value> = self.conn.eval_cmd("fetch_claim", &inv).await?;
@@ -239,7 +239,7 @@ impl RedisTaskQueue {
                 Ok(ClaimReply::Claim(c)) => Some(c),
                 Ok(ClaimReply::Generic) => None,
                 Ok(ClaimReply::Undo { id, old, why }) => {
-                    let undone = self.undo_claim(&id, old, spec, now).await;
+                    let undone = self.undo_claim(queue, &id, old, spec, now).await;
                     if !matches!(undone, Ok(true)) {
                         tracing::error!(task_id = %id, undone = ?undone, "a claim over an unreadable task could not be undone; it stays RUNNING until its lease ends");
                     }
@@ -413,16 +413,15 @@ impl RedisTaskQueue {
         queue: &QueueName,
         rows: &[SubmitRow<'_>],
     ) -> Result<Vec<Result<()>>> {
-        let p = self.conn.prefix();
         let k = self.bus.keys(queue);
         let mut inv = scripts::SUBMIT.evalsha(4);
         inv.arg(&k.ready)
             .arg(&k.seq)
             .arg(&k.bodies)
-            .arg(keys::status_index(p, TaskStatus::Pending))
+            .arg(k.status_index(TaskStatus::Pending))
             .arg(&k.wake)
-            .arg(format!("{p}task_registry:"))
-            .arg(keys::events(p, EVENTS_TOPIC));
+            .arg(&k.task_prefix)
+            .arg(self.conn.script_events_channel());
         for row in rows {
             let t = row.task;
             inv.arg(t.task_id.as_str())
@@ -441,7 +440,10 @@ impl RedisTaskQueue {
                 inv.arg(*name).arg(value.as_str());
             }
         }
-        let created: Vec<i64> = self.conn.eval_cmd("submit", &inv).await?;
+        let created: Vec<i64> = self
+            .conn
+            .eval_cmd_replicated("submit", &k.ready, &inv)
+            .await?;
         if created.len() != rows.len() {
             return Err(Error::permanent(
                 BACKEND,
@@ -472,15 +474,22 @@ impl TaskQueue for RedisTaskQueue {
         {
             return self.composed.submit(tasks).await;
         }
+        // Queue names, and on a cluster the id pointers, first (other slots than the queues').
+        let refs: Vec<&Task> = tasks.iter().collect();
+        let prepared = self.registry.prepare(&refs).await?;
+        let mut out: Vec<Option<Result<()>>> = (0..tasks.len()).map(|_| None).collect();
         let mut by_queue: std::collections::BTreeMap<&QueueName, Vec<(usize, SubmitRow)>> =
             Default::default();
-        for (i, t) in tasks.iter().enumerate() {
+        for (i, (t, ready)) in tasks.iter().zip(prepared).enumerate() {
+            if let Err(e) = ready {
+                out[i] = Some(Err(e));
+                continue;
+            }
             by_queue
                 .entry(&t.queue)
                 .or_default()
                 .push((i, SubmitRow::new(t)));
         }
-        let mut out: Vec<Option<Result<()>>> = (0..tasks.len()).map(|_| None).collect();
         for (queue, rows) in by_queue {
             let (indexes, rows): (Vec<usize>, Vec<SubmitRow>) = rows.into_iter().unzip();
             let mut start = 0;

@@ -193,8 +193,8 @@ fn a_spoiled_index_key_does_not_stop_a_batch_half_way() {
             })
             .collect();
         for key in [
-            format!("{prefix}orchestra:status:COMPLETED"),
-            format!("{prefix}orchestra:dependents:{}", running[2].1.task_id),
+            format!("{prefix}q:{{research}}:status:COMPLETED"),
+            format!("{prefix}q:{{research}}:dependents:{}", running[2].1.task_id),
         ] {
             redis::cmd("SET")
                 .arg(key)
@@ -228,7 +228,7 @@ fn a_spoiled_index_key_does_not_stop_a_batch_half_way() {
             (0, 0),
             "every message acked: {stats:?}"
         );
-        let leases = zcard(&mut raw, format!("{prefix}orchestra:leases")).await;
+        let leases = zcard(&mut raw, format!("{prefix}q:{{research}}:leases")).await;
         assert_eq!(leases, 0, "the lease index was cleared");
     });
 }

@@ -223,7 +223,7 @@ fn task_hash_uses_the_lab_field_names_and_encodings() {
             !fields.contains_key("result"),
             "no result yet: absent, not 'None'"
         );
-        let pending = zcard(&mut con, format!("{prefix}orchestra:status:PENDING")).await;
+        let pending = zcard(&mut con, format!("{prefix}q:{{research}}:status:PENDING")).await;
         assert_eq!(pending, 1, "the status index is written with the task");
     });
 }

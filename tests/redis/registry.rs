@@ -48,7 +48,7 @@ fn purge_removes_the_hash_the_indexes_and_the_dependents_entries() {
             .expect("deps")
             .is_empty());
         let mut con = raw_connection(&url).await;
-        let failed_index = zcard(&mut con, format!("{prefix}orchestra:status:FAILED")).await;
+        let failed_index = zcard(&mut con, format!("{prefix}q:{{research}}:status:FAILED")).await;
         assert_eq!(failed_index, 0);
         assert_eq!(
             b.registry

@@ -1,14 +1,14 @@
 -- KEYS: 1 ready, 2 delayed, 3 inflight, 4 seq, 5 dead, 6 bodies (the queue's keys)
 -- ARGV: 1 max, 2 lease_ms, 3 max deliveries, 4 dead-letter reason, 5 dead-letter cap, 6 wake
---       channel (as fetch.lua), then the claim: 7 task key prefix ('<prefix>task_registry:'),
+--       channel (as fetch.lua), then the claim: 7 task key prefix (keys.rs: QueueKeys::task_prefix),
 --       8 status index prefix, 9 lease index, 10 now (µs), 11 lease end (µs), 12 worker id,
 --       13 now (ISO-8601), 14 lease end (ISO-8601), 15 events channel, 16 and 17 the event's
 --       text around the attempt number (16 starts right after the task id)
 -- A fetch (lease_batch), then the claim of each delivered message's task, as
 -- task_queue::Composed::claim does it: PENDING, or RUNNING under an expired lease with
 -- attempts left, becomes RUNNING with attempt + 1 for this worker (indexes moved, the event
--- published). The task hashes and indexes are not in KEYS (they are named by the messages):
--- see docs/backends/redis.md about Redis Cluster.
+-- published). The task hashes and indexes are not in KEYS (they are named by the messages);
+-- on a cluster they carry the queue's hash tag, so they are in KEYS[1]'s slot (docs/backends/redis.md).
 -- Returns {fetch reply, claims} where claims[i] is, for the i-th delivered message,
 -- {field, value, ..., 'claimed'} (the task as it was before the claim), {field, value, ...,
 -- 'unclaimable'}, {task id, 'missing'}, {task id, error, 'unreadable'} (the task key holds no

@@ -78,7 +78,12 @@ end
 -- command per task state change for nothing); a client subscribed on a replica of this server
 -- does not count (docs/backends/redis.md). Through pcall: a refused PUBSUB (an ACL user without
 -- it) counts as someone listening, so a script never stops half-way over an advisory event.
+-- A channel marked with a leading '!' (on a Redis Cluster, where PUBSUB NUMSUB counts only this
+-- node's subscribers while PUBLISH reaches every node's) is always listened to.
 local function listened(channel)
+  if string.byte(channel, 1) == 33 then -- '!'
+    return true
+  end
   local pats = redis.pcall('PUBSUB', 'NUMPAT')
   if type(pats) ~= 'number' or pats > 0 then
     return true
@@ -91,6 +96,9 @@ end
 -- also looks again every second). A refused PUBLISH (an ACL user without the channel) drops it
 -- instead of stopping the script after its writes.
 local function publish_advisory(channel, message)
+  if string.byte(channel, 1) == 33 then -- '!': see listened
+    channel = string.sub(channel, 2)
+  end
   redis.pcall('PUBLISH', channel, message)
 end
 

@@ -1,6 +1,6 @@
 -- KEYS: 1 lease index (the index of RUNNING), 2 ready, 3 delayed, 4 inflight, 5 seq,
 --       6 bodies (2-6: the queue's keys)
--- ARGV: 1 wake channel, 2 events channel, 3 task key prefix ('<prefix>task_registry:'),
+-- ARGV: 1 wake channel, 2 events channel, 3 task key prefix (keys.rs: QueueKeys::task_prefix),
 --       4 status index prefix, 5 dependents key prefix, then one record after the other, each
 --       12 + 2n + m values: task id, expected status, expected attempt, new status score (µs),
 --       lease score ('' unless the new status is RUNNING), new status, new attempt, the
@@ -13,8 +13,8 @@
 -- record's own earlier write, whose reply was lost), only the message is settled. On any other
 -- mismatch the message is acked and nothing else changes. A batch never holds two records of
 -- one task (the caller keeps them apart), so the index moves and the acks of the batch are made
--- once for all of them, after the loop. The task hashes and indexes are not in KEYS: see
--- docs/backends/redis.md about Redis Cluster.
+-- once for all of them, after the loop. The task hashes and dependents sets are not in KEYS;
+-- on a cluster they carry the queue's hash tag, so they are in KEYS[1]'s slot (docs/backends/redis.md).
 -- Returns one reply per record: {'ok', dependents...} (dependents only for a terminal status),
 -- {'ok_unread', message} (recorded and settled, but the dependents set holds no sorted set),
 -- {'missing'}, {'conflict', status, attempt}, or {'error', message} (the task key holds no hash;

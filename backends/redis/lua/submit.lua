@@ -3,8 +3,8 @@
 --       (µs), priority, event, n, then n field/value pairs
 -- task_queue::Composed::submit in one step for new PENDING tasks of one queue: each task is
 -- created unless its hash exists (as task_create.lua), its event published, and its message
--- ({"task_id": id}) added to the ready set (as enqueue.lua). The task hashes are not in KEYS:
--- see docs/backends/redis.md about Redis Cluster.
+-- ({"task_id": id}) added to the ready set (as enqueue.lua). The task hashes are not in KEYS;
+-- on a cluster they carry the queue's hash tag, so they are in KEYS[1]'s slot (docs/backends/redis.md).
 -- Returns one 1 (created) or 0 (the id was taken) per task.
 local tp = ARGV[2]
 local was_empty = redis.call('ZCARD', KEYS[1]) == 0
