@@ -102,7 +102,7 @@ const DRIVERS: &[Driver] = &[
 
 /// The parsed URL and the driver of its scheme, with TLS ready for a remote one.
 fn driver(url: &str) -> Result<(Url, &'static Driver)> {
-    let parsed = Url::parse(url).map_err(|e| Error::UnsupportedUrl {
+    let parsed = Url::parse(&fold_seed_hosts(url)).map_err(|e| Error::UnsupportedUrl {
         url: redact_url(url),
         reason: format!("not a URL: {e}"),
     })?;
@@ -115,6 +115,15 @@ fn driver(url: &str) -> Result<(Url, &'static Driver)> {
         backends::install_tls_provider();
     }
     Ok((parsed, d))
+}
+
+/// A NATS URL naming several seed servers, `nats://a:4222,b:4222` (which [`Url`] cannot
+/// parse), as the NATS backend's `nats://a:4222?servers=b:4222`; any other URL unchanged.
+pub(crate) fn fold_seed_hosts(url: &str) -> std::borrow::Cow<'_, str> {
+    #[cfg(feature = "nats")]
+    return backends::nats::fold_seed_hosts(url);
+    #[cfg(not(feature = "nats"))]
+    std::borrow::Cow::Borrowed(url)
 }
 
 /// A scheme no compiled-in backend handles: its feature is off, or it is unknown.

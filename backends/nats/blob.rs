@@ -102,11 +102,7 @@ impl Blobs {
                     discard: stream::DiscardPolicy::Old,
                     ..Default::default()
                 };
-                self.shared
-                    .js
-                    .get_or_create_stream(config)
-                    .await
-                    .map_err(|e| nats_err("cannot open the blob stream", e))
+                super::streams::open(&self.shared, config, "the blob stream").await
             })
             .await
     }

@@ -16,6 +16,7 @@ use async_nats::HeaderMap;
 
 use super::errors::{is_wrong_last_sequence, nats_err};
 use super::names::encode_key;
+use super::streams;
 use super::Shared;
 use crate::error::Result;
 
@@ -80,45 +81,27 @@ impl Bucket {
         max_age: Option<Duration>,
     ) -> Result<Bucket> {
         let stream_name = format!("KV_{bucket}");
-        let stream = match shared.js.get_stream(&stream_name).await {
-            Ok(s) => s,
-            Err(_) => {
-                // The usual KV bucket conventions, set by hand: the client's own bucket
-                // creation sends fields a 2.9 server answers in a form it cannot parse.
-                let max_age = max_age.unwrap_or_default();
-                let created = shared
-                    .js
-                    .create_stream(stream::Config {
-                        name: stream_name.clone(),
-                        subjects: vec![format!("$KV.{bucket}.>")],
-                        max_messages_per_subject: 1,
-                        discard: stream::DiscardPolicy::New,
-                        allow_rollup: true,
-                        deny_delete: true,
-                        allow_direct: true,
-                        storage: stream::StorageType::File,
-                        num_replicas: 1,
-                        max_age,
-                        duplicate_window: if max_age.is_zero() {
-                            Duration::from_secs(120)
-                        } else {
-                            max_age.min(Duration::from_secs(120))
-                        },
-                        ..Default::default()
-                    })
-                    .await;
-                match shared.js.get_stream(&stream_name).await {
-                    Ok(s) => s,
-                    // A concurrent opener may have created it first; else report why not.
-                    Err(e) => {
-                        return Err(match created {
-                            Err(c) => nats_err(&format!("cannot create bucket {bucket}"), c),
-                            Ok(_) => nats_err(&format!("cannot open bucket {bucket}"), e),
-                        })
-                    }
-                }
-            }
+        // The usual KV bucket conventions, set by hand: the client's own bucket creation sends
+        // fields a 2.9 server answers in a form it cannot parse.
+        let max_age = max_age.unwrap_or_default();
+        let config = stream::Config {
+            name: stream_name,
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            storage: stream::StorageType::File,
+            max_age,
+            duplicate_window: if max_age.is_zero() {
+                Duration::from_secs(120)
+            } else {
+                max_age.min(Duration::from_secs(120))
+            },
+            ..Default::default()
         };
+        let stream = streams::open(&shared, config, &format!("bucket {bucket}")).await?;
         Ok(Bucket {
             subject_prefix: format!("$KV.{bucket}."),
             shared,

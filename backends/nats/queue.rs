@@ -366,12 +366,12 @@ impl QueueHandle {
                     ..Default::default()
                 };
                 let what = || format!("cannot open the stream of queue {}", self.name);
-                let stream = self
-                    .shared
-                    .js
-                    .get_or_create_stream(config.clone())
-                    .await
-                    .map_err(|e| nats_err(&what(), e))?;
+                let stream = super::streams::open(
+                    &self.shared,
+                    config.clone(),
+                    &format!("the stream of queue {}", self.name),
+                )
+                .await?;
                 let found = &stream.cached_info().config;
                 // Made by an older version, which woke fetchers by republishing every stored
                 // message (4-5x the cost of a plain publish on 2.9): wake-ups are core-NATS
@@ -535,16 +535,12 @@ impl QueueHandle {
                     allow_direct: true,
                     ..Default::default()
                 };
-                self.shared
-                    .js
-                    .get_or_create_stream(config)
-                    .await
-                    .map_err(|e| {
-                        nats_err(
-                            &format!("cannot open the dead-letter stream of queue {}", self.name),
-                            e,
-                        )
-                    })
+                super::streams::open(
+                    &self.shared,
+                    config,
+                    &format!("the dead-letter stream of queue {}", self.name),
+                )
+                .await
             })
             .await
     }
