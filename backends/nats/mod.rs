@@ -28,6 +28,7 @@ mod lock;
 mod names;
 mod queue;
 mod registry;
+mod retry;
 mod streams;
 mod tasks;
 mod view;

@@ -565,13 +565,19 @@ impl QueueHandle {
         if let Some(b) = header(e.headers, BLOB_HEADER) {
             publish = publish.header(BLOB_HEADER, b);
         }
-        self.shared
-            .js
-            .send_publish(self.shared.names.dead_subject(&self.name), publish)
-            .await
-            .map_err(|e| nats_err("cannot dead-letter", e))?
-            .await
-            .map_err(|e| nats_err("cannot dead-letter", e))?;
+        // With a `Nats-Msg-Id` of its own, so that a resend after a lost answer (a stream
+        // just created whose subject a node does not route yet, a leader lost) is stored once.
+        let publish = publish.message_id(uuid::Uuid::new_v4().simple().to_string().as_str());
+        super::retry::within_budget("dead-letter", || async {
+            self.shared
+                .js
+                .send_publish(self.shared.names.dead_subject(&self.name), publish.clone())
+                .await
+                .map_err(|e| nats_err("cannot dead-letter", e))?
+                .await
+                .map_err(|e| nats_err("cannot dead-letter", e))
+        })
+        .await?;
         Ok(())
     }
 
