@@ -316,7 +316,8 @@ fn keep_until_exit(cluster: NatsCluster) {
     let pids: Vec<String> = cluster.pids().iter().map(|p| format!("-{p}")).collect();
     let reaper = Command::new("sh")
         .arg("-c")
-        .arg(r#"cat >/dev/null; kill -KILL -- $1 2>/dev/null; sleep 1; rm -rf "$0""#)
+        // `kill -KILL -PGID ...` (no `--`: dash's builtin refuses it).
+        .arg(r#"cat >/dev/null; kill -KILL $1 2>/dev/null; sleep 1; rm -rf "$0""#)
         .arg(cluster.dir().display().to_string())
         .arg(pids.join(" "))
         .stdin(Stdio::piped())
