@@ -102,9 +102,10 @@ const DRIVERS: &[Driver] = &[
     },
 ];
 
-/// Parses a URL, accepting the seed list of a Redis Cluster URL
-/// (`redis+cluster://[user:password@]host:port,host:port,...`, which is not a URL by RFC 3986):
-/// the first seed stays the host, the others move to the query parameter `seeds`.
+/// Parses a URL, accepting a list of hosts where the backend takes one (not a URL by RFC 3986):
+/// in a Redis Cluster URL (`redis+cluster://[user:password@]host:port,host:port,...`) the first
+/// seed stays the host and the others move to the query parameter `seeds`; in a NATS URL they
+/// move to `servers` ([`fold_seed_hosts`]).
 pub(crate) fn parse_url(url: &str) -> std::result::Result<Url, url::ParseError> {
     let trimmed = url.trim();
     let rewritten = match trimmed.split_once("://") {
@@ -126,7 +127,7 @@ pub(crate) fn parse_url(url: &str) -> std::result::Result<Url, url::ParseError> 
                 None => trimmed.to_string(),
             }
         }
-        _ => trimmed.to_string(),
+        _ => fold_seed_hosts(trimmed).into_owned(),
     };
     Url::parse(&rewritten)
 }
@@ -146,6 +147,15 @@ fn driver(url: &str) -> Result<(Url, &'static Driver)> {
         backends::install_tls_provider();
     }
     Ok((parsed, d))
+}
+
+/// A NATS URL naming several seed servers, `nats://a:4222,b:4222` (which [`Url`] cannot
+/// parse), as the NATS backend's `nats://a:4222?servers=b:4222`; any other URL unchanged.
+pub(crate) fn fold_seed_hosts(url: &str) -> std::borrow::Cow<'_, str> {
+    #[cfg(feature = "nats")]
+    return backends::nats::fold_seed_hosts(url);
+    #[cfg(not(feature = "nats"))]
+    std::borrow::Cow::Borrowed(url)
 }
 
 /// A scheme no compiled-in backend handles: its feature is off, or it is unknown.

@@ -670,3 +670,41 @@ async fn commands_that_only_read_create_no_stream_or_bucket() {
     };
     support::check_read_only_commands(&url, true, streams).await;
 }
+
+/// `replicas=3` on a server outside any cluster: opening fails with a configuration error for
+/// the key `replicas`, both when the streams would be created with 3 replicas and when they
+/// exist with 1 (they are never used silently with a count other than the one asked for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_a_single_server_cannot_hold_are_a_configuration_error() {
+    let url = broker_url(BrokerKind::Nats).await;
+    let with = |q: &str| match url.contains('?') {
+        true => format!("{url}&{q}"),
+        false => format!("{url}?{q}"),
+    };
+    let prefix = agent_orchestra::testkit::harness::unique_prefix("replicas_single");
+    let expect_config = |r: agent_orchestra::Result<Parts>, when: &str| {
+        let err = open_error(
+            r,
+            &format!("{when}: replicas=3 must not open on a single server"),
+        );
+        assert!(
+            matches!(&err, Error::Config { key, reason } if key == "replicas" && reason.contains('3')),
+            "{when}: expected a configuration error for `replicas`, got {err:?}"
+        );
+    };
+    // Nothing exists yet: the first stream's creation is refused.
+    expect_config(
+        agent_orchestra::connect::open(&with("replicas=3"), &Roles::ALL, &opts(&prefix)).await,
+        "new streams",
+    );
+    // The streams exist with one replica: the update is refused.
+    let parts = agent_orchestra::connect::open(&with("replicas=1"), &Roles::ALL, &opts(&prefix))
+        .await
+        .unwrap_or_else(|e| panic!("replicas=1 opens: {e}"));
+    drop(parts);
+    expect_config(
+        agent_orchestra::connect::open(&with("replicas=3"), &Roles::ALL, &opts(&prefix)).await,
+        "existing streams",
+    );
+    cleanup(&prefix).await;
+}

@@ -102,11 +102,7 @@ impl Blobs {
                     discard: stream::DiscardPolicy::Old,
                     ..Default::default()
                 };
-                self.shared
-                    .js
-                    .get_or_create_stream(config)
-                    .await
-                    .map_err(|e| nats_err("cannot open the blob stream", e))
+                super::streams::open(&self.shared, config, "the blob stream").await
             })
             .await
     }
@@ -120,21 +116,28 @@ impl Blobs {
         self.stream().await?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let size = self.chunk_size();
-        let mut acks = Vec::new();
-        for (i, chunk) in data.chunks(size).enumerate() {
-            let ack = self
-                .shared
-                .js
-                .publish(self.subject(&id, i), chunk.to_vec().into())
-                .await
-                .map_err(|e| nats_err("cannot store a payload chunk", e))?;
-            acks.push(ack);
-        }
-        let chunks = acks.len();
-        try_join_all(acks.into_iter().map(|a| async move {
-            a.await
-                .map_err(|e| nats_err("cannot store a payload chunk", e))
-        }))
+        let chunks = data.chunks(size).count();
+        // All chunks sent again when an answer is missing (a stream just created whose
+        // subjects a node does not route yet, a leader lost): a chunk is read as the last
+        // message of its own subject, so a second copy changes nothing.
+        super::retry::within_budget("store a payload", || async {
+            let mut acks = Vec::with_capacity(chunks);
+            for (i, chunk) in data.chunks(size).enumerate() {
+                let ack = self
+                    .shared
+                    .js
+                    .publish(self.subject(&id, i), chunk.to_vec().into())
+                    .await
+                    .map_err(|e| nats_err("cannot store a payload chunk", e))?;
+                acks.push(ack);
+            }
+            try_join_all(acks.into_iter().map(|a| async move {
+                a.await
+                    .map_err(|e| nats_err("cannot store a payload chunk", e))
+            }))
+            .await
+            .map(drop)
+        })
         .await?;
         Ok(BlobRef {
             id,

@@ -192,8 +192,10 @@ impl NatsBus {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!("{}{n:016x}", self.shared.origin);
         let (body, blob) = store_payload(&self.blobs, m.payload).await?;
+        // `Nats-Msg-Id` too: a batch sent again after a lost answer is not stored twice.
         let mut publish = Publish::build()
             .payload(body.into())
+            .message_id(id.as_str())
             .header(ID_HEADER, id.as_str());
         if let Some(b) = blob {
             publish = publish.header(BLOB_HEADER, b.header_value().as_str());
@@ -223,34 +225,49 @@ impl NatsBus {
         let mut ids = Vec::with_capacity(prepared.len());
         let mut levels = 0u16;
         let mut due: Vec<i64> = Vec::new();
-        let mut prepared = prepared.into_iter().peekable();
-        while prepared.peek().is_some() {
-            // At most PIPELINE acks outstanding: the JetStream context allows 5,000 in all.
-            let mut acks = Vec::with_capacity(PIPELINE);
-            for (level, subject, publish, id) in prepared.by_ref().take(PIPELINE) {
-                match level {
-                    Ok(l) => levels |= 1 << l,
-                    Err(at) => due.push(at),
-                }
-                let ack = self
-                    .shared
-                    .js
-                    .send_publish(subject, publish)
-                    .await
-                    .map_err(|e| nats_err("cannot enqueue", e))?;
-                acks.push(ack);
-                ids.push(id);
+        for (level, _, _, id) in &prepared {
+            match level {
+                Ok(l) => levels |= 1 << l,
+                Err(at) => due.push(*at),
             }
-            let results = join_all(acks.into_iter().map(|a| async move { a.await })).await;
-            for r in results {
-                if let Err(e) = r {
-                    if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
-                        self.forget(q);
-                    }
-                    return Err(nats_err(&format!("cannot enqueue on queue {}", q.name), e));
-                }
-            }
+            ids.push(id.clone());
         }
+        // A batch whose answers did not all come (a stream leader lost, a node restarting) is
+        // sent again whole within the retry budget: the messages stored already are answered
+        // as duplicates of their `Nats-Msg-Id`.
+        let lost_stream = std::sync::atomic::AtomicBool::new(false);
+        super::retry::within_budget("enqueue", || async {
+            if lost_stream.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                // No stream answered: opened again (created if it was deleted meanwhile; during
+                // an election the lookup fails and the whole attempt is retried).
+                self.queue(&q.name).stream().await?;
+            }
+            for chunk in prepared.chunks(PIPELINE) {
+                // At most PIPELINE acks outstanding: the JetStream context allows 5,000 in all.
+                let mut acks = Vec::with_capacity(chunk.len());
+                for (_, subject, publish, _) in chunk {
+                    let ack = self
+                        .shared
+                        .js
+                        .send_publish(subject.clone(), publish.clone())
+                        .await
+                        .map_err(|e| nats_err("cannot enqueue", e))?;
+                    acks.push(ack);
+                }
+                let results = join_all(acks.into_iter().map(|a| async move { a.await })).await;
+                for r in results {
+                    if let Err(e) = r {
+                        if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                            self.forget(q);
+                            lost_stream.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        return Err(nats_err(&format!("cannot enqueue on queue {}", q.name), e));
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await?;
         // This process's fetchers learn at once, other processes through one core-NATS
         // wake-up per level (and per due time) of the batch.
         q.announce(levels, &due).await;

@@ -28,6 +28,8 @@ mod lock;
 mod names;
 mod queue;
 mod registry;
+mod retry;
+mod streams;
 mod tasks;
 mod view;
 
@@ -63,6 +65,9 @@ pub(crate) struct Shared {
     max_payload: usize,
     /// Starts the id of every message this connection enqueues.
     origin: Arc<str>,
+    /// The replica count of every stream and bucket this backend creates (`replicas=` in the
+    /// URL, default 1).
+    replicas: usize,
 }
 
 impl std::fmt::Debug for Shared {
@@ -70,6 +75,7 @@ impl std::fmt::Debug for Shared {
         f.debug_struct("Shared")
             .field("names", &self.names)
             .field("max_payload", &self.max_payload)
+            .field("replicas", &self.replicas)
             .finish_non_exhaustive()
     }
 }
@@ -158,10 +164,56 @@ pub async fn footprint(
     Ok((tasks, found))
 }
 
+/// The most replicas a JetStream stream may have.
+const MAX_REPLICAS: usize = 5;
+
+/// `nats://[userinfo@]h1:p1,h2:p2/rest?q` as `nats://[userinfo@]h1:p1/rest?q&servers=h2:p2`
+/// (also for `tls://`), which [`Url`] can parse; any other URL unchanged. The comma list is the
+/// form NATS tools take for several seed servers.
+pub fn fold_seed_hosts(url: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let Some(s) = url.find("://") else {
+        return Cow::Borrowed(url);
+    };
+    let scheme = &url[..s];
+    if !scheme.eq_ignore_ascii_case("nats") && !scheme.eq_ignore_ascii_case("tls") {
+        return Cow::Borrowed(url);
+    }
+    let rest = &url[s + 3..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(at) => (&authority[..=at], &authority[at + 1..]),
+        None => ("", authority),
+    };
+    let Some((first, others)) = hosts.split_once(',') else {
+        return Cow::Borrowed(url);
+    };
+    let tail = &rest[end..];
+    let (before_fragment, fragment) = match tail.find('#') {
+        Some(h) => (&tail[..h], &tail[h..]),
+        None => (tail, ""),
+    };
+    let (path, query) = match before_fragment.find('?') {
+        Some(q) => (&before_fragment[..q], &before_fragment[q + 1..]),
+        None => (before_fragment, ""),
+    };
+    let query = match query {
+        "" => format!("servers={others}"),
+        q => format!("{q}&servers={others}"),
+    };
+    Cow::Owned(format!(
+        "{scheme}://{userinfo}{first}{path}?{query}{fragment}"
+    ))
+}
+
 /// Connection settings read from a URL.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct UrlSettings {
-    server: String,
+    /// The seed servers: the URL's host first, then those of `servers=`.
+    servers: Vec<String>,
+    /// The replica count of the streams and buckets this backend creates.
+    replicas: usize,
     tls: bool,
     user: Option<(String, String)>,
     token: Option<String>,
@@ -178,8 +230,10 @@ fn parse_url(url: &Url) -> Result<UrlSettings> {
     };
     let mut s = UrlSettings {
         tls: url.scheme() == "tls",
+        replicas: 1,
         ..Default::default()
     };
+    let mut more_hosts: Vec<(String, u16)> = Vec::new();
     match url.scheme() {
         "nats" | "tls" => {}
         other => {
@@ -224,9 +278,28 @@ fn parse_url(url: &Url) -> Result<UrlSettings> {
             }
             "tls_cert" => tls_cert = Some(PathBuf::from(v)),
             "tls_key" => tls_key = Some(PathBuf::from(v)),
+            "replicas" => {
+                s.replicas = match v.parse::<usize>() {
+                    Ok(n) if (1..=MAX_REPLICAS).contains(&n) => n,
+                    _ => {
+                        return Err(bad(format!(
+                            "replicas must be a whole number from 1 to {MAX_REPLICAS}, got {v:?}"
+                        )))
+                    }
+                }
+            }
+            "servers" => {
+                for one in v.split(',') {
+                    more_hosts.push(seed_host(one).ok_or_else(|| {
+                        bad(format!(
+                            "servers must be a comma-separated list of host[:port], got {v:?}"
+                        ))
+                    })?);
+                }
+            }
             other => {
                 return Err(bad(format!(
-                    "unknown query parameter `{other}` (known: tls, token, creds, nkey, tls_ca, tls_cert, tls_key)"
+                    "unknown query parameter `{other}` (known: tls, token, creds, nkey, tls_ca, tls_cert, tls_key, replicas, servers)"
                 )))
             }
         }
@@ -240,12 +313,29 @@ fn parse_url(url: &Url) -> Result<UrlSettings> {
         _ => return Err(bad("tls_cert and tls_key go together".into())),
     }
     let scheme = if s.tls { "tls" } else { "nats" };
-    s.server = if host.contains(':') && !host.starts_with('[') {
-        format!("{scheme}://[{host}]:{port}")
-    } else {
-        format!("{scheme}://{host}:{port}")
+    let address = |host: &str, port: u16| {
+        if host.contains(':') && !host.starts_with('[') {
+            format!("{scheme}://[{host}]:{port}")
+        } else {
+            format!("{scheme}://{host}:{port}")
+        }
     };
+    s.servers.push(address(host, port));
+    for (h, p) in more_hosts {
+        s.servers.push(address(&h, p));
+    }
     Ok(s)
+}
+
+/// One `host[:port]` of a seed list (the port 4222 when left out), `None` if it is not one.
+fn seed_host(text: &str) -> Option<(String, u16)> {
+    if text.is_empty() || text.contains(['/', '?', '#', '@']) {
+        return None;
+    }
+    let url = Url::parse(&format!("nats://{text}")).ok()?;
+    let host = url.host_str().filter(|h| !h.is_empty())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some((host.to_string(), url.port().unwrap_or(DEFAULT_PORT)))
 }
 
 fn percent_decode(v: &str) -> std::result::Result<String, ()> {
@@ -295,6 +385,7 @@ fn check_tls_files(s: &UrlSettings) -> Result<()> {
 async fn connect(url: &Url, opts: &ConnectOptions) -> Result<Shared> {
     let settings = parse_url(url)?;
     check_tls_files(&settings)?;
+    let replicas = settings.replicas;
     let shown = redact_url(url.as_str());
     let mut options = async_nats::ConnectOptions::new()
         .name("agent-orchestra")
@@ -349,7 +440,7 @@ async fn connect(url: &Url, opts: &ConnectOptions) -> Result<Shared> {
     }
     let client = tokio::time::timeout(
         opts.connect_timeout + Duration::from_secs(1),
-        options.connect(settings.server.as_str()),
+        options.connect(settings.servers.as_slice()),
     )
     .await
     .map_err(|_| Error::temporary(BACKEND, format!("timed out connecting to {shown}"), None))?
@@ -385,6 +476,7 @@ async fn connect(url: &Url, opts: &ConnectOptions) -> Result<Shared> {
         names: Arc::new(Names::new(&opts.prefix)),
         max_payload,
         origin: Arc::from(&uuid::Uuid::new_v4().simple().to_string()[..16]),
+        replicas,
     })
 }
 
@@ -399,17 +491,60 @@ mod tests {
     #[test]
     fn url_carries_user_password_token_and_tls() {
         let s = parse("nats://alice:s%40cret@localhost:4333").unwrap();
-        assert_eq!(s.server, "nats://localhost:4333");
+        assert_eq!(s.servers, ["nats://localhost:4333"]);
+        assert_eq!(s.replicas, 1);
         assert_eq!(s.user, Some(("alice".into(), "s@cret".into())));
         let s = parse("nats://T0KEN@localhost").unwrap();
         assert_eq!(s.token.as_deref(), Some("T0KEN"));
-        assert_eq!(s.server, "nats://localhost:4222");
+        assert_eq!(s.servers, ["nats://localhost:4222"]);
         let s = parse("tls://h:1").unwrap();
         assert!(s.tls);
-        assert_eq!(s.server, "tls://h:1");
+        assert_eq!(s.servers, ["tls://h:1"]);
         let s = parse("nats://h?tls=true&creds=/tmp/x.creds").unwrap();
         assert!(s.tls);
         assert_eq!(s.creds, Some(PathBuf::from("/tmp/x.creds")));
+    }
+
+    #[test]
+    fn url_carries_replicas_and_several_seed_servers() {
+        let folded = fold_seed_hosts("nats://u:p@a:4001,b:4002,[::1]/x?replicas=3#f");
+        assert_eq!(
+            folded,
+            "nats://u:p@a:4001/x?replicas=3&servers=b:4002,[::1]#f"
+        );
+        let s = parse(&folded).unwrap();
+        assert_eq!(
+            s.servers,
+            ["nats://a:4001", "nats://b:4002", "nats://[::1]:4222"]
+        );
+        assert_eq!(s.replicas, 3);
+        assert_eq!(fold_seed_hosts("nats://a,b"), "nats://a?servers=b");
+        assert_eq!(
+            fold_seed_hosts("tls://a:1,b:2?tls_ca=/c"),
+            "tls://a:1?tls_ca=/c&servers=b:2"
+        );
+        assert_eq!(fold_seed_hosts("nats://a:1"), "nats://a:1");
+        assert_eq!(fold_seed_hosts("redis://a,b"), "redis://a,b");
+        let s = parse("tls://a?servers=b:9").unwrap();
+        assert_eq!(s.servers, ["tls://a:4222", "tls://b:9"]);
+        for bad in [
+            "nats://h?replicas=0",
+            "nats://h?replicas=6",
+            "nats://h?replicas=three",
+            "nats://h?servers=",
+            "nats://h?servers=a,,b",
+            "nats://h?servers=x:notaport",
+        ] {
+            match parse(bad) {
+                Err(Error::UnsupportedUrl { reason, .. }) => {
+                    assert!(
+                        reason.contains("replicas") || reason.contains("servers"),
+                        "{bad}: {reason}"
+                    )
+                }
+                other => panic!("{bad}: expected an URL error, got {other:?}"),
+            }
+        }
     }
 
     #[test]

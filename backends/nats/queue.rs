@@ -366,12 +366,12 @@ impl QueueHandle {
                     ..Default::default()
                 };
                 let what = || format!("cannot open the stream of queue {}", self.name);
-                let stream = self
-                    .shared
-                    .js
-                    .get_or_create_stream(config.clone())
-                    .await
-                    .map_err(|e| nats_err(&what(), e))?;
+                let stream = super::streams::open(
+                    &self.shared,
+                    config.clone(),
+                    &format!("the stream of queue {}", self.name),
+                )
+                .await?;
                 let found = &stream.cached_info().config;
                 // Made by an older version, which woke fetchers by republishing every stored
                 // message (4-5x the cost of a plain publish on 2.9): wake-ups are core-NATS
@@ -535,16 +535,12 @@ impl QueueHandle {
                     allow_direct: true,
                     ..Default::default()
                 };
-                self.shared
-                    .js
-                    .get_or_create_stream(config)
-                    .await
-                    .map_err(|e| {
-                        nats_err(
-                            &format!("cannot open the dead-letter stream of queue {}", self.name),
-                            e,
-                        )
-                    })
+                super::streams::open(
+                    &self.shared,
+                    config,
+                    &format!("the dead-letter stream of queue {}", self.name),
+                )
+                .await
             })
             .await
     }
@@ -569,13 +565,19 @@ impl QueueHandle {
         if let Some(b) = header(e.headers, BLOB_HEADER) {
             publish = publish.header(BLOB_HEADER, b);
         }
-        self.shared
-            .js
-            .send_publish(self.shared.names.dead_subject(&self.name), publish)
-            .await
-            .map_err(|e| nats_err("cannot dead-letter", e))?
-            .await
-            .map_err(|e| nats_err("cannot dead-letter", e))?;
+        // With a `Nats-Msg-Id` of its own, so that a resend after a lost answer (a stream
+        // just created whose subject a node does not route yet, a leader lost) is stored once.
+        let publish = publish.message_id(uuid::Uuid::new_v4().simple().to_string().as_str());
+        super::retry::within_budget("dead-letter", || async {
+            self.shared
+                .js
+                .send_publish(self.shared.names.dead_subject(&self.name), publish.clone())
+                .await
+                .map_err(|e| nats_err("cannot dead-letter", e))?
+                .await
+                .map_err(|e| nats_err("cannot dead-letter", e))
+        })
+        .await?;
         Ok(())
     }
 

@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use tokio::sync::OnceCell;
 
 use super::blob::{BlobRef, Blobs, BLOB_HEADER};
-use super::kv::{Bucket, Write};
+use super::kv::{write_id, Bucket, Write};
 use super::view::{
     Indexed, View, DEPS_HEADER, LEASE_HEADER, QUEUE_HEADER, STATUS_HEADER, UPDATED_HEADER,
 };
@@ -366,6 +366,20 @@ impl NatsRegistry {
         }
     }
 
+    /// Creates `task` with the write id `id`; `maybe_written`: an earlier send of this write
+    /// (same id) got no answer (see [`Bucket::put_as`]).
+    async fn create_as(&self, task: &Task, id: &str, maybe_written: bool) -> Result<()> {
+        for parent in &task.depends_on {
+            self.add_dependent(parent, &task.task_id).await?;
+        }
+        let (h, body, blob) = self.stored_form(task, false).await?;
+        let write = self
+            .tasks
+            .create(task.task_id.as_str(), h, body, id, maybe_written)
+            .await?;
+        self.created(task, write, blob).await
+    }
+
     async fn created(&self, task: &Task, write: Write, blob: Option<BlobRef>) -> Result<()> {
         match write {
             Write::Done(revision) => {
@@ -395,18 +409,16 @@ impl Registry for NatsRegistry {
     }
 
     async fn create(&self, task: &Task) -> Result<()> {
-        for parent in &task.depends_on {
-            self.add_dependent(parent, &task.task_id).await?;
-        }
-        let (h, body, blob) = self.stored_form(task, false).await?;
-        let write = self.tasks.create(task.task_id.as_str(), h, body).await?;
-        self.created(task, write, blob).await
+        self.create_as(task, &write_id(), false).await
     }
 
     async fn create_many(&self, tasks: &[Task]) -> Result<Vec<Result<()>>> {
         // Plain tasks: up to PIPELINE creates in flight at once. Tasks with dependencies or
         // large payloads take the one-by-one path.
         let mut out: Vec<Option<Result<()>>> = (0..tasks.len()).map(|_| None).collect();
+        // Each task's write id, and whether a send of it got no answer (it may be stored).
+        let ids: Vec<String> = (0..tasks.len()).map(|_| write_id()).collect();
+        let mut unanswered = vec![false; tasks.len()];
         let plain: Vec<usize> = (0..tasks.len())
             .filter(|&i| tasks[i].depends_on.is_empty())
             .collect();
@@ -418,20 +430,33 @@ impl Registry for NatsRegistry {
                 if self.blobs.too_large(body.len()) {
                     continue;
                 }
-                pending.push((i, self.tasks.send(t.task_id.as_str(), h, body, 0).await?));
+                match self
+                    .tasks
+                    .send(t.task_id.as_str(), h, body, 0, &ids[i])
+                    .await
+                {
+                    Ok(ack) => pending.push((i, ack)),
+                    // The one-by-one path retries it within the budget.
+                    Err(e) if e.is_temporary() => unanswered[i] = true,
+                    Err(e) => return Err(e),
+                }
             }
             let settled = join_all(pending.into_iter().map(|(i, ack)| async move {
                 (i, self.tasks.settle(tasks[i].task_id.as_str(), ack).await)
             }))
             .await;
             for (i, r) in settled {
-                match r? {
-                    Write::Done(rev) => {
+                match r {
+                    Ok(Write::Done(rev)) => {
                         self.created(&tasks[i], Write::Done(rev), None).await?;
                         out[i] = Some(Ok(()));
                     }
                     // Exists, or a deleted key: the one-by-one path tells which.
-                    Write::Stale => {}
+                    Ok(Write::Stale) => {}
+                    // No answer (a leader lost): the one-by-one path sends it again with the
+                    // same id, which the server does not store twice.
+                    Err(e) if e.is_temporary() => unanswered[i] = true,
+                    Err(e) => return Err(e),
                 }
             }
         }
@@ -439,7 +464,7 @@ impl Registry for NatsRegistry {
         for (i, r) in out.into_iter().enumerate() {
             match r {
                 Some(r) => results.push(r),
-                None => match self.create(&tasks[i]).await {
+                None => match self.create_as(&tasks[i], &ids[i], unanswered[i]).await {
                     Err(e) if e.is_temporary() => return Err(e),
                     r => results.push(r),
                 },

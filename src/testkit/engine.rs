@@ -676,7 +676,20 @@ pub async fn graceful_shutdown_loses_nothing(b: &Backends) {
         .unwrap()
         .start()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Until a 5 s task runs (not a fixed pause: on a replicated cluster the first claims
+    // take longer than on one server).
+    let long = ids[0].clone();
+    eventually("a 5 s task running", LIMIT, || {
+        let (d, long) = (&d, long.clone());
+        async move {
+            match d.get(&long).await {
+                Ok(t) if t.status() == TaskStatus::Running => Ok(()),
+                Ok(t) => Err(format!("{long} is {}", t.status())),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await;
     let report = first.shutdown_within(Duration::from_millis(300)).await;
     assert!(report.clean, "{report:?}");
     assert!(

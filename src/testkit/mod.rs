@@ -47,6 +47,8 @@ pub mod bus;
 pub mod engine;
 pub mod harness;
 pub mod locks;
+#[cfg(feature = "nats")]
+pub mod nats_cluster;
 mod private_broker;
 pub mod redis_cluster;
 pub mod registry;
