@@ -338,3 +338,31 @@ pub async fn open(url: &str, roles: &Roles, opts: &ConnectOptions) -> Result<Par
     let (parsed, d) = driver(url)?;
     (d.open)(&parsed, roles, opts).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_url;
+
+    #[test]
+    fn a_cluster_seed_list_becomes_the_first_host_and_a_seeds_parameter() {
+        let u = parse_url("redis+cluster://u:p@h1:7000,h2:7001,h3:7002").expect("parse");
+        assert_eq!(
+            u.as_str(),
+            "redis+cluster://u:p@h1:7000?seeds=h2:7001,h3:7002"
+        );
+        let u = parse_url("rediss+cluster://h1:7000,h2:7001/0?tls_ca_file=ca.pem").expect("parse");
+        assert_eq!(
+            u.as_str(),
+            "rediss+cluster://h1:7000/0?tls_ca_file=ca.pem&seeds=h2:7001"
+        );
+        // One seed, and other schemes, are parsed as they are.
+        assert_eq!(
+            parse_url("redis+cluster://h1:7000").unwrap().as_str(),
+            "redis+cluster://h1:7000"
+        );
+        assert_eq!(
+            parse_url("nats://a,b").map(|u| u.to_string()).ok(),
+            url::Url::parse("nats://a,b").map(|u| u.to_string()).ok()
+        );
+    }
+}

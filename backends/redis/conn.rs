@@ -930,8 +930,9 @@ mod tests {
 
     #[test]
     fn cluster_url_names_every_seed_node() {
-        let url = crate::connect::parse_url("redis+cluster://alice:pw@h1:7000,h2:7001,[::1]:7002")
-            .expect("parse");
+        // What `connect` makes of redis+cluster://alice:pw@h1:7000,h2:7001,[::1]:7002.
+        let url =
+            Url::parse("redis+cluster://alice:pw@h1:7000?seeds=h2:7001,[::1]:7002").expect("parse");
         let t = Target::parse(&url).expect("target");
         assert!(t.is_cluster() && !t.tls);
         let seeds: Vec<String> = t.seeds.iter().map(|s| s.addr().to_string()).collect();
