@@ -966,6 +966,23 @@ max_age = "7d"
     }
 
     #[test]
+    fn a_nats_url_with_several_seed_servers_is_a_url() {
+        let c = Config::load_with(
+            None,
+            env(&[("ORCHESTRA_URL", "nats://a:4222,b:4222,c:4222?replicas=3")]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.backend_urls().registry,
+            "nats://a:4222,b:4222,c:4222?replicas=3"
+        );
+        let e = Config::load_with(None, env(&[("ORCHESTRA_URL", "redis://a:1,b:2")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a URL"), "{e}");
+    }
+
+    #[test]
     fn a_later_shared_url_replaces_earlier_role_urls() {
         let mut c = Config::from_toml_str(
             "bus_url = \"nats://a:4222\"\nregistry_url = \"redis://b:6379\"\n",
