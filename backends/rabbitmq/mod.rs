@@ -33,7 +33,7 @@ pub use lock::RabbitLockManager;
 pub use registry::RabbitRegistry;
 
 use self::link::Link;
-use self::names::Names;
+use self::names::{Names, QueueType};
 use crate::bundle::{ConnectOptions, Parts, Roles};
 use crate::error::{Error, Result};
 use crate::model::QueueName;
@@ -48,16 +48,19 @@ pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 ///
 /// The URL gives the user, password, host, port and vhost (`amqp://user:pass@host:5672/vhost`,
 /// `%2f` for `/`; an empty path means `/`), and optionally `heartbeat`, `frame_max`,
-/// `channel_max`, `connection_timeout` (ms) and `auth_mechanism` query parameters. `amqps://`
-/// connects with TLS (rustls, the platform's trust store).
+/// `channel_max`, `connection_timeout` (ms) and `auth_mechanism` query parameters, and
+/// `queue_type=classic|quorum` (the bus's queues; classic by default). `amqps://` connects
+/// with TLS (rustls, the platform's trust store).
 pub async fn open(url: &Url, roles: &Roles, opts: &ConnectOptions) -> Result<Parts> {
     let (link, names) = link_for(url, opts, "main")?;
+    let settings = parse_url(url)?;
     link.session().await?;
     let mut parts = Parts::default();
     if roles.bus {
         parts.bus = Some(Arc::new(RabbitBus::new(
             link.clone(),
             names.clone(),
+            settings.queue_type,
             opts.max_deliveries,
         )?) as _);
     }
@@ -85,12 +88,20 @@ const DROP_CHANNELS: usize = 16;
 /// refused delete (ACCESS_REFUSED, RESOURCE_LOCKED) is an error.
 pub async fn drop_namespace(url: &Url, opts: &ConnectOptions, queues: &[QueueName]) -> Result<()> {
     let (link, names) = link_for(url, opts, "drop")?;
+    let queue_type = parse_url(url)?.queue_type;
     let session = link.session().await?;
     let mut doomed: Vec<String> = Vec::new();
     for q in queues {
-        doomed.push(names.work(q));
+        doomed.extend(
+            QueueType::Classic
+                .lanes()
+                .chain(QueueType::Quorum.lanes())
+                .map(|lane| names.work_lane(q, lane)),
+        );
         doomed.push(names.dead(q));
-        doomed.extend(names::delay_buckets().map(|ms| names.delay(q, ms)));
+        for lane in queue_type.lanes() {
+            doomed.extend(names::delay_buckets().map(|ms| names.delay_lane(q, lane, ms)));
+        }
     }
     doomed.extend([
         names.registry_log(),
@@ -177,7 +188,7 @@ fn is_not_found_error(e: &lapin::Error) -> bool {
 
 /// A (not yet connected) link for `url` named after `role`, and the names under the prefix.
 fn link_for(url: &Url, opts: &ConnectOptions, role: &str) -> Result<(Arc<Link>, Names)> {
-    let uri = parse_url(url)?;
+    let uri = parse_url(url)?.uri;
     let names = Names::new(&opts.prefix)?;
     let name = format!(
         "agent-orchestra {role} prefix={} pid={}",
@@ -188,8 +199,17 @@ fn link_for(url: &Url, opts: &ConnectOptions, role: &str) -> Result<(Arc<Link>, 
     Ok((link, names))
 }
 
-/// Turns an `amqp://` / `amqps://` URL into lapin's connection parameters.
-fn parse_url(url: &Url) -> Result<AMQPUri> {
+/// What an `amqp://` / `amqps://` URL says: lapin's connection parameters and this backend's
+/// own settings.
+#[derive(Debug)]
+struct Settings {
+    uri: AMQPUri,
+    queue_type: QueueType,
+}
+
+/// Turns an `amqp://` / `amqps://` URL into lapin's connection parameters and the backend's
+/// settings.
+fn parse_url(url: &Url) -> Result<Settings> {
     let redacted = || redact_url(url.as_str());
     let bad = |reason: String| Error::UnsupportedUrl {
         url: redacted(),
@@ -235,6 +255,7 @@ fn parse_url(url: &Url) -> Result<AMQPUri> {
         heartbeat: Some(DEFAULT_HEARTBEAT_SECS),
         ..AMQPQueryString::default()
     };
+    let mut queue_type = QueueType::default();
     for (key, value) in url.query_pairs() {
         let int = |what: &str| -> Result<u64> {
             value
@@ -264,14 +285,15 @@ fn parse_url(url: &Url) -> Result<AMQPUri> {
             "auth_mechanism" => {
                 query.auth_mechanism = Some(value.parse().map_err(bad)?);
             }
+            "queue_type" => queue_type = QueueType::parse(&value).map_err(bad)?,
             other => {
                 return Err(bad(format!(
-                    "unknown query parameter `{other}`; supported: heartbeat, frame_max, channel_max, connection_timeout, auth_mechanism"
+                    "unknown query parameter `{other}`; supported: heartbeat, frame_max, channel_max, connection_timeout, auth_mechanism, queue_type"
                 )))
             }
         }
     }
-    Ok(AMQPUri {
+    let uri = AMQPUri {
         scheme,
         authority: AMQPAuthority {
             userinfo: AMQPUserInfo { username, password },
@@ -280,7 +302,8 @@ fn parse_url(url: &Url) -> Result<AMQPUri> {
         },
         vhost,
         query,
-    })
+    };
+    Ok(Settings { uri, queue_type })
 }
 
 fn percent_decode(s: &str) -> std::result::Result<String, String> {
@@ -309,7 +332,29 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<AMQPUri> {
-        parse_url(&Url::parse(s).expect("url"))
+        parse_url(&Url::parse(s).expect("url")).map(|s| s.uri)
+    }
+
+    #[test]
+    fn queue_type_is_a_query_parameter_classic_by_default() {
+        let of = |s: &str| parse_url(&Url::parse(s).expect("url")).map(|s| s.queue_type);
+        assert_eq!(of("amqp://h/v").unwrap(), QueueType::Classic);
+        assert_eq!(
+            of("amqp://h/v?queue_type=classic").unwrap(),
+            QueueType::Classic
+        );
+        assert_eq!(
+            of("amqp://h/v?heartbeat=5&queue_type=quorum").unwrap(),
+            QueueType::Quorum
+        );
+        let err = of("amqp://u:hunter2@h/v?queue_type=stream")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("queue_type must be `classic` or `quorum`"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

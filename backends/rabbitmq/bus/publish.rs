@@ -9,30 +9,41 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::Channel;
 use tokio::time::Instant;
 
-use super::super::link::{amqp_error, short, BACKEND};
-use super::super::names::delay_bucket_ms;
+use lapin::protocol::AMQPSoftError;
+
+use super::super::link::{amqp_error, short, soft_error, BACKEND};
+use super::super::names::{delay_bucket_ms, QueueType};
 use super::wire::long;
 use super::{BusInner, Outgoing, Target, DELAY_QUEUE_SPARE, DELAY_REDECLARE, PUBLISHERS};
 use crate::error::{Error, Result};
-use crate::model::QueueName;
+use crate::model::{Priority, QueueName};
 
 impl BusInner {
     pub(super) fn queue_name(&self, target: &Target) -> String {
         match target {
-            Target::Work(q) => self.names.work(q),
-            Target::Delay(q, ms) => self.names.delay(q, *ms),
+            Target::Work(q, lane) => self.names.work_lane(q, *lane),
+            Target::Delay(q, lane, ms) => self.names.delay_lane(q, *lane, *ms),
             Target::Dead(q) => self.names.dead(q),
         }
     }
 
     pub(super) fn queue_arguments(&self, target: &Target) -> FieldTable {
         let mut args = FieldTable::default();
+        let quorum = self.queue_type == QueueType::Quorum;
+        if quorum {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
         match target {
-            Target::Work(_) => {
-                args.insert("x-max-priority".into(), AMQPValue::LongLongInt(10));
-                args.insert("x-queue-version".into(), AMQPValue::LongLongInt(2));
+            Target::Work(..) => {
+                if !quorum {
+                    args.insert("x-max-priority".into(), AMQPValue::LongLongInt(10));
+                    args.insert("x-queue-version".into(), AMQPValue::LongLongInt(2));
+                }
             }
-            Target::Delay(q, ms) => {
+            Target::Delay(q, lane, ms) => {
                 args.insert("x-message-ttl".into(), long(*ms));
                 args.insert(
                     "x-expires".into(),
@@ -44,8 +55,20 @@ impl BusInner {
                 );
                 args.insert(
                     "x-dead-letter-routing-key".into(),
-                    AMQPValue::LongString(self.names.work(q).into()),
+                    AMQPValue::LongString(self.names.work_lane(q, *lane).into()),
                 );
+                if quorum {
+                    // A quorum queue dead-letters at most once unless told otherwise: an expired
+                    // message would be lost if its work queue had no leader at that moment.
+                    args.insert(
+                        "x-dead-letter-strategy".into(),
+                        AMQPValue::LongString("at-least-once".into()),
+                    );
+                    args.insert(
+                        "x-overflow".into(),
+                        AMQPValue::LongString("reject-publish".into()),
+                    );
+                }
             }
             Target::Dead(_) => {}
         }
@@ -65,15 +88,41 @@ impl BusInner {
                 self.queue_arguments(target),
             )
             .await
-            .map_err(|e| amqp_error(&format!("declare queue {name}"), e))?;
+            .map_err(|e| self.declare_error(&name, e))?;
         Ok(u64::from(q.message_count()))
+    }
+
+    /// A refused declaration. PRECONDITION_FAILED means the queue exists with other arguments:
+    /// almost always declared by a process with the other `queue_type`, which is a setting to
+    /// fix, not a broker failure.
+    fn declare_error(&self, name: &str, e: lapin::Error) -> Error {
+        if soft_error(&e) == Some(AMQPSoftError::PRECONDITIONFAILED) {
+            return Error::config(
+                "queue_type",
+                format!(
+                    "queue {name} already exists with other arguments than queue_type={} gives it ({e}); \
+                     every process of this prefix must use the same queue_type (drain and delete the \
+                     old queues to change it)",
+                    self.queue_type.as_str()
+                ),
+            );
+        }
+        amqp_error(&format!("declare queue {name}"), e)
     }
 
     /// Declares `target` unless this connection already did (`force` declares anyway). A delay
     /// queue dead-letters into its work queue, which is declared first.
     pub(super) async fn ensure(&self, target: &Target, force: bool) -> Result<()> {
-        if let Target::Delay(q, _) = target {
-            self.ensure_one(&Target::Work(q.clone()), force).await?;
+        match target {
+            Target::Delay(q, lane, _) => {
+                self.ensure_one(&Target::Work(q.clone(), *lane), force)
+                    .await?
+            }
+            // The dead-letter queue has the same name whatever the queue type: declaring it
+            // with every work queue makes a process with the other `queue_type` fail at once
+            // (PRECONDITION_FAILED) instead of filling queues that nobody reads.
+            Target::Work(q, _) => self.ensure_one(&Target::Dead(q.clone()), force).await?,
+            Target::Dead(_) => {}
         }
         self.ensure_one(target, force).await
     }
@@ -97,9 +146,9 @@ impl BusInner {
         self.declare(&ch, target).await?;
         let mut d = self.declared.lock();
         match target {
-            Target::Delay(q, ms) => {
+            Target::Delay(q, lane, ms) => {
                 d.delays.insert(name, Instant::now());
-                d.buckets.entry(q.clone()).or_default().insert(*ms);
+                d.buckets.entry(q.clone()).or_default().insert((*lane, *ms));
             }
             _ => {
                 if d.generation != generation {
@@ -197,11 +246,18 @@ impl BusInner {
         d.delays.remove(&name);
     }
 
-    pub(super) fn target_for(queue: &QueueName, delay: Duration) -> Target {
+    /// Where a message of `priority` goes after `delay`.
+    pub(super) fn target_for(
+        &self,
+        queue: &QueueName,
+        priority: Priority,
+        delay: Duration,
+    ) -> Target {
+        let lane = self.queue_type.lane_of(priority);
         if delay.is_zero() {
-            Target::Work(queue.clone())
+            Target::Work(queue.clone(), lane)
         } else {
-            Target::Delay(queue.clone(), delay_bucket_ms(delay))
+            Target::Delay(queue.clone(), lane, delay_bucket_ms(delay))
         }
     }
 }
