@@ -798,7 +798,7 @@ fn to_u32(key: &str, n: u64) -> Result<u32> {
 }
 
 fn check_url(key: &str, url: &str) -> Result<()> {
-    let parsed = url::Url::parse(url.trim())
+    let parsed = crate::connect::parse_url(url.trim())
         .map_err(|e| Error::config(key, format!("{} is not a URL: {e}", redact_url(url))))?;
     if !KNOWN_SCHEMES.contains(&parsed.scheme()) {
         return Err(Error::config(

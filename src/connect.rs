@@ -102,7 +102,7 @@ const DRIVERS: &[Driver] = &[
 
 /// The parsed URL and the driver of its scheme, with TLS ready for a remote one.
 fn driver(url: &str) -> Result<(Url, &'static Driver)> {
-    let parsed = Url::parse(url).map_err(|e| Error::UnsupportedUrl {
+    let parsed = parse_url(url).map_err(|e| Error::UnsupportedUrl {
         url: redact_url(url),
         reason: format!("not a URL: {e}"),
     })?;
@@ -115,6 +115,47 @@ fn driver(url: &str) -> Result<(Url, &'static Driver)> {
         backends::install_tls_provider();
     }
     Ok((parsed, d))
+}
+
+/// Parses a backend URL, accepting a list of nodes as its authority
+/// (`amqp://user:pass@h1:5672,h2:5672/vhost`), which the `url` crate alone refuses: the list
+/// stays the URL's host, its `:`, `[` and `]` percent-encoded, for the backend to split.
+pub(crate) fn parse_url(url: &str) -> std::result::Result<Url, url::ParseError> {
+    match Url::parse(url) {
+        Ok(parsed) => Ok(parsed),
+        Err(e) => match encode_node_list(url) {
+            Some(encoded) => Url::parse(&encoded),
+            None => Err(e),
+        },
+    }
+}
+
+/// `url` with the host list of its authority percent-encoded, if it has one (a comma).
+fn encode_node_list(url: &str) -> Option<String> {
+    let start = url.find("://")? + 3;
+    let rest = &url[start..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    let hosts_at = authority.rfind('@').map_or(0, |i| i + 1);
+    let hosts = &authority[hosts_at..];
+    if !hosts.contains(',') {
+        return None;
+    }
+    let encoded: String = hosts
+        .chars()
+        .map(|c| match c {
+            ':' => "%3A".to_string(),
+            '[' => "%5B".to_string(),
+            ']' => "%5D".to_string(),
+            c => c.to_string(),
+        })
+        .collect();
+    Some(format!(
+        "{}{}{encoded}{}",
+        &url[..start],
+        &authority[..hosts_at],
+        &rest[end..]
+    ))
 }
 
 /// A scheme no compiled-in backend handles: its feature is off, or it is unknown.

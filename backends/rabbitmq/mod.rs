@@ -188,14 +188,14 @@ fn is_not_found_error(e: &lapin::Error) -> bool {
 
 /// A (not yet connected) link for `url` named after `role`, and the names under the prefix.
 fn link_for(url: &Url, opts: &ConnectOptions, role: &str) -> Result<(Arc<Link>, Names)> {
-    let uri = parse_url(url)?.uri;
+    let uris = parse_url(url)?.uris;
     let names = Names::new(&opts.prefix)?;
     let name = format!(
         "agent-orchestra {role} prefix={} pid={}",
         names.prefix(),
         std::process::id()
     );
-    let link = Link::new(uri, redact_url(url.as_str()), name, opts.connect_timeout);
+    let link = Link::new(uris, redact_url(url.as_str()), name, opts.connect_timeout);
     Ok((link, names))
 }
 
@@ -203,7 +203,8 @@ fn link_for(url: &Url, opts: &ConnectOptions, role: &str) -> Result<(Arc<Link>, 
 /// own settings.
 #[derive(Debug)]
 struct Settings {
-    uri: AMQPUri,
+    /// One per node the URL names, in its order.
+    uris: Vec<AMQPUri>,
     queue_type: QueueType,
 }
 
@@ -224,14 +225,25 @@ fn parse_url(url: &Url) -> Result<Settings> {
         .host_str()
         .filter(|h| !h.is_empty())
         .ok_or_else(|| bad("no host".into()))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let port = url.port().unwrap_or(match scheme {
+    let default_port = match scheme {
         AMQPScheme::AMQP => 5672,
         AMQPScheme::AMQPS => 5671,
-    });
+    };
+    // Several nodes: `h1:5672,h2:5672,h3` (connect::parse_url keeps such a list as the host,
+    // its colons and brackets percent-encoded).
+    let nodes: Vec<(String, u16)> = if host.contains(',') || host.contains('%') {
+        let mut list = percent_decode(host).map_err(|e| bad(format!("host list: {e}")))?;
+        // `h1,h2:6000` is a valid URL by itself: its port is the last node's.
+        if let Some(port) = url.port() {
+            list = format!("{list}:{port}");
+        }
+        list.split(',')
+            .map(|node| split_node(node.trim(), default_port).map_err(&bad))
+            .collect::<Result<_>>()?
+    } else {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        vec![(host.to_string(), url.port().unwrap_or(default_port))]
+    };
     let defaults = AMQPUserInfo::default();
     let username = match url.username() {
         "" => defaults.username,
@@ -293,17 +305,54 @@ fn parse_url(url: &Url) -> Result<Settings> {
             }
         }
     }
-    let uri = AMQPUri {
-        scheme,
-        authority: AMQPAuthority {
-            userinfo: AMQPUserInfo { username, password },
-            host,
-            port,
-        },
-        vhost,
-        query,
+    let uris = nodes
+        .into_iter()
+        .map(|(host, port)| AMQPUri {
+            scheme: scheme.clone(),
+            authority: AMQPAuthority {
+                userinfo: AMQPUserInfo {
+                    username: username.clone(),
+                    password: password.clone(),
+                },
+                host,
+                port,
+            },
+            vhost: vhost.clone(),
+            query: query.clone(),
+        })
+        .collect();
+    Ok(Settings { uris, queue_type })
+}
+
+/// One node of a host list: `host`, `host:port`, `[v6]` or `[v6]:port`.
+fn split_node(node: &str, default_port: u16) -> std::result::Result<(String, u16), String> {
+    let port_of = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| format!("node {node:?}: the port must be a number up to 65535"))
     };
-    Ok(Settings { uri, queue_type })
+    let (host, port) = if let Some(rest) = node.strip_prefix('[') {
+        let (v6, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("node {node:?}: unclosed `[`"))?;
+        match after.strip_prefix(':') {
+            Some(p) => (v6, port_of(p)?),
+            None if after.is_empty() => (v6, default_port),
+            None => {
+                return Err(format!(
+                    "node {node:?}: unexpected {after:?} after the address"
+                ))
+            }
+        }
+    } else {
+        match node.rsplit_once(':') {
+            Some((h, p)) => (h, port_of(p)?),
+            None => (node, default_port),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("an empty node in the host list ({node:?})"));
+    }
+    Ok((host.to_string(), port))
 }
 
 fn percent_decode(s: &str) -> std::result::Result<String, String> {
@@ -332,7 +381,46 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<AMQPUri> {
-        parse_url(&Url::parse(s).expect("url")).map(|s| s.uri)
+        let mut uris = parse_url(&Url::parse(s).expect("url"))?.uris;
+        assert_eq!(uris.len(), 1);
+        Ok(uris.remove(0))
+    }
+
+    fn nodes(s: &str) -> Result<Vec<(String, u16)>> {
+        let url = crate::connect::parse_url(s).expect("url");
+        Ok(parse_url(&url)?
+            .uris
+            .into_iter()
+            .map(|u| (u.authority.host, u.authority.port))
+            .collect())
+    }
+
+    #[test]
+    fn a_url_may_name_several_nodes() {
+        let n = |h: &str, p: u16| (h.to_string(), p);
+        assert_eq!(
+            nodes("amqp://u:p@h1:5672,h2:5673,h3:5674/v").unwrap(),
+            vec![n("h1", 5672), n("h2", 5673), n("h3", 5674)]
+        );
+        assert_eq!(
+            nodes("amqps://u:p@h1,h2:6000/v?queue_type=quorum").unwrap(),
+            vec![n("h1", 5671), n("h2", 6000)]
+        );
+        assert_eq!(
+            nodes("amqp://[::1]:5672,[::2],10.0.0.3:5000/%2f").unwrap(),
+            vec![n("::1", 5672), n("::2", 5672), n("10.0.0.3", 5000)]
+        );
+        let url = crate::connect::parse_url("amqp://alice:s%40cret@h1:1,h2:2/prod").unwrap();
+        let all = parse_url(&url).unwrap().uris;
+        assert!(all
+            .iter()
+            .all(|u| u.authority.userinfo.password == "s@cret" && u.vhost == "prod"));
+        let err = nodes("amqp://u:hunter2@h1:1,h2:x/v")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("port"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(nodes("amqp://h1:1,,h2:2/v").is_err());
     }
 
     #[test]
