@@ -11,10 +11,19 @@ use tokio::time::Instant;
 
 use lapin::protocol::AMQPSoftError;
 
-use super::super::link::{amqp_error, short, soft_error, BACKEND};
+use super::super::link::{amqp_error, is_not_found, short, soft_error, BACKEND};
 use super::super::names::{delay_bucket_ms, QueueType};
 use super::wire::long;
 use super::{BusInner, Outgoing, Target, DELAY_QUEUE_SPARE, DELAY_REDECLARE, PUBLISHERS};
+
+/// How long a declaration waits for a queue whose home node is down to come back (a node that
+/// restarts recovers its queues within a few seconds after it accepts connections).
+const HOME_NODE_WAIT: Duration = Duration::from_secs(5);
+
+/// NOT_FOUND "home node '...' of durable queue '...' in vhost '...' is down or inaccessible".
+fn is_home_node_down(e: &Error) -> bool {
+    is_not_found(e) && e.to_string().contains("home node")
+}
 use crate::error::{Error, Result};
 use crate::model::{Priority, QueueName};
 
@@ -110,6 +119,37 @@ impl BusInner {
         amqp_error(&format!("declare queue {name}"), e)
     }
 
+    /// Declares `target` on the topology channel and returns the connection's generation. A
+    /// queue whose home node is down answers NOT_FOUND "home node ... is down": a classic queue
+    /// for the first seconds after its node restarted (queues are recovered after the listener
+    /// opens), or for good while that node is lost. It is asked again every 100 ms for up to
+    /// [`HOME_NODE_WAIT`]; then the error says which of the two it may be.
+    async fn declare_waiting(&self, target: &Target) -> Result<u64> {
+        let deadline = Instant::now() + HOME_NODE_WAIT;
+        loop {
+            let (ch, generation, _) = self.topology.get().await?;
+            let e = match self.declare(&ch, target).await {
+                Ok(_) => return Ok(generation),
+                Err(e) if is_home_node_down(&e) => e,
+                Err(e) => return Err(e),
+            };
+            if Instant::now() >= deadline {
+                return Err(Error::temporary(
+                    BACKEND,
+                    format!(
+                        "queue {} is unavailable: its home node is down ({e}); the broker is still \
+                         starting, or, in a cluster, that node is lost: a classic queue lives on one \
+                         node (queue_type=quorum replicates the queues)",
+                        self.queue_name(target)
+                    ),
+                    None,
+                ));
+            }
+            tracing::debug!(queue = %self.queue_name(target), "the queue's home node is down; asking again");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Declares `target` unless this connection already did (`force` declares anyway). A delay
     /// queue dead-letters into its work queue, which is declared first.
     pub(super) async fn ensure(&self, target: &Target, force: bool) -> Result<()> {
@@ -142,8 +182,7 @@ impl BusInner {
                 return Ok(());
             }
         }
-        let (ch, generation, _) = self.topology.get().await?;
-        self.declare(&ch, target).await?;
+        let generation = self.declare_waiting(target).await?;
         let mut d = self.declared.lock();
         match target {
             Target::Delay(q, lane, ms) => {
