@@ -1,6 +1,7 @@
 //! The RabbitMQ backend (feature `rabbitmq`, lapin on tokio): `amqp://` and `amqps://` URLs.
 //!
-//! * [`RabbitBus`]: durable classic queues with `x-max-priority` 10, persistent messages,
+//! * [`RabbitBus`]: durable classic queues with `x-max-priority` 10 (or, with
+//!   `queue_type=quorum`, one replicated quorum queue per priority level), persistent messages,
 //!   publisher confirms, `basic.get` batches for exact priority order, per-delay TTL queues that
 //!   dead-letter back, a dead-letter queue per work queue, events on a direct exchange.
 //! * [`RabbitRegistry`]: an append-only log of task changes in a stream queue, replayed into an

@@ -48,6 +48,7 @@ pub mod engine;
 pub mod harness;
 pub mod locks;
 mod private_broker;
+pub mod rabbitmq_cluster;
 pub mod registry;
 #[cfg(test)]
 mod suite_lists;

@@ -1,10 +1,14 @@
 //! [`RabbitBus`]: durable, prioritised work queues and fan-out events on RabbitMQ.
 //!
 //! * Work queue `{prefix}q.{queue}`: classic, durable, `x-max-priority` 10 (our priority 1 is
-//!   AMQP priority 10). Messages are persistent and published with `mandatory` under publisher
-//!   confirms, so `enqueue` returns only once the broker has the message on disk.
+//!   AMQP priority 10). With `queue_type=quorum`, ten quorum queues ("lanes")
+//!   `{prefix}q.{queue}.p{n}`, one per priority, since quorum queues have no priorities.
+//!   Messages are persistent and published with `mandatory` under publisher confirms, so
+//!   `enqueue` returns only once the broker has the message on disk.
 //! * Fetch takes exactly the head of the queue: `max` pipelined `basic.get`s on one channel
 //!   (one round trip for the batch), which RabbitMQ answers in priority order at that moment.
+//!   Quorum: the lanes' ready counts in one round trip, then the gets from the most urgent
+//!   lanes that hold messages in another.
 //!   Nothing is prefetched, so no less urgent message can wait in this process while a more
 //!   urgent one arrives. An empty queue is waited on with a short-lived consumer whose prefetch is
 //!   1 (the first message to arrive is, by then, the only ready one), cancelled as soon as it
