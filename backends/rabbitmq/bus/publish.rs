@@ -244,6 +244,13 @@ impl BusInner {
                 if confirmation.take_message().is_some() {
                     returned.push(i);
                 } else if nacked {
+                    // On RabbitMQ 3.10 a channel's quorum-queue client can keep addressing a
+                    // leader that was lost, and nack every publish for minutes: a new channel
+                    // starts from the queue's current leader. Closing this one makes the next
+                    // send open a new one (other sends in flight on it fail and are retried).
+                    if let Err(e) = ch.close(200, "a publish was nacked".into()).await {
+                        tracing::debug!(error = %e, "closing a publisher channel after a nack");
+                    }
                     return Err(Error::temporary(
                         BACKEND,
                         "the broker refused (nacked) a published message",
