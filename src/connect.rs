@@ -105,7 +105,8 @@ const DRIVERS: &[Driver] = &[
 /// Parses a URL, accepting a list of hosts where the backend takes one (not a URL by RFC 3986):
 /// in a Redis Cluster URL (`redis+cluster://[user:password@]host:port,host:port,...`) the first
 /// seed stays the host and the others move to the query parameter `seeds`; in a NATS URL they
-/// move to `servers` ([`fold_seed_hosts`]).
+/// move to `servers` ([`fold_seed_hosts`]); in any other URL (RabbitMQ's) the list stays the
+/// host, percent-encoded ([`encode_node_list`]).
 pub(crate) fn parse_url(url: &str) -> std::result::Result<Url, url::ParseError> {
     let trimmed = url.trim();
     let rewritten = match trimmed.split_once("://") {
@@ -129,7 +130,15 @@ pub(crate) fn parse_url(url: &str) -> std::result::Result<Url, url::ParseError> 
         }
         _ => fold_seed_hosts(trimmed).into_owned(),
     };
-    Url::parse(&rewritten)
+    // Any other list of hosts (`amqp://u:p@h1:5672,h2:5672/vhost`) stays the URL's host,
+    // percent-encoded, for the backend to split.
+    match Url::parse(&rewritten) {
+        Ok(parsed) => Ok(parsed),
+        Err(e) => match encode_node_list(&rewritten) {
+            Some(encoded) => Url::parse(&encoded),
+            None => Err(e),
+        },
+    }
 }
 
 /// The parsed URL and the driver of its scheme, with TLS ready for a remote one.
@@ -156,6 +165,34 @@ pub(crate) fn fold_seed_hosts(url: &str) -> std::borrow::Cow<'_, str> {
     return backends::nats::fold_seed_hosts(url);
     #[cfg(not(feature = "nats"))]
     std::borrow::Cow::Borrowed(url)
+}
+
+/// `url` with the host list of its authority percent-encoded, if it has one (a comma).
+fn encode_node_list(url: &str) -> Option<String> {
+    let start = url.find("://")? + 3;
+    let rest = &url[start..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    let hosts_at = authority.rfind('@').map_or(0, |i| i + 1);
+    let hosts = &authority[hosts_at..];
+    if !hosts.contains(',') {
+        return None;
+    }
+    let encoded: String = hosts
+        .chars()
+        .map(|c| match c {
+            ':' => "%3A".to_string(),
+            '[' => "%5B".to_string(),
+            ']' => "%5D".to_string(),
+            c => c.to_string(),
+        })
+        .collect();
+    Some(format!(
+        "{}{}{encoded}{}",
+        &url[..start],
+        &authority[..hosts_at],
+        &rest[end..]
+    ))
 }
 
 /// A scheme no compiled-in backend handles: its feature is off, or it is unknown.
@@ -355,14 +392,24 @@ mod tests {
             u.as_str(),
             "rediss+cluster://h1:7000/0?tls_ca_file=ca.pem&seeds=h2:7001"
         );
-        // One seed, and other schemes, are parsed as they are.
+        // One seed is parsed as it is; a NATS list moves to `servers`, another scheme's list
+        // stays the host, percent-encoded.
         assert_eq!(
             parse_url("redis+cluster://h1:7000").unwrap().as_str(),
             "redis+cluster://h1:7000"
         );
+        #[cfg(feature = "nats")]
         assert_eq!(
-            parse_url("nats://a,b").map(|u| u.to_string()).ok(),
-            url::Url::parse("nats://a,b").map(|u| u.to_string()).ok()
+            parse_url("nats://a,b").unwrap().as_str(),
+            "nats://a?servers=b"
+        );
+        assert_eq!(
+            parse_url("amqp://u:p@h1:5672,h2/v").unwrap().host_str(),
+            Some("h1%3A5672,h2")
+        );
+        assert_eq!(
+            parse_url("redis://a,b:6379").map(|u| u.to_string()).ok(),
+            url::Url::parse("redis://a,b:6379").map(|u| u.to_string()).ok()
         );
     }
 }

@@ -389,9 +389,8 @@ async fn events_are_skipped_only_while_nobody_listens() {
     let events = format!("{prefix}events.{EVENTS_TOPIC}");
     let bus = publisher.bus.clone();
 
-    // Until a probe has answered, every event is published; then nobody listens.
-    assert!(bus.may_have_subscribers(EVENTS_TOPIC));
-    assert!(bus.may_have_subscribers("some_other_topic"));
+    // Nobody listens, once a probe has answered. (Before the first answer every event is
+    // published; when that answer comes depends on the broker, so it is not asserted here.)
     assert!(
         eventually(|| !bus.may_have_subscribers(EVENTS_TOPIC)).await,
         "a probe should have found nobody on {events}"

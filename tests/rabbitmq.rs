@@ -912,3 +912,106 @@ async fn another_process_monitor_does_not_reannounce_a_delayed_task() {
     )
     .await;
 }
+
+/// `url` with its query replaced by `queue_type=<ty>`.
+fn with_queue_type(url: &str, ty: &str) -> String {
+    let base = url.split('?').next().unwrap_or(url);
+    format!("{base}?queue_type={ty}")
+}
+
+/// Processes of one prefix that disagree on `queue_type` are told so: the second one's
+/// declaration is refused by the broker (PRECONDITION_FAILED), returned as a permanent
+/// `Error::Config` naming the setting, whichever type came first.
+#[test]
+fn a_queue_declared_with_the_other_queue_type_is_a_config_error() {
+    with_cleanup("queue_type_mismatch", |prefix| async move {
+        let url = broker_url(BrokerKind::Amqp).await;
+        let message = || OutgoingMessage {
+            payload: b"{}".to_vec(),
+            priority: Priority::DEFAULT,
+            delay: Duration::ZERO,
+        };
+        for (first, second, q) in [("classic", "quorum", "mm_a"), ("quorum", "classic", "mm_b")] {
+            let q = queue(q);
+            let a = connect(
+                &BackendUrls::all(with_queue_type(&url, first)),
+                &options(&prefix),
+            )
+            .await
+            .expect("connect");
+            a.bus.enqueue(&q, message()).await.expect("first enqueue");
+            let b = connect(
+                &BackendUrls::all(with_queue_type(&url, second)),
+                &options(&prefix),
+            )
+            .await
+            .expect("connect");
+            let err = b.bus.enqueue(&q, message()).await.unwrap_err();
+            assert!(
+                matches!(&err, Error::Config { key, .. } if key == "queue_type"),
+                "{first} then {second}: {err:?}"
+            );
+            assert!(!err.is_temporary(), "{err}");
+            let text = err.to_string();
+            assert!(text.contains(&format!("queue_type={second}")), "{text}");
+            let fetched = b
+                .bus
+                .fetch(
+                    &q,
+                    FetchOptions {
+                        max: 1,
+                        wait: Duration::ZERO,
+                        lease: Duration::from_secs(5),
+                    },
+                )
+                .await;
+            assert!(fetched.is_err(), "{first} then {second}: fetch {fetched:?}");
+        }
+    });
+}
+
+/// Right after a node restarts (killed, so its queues are recovered from disk), declaring a
+/// classic queue answers NOT_FOUND "home node ... is down" for a moment; an enqueue then waits
+/// for the queue instead of failing with it. Errors about the lost connection itself (the
+/// first call after the restart) are retried here as the engine would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_right_after_a_restart_waits_for_the_queues_home_node() {
+    use agent_orchestra::testkit::brokers::BrokerControl;
+    let mut node = PrivateBroker::rabbitmq().await;
+    let prefix = unique_prefix("home_node");
+    let b = connect(&BackendUrls::all(node.url()), &options(&prefix))
+        .await
+        .expect("connect to the private node");
+    let message = || OutgoingMessage {
+        payload: b"{}".to_vec(),
+        priority: Priority::DEFAULT,
+        delay: Duration::ZERO,
+    };
+    // Several queues, so that recovery after the restart takes a moment.
+    let queues: Vec<QueueName> = (0..20).map(|i| queue(&format!("home_{i}"))).collect();
+    for q in &queues {
+        b.bus.enqueue(q, message()).await.expect("enqueue before");
+    }
+    node.stop().await;
+    node.start().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for q in queues.iter().rev() {
+        loop {
+            match b.bus.enqueue(q, message()).await {
+                Ok(_) => break,
+                Err(e) => {
+                    let text = e.to_string();
+                    assert!(
+                        !text.contains("home node") || text.contains("still starting"),
+                        "the enqueue failed on a recovering queue instead of waiting: {text}"
+                    );
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "no enqueue succeeded within 60 s of the restart: {text}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}

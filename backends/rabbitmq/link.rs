@@ -1,5 +1,7 @@
 //! One AMQP connection that comes back: [`Link`] hands out the live connection, reconnecting
-//! (once, for all callers) when the broker or the network dropped it.
+//! (once, for all callers) when the broker or the network dropped it. A URL may name several
+//! nodes of a cluster: a connection goes to the first that answers, starting from a random one,
+//! and a reconnection starts with the node after the one that was lost.
 //!
 //! lapin does not reconnect by itself (its experimental auto-recovery would silently re-declare
 //! exclusive lock queues, which must not survive a lost connection). Everything in this backend
@@ -7,7 +9,7 @@
 //! generation changes, channels are reopened, topology is declared again and consumers are
 //! resumed by their owners.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,12 +50,15 @@ impl Session {
     }
 }
 
-/// A self-healing connection to one broker URL.
+/// A self-healing connection to one broker URL (one node, or any of several).
 pub(crate) struct Link {
-    uri: lapin::uri::AMQPUri,
+    /// The nodes, each with its connection parameters; at least one.
+    uris: Vec<lapin::uri::AMQPUri>,
     redacted: String,
     name: String,
     connect_timeout: Duration,
+    /// The node to try first at the next connection.
+    next: AtomicUsize,
     current: Mutex<Option<Arc<Session>>>,
     reconnect: tokio::sync::Mutex<()>,
     generations: AtomicU64,
@@ -70,18 +75,23 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    /// A link that connects lazily (call [`Link::session`] once to connect eagerly).
+    /// A link to any of `uris` (at least one) that connects lazily (call [`Link::session`]
+    /// once to connect eagerly). The first connection tries the nodes from a random one, so
+    /// that clients spread over a cluster.
     pub(crate) fn new(
-        uri: lapin::uri::AMQPUri,
+        uris: Vec<lapin::uri::AMQPUri>,
         redacted: String,
         name: String,
         connect_timeout: Duration,
     ) -> Arc<Self> {
+        assert!(!uris.is_empty(), "a link needs at least one node");
+        let first = rand::random_range(0..uris.len());
         Arc::new(Link {
-            uri,
+            uris,
             redacted,
             name,
             connect_timeout,
+            next: AtomicUsize::new(first),
             current: Mutex::new(None),
             reconnect: tokio::sync::Mutex::new(()),
             generations: AtomicU64::new(0),
@@ -105,31 +115,73 @@ impl Link {
         if let Some(s) = self.live() {
             return Ok(s);
         }
-        let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
-        let attempt = Connection::connect_uri(self.uri.clone(), props);
-        let conn = match tokio::time::timeout(self.connect_timeout, attempt).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(classify(format!("cannot connect to {}", self.redacted), e)),
-            Err(_) => {
-                return Err(Error::temporary(
-                    BACKEND,
-                    format!(
-                        "cannot connect to {}: no answer within {:?}",
-                        self.redacted, self.connect_timeout
-                    ),
-                    None,
-                ))
-            }
-        };
+        let (conn, node) = self.connect_any().await?;
         let generation = self.generations.fetch_add(1, Ordering::SeqCst) + 1;
         if generation > 1 {
-            tracing::info!(url = %self.redacted, name = %self.name, generation, "reconnected to RabbitMQ");
+            tracing::info!(url = %self.redacted, %node, name = %self.name, generation, "reconnected to RabbitMQ");
         } else {
-            tracing::debug!(url = %self.redacted, name = %self.name, "connected to RabbitMQ");
+            tracing::debug!(url = %self.redacted, %node, name = %self.name, "connected to RabbitMQ");
         }
         let session = Arc::new(Session { conn, generation });
         *self.current.lock() = Some(session.clone());
         Ok(session)
+    }
+
+    /// A new connection to the first node that accepts one, trying each once from `next`;
+    /// returns it with the node's `host:port`. With one node the error is that node's; with
+    /// several it lists every node's, and is permanent only if every node's was.
+    async fn connect_any(&self) -> Result<(Connection, String)> {
+        let n = self.uris.len();
+        let first = self.next.load(Ordering::Relaxed) % n;
+        let mut failures = Vec::with_capacity(n);
+        let mut all_permanent = true;
+        for k in 0..n {
+            let i = (first + k) % n;
+            let uri = &self.uris[i];
+            let node = format!("{}:{}", uri.authority.host, uri.authority.port);
+            let props =
+                ConnectionProperties::default().with_connection_name(self.name.clone().into());
+            let attempt = Connection::connect_uri(uri.clone(), props);
+            let failure = match tokio::time::timeout(self.connect_timeout, attempt).await {
+                Ok(Ok(conn)) => {
+                    // When this connection is lost, try the other nodes first.
+                    self.next.store((i + 1) % n, Ordering::Relaxed);
+                    return Ok((conn, node));
+                }
+                Ok(Err(e)) if n == 1 => {
+                    return Err(classify(format!("cannot connect to {}", self.redacted), e))
+                }
+                Ok(Err(e)) => classify(node.clone(), e),
+                Err(_) if n == 1 => {
+                    return Err(Error::temporary(
+                        BACKEND,
+                        format!(
+                            "cannot connect to {}: no answer within {:?}",
+                            self.redacted, self.connect_timeout
+                        ),
+                        None,
+                    ))
+                }
+                Err(_) => Error::temporary(
+                    BACKEND,
+                    format!("{node}: no answer within {:?}", self.connect_timeout),
+                    None,
+                ),
+            };
+            tracing::debug!(%node, error = %failure, "cannot connect to this RabbitMQ node; trying the next");
+            all_permanent &= !failure.is_temporary();
+            failures.push(failure.to_string());
+        }
+        let message = format!(
+            "cannot connect to any node of {}: {}",
+            self.redacted,
+            failures.join("; ")
+        );
+        Err(if all_permanent {
+            Error::permanent(BACKEND, message, None)
+        } else {
+            Error::temporary(BACKEND, message, None)
+        })
     }
 
     /// Like [`Link::session`], but keeps trying (with backoff) until it succeeds or `give_up`

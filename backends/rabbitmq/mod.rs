@@ -1,6 +1,7 @@
 //! The RabbitMQ backend (feature `rabbitmq`, lapin on tokio): `amqp://` and `amqps://` URLs.
 //!
-//! * [`RabbitBus`]: durable classic queues with `x-max-priority` 10, persistent messages,
+//! * [`RabbitBus`]: durable classic queues with `x-max-priority` 10 (or, with
+//!   `queue_type=quorum`, one replicated quorum queue per priority level), persistent messages,
 //!   publisher confirms, `basic.get` batches for exact priority order, per-delay TTL queues that
 //!   dead-letter back, a dead-letter queue per work queue, events on a direct exchange.
 //! * [`RabbitRegistry`]: an append-only log of task changes in a stream queue, replayed into an
@@ -33,7 +34,7 @@ pub use lock::RabbitLockManager;
 pub use registry::RabbitRegistry;
 
 use self::link::Link;
-use self::names::Names;
+use self::names::{Names, QueueType};
 use crate::bundle::{ConnectOptions, Parts, Roles};
 use crate::error::{Error, Result};
 use crate::model::QueueName;
@@ -48,16 +49,19 @@ pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 ///
 /// The URL gives the user, password, host, port and vhost (`amqp://user:pass@host:5672/vhost`,
 /// `%2f` for `/`; an empty path means `/`), and optionally `heartbeat`, `frame_max`,
-/// `channel_max`, `connection_timeout` (ms) and `auth_mechanism` query parameters. `amqps://`
-/// connects with TLS (rustls, the platform's trust store).
+/// `channel_max`, `connection_timeout` (ms) and `auth_mechanism` query parameters, and
+/// `queue_type=classic|quorum` (the bus's queues; classic by default). `amqps://` connects
+/// with TLS (rustls, the platform's trust store).
 pub async fn open(url: &Url, roles: &Roles, opts: &ConnectOptions) -> Result<Parts> {
     let (link, names) = link_for(url, opts, "main")?;
+    let settings = parse_url(url)?;
     link.session().await?;
     let mut parts = Parts::default();
     if roles.bus {
         parts.bus = Some(Arc::new(RabbitBus::new(
             link.clone(),
             names.clone(),
+            settings.queue_type,
             opts.max_deliveries,
         )?) as _);
     }
@@ -85,12 +89,20 @@ const DROP_CHANNELS: usize = 16;
 /// refused delete (ACCESS_REFUSED, RESOURCE_LOCKED) is an error.
 pub async fn drop_namespace(url: &Url, opts: &ConnectOptions, queues: &[QueueName]) -> Result<()> {
     let (link, names) = link_for(url, opts, "drop")?;
+    let queue_type = parse_url(url)?.queue_type;
     let session = link.session().await?;
     let mut doomed: Vec<String> = Vec::new();
     for q in queues {
-        doomed.push(names.work(q));
+        doomed.extend(
+            QueueType::Classic
+                .lanes()
+                .chain(QueueType::Quorum.lanes())
+                .map(|lane| names.work_lane(q, lane)),
+        );
         doomed.push(names.dead(q));
-        doomed.extend(names::delay_buckets().map(|ms| names.delay(q, ms)));
+        for lane in queue_type.lanes() {
+            doomed.extend(names::delay_buckets().map(|ms| names.delay_lane(q, lane, ms)));
+        }
     }
     doomed.extend([
         names.registry_log(),
@@ -177,19 +189,29 @@ fn is_not_found_error(e: &lapin::Error) -> bool {
 
 /// A (not yet connected) link for `url` named after `role`, and the names under the prefix.
 fn link_for(url: &Url, opts: &ConnectOptions, role: &str) -> Result<(Arc<Link>, Names)> {
-    let uri = parse_url(url)?;
+    let uris = parse_url(url)?.uris;
     let names = Names::new(&opts.prefix)?;
     let name = format!(
         "agent-orchestra {role} prefix={} pid={}",
         names.prefix(),
         std::process::id()
     );
-    let link = Link::new(uri, redact_url(url.as_str()), name, opts.connect_timeout);
+    let link = Link::new(uris, redact_url(url.as_str()), name, opts.connect_timeout);
     Ok((link, names))
 }
 
-/// Turns an `amqp://` / `amqps://` URL into lapin's connection parameters.
-fn parse_url(url: &Url) -> Result<AMQPUri> {
+/// What an `amqp://` / `amqps://` URL says: lapin's connection parameters and this backend's
+/// own settings.
+#[derive(Debug)]
+struct Settings {
+    /// One per node the URL names, in its order.
+    uris: Vec<AMQPUri>,
+    queue_type: QueueType,
+}
+
+/// Turns an `amqp://` / `amqps://` URL into lapin's connection parameters and the backend's
+/// settings.
+fn parse_url(url: &Url) -> Result<Settings> {
     let redacted = || redact_url(url.as_str());
     let bad = |reason: String| Error::UnsupportedUrl {
         url: redacted(),
@@ -204,14 +226,25 @@ fn parse_url(url: &Url) -> Result<AMQPUri> {
         .host_str()
         .filter(|h| !h.is_empty())
         .ok_or_else(|| bad("no host".into()))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let port = url.port().unwrap_or(match scheme {
+    let default_port = match scheme {
         AMQPScheme::AMQP => 5672,
         AMQPScheme::AMQPS => 5671,
-    });
+    };
+    // Several nodes: `h1:5672,h2:5672,h3` (connect::parse_url keeps such a list as the host,
+    // its colons and brackets percent-encoded).
+    let nodes: Vec<(String, u16)> = if host.contains(',') || host.contains('%') {
+        let mut list = percent_decode(host).map_err(|e| bad(format!("host list: {e}")))?;
+        // `h1,h2:6000` is a valid URL by itself: its port is the last node's.
+        if let Some(port) = url.port() {
+            list = format!("{list}:{port}");
+        }
+        list.split(',')
+            .map(|node| split_node(node.trim(), default_port).map_err(&bad))
+            .collect::<Result<_>>()?
+    } else {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        vec![(host.to_string(), url.port().unwrap_or(default_port))]
+    };
     let defaults = AMQPUserInfo::default();
     let username = match url.username() {
         "" => defaults.username,
@@ -235,6 +268,7 @@ fn parse_url(url: &Url) -> Result<AMQPUri> {
         heartbeat: Some(DEFAULT_HEARTBEAT_SECS),
         ..AMQPQueryString::default()
     };
+    let mut queue_type = QueueType::default();
     for (key, value) in url.query_pairs() {
         let int = |what: &str| -> Result<u64> {
             value
@@ -264,23 +298,62 @@ fn parse_url(url: &Url) -> Result<AMQPUri> {
             "auth_mechanism" => {
                 query.auth_mechanism = Some(value.parse().map_err(bad)?);
             }
+            "queue_type" => queue_type = QueueType::parse(&value).map_err(bad)?,
             other => {
                 return Err(bad(format!(
-                    "unknown query parameter `{other}`; supported: heartbeat, frame_max, channel_max, connection_timeout, auth_mechanism"
+                    "unknown query parameter `{other}`; supported: heartbeat, frame_max, channel_max, connection_timeout, auth_mechanism, queue_type"
                 )))
             }
         }
     }
-    Ok(AMQPUri {
-        scheme,
-        authority: AMQPAuthority {
-            userinfo: AMQPUserInfo { username, password },
-            host,
-            port,
-        },
-        vhost,
-        query,
-    })
+    let uris = nodes
+        .into_iter()
+        .map(|(host, port)| AMQPUri {
+            scheme: scheme.clone(),
+            authority: AMQPAuthority {
+                userinfo: AMQPUserInfo {
+                    username: username.clone(),
+                    password: password.clone(),
+                },
+                host,
+                port,
+            },
+            vhost: vhost.clone(),
+            query: query.clone(),
+        })
+        .collect();
+    Ok(Settings { uris, queue_type })
+}
+
+/// One node of a host list: `host`, `host:port`, `[v6]` or `[v6]:port`.
+fn split_node(node: &str, default_port: u16) -> std::result::Result<(String, u16), String> {
+    let port_of = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| format!("node {node:?}: the port must be a number up to 65535"))
+    };
+    let (host, port) = if let Some(rest) = node.strip_prefix('[') {
+        let (v6, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("node {node:?}: unclosed `[`"))?;
+        match after.strip_prefix(':') {
+            Some(p) => (v6, port_of(p)?),
+            None if after.is_empty() => (v6, default_port),
+            None => {
+                return Err(format!(
+                    "node {node:?}: unexpected {after:?} after the address"
+                ))
+            }
+        }
+    } else {
+        match node.rsplit_once(':') {
+            Some((h, p)) => (h, port_of(p)?),
+            None => (node, default_port),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("an empty node in the host list ({node:?})"));
+    }
+    Ok((host.to_string(), port))
 }
 
 fn percent_decode(s: &str) -> std::result::Result<String, String> {
@@ -309,7 +382,68 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<AMQPUri> {
-        parse_url(&Url::parse(s).expect("url"))
+        let mut uris = parse_url(&Url::parse(s).expect("url"))?.uris;
+        assert_eq!(uris.len(), 1);
+        Ok(uris.remove(0))
+    }
+
+    fn nodes(s: &str) -> Result<Vec<(String, u16)>> {
+        let url = crate::connect::parse_url(s).expect("url");
+        Ok(parse_url(&url)?
+            .uris
+            .into_iter()
+            .map(|u| (u.authority.host, u.authority.port))
+            .collect())
+    }
+
+    #[test]
+    fn a_url_may_name_several_nodes() {
+        let n = |h: &str, p: u16| (h.to_string(), p);
+        assert_eq!(
+            nodes("amqp://u:p@h1:5672,h2:5673,h3:5674/v").unwrap(),
+            vec![n("h1", 5672), n("h2", 5673), n("h3", 5674)]
+        );
+        assert_eq!(
+            nodes("amqps://u:p@h1,h2:6000/v?queue_type=quorum").unwrap(),
+            vec![n("h1", 5671), n("h2", 6000)]
+        );
+        assert_eq!(
+            nodes("amqp://[::1]:5672,[::2],10.0.0.3:5000/%2f").unwrap(),
+            vec![n("::1", 5672), n("::2", 5672), n("10.0.0.3", 5000)]
+        );
+        let url = crate::connect::parse_url("amqp://alice:s%40cret@h1:1,h2:2/prod").unwrap();
+        let all = parse_url(&url).unwrap().uris;
+        assert!(all
+            .iter()
+            .all(|u| u.authority.userinfo.password == "s@cret" && u.vhost == "prod"));
+        let err = nodes("amqp://u:hunter2@h1:1,h2:x/v")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("port"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(nodes("amqp://h1:1,,h2:2/v").is_err());
+    }
+
+    #[test]
+    fn queue_type_is_a_query_parameter_classic_by_default() {
+        let of = |s: &str| parse_url(&Url::parse(s).expect("url")).map(|s| s.queue_type);
+        assert_eq!(of("amqp://h/v").unwrap(), QueueType::Classic);
+        assert_eq!(
+            of("amqp://h/v?queue_type=classic").unwrap(),
+            QueueType::Classic
+        );
+        assert_eq!(
+            of("amqp://h/v?heartbeat=5&queue_type=quorum").unwrap(),
+            QueueType::Quorum
+        );
+        let err = of("amqp://u:hunter2@h/v?queue_type=stream")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("queue_type must be `classic` or `quorum`"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //!
 //! | what | name |
 //! |---|---|
-//! | work queue (classic, durable, `x-max-priority` 10) | `{prefix}q.{queue}` |
+//! | work queue, `queue_type=classic` (durable, `x-max-priority` 10) | `{prefix}q.{queue}` |
 //! | its delay buckets (TTL, dead-letter back) | `{prefix}q.{queue}.delay.{ms}` |
-//! | its dead letters (classic, durable) | `{prefix}q.{queue}.dead` |
+//! | work queue of priority `n` (1–10), `queue_type=quorum` | `{prefix}q.{queue}.p{n}` |
+//! | its delay buckets (quorum, at-least-once dead-lettering back) | `{prefix}q.{queue}.p{n}.delay.{ms}` |
+//! | its dead letters (durable, of the configured type) | `{prefix}q.{queue}.dead` |
 //! | events exchange (direct) | `{prefix}events` |
 //! | registry log (stream) | `{prefix}registry` |
 //! | registry snapshots (stream) | `{prefix}registry.snapshots` |
@@ -16,6 +18,57 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::model::QueueName;
+
+/// The kind of queue that carries the bus's work, delays and dead letters (the `queue_type`
+/// URL parameter).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum QueueType {
+    /// One durable classic queue per work queue with `x-max-priority` 10: it lives on the node
+    /// that declared it, not replicated.
+    #[default]
+    Classic,
+    /// Quorum queues (Raft-replicated over the cluster): one per priority level, since quorum
+    /// queues in RabbitMQ 3.x have no priorities.
+    Quorum,
+}
+
+impl QueueType {
+    /// Parses the `queue_type` parameter's value.
+    pub(crate) fn parse(value: &str) -> std::result::Result<QueueType, String> {
+        match value {
+            "classic" => Ok(QueueType::Classic),
+            "quorum" => Ok(QueueType::Quorum),
+            other => Err(format!(
+                "queue_type must be `classic` or `quorum`, got {other:?}"
+            )),
+        }
+    }
+
+    /// The parameter's value for this type.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+
+    /// The work queues ("lanes") of one queue: lane 0 alone for classic (priorities inside the
+    /// queue), lanes 1 to 10 for quorum (lane `n` holds priority `n`), most urgent first.
+    pub(crate) fn lanes(self) -> std::ops::RangeInclusive<u8> {
+        match self {
+            QueueType::Classic => 0..=0,
+            QueueType::Quorum => 1..=10,
+        }
+    }
+
+    /// The lane a message of priority `p` goes to.
+    pub(crate) fn lane_of(self, p: crate::model::Priority) -> u8 {
+        match self {
+            QueueType::Classic => 0,
+            QueueType::Quorum => p.get(),
+        }
+    }
+}
 
 /// Longest prefix accepted: leaves room for the longest suffix under AMQP's 255-byte limit.
 pub(crate) const MAX_PREFIX_BYTES: usize = 120;
@@ -62,6 +115,22 @@ impl Names {
 
     pub(crate) fn work(&self, queue: &QueueName) -> String {
         format!("{}q.{}", self.prefix, queue)
+    }
+
+    /// The work queue of `lane` ([`QueueType::lanes`]): lane 0 is the classic queue.
+    pub(crate) fn work_lane(&self, queue: &QueueName, lane: u8) -> String {
+        match lane {
+            0 => self.work(queue),
+            n => format!("{}q.{}.p{n}", self.prefix, queue),
+        }
+    }
+
+    /// The delay queue of `ms` that dead-letters into `lane`'s work queue.
+    pub(crate) fn delay_lane(&self, queue: &QueueName, lane: u8, ms: u64) -> String {
+        match lane {
+            0 => self.delay(queue, ms),
+            n => format!("{}q.{}.p{n}.delay.{}", self.prefix, queue, ms),
+        }
     }
 
     pub(crate) fn dead(&self, queue: &QueueName) -> String {
@@ -174,6 +243,19 @@ mod tests {
     }
 
     #[test]
+    fn queue_types_parse_and_give_their_lanes() {
+        assert_eq!(QueueType::parse("classic"), Ok(QueueType::Classic));
+        assert_eq!(QueueType::parse("quorum"), Ok(QueueType::Quorum));
+        assert!(QueueType::parse("stream").unwrap_err().contains("classic"));
+        assert_eq!(QueueType::Classic.lanes().collect::<Vec<_>>(), vec![0]);
+        assert_eq!(QueueType::Quorum.lanes().count(), 10);
+        let urgent = crate::model::Priority::new(1).unwrap();
+        assert_eq!(QueueType::Quorum.lane_of(urgent), 1);
+        assert_eq!(QueueType::Classic.lane_of(urgent), 0);
+        assert_eq!(QueueType::default(), QueueType::Classic);
+    }
+
+    #[test]
     fn prefixes_are_sanitized_deterministically() {
         assert_eq!(Names::new("t 1\n").unwrap().prefix(), "t_1_");
         assert_eq!(Names::new("amq.x").unwrap().prefix(), "_amq.x");
@@ -182,6 +264,10 @@ mod tests {
         let n = Names::new("pre.").unwrap();
         assert_eq!(n.work(&q), "pre.q.research");
         assert_eq!(n.delay(&q, 1300), "pre.q.research.delay.1300");
+        assert_eq!(n.work_lane(&q, 0), "pre.q.research");
+        assert_eq!(n.work_lane(&q, 3), "pre.q.research.p3");
+        assert_eq!(n.delay_lane(&q, 0, 1300), "pre.q.research.delay.1300");
+        assert_eq!(n.delay_lane(&q, 10, 1300), "pre.q.research.p10.delay.1300");
         assert_eq!(n.lock("leader"), "pre.lock.leader");
         let long = Names::new(&"p".repeat(120)).unwrap();
         let a = long.lock(&"k".repeat(200));

@@ -51,6 +51,7 @@ pub mod locks;
 pub mod nats_cluster;
 mod private_broker;
 pub mod redis_cluster;
+pub mod rabbitmq_cluster;
 pub mod registry;
 #[cfg(test)]
 mod suite_lists;

@@ -1,10 +1,14 @@
 //! [`RabbitBus`]: durable, prioritised work queues and fan-out events on RabbitMQ.
 //!
 //! * Work queue `{prefix}q.{queue}`: classic, durable, `x-max-priority` 10 (our priority 1 is
-//!   AMQP priority 10). Messages are persistent and published with `mandatory` under publisher
-//!   confirms, so `enqueue` returns only once the broker has the message on disk.
+//!   AMQP priority 10). With `queue_type=quorum`, ten quorum queues ("lanes")
+//!   `{prefix}q.{queue}.p{n}`, one per priority, since quorum queues have no priorities.
+//!   Messages are persistent and published with `mandatory` under publisher confirms, so
+//!   `enqueue` returns only once the broker has the message on disk.
 //! * Fetch takes exactly the head of the queue: `max` pipelined `basic.get`s on one channel
 //!   (one round trip for the batch), which RabbitMQ answers in priority order at that moment.
+//!   Quorum: the lanes' ready counts in one round trip, then the gets from the most urgent
+//!   lanes that hold messages in another.
 //!   Nothing is prefetched, so no less urgent message can wait in this process while a more
 //!   urgent one arrives. An empty queue is waited on with a short-lived consumer whose prefetch is
 //!   1 (the first message to arrive is, by then, the only ready one), cancelled as soon as it
@@ -27,7 +31,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery as AmqpDelivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 use parking_lot::Mutex;
@@ -37,13 +43,13 @@ mod publish;
 mod wire;
 
 use self::wire::{
-    ack_quietly, get_batch, header_text, header_u64, long, our_priority, release, work_properties,
-    H_DEAD_AT, H_DELIVERIES, H_REASON,
+    ack_quietly, collect_gets, get_batch, header_text, header_u64, long, our_priority, release,
+    work_properties, H_DEAD_AT, H_DELIVERIES, H_REASON,
 };
 use super::events::Events;
 use super::leases::{HeldMessage, LeaseEntry, LeaseTable};
 use super::link::{amqp_error, is_not_found, short, CachedChannel, Link, BACKEND};
-use super::names::Names;
+use super::names::{Names, QueueType};
 use crate::bus::{
     Bus, DeadLetter, Delivery, FetchOptions, OutgoingMessage, QueueStats, Subscription,
 };
@@ -64,8 +70,10 @@ const DELAY_REDECLARE: Duration = Duration::from_secs(30);
 /// Which queue a message is published to (each knows its own declaration).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Target {
-    Work(QueueName),
-    Delay(QueueName, u64),
+    /// A work queue: the queue and its lane ([`QueueType::lanes`]).
+    Work(QueueName, u8),
+    /// A delay queue: the queue, the lane it dead-letters into, and its TTL in ms.
+    Delay(QueueName, u8, u64),
     Dead(QueueName),
 }
 
@@ -83,13 +91,14 @@ struct Declared {
     queues: HashSet<String>,
     /// Delay queues and when they were last declared (any generation: they are durable).
     delays: HashMap<String, Instant>,
-    /// Delay buckets this process has used, per work queue (counted by `stats`).
-    buckets: HashMap<QueueName, BTreeSet<u64>>,
+    /// Delay buckets (lane, ms) this process has used, per work queue (counted by `stats`).
+    buckets: HashMap<QueueName, BTreeSet<(u8, u64)>>,
 }
 
 struct BusInner {
     link: Arc<Link>,
     names: Names,
+    queue_type: QueueType,
     max_deliveries: u32,
     instance: String,
     publishers: Vec<CachedChannel>,
@@ -113,6 +122,7 @@ impl std::fmt::Debug for RabbitBus {
         f.debug_struct("RabbitBus")
             .field("link", &self.inner.link)
             .field("prefix", &self.inner.names.prefix())
+            .field("queue_type", &self.inner.queue_type)
             .field("max_deliveries", &self.inner.max_deliveries)
             .finish_non_exhaustive()
     }
@@ -127,7 +137,12 @@ impl Drop for RabbitBus {
 impl RabbitBus {
     /// A bus on `link` (connected lazily), dead-lettering after `max_deliveries` deliveries.
     /// Must be called inside a Tokio runtime (it starts the lease reaper).
-    pub(crate) fn new(link: Arc<Link>, names: Names, max_deliveries: u32) -> Result<Self> {
+    pub(crate) fn new(
+        link: Arc<Link>,
+        names: Names,
+        queue_type: QueueType,
+        max_deliveries: u32,
+    ) -> Result<Self> {
         let inner = Arc::new(BusInner {
             publishers: (0..PUBLISHERS)
                 .map(|_| CachedChannel::new(link.clone(), true, None))
@@ -139,6 +154,7 @@ impl RabbitBus {
             events: Events::new(link.clone(), names.events())?,
             link,
             names,
+            queue_type,
             max_deliveries: max_deliveries.max(1),
             instance: uuid::Uuid::new_v4().simple().to_string(),
             round_robin: AtomicUsize::new(0),
@@ -268,8 +284,8 @@ impl BusInner {
         if !entry.acker.usable() {
             return; // Its channel died: the broker already requeued it.
         }
-        let queue = entry.queue.clone();
-        if let Err((entry, e)) = self.move_message(entry, Target::Work(queue)).await {
+        let target = self.target_for(&entry.queue, entry.message.priority, Duration::ZERO);
+        if let Err((entry, e)) = self.move_message(entry, target).await {
             tracing::warn!(error = %e, message_id = %entry.message.message_id, "cannot republish an expired lease; asking the broker to requeue it");
             let _ = entry
                 .acker
@@ -345,47 +361,66 @@ impl BusInner {
         out
     }
 
-    /// Waits (up to `deadline`) for the first message to arrive in an empty queue, with a
-    /// consumer whose prefetch is 1, cancelled before returning.
+    /// Waits (up to `deadline`) for the first message to arrive in an empty queue (any of its
+    /// lanes), with one consumer per lane whose prefetch is 1, all cancelled before returning.
+    /// May return up to one message per lane (those that arrived together).
     async fn wait_for_first(
         &self,
         ch: &Channel,
-        queue: &ShortString,
+        lanes: &[ShortString],
         deadline: Instant,
     ) -> Result<Vec<AmqpDelivery>> {
-        let tag = short(format!(
-            "orchestra-wait-{}-{}",
-            self.instance,
-            self.consumer_tags.fetch_add(1, Ordering::Relaxed)
-        ))?;
-        let mut consumer = ch
-            .basic_consume(
-                queue.clone(),
-                tag.clone(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| amqp_error("wait for a message", e))?;
-        let first = tokio::time::timeout_at(deadline, consumer.next()).await;
-        let cancelled = ch.basic_cancel(tag, BasicCancelOptions::default()).await;
-        let mut got = Vec::new();
+        let mut tags = Vec::with_capacity(lanes.len());
+        let mut consumers = Vec::with_capacity(lanes.len());
         let mut failure = None;
-        match first {
-            Ok(Some(Ok(d))) => got.push(d),
-            Ok(Some(Err(e))) => failure = Some(amqp_error("wait for a message", e)),
-            Ok(None) | Err(_) => {}
+        for lane in lanes {
+            let tag = short(format!(
+                "orchestra-wait-{}-{}",
+                self.instance,
+                self.consumer_tags.fetch_add(1, Ordering::Relaxed)
+            ))?;
+            match ch
+                .basic_consume(
+                    lane.clone(),
+                    tag.clone(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+            {
+                Ok(c) => {
+                    tags.push(tag);
+                    consumers.push(c);
+                }
+                Err(e) => {
+                    failure = Some(amqp_error("wait for a message", e));
+                    break;
+                }
+            }
+        }
+        let mut got = Vec::new();
+        if failure.is_none() {
+            let mut any = futures::stream::select_all(consumers.iter_mut());
+            match tokio::time::timeout_at(deadline, any.next()).await {
+                Ok(Some(Ok(d))) => got.push(d),
+                Ok(Some(Err(e))) => failure = Some(amqp_error("wait for a message", e)),
+                Ok(None) | Err(_) => {}
+            }
+        }
+        for tag in tags {
+            if let Err(e) = ch.basic_cancel(tag, BasicCancelOptions::default()).await {
+                failure = failure.or(Some(amqp_error("stop waiting for messages", e)));
+            }
         }
         // A delivery that raced the cancel is buffered before the stream ends: take it too,
         // or it would stay unacked on the channel with nobody to ack it.
-        while let Some(Some(next)) = consumer.next().now_or_never() {
-            match next {
-                Ok(d) => got.push(d),
-                Err(e) => failure = failure.or(Some(amqp_error("wait for a message", e))),
+        for consumer in &mut consumers {
+            while let Some(Some(next)) = consumer.next().now_or_never() {
+                match next {
+                    Ok(d) => got.push(d),
+                    Err(e) => failure = failure.or(Some(amqp_error("wait for a message", e))),
+                }
             }
-        }
-        if let Err(e) = cancelled {
-            failure = failure.or(Some(amqp_error("stop waiting for messages", e)));
         }
         if let Some(e) = failure {
             release(got).await;
@@ -394,17 +429,70 @@ impl BusInner {
         Ok(got)
     }
 
+    /// Up to `max` of the most urgent ready messages of a queue's `lanes` (most urgent lane
+    /// first). One lane (classic): `max` pipelined gets, answered in priority order. Several
+    /// (quorum): the lanes' ready counts in one round trip, then, in one more, as many gets
+    /// from each lane, most urgent first, as it holds and the batch still has room for.
+    async fn get_lanes(
+        &self,
+        ch: &Channel,
+        lanes: &[ShortString],
+        max: usize,
+    ) -> Result<Vec<AmqpDelivery>> {
+        if let [only] = lanes {
+            return get_batch(ch, only, max).await;
+        }
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let counts = futures::future::join_all(
+            lanes
+                .iter()
+                .map(|name| ch.queue_declare(name.clone(), passive, FieldTable::default())),
+        )
+        .await;
+        let mut plan = Vec::new();
+        let mut room = max;
+        for (name, count) in lanes.iter().zip(counts) {
+            let ready = count
+                .map_err(|e| amqp_error(&format!("count the messages of queue {name}"), e))?
+                .message_count() as usize;
+            let take = ready.min(room);
+            if take > 0 {
+                plan.push((name, take));
+                room -= take;
+            }
+        }
+        let gets = plan.iter().flat_map(|(name, take)| {
+            (0..*take).map(|_| ch.basic_get((*name).clone(), BasicGetOptions::default()))
+        });
+        collect_gets(futures::future::join_all(gets).await).await
+    }
+
+    /// The names of a queue's work lanes, most urgent first, declared on this connection.
+    async fn lanes(&self, queue: &QueueName) -> Result<Vec<ShortString>> {
+        let lanes = self.queue_type.lanes();
+        let targets: Vec<Target> = lanes
+            .clone()
+            .map(|lane| Target::Work(queue.clone(), lane))
+            .collect();
+        futures::future::try_join_all(targets.iter().map(|t| self.ensure(t, false))).await?;
+        lanes
+            .map(|lane| short(self.names.work_lane(queue, lane)))
+            .collect()
+    }
+
     /// Fetch (see [`Bus::fetch`]): pipelined gets, or a wait for the first message.
     async fn fetch(&self, queue: &QueueName, options: FetchOptions) -> Result<Vec<Delivery>> {
-        self.ensure(&Target::Work(queue.clone()), false).await?;
-        let name = short(self.names.work(queue))?;
+        let lanes = self.lanes(queue).await?;
         let deadline = Instant::now() + crate::clock::capped(options.wait);
         let max = options.max.min(crate::bus::FETCH_MAX);
         let mut passed_over = 0u32;
         loop {
             let slot = self.round_robin.fetch_add(1, Ordering::Relaxed) % GETTERS;
             let (ch, _, _) = self.getters[slot].get().await?;
-            let got = get_batch(&ch, &name, max).await?;
+            let got = self.get_lanes(&ch, &lanes, max).await?;
             let fetched_any = !got.is_empty();
             let out = self.admit(queue, got, options.lease).await;
             if !out.is_empty() {
@@ -428,12 +516,17 @@ impl BusInner {
                 return Ok(Vec::new());
             }
             tracing::trace!(queue = %queue, "queue empty; waiting for the first message");
-            let mut got = self.wait_for_first(&ch, &name, deadline).await?;
+            let mut got = self.wait_for_first(&ch, &lanes, deadline).await?;
             if got.is_empty() {
                 return Ok(Vec::new());
             }
+            if got.len() > max {
+                // Several lanes delivered at once: keep the most urgent, give back the rest.
+                got.sort_by_key(|d| our_priority(*d.properties.priority()));
+                release(got.split_off(max)).await;
+            }
             if max > got.len() {
-                match get_batch(&ch, &name, max - got.len()).await {
+                match self.get_lanes(&ch, &lanes, max - got.len()).await {
                     Ok(more) => got.extend(more),
                     Err(e) => {
                         release(got).await;
@@ -497,7 +590,7 @@ impl Bus for RabbitBus {
                 ));
             }
             items.push(Outgoing {
-                target: BusInner::target_for(queue, m.delay),
+                target: self.inner.target_for(queue, m.priority, m.delay),
                 payload: &m.payload,
                 properties: work_properties(id, m.priority, 0)?,
             });
@@ -514,7 +607,9 @@ impl Bus for RabbitBus {
         if let Err(e) = &result {
             if is_not_found(e) {
                 // The queue was deleted under us: declare it again next time.
-                self.inner.forget(&Target::Work(queue.clone()));
+                for lane in self.inner.queue_type.lanes() {
+                    self.inner.forget(&Target::Work(queue.clone(), lane));
+                }
             }
         }
         result
@@ -541,7 +636,9 @@ impl Bus for RabbitBus {
         if delay > MAX_DELAY {
             tracing::warn!(message_id = %delivery.message_id, ?delay, "a nack delay longer than RabbitMQ's longest (about 49.7 days) waits that long instead");
         }
-        let target = BusInner::target_for(&delivery.queue, delay);
+        let target = self
+            .inner
+            .target_for(&delivery.queue, delivery.priority, delay);
         match self.inner.move_message(entry, target).await {
             Ok(()) => Ok(()),
             Err((entry, e)) => {
@@ -645,7 +742,7 @@ impl Bus for RabbitBus {
 
     async fn stats(&self, queue: &QueueName) -> Result<QueueStats> {
         let inner = &self.inner;
-        let buckets: Vec<u64> = inner
+        let buckets: Vec<(u8, u64)> = inner
             .declared
             .lock()
             .buckets
@@ -653,22 +750,28 @@ impl Bus for RabbitBus {
             .map(|b| b.iter().copied().collect())
             .unwrap_or_default();
         let (ch, _, _) = inner.topology.get().await?;
-        let mut targets = vec![Target::Work(queue.clone()), Target::Dead(queue.clone())];
+        let mut targets = vec![Target::Dead(queue.clone())];
+        targets.extend(
+            inner
+                .queue_type
+                .lanes()
+                .map(|lane| Target::Work(queue.clone(), lane)),
+        );
         targets.extend(
             buckets
                 .into_iter()
-                .map(|ms| Target::Delay(queue.clone(), ms)),
+                .map(|(lane, ms)| Target::Delay(queue.clone(), lane, ms)),
         );
         let counts = futures::future::join_all(targets.iter().map(|t| inner.declare(&ch, t))).await;
         let mut counts = counts.into_iter();
-        let ready = counts.next().unwrap_or(Ok(0))?;
         let dead = counts.next().unwrap_or(Ok(0))?;
-        let mut delayed = 0;
+        // Ready work (every lane) plus what waits in the delay queues this process used.
+        let mut waiting = 0;
         for c in counts {
-            delayed += c?;
+            waiting += c?;
         }
         Ok(QueueStats {
-            waiting: ready + delayed,
+            waiting,
             in_flight: inner.leases.in_flight(queue),
             dead,
         })

@@ -101,9 +101,17 @@ pub(super) async fn get_batch(
     n: usize,
 ) -> Result<Vec<AmqpDelivery>> {
     let gets = (0..n).map(|_| ch.basic_get(queue.clone(), BasicGetOptions::default()));
-    let mut got = Vec::with_capacity(n);
+    collect_gets(futures::future::join_all(gets).await).await
+}
+
+/// The messages of answered `basic.get`s; on any failure, those received are given back and
+/// the first error returned.
+pub(super) async fn collect_gets(
+    answers: Vec<lapin::Result<Option<lapin::message::BasicGetMessage>>>,
+) -> Result<Vec<AmqpDelivery>> {
+    let mut got = Vec::with_capacity(answers.len());
     let mut failure = None;
-    for r in futures::future::join_all(gets).await {
+    for r in answers {
         match r {
             Ok(Some(m)) => got.push(m.delivery),
             Ok(None) => {}
