@@ -105,8 +105,8 @@ const DRIVERS: &[Driver] = &[
 /// Parses a URL, accepting a list of hosts where the backend takes one (not a URL by RFC 3986):
 /// in a Redis Cluster URL (`redis+cluster://[user:password@]host:port,host:port,...`) the first
 /// seed stays the host and the others move to the query parameter `seeds`; in a NATS URL they
-/// move to `servers` ([`fold_seed_hosts`]); in any other URL (RabbitMQ's) the list stays the
-/// host, percent-encoded ([`encode_node_list`]).
+/// move to `servers` ([`fold_seed_hosts`]); in a RabbitMQ URL the list stays the host,
+/// percent-encoded ([`encode_node_list`]).
 pub(crate) fn parse_url(url: &str) -> std::result::Result<Url, url::ParseError> {
     let trimmed = url.trim();
     let rewritten = match trimmed.split_once("://") {
@@ -170,6 +170,11 @@ pub(crate) fn fold_seed_hosts(url: &str) -> std::borrow::Cow<'_, str> {
 /// `url` with the host list of its authority percent-encoded, if it has one (a comma).
 fn encode_node_list(url: &str) -> Option<String> {
     let start = url.find("://")? + 3;
+    // Only RabbitMQ's backend splits such a host; anywhere else it stays an error.
+    let scheme = url[..start - 3].to_ascii_lowercase();
+    if scheme != "amqp" && scheme != "amqps" {
+        return None;
+    }
     let rest = &url[start..];
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let authority = &rest[..end];
@@ -409,7 +414,9 @@ mod tests {
         );
         assert_eq!(
             parse_url("redis://a,b:6379").map(|u| u.to_string()).ok(),
-            url::Url::parse("redis://a,b:6379").map(|u| u.to_string()).ok()
+            url::Url::parse("redis://a,b:6379")
+                .map(|u| u.to_string())
+                .ok()
         );
     }
 }
