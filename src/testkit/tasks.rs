@@ -114,12 +114,15 @@ fn claimed(c: Claim) -> Task {
 }
 
 /// The next event about `id` on `sub`, within the call timeout.
-async fn event_for(sub: &mut Subscription, id: &TaskId) -> TaskEvent {
-    within(format!("an event for {id}"), CALL_TIMEOUT, async {
+/// The next event of task `id` with `status`. Earlier events of the task are skipped: one
+/// published just before the subscription may still arrive after it where pub/sub crosses
+/// nodes (a Redis Cluster forwards a `PUBLISH` over its cluster bus).
+async fn event_for(sub: &mut Subscription, id: &TaskId, status: TaskStatus) -> TaskEvent {
+    within(format!("a {status} event for {id}"), CALL_TIMEOUT, async {
         loop {
             let bytes = sub.recv().await.expect("the subscription stays open");
             if let Some(ev) = TaskEvent::decode(&bytes) {
-                if ev.task_id == *id {
+                if ev.task_id == *id && ev.status == status {
                     return ev;
                 }
             }
@@ -145,7 +148,7 @@ pub async fn submit_stores_publishes_and_announces(b: &Backends) {
     let tasks = vec![task("s-low", &q, 9, 1), task("s-urgent", &q, 1, 1)];
     submit_all(b, &tasks).await;
     for t in &tasks {
-        let ev = event_for(&mut sub, &t.task_id).await;
+        let ev = event_for(&mut sub, &t.task_id, TaskStatus::Pending).await;
         assert_eq!((ev.status, ev.attempt), (TaskStatus::Pending, 0));
         let stored = must("get", b.registry.get(&t.task_id))
             .await
@@ -205,7 +208,7 @@ pub async fn fetch_claim_claims_pending_tasks(b: &Backends) {
         ),
         (0, 1)
     );
-    let ev = event_for(&mut sub, &t.task_id).await;
+    let ev = event_for(&mut sub, &t.task_id, TaskStatus::Running).await;
     assert_eq!(
         (ev.status, ev.attempt, ev.worker_id.as_deref()),
         (TaskStatus::Running, 1, Some("worker-a"))
@@ -325,7 +328,7 @@ pub async fn record_completes_acks_and_lists_dependents(b: &Backends) {
         .await
         .expect("stored");
     assert_eq!(stored, r.task, "returns the task as stored");
-    let ev = event_for(&mut sub, &parent.task_id).await;
+    let ev = event_for(&mut sub, &parent.task_id, TaskStatus::Completed).await;
     assert_eq!((ev.status, ev.attempt), (TaskStatus::Completed, 1));
     queue_is_empty(b, &q).await;
     // A childless task lists none.

@@ -24,7 +24,8 @@ impl std::fmt::Debug for WorkerHandle {
 /// What a graceful shutdown did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShutdownReport {
-    /// Tasks that were still running at the deadline and were handed back to their queue.
+    /// Tasks handed back to their queue by the shutdown: those still running at the deadline,
+    /// and those a fetch on its way had claimed.
     pub handed_back: u64,
     /// True if every running task finished or was handed back in time, and every fetch loop
     /// ended normally (a fetch loop that panics is started again: see
@@ -73,6 +74,13 @@ impl WorkerHandle {
 
     /// [`shutdown`](Self::shutdown) with an explicit deadline for running tasks.
     pub async fn shutdown_within(mut self, timeout: Duration) -> ShutdownReport {
+        // Counted from here: what a fetch on its way brought is handed back while the fetch
+        // loops end, possibly before they have all ended.
+        let before = self
+            .inner
+            .metrics
+            .handed_back
+            .load(std::sync::atomic::Ordering::Relaxed);
         let _ = self.stop_tx.send(true);
         // The fetch loops end once a fetch on its way has answered (at most `fetch_wait` and a
         // round trip) and what it brought is being handed back; the running tasks' deadline
@@ -90,11 +98,6 @@ impl WorkerHandle {
             tracing::error!(worker_id = %self.inner.worker_id, panicked, "a fetch loop had stopped on a panic (a bug: please report it); its queue was no longer served");
         }
         let total = self.inner.config.concurrency as u32;
-        let before = self
-            .inner
-            .metrics
-            .handed_back
-            .load(std::sync::atomic::Ordering::Relaxed);
         let mut clean = tokio::time::timeout(timeout, self.idle(total))
             .await
             .is_ok();
