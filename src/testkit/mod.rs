@@ -50,8 +50,8 @@ pub mod locks;
 #[cfg(feature = "nats")]
 pub mod nats_cluster;
 mod private_broker;
-pub mod redis_cluster;
 pub mod rabbitmq_cluster;
+pub mod redis_cluster;
 pub mod registry;
 #[cfg(test)]
 mod suite_lists;

@@ -16,7 +16,7 @@ use async_nats::jetstream;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use super::private_broker::{free_port, PrivateDir};
+use super::private_broker::{free_port, kill_group, spawn_logged, PrivateDir};
 
 /// The variable naming an existing cluster to use instead of starting one.
 pub const CLUSTER_URL_VAR: &str = "ORCHESTRA_TEST_NATS_CLUSTER_URL";
@@ -40,32 +40,13 @@ struct Node {
 impl Node {
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "{} is already running", self.name);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log.display()));
-        let err_log = log
-            .try_clone()
-            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log.display()));
         let mut command = Command::new("nats-server");
         command.args(&self.args);
-        #[cfg(unix)]
-        std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(err_log))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start nats-server (is it installed?): {e}"));
-        self.child = Some(child);
+        self.child = Some(spawn_logged(command, &self.log, "nats-server"));
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_group(&mut self.child);
     }
 
     async fn wait_listening(&mut self, deadline: Instant) {

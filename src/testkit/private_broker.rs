@@ -28,6 +28,43 @@ pub fn free_port() -> u16 {
         .unwrap_or_else(|e| panic!("no free local port: {e}"))
 }
 
+/// Starts `command` in a process group of its own (so that a kill also reaches what a launcher
+/// script started), stdin closed, stdout and stderr appended to `log`; panics naming `what` if
+/// it cannot.
+pub(crate) fn spawn_logged(mut command: Command, log: &Path, what: &str) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+    let err = out
+        .try_clone()
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what} (is it installed?): {e}"))
+}
+
+/// SIGKILL to the process group of `child` (started by [`spawn_logged`]), then reaps it: no
+/// shutdown, nothing flushed.
+pub(crate) fn kill_group(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        #[cfg(unix)]
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", child.id())])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// A directory of its own under the system's temporary directory, deleted when dropped.
 #[derive(Debug)]
 pub struct PrivateDir(PathBuf);
@@ -246,26 +283,10 @@ impl PrivateBroker {
     /// Starts the process (again) and waits until the port accepts connections.
     pub async fn spawn(&mut self) {
         assert!(self.child.is_none(), "{} is already running", self.program);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("broker.log"))
-            .unwrap_or_else(|e| panic!("cannot open the broker's log: {e}"));
-        let err_log = log
-            .try_clone()
-            .unwrap_or_else(|e| panic!("cannot open the broker's log: {e}"));
         let mut command = Command::new(&self.program);
         command.args(&self.args).envs(self.env.iter().cloned());
-        // A group of its own, so that a kill also reaches what a launcher script started.
-        #[cfg(unix)]
-        std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(err_log))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {} (is it installed?): {e}", self.program));
-        self.child = Some(child);
+        let log = self.dir.path().join("broker.log");
+        self.child = Some(spawn_logged(command, &log, &self.program));
         let startup = self.startup;
         let deadline = Instant::now() + startup;
         while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
@@ -289,16 +310,7 @@ impl PrivateBroker {
 
     /// SIGKILL to the broker and every process it started: no shutdown, no final save.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            #[cfg(unix)]
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_group(&mut self.child);
     }
 }
 

@@ -23,6 +23,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::brokers::free_port;
+use super::private_broker::{kill_group, spawn_logged};
 
 /// The variable naming an external cluster (a URL with every node:
 /// `amqp://user:pass@h1:5672,h2:5672,h3:5672/vhost`); `queue_type=quorum` is added when the URL
@@ -144,27 +145,12 @@ impl Node {
     /// `pid` (for the reaper). Does not wait.
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "{} is already running", self.name);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("server.log"))
-            .unwrap_or_else(|e| panic!("cannot open the node's log: {e}"));
-        let err_log = log
-            .try_clone()
-            .unwrap_or_else(|e| panic!("cannot open the node's log: {e}"));
         let mut command = Command::new(SERVER);
         // Its own directory as working directory: Mnesia writes its core dumps there.
         command
             .envs(self.env.iter().cloned())
             .current_dir(&self.dir);
-        #[cfg(unix)]
-        std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(err_log))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {SERVER} (is RabbitMQ installed?): {e}"));
+        let child = spawn_logged(command, &self.dir.join("server.log"), SERVER);
         std::fs::write(self.dir.join("pid"), child.id().to_string())
             .unwrap_or_else(|e| panic!("cannot record the node's pid: {e}"));
         self.child = Some(child);
@@ -255,16 +241,7 @@ impl Node {
 
     /// SIGKILL to the node's process group: no shutdown, nothing flushed.
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            #[cfg(unix)]
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_group(&mut self.child);
     }
 }
 
