@@ -7,6 +7,8 @@
 //! The node-loss test boots a cluster of its own (it kills one of its nodes, which would disturb
 //! the suite tests running beside it), stopped when the test ends.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,14 +49,9 @@ async fn cleanup(prefix: &str) {
 }
 
 fn clean_blocking(prefix: &str) {
-    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
     use lapin::{Connection, ConnectionProperties};
     let external = std::env::var("ORCHESTRA_TEST_AMQP_CLUSTER_URL").is_ok_and(|u| !u.is_empty());
-    let mut names: Vec<String> = vec![
-        format!("{prefix}registry"),
-        format!("{prefix}locks"),
-        format!("{prefix}registry.snapshots"),
-    ];
+    let mut names: Vec<String> = Vec::new();
     let mut node_urls = Vec::new();
     if !external {
         let cluster = RabbitCluster::shared();
@@ -72,8 +69,6 @@ fn clean_blocking(prefix: &str) {
             .map(|p| format!("amqp://guest:guest@127.0.0.1:{p}/%2f"))
             .collect();
     }
-    names.sort();
-    names.dedup();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -100,23 +95,7 @@ fn clean_blocking(prefix: &str) {
             }
         }
         let conn = conn.expect("a cleanup connection to some node of the cluster");
-        for name in &names {
-            // One channel per delete: a refused delete closes its channel.
-            if let Ok(ch) = conn.create_channel().await {
-                let _ = ch
-                    .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-            }
-        }
-        if let Ok(ch) = conn.create_channel().await {
-            let _ = ch
-                .exchange_delete(
-                    format!("{prefix}events").as_str().into(),
-                    ExchangeDeleteOptions::default(),
-                )
-                .await;
-        }
-        let _ = conn.close(200, "cleaned up".into()).await;
+        support::rabbitmq_delete(conn, prefix, names).await;
     });
 }
 

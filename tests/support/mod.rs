@@ -128,17 +128,28 @@ pub async fn nats_streams(url: &str, prefix: &str) -> Vec<String> {
 /// prefix's events exchange.
 #[cfg(feature = "rabbitmq")]
 pub async fn rabbitmq(prefix: &str) {
-    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
     use lapin::{Connection, ConnectionProperties};
     assert!(!prefix.is_empty(), "cleanup needs a prefix");
-    let mut names = rabbitmq_listed("list_queues", prefix).await;
-    names.push(format!("{prefix}registry"));
-    names.push(format!("{prefix}locks"));
-    names.push(format!("{prefix}registry.snapshots"));
+    let listed = rabbitmq_listed("list_queues", prefix).await;
     let url = broker_url(BrokerKind::Amqp).await;
     let conn = Connection::connect(&url, ConnectionProperties::default())
         .await
         .expect("cleanup connection");
+    rabbitmq_delete(conn, prefix, listed).await;
+}
+
+/// Over `conn`: deletes the queues `listed` and those whose names are known without listing
+/// (the registry's and the locks' streams, the snapshots), and the prefix's events exchange;
+/// then closes `conn`.
+#[cfg(feature = "rabbitmq")]
+pub async fn rabbitmq_delete(conn: lapin::Connection, prefix: &str, listed: Vec<String>) {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let mut names = listed;
+    names.push(format!("{prefix}registry"));
+    names.push(format!("{prefix}locks"));
+    names.push(format!("{prefix}registry.snapshots"));
+    names.sort();
+    names.dedup();
     for name in &names {
         // One channel per delete: a refused delete closes its channel.
         if let Ok(ch) = conn.create_channel().await {
