@@ -230,6 +230,29 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// The maximum number of deliveries before a message is dead-lettered.
     fn max_deliveries(&self) -> u32;
 
+    /// How many of `queue`'s waiting messages ([`QueueStats::waiting`]) wait for a delay (a
+    /// delayed dispatch, a retry's backoff), when the backend can tell cheaply; `None` when it
+    /// cannot (the default).
+    async fn delayed(&self, queue: &QueueName) -> Result<Option<u64>> {
+        let _ = queue;
+        Ok(None)
+    }
+
+    /// Deletes the dead letters of `queue` whose message ids are in `ids`, for good; returns
+    /// the ids it deleted (an id that is not among the dead letters is left out, so that two
+    /// concurrent calls never both report one). Each dead letter goes in one atomic step; the
+    /// call as a whole is not atomic (on error, some may be gone). The engine's requeue
+    /// enqueues a dead letter's message again *before* deleting it, so a failure in between
+    /// leaves a duplicate (which the claim's compare-and-set makes harmless), never a loss.
+    /// The default: [`Error::Unsupported`](crate::Error::Unsupported).
+    async fn remove_dead_letters(&self, queue: &QueueName, ids: &[String]) -> Result<Vec<String>> {
+        let _ = (queue, ids);
+        Err(crate::error::Error::Unsupported {
+            backend: self.backend(),
+            operation: "removing dead letters",
+        })
+    }
+
     /// The longest delay [`OutgoingMessage::delay`] this bus keeps exactly (`None`: no limit
     /// below the 100 years every duration is capped at). A longer one is refused at enqueue;
     /// the dispatcher refuses it before it registers the task.

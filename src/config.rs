@@ -33,6 +33,7 @@
 //! # });
 //! ```
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
@@ -43,7 +44,8 @@ use crate::bundle::{Backends, ConnectOptions};
 use crate::connect::BackendUrls;
 use crate::engine::{Backoff, MonitorConfig, WorkerConfig};
 use crate::error::{Error, Result};
-use crate::model::Limits;
+use crate::model::{Limits, QueueName};
+use crate::queue_limits::QueueLimits;
 use crate::redact::redact_url;
 use crate::registry::Retention;
 
@@ -156,6 +158,10 @@ pub struct Config {
     pub worker: WorkerSection,
     /// How the monitor behaves.
     pub monitor: MonitorSection,
+    /// Per-queue limits across every worker, by queue name: the `[queues.NAME]` tables
+    /// (`rate = "60/min"`, `concurrency = 4`). A limit set at runtime replaces its queue's.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub queues: BTreeMap<String, QueueLimits>,
 }
 
 /// The `[limits]` table: bounds on incoming tasks (see [`Limits`]).
@@ -215,6 +221,9 @@ pub struct WorkerSection {
     /// How often the worker announces itself on the bus (2 s; `"never"`: not at all).
     #[serde(with = "duration_or_never")]
     pub announce_every: Option<Duration>,
+    /// How long a handler cancelled while running may take to return before it is dropped (5 s).
+    #[serde(with = "duration_serde")]
+    pub cancel_grace: Duration,
     /// Backoff between a task's attempts.
     pub retry: RetrySection,
 }
@@ -232,6 +241,7 @@ impl Default for WorkerSection {
             shutdown_timeout: w.shutdown_timeout,
             backend_retry_budget: w.backend_retry_budget,
             announce_every: w.announce_every,
+            cancel_grace: w.cancel_grace,
             retry: RetrySection::from(w.retry),
         }
     }
@@ -298,6 +308,9 @@ pub struct MonitorSection {
     pub reannounce_pending_after: Option<Duration>,
     /// Most tasks handled per kind per pass (500).
     pub batch: usize,
+    /// How late a schedule's occurrence may fire as on time (60 s; at least four intervals).
+    #[serde(with = "duration_serde")]
+    pub schedule_grace: Duration,
     /// How long finished tasks are kept (forever by default).
     pub retention: RetentionSection,
 }
@@ -311,6 +324,7 @@ impl Default for MonitorSection {
             lock_key: m.lock_key,
             reannounce_pending_after: m.reannounce_pending_after,
             batch: m.batch,
+            schedule_grace: m.schedule_grace,
             retention: RetentionSection::default(),
         }
     }
@@ -346,6 +360,7 @@ impl Default for Config {
             limits: LimitsSection::default(),
             worker: WorkerSection::default(),
             monitor: MonitorSection::default(),
+            queues: BTreeMap::new(),
         }
     }
 }
@@ -566,6 +581,13 @@ impl Config {
                 "must be greater than zero",
             ));
         }
+        for (name, limits) in &self.queues {
+            let key = format!("queues.{name}");
+            QueueName::parse(name).map_err(|e| Error::config(key.clone(), e.to_string()))?;
+            limits
+                .validate()
+                .map_err(|e| Error::config(key, e.to_string()))?;
+        }
         self.worker_config().validate()?;
         self.monitor_config().validate()
     }
@@ -667,6 +689,13 @@ impl Config {
             shutdown_timeout: w.shutdown_timeout,
             backend_retry_budget: w.backend_retry_budget,
             announce_every: w.announce_every,
+            cancel_grace: w.cancel_grace,
+            // A name that is no queue is refused by `validate`.
+            queue_limits: self
+                .queues
+                .iter()
+                .filter_map(|(name, l)| Some((QueueName::parse(name).ok()?, *l)))
+                .collect(),
         }
     }
 
@@ -689,6 +718,7 @@ impl Config {
             reannounce_pending_after: m.reannounce_pending_after,
             retention: self.retention(),
             batch: m.batch,
+            schedule_grace: m.schedule_grace,
         }
     }
 
@@ -766,6 +796,7 @@ impl fmt::Debug for Config {
             .field("limits", &c.limits)
             .field("worker", &c.worker)
             .field("monitor", &c.monitor)
+            .field("queues", &c.queues)
             .finish()
     }
 }
@@ -1184,5 +1215,27 @@ max_age = "7d"
             .await
             .unwrap();
         assert_eq!(b.bus.backend(), "memory");
+    }
+
+    #[test]
+    fn queue_limits_come_from_queues_tables_and_bad_ones_name_the_key() {
+        let c = Config::from_toml_str(
+            "[queues.research_tasks]\nrate = \"60/min\"\nconcurrency = 4\n[queues.writing]\nconcurrency = 1\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let w = c.worker_config();
+        let q = QueueName::parse("research_tasks").unwrap();
+        assert_eq!(w.queue_limits[&q].to_string(), "rate 60/min, concurrency 4");
+        assert_eq!(w.queue_limits.len(), 2);
+        let e = Config::from_toml_str("[queues.q]\nrate = \"0/s\"\n").unwrap_err();
+        assert!(e.to_string().contains("queues"), "{e}");
+        let e = Config::from_toml_str("[queues.q]\nrat = \"1/s\"\n").unwrap_err();
+        assert!(e.to_string().contains("rat"), "{e}");
+        let c = Config::from_toml_str("[queues.q]\nconcurrency = 0\n").unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("queues.q"), "{e}");
+        let c = Config::from_toml_str("[queues.\"bad queue\"]\nconcurrency = 1\n").unwrap();
+        assert!(c.validate().is_err());
     }
 }

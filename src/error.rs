@@ -94,6 +94,15 @@ pub enum Error {
     /// The component is shutting down and refused new work.
     #[error("shutting down")]
     Shutdown,
+    /// The backend does not offer this operation (a default trait method it did not
+    /// implement). Permanent.
+    #[error("the {backend} backend does not support {operation}")]
+    Unsupported {
+        /// Which backend.
+        backend: &'static str,
+        /// What was asked (`pausing queues`, `removing dead letters`, ...).
+        operation: &'static str,
+    },
     /// An error from a backend's client or server.
     #[error("{backend} backend: {message}")]
     Backend {

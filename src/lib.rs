@@ -57,7 +57,7 @@
 //!
 //! Imports run one way, from the foundations up (docs/design.md, "Layers"):
 //!
-//! 1. foundations: [`model`], [`error`], [`wire`], [`redact_url`], the clock;
+//! 1. foundations: [`model`], [`schedule`], [`error`], [`wire`], [`redact_url`], the clock;
 //! 2. contracts: the traits [`bus`], [`registry`], [`lock`], [`task_queue`], and the bundle
 //!    ([`Backends`], [`bundle`]);
 //! 3. the [`engine`] (dispatcher, worker, monitor) and the [`backends`], which never import each
@@ -82,14 +82,19 @@ pub mod bus;
 mod clock;
 pub mod config;
 pub mod connect;
+#[cfg(feature = "dashboard")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dashboard")))]
+pub mod dashboard;
 pub mod engine;
 pub mod error;
 pub mod lock;
 pub mod model;
 #[cfg(feature = "nats")]
 mod presence;
+pub mod queue_limits;
 mod redact;
 pub mod registry;
+pub mod schedule;
 pub mod task_queue;
 mod task_table;
 #[cfg(any(test, feature = "testkit"))]
@@ -101,13 +106,15 @@ pub use bus::{Bus, DeadLetter, QueueStats, Subscription};
 pub use connect::{connect, BackendUrls};
 pub use engine::{
     handler_fn, typed, DispatchOptions, Dispatcher, Monitor, MonitorConfig, MonitorHandle,
-    TaskContext, TaskError, Worker, WorkerConfig, WorkerHandle,
+    Schedules, TaskContext, TaskError, Worker, WorkerConfig, WorkerHandle,
 };
 pub use error::{Error, Result};
 pub use lock::{Lease, LockHolder, LockManager};
 pub use model::{Expected, Limits, Priority, QueueName, Task, TaskId, TaskState, TaskStatus};
+pub use queue_limits::{QueueLimits, Rate};
 pub use redact::redact_url;
 pub use registry::{Registry, Retention, StatusCounts, TaskFilter, TaskPage};
+pub use schedule::{CatchUp, Recurrence, Schedule, ScheduleName};
 pub use task_queue::TaskQueue;
 pub use wire::{TaskEvent, EVENTS_TOPIC};
 

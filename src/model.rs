@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -130,7 +131,11 @@ impl From<QueueName> for String {
     }
 }
 
-fn validate_name(s: &str, max: usize, extra: &[char]) -> std::result::Result<(), String> {
+pub(crate) fn validate_name(
+    s: &str,
+    max: usize,
+    extra: &[char],
+) -> std::result::Result<(), String> {
     if s.is_empty() {
         return Err("must not be empty".into());
     }
@@ -238,7 +243,8 @@ pub enum TaskStatus {
     Completed,
     /// Failed for good (attempts spent, bad input, a failed dependency, a timeout).
     Failed,
-    /// Cancelled by an operator before it ran.
+    /// Cancelled by an operator: before it ran, or while it ran (its worker is asked to stop the
+    /// handler, and any outcome of that attempt is refused).
     Cancelled,
 }
 
@@ -279,7 +285,8 @@ impl TaskStatus {
     /// * PENDING → RUNNING (claimed), CANCELLED, FAILED (e.g. attempts already spent),
     ///   PENDING (re-announced by the monitor after its message was lost)
     /// * RUNNING → RUNNING (lease renewed, or a stale lease taken over with a new attempt),
-    ///   COMPLETED, FAILED, PENDING (retry, lease lost, or handed back on shutdown)
+    ///   COMPLETED, FAILED, PENDING (retry, lease lost, or handed back on shutdown),
+    ///   CANCELLED (an operator's cancel; the running attempt is fenced off)
     /// * FAILED, CANCELLED → PENDING (an operator's retry)
     /// * COMPLETED → nothing
     pub fn can_transition_to(self, to: TaskStatus) -> bool {
@@ -288,7 +295,7 @@ impl TaskStatus {
             (self, to),
             (Waiting, Pending | Failed | Cancelled)
                 | (Pending, Pending | Running | Cancelled | Failed)
-                | (Running, Running | Completed | Failed | Pending)
+                | (Running, Running | Completed | Failed | Pending | Cancelled)
                 | (Failed | Cancelled, Pending)
         )
     }
@@ -362,6 +369,10 @@ pub struct TaskState {
     /// the monitor does not take a task whose message is still delayed for an orphan.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_at: Option<DateTime<Utc>>,
+    /// The running attempt's last progress report ([`TaskContext::progress`](crate::engine::TaskContext::progress)):
+    /// a small JSON value, written at most once a second, kept while the task runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Value>,
     /// When the task last changed.
     pub updated_at: DateTime<Utc>,
 }
@@ -383,9 +394,66 @@ pub struct Task {
     pub depends_on: Vec<TaskId>,
     /// When the task was registered.
     pub created_at: DateTime<Utc>,
+    /// The longest one attempt may run: past it the handler is signalled and, after the
+    /// worker's `cancel_grace`, dropped, and the attempt fails retryably ("timed out after
+    /// T"). Overrides the worker's `handler_timeout`. Whole milliseconds.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::clock::duration_opt"
+    )]
+    pub timeout: Option<Duration>,
+    /// "Not after": a task that no worker started by then fails with a reason instead of
+    /// running late, and a retry that would start after it is not made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
+    /// The W3C `traceparent` of the dispatch (`00-<trace id>-<span id>-<flags>`): each
+    /// attempt's span is its child, so a pipeline's tasks form one trace (feature `otel`; without
+    /// it the field is only carried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     /// The mutable state.
     #[serde(flatten)]
     pub state: TaskState,
+}
+
+/// The bounds `limits` puts on a task's payload, attempts and dependencies.
+pub(crate) fn check_limits(
+    payload: &Value,
+    max_attempts: u32,
+    depends_on: &[TaskId],
+    limits: &Limits,
+) -> Result<()> {
+    let size = payload_size(payload);
+    if size > limits.max_payload_bytes {
+        return Err(Error::invalid(
+            "payload",
+            format!(
+                "is {size} bytes of JSON, more than the limit of {} bytes",
+                limits.max_payload_bytes
+            ),
+        ));
+    }
+    if max_attempts == 0 || max_attempts > limits.max_attempts_cap {
+        return Err(Error::invalid(
+            "max_attempts",
+            format!(
+                "must be between 1 and {}, got {max_attempts}",
+                limits.max_attempts_cap
+            ),
+        ));
+    }
+    if depends_on.len() > limits.max_dependencies {
+        return Err(Error::invalid(
+            "depends_on",
+            format!(
+                "at most {} dependencies, got {}",
+                limits.max_dependencies,
+                depends_on.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Bounds applied to incoming tasks.
@@ -421,35 +489,7 @@ impl Task {
         depends_on: Vec<TaskId>,
         limits: &Limits,
     ) -> Result<Task> {
-        let size = payload_size(&payload);
-        if size > limits.max_payload_bytes {
-            return Err(Error::invalid(
-                "payload",
-                format!(
-                    "is {size} bytes of JSON, more than the limit of {} bytes",
-                    limits.max_payload_bytes
-                ),
-            ));
-        }
-        if max_attempts == 0 || max_attempts > limits.max_attempts_cap {
-            return Err(Error::invalid(
-                "max_attempts",
-                format!(
-                    "must be between 1 and {}, got {max_attempts}",
-                    limits.max_attempts_cap
-                ),
-            ));
-        }
-        if depends_on.len() > limits.max_dependencies {
-            return Err(Error::invalid(
-                "depends_on",
-                format!(
-                    "at most {} dependencies, got {}",
-                    limits.max_dependencies,
-                    depends_on.len()
-                ),
-            ));
-        }
+        check_limits(&payload, max_attempts, &depends_on, limits)?;
         let now = Utc::now();
         let status = if depends_on.is_empty() {
             TaskStatus::Pending
@@ -464,6 +504,9 @@ impl Task {
             max_attempts,
             depends_on,
             created_at: now,
+            timeout: None,
+            deadline: None,
+            traceparent: None,
             state: TaskState {
                 status,
                 attempt: 0,
@@ -476,6 +519,7 @@ impl Task {
                 started_at: None,
                 finished_at: None,
                 ready_at: None,
+                progress: None,
                 updated_at: now,
             },
         })
@@ -510,10 +554,49 @@ impl Task {
     pub fn attempts_left(&self) -> bool {
         self.charged_attempts() < self.max_attempts
     }
+
+    /// Whether the task's deadline is before `at` (an attempt starting then would be late).
+    pub fn past_deadline(&self, at: DateTime<Utc>) -> bool {
+        self.deadline.is_some_and(|d| d < at)
+    }
 }
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+/// Checks a W3C `traceparent` (version 00): `00-` then 32 and 16 lowercase hex digits, neither
+/// all zeros, and two hex digits of flags, separated by `-`.
+///
+/// ```
+/// use agent_orchestra::model::validate_traceparent;
+/// assert!(validate_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_ok());
+/// assert!(validate_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_err());
+/// assert!(validate_traceparent("not a traceparent").is_err());
+/// ```
+pub fn validate_traceparent(s: &str) -> Result<()> {
+    let parts: Vec<&str> = s.split('-').collect();
+    let hex = |p: &str, n: usize| {
+        p.len() == n
+            && p.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let zero = |p: &str| p.bytes().all(|b| b == b'0');
+    let ok = parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && !zero(parts[1])
+        && hex(parts[2], 16)
+        && !zero(parts[2])
+        && hex(parts[3], 2);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "traceparent",
+            format!("{s:?} is not a W3C traceparent such as 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ))
+    }
 }
 
 /// Parses a JSON payload given as text, with a typed error for text that is not JSON.
@@ -567,8 +650,8 @@ mod tests {
             .to_string()
         };
         assert_eq!(
-            e(TaskStatus::Running, TaskStatus::Cancelled),
-            "illegal transition of task r1: RUNNING -> CANCELLED (a RUNNING task may only become PENDING or COMPLETED or FAILED)"
+            e(TaskStatus::Running, TaskStatus::Waiting),
+            "illegal transition of task r1: RUNNING -> WAITING (a RUNNING task may only become PENDING or COMPLETED or FAILED or CANCELLED)"
         );
         assert_eq!(
             e(TaskStatus::Completed, TaskStatus::Pending),

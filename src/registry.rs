@@ -6,7 +6,7 @@
 //! itself with the conformance suite (feature `testkit`). Their methods may still change
 //! between 0.x releases.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use async_trait::async_trait;
@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::{Expected, QueueName, Task, TaskId, TaskState, TaskStatus};
+use crate::queue_limits::QueueLimits;
+use crate::schedule::{Schedule, ScheduleName};
 
 /// Which tasks [`Registry::list`] returns.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,7 +143,122 @@ pub trait Registry: Send + Sync + fmt::Debug + 'static {
     async fn maintain(&self) -> Result<()> {
         Ok(())
     }
+
+    /// The queues that have tasks, sorted. The default pages through every task with
+    /// [`Registry::list`] (O(tasks)); a backend that keeps a set of its queues answers from it.
+    async fn queues(&self) -> Result<Vec<QueueName>> {
+        let mut found = BTreeSet::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = self
+                .list(&TaskFilter::default(), cursor.as_deref(), LIST_PAGE)
+                .await?;
+            found.extend(page.tasks.into_iter().map(|t| t.queue));
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => return Ok(found.into_iter().collect()),
+            }
+        }
+    }
+
+    /// Number of tasks of `queue` in each status. The default pages through the queue's tasks
+    /// of each status with [`Registry::list`] (O(tasks of the queue)); a backend with
+    /// per-queue indexes counts from their sizes.
+    async fn queue_counts(&self, queue: &QueueName) -> Result<StatusCounts> {
+        let mut counts = StatusCounts::default();
+        for status in TaskStatus::ALL {
+            let filter = TaskFilter {
+                status: Some(status),
+                queue: Some(queue.clone()),
+            };
+            let mut n = 0u64;
+            let mut cursor: Option<String> = None;
+            loop {
+                let page = self.list(&filter, cursor.as_deref(), LIST_PAGE).await?;
+                n += page.tasks.len() as u64;
+                match page.next_cursor {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            if n > 0 {
+                counts.0.insert(status, n);
+            }
+        }
+        Ok(counts)
+    }
+
+    /// The queues paused now ([`Registry::set_queue_paused`]): every worker of such a queue,
+    /// in every process, claims nothing from it until it is resumed. The default, for a
+    /// backend that cannot store the flag: none.
+    async fn paused_queues(&self) -> Result<BTreeSet<QueueName>> {
+        Ok(BTreeSet::new())
+    }
+
+    /// Durably marks `queue` paused (or not): stored with the namespace's tasks, so that it
+    /// holds for every process and survives their restarts, until changed again. Returns
+    /// whether the flag changed (false: it already was so). Atomic per call; concurrent calls
+    /// on one queue leave the last one's flag. The default: [`Error::Unsupported`].
+    async fn set_queue_paused(&self, queue: &QueueName, paused: bool) -> Result<bool> {
+        let _ = (queue, paused);
+        Err(Error::Unsupported {
+            backend: self.backend(),
+            operation: "pausing queues",
+        })
+    }
+
+    /// The limits set at runtime ([`Registry::set_queue_limits`]), by queue: every worker of
+    /// such a queue, in every process, enforces them (over its own configured ones). The
+    /// default, for a backend that cannot store them: none.
+    async fn queue_limits(&self) -> Result<BTreeMap<QueueName, QueueLimits>> {
+        Ok(BTreeMap::new())
+    }
+
+    /// Durably sets `queue`'s limits (unlimited ones clear them): stored with the namespace's
+    /// tasks, like a pause, so that they hold for every process and survive restarts. Returns
+    /// whether they changed. Atomic per call; concurrent calls on one queue leave the last
+    /// one's limits. The default: [`Error::Unsupported`].
+    async fn set_queue_limits(&self, queue: &QueueName, limits: &QueueLimits) -> Result<bool> {
+        let _ = (queue, limits);
+        Err(Error::Unsupported {
+            backend: self.backend(),
+            operation: "limiting queues",
+        })
+    }
+
+    /// The stored [`Schedule`]s, sorted by name. A record that is no valid schedule (written
+    /// by another program) is skipped. The default, for a backend that cannot store them:
+    /// none.
+    async fn schedules(&self) -> Result<Vec<Schedule>> {
+        Ok(Vec::new())
+    }
+
+    /// Durably stores `schedule` under its name, replacing any schedule of that name, with
+    /// the namespace's tasks (every process sees it and it survives their restarts). Returns
+    /// whether it is new (false: it replaced one). Atomic per call; concurrent calls for one
+    /// name leave one of them whole. The caller has validated it. The default:
+    /// [`Error::Unsupported`].
+    async fn put_schedule(&self, schedule: &Schedule) -> Result<bool> {
+        let _ = schedule;
+        Err(Error::Unsupported {
+            backend: self.backend(),
+            operation: "schedules",
+        })
+    }
+
+    /// Deletes the schedule named `name`; returns whether there was one. The tasks it
+    /// dispatched stay. The default: [`Error::Unsupported`].
+    async fn remove_schedule(&self, name: &ScheduleName) -> Result<bool> {
+        let _ = name;
+        Err(Error::Unsupported {
+            backend: self.backend(),
+            operation: "schedules",
+        })
+    }
 }
+
+/// Tasks per page when a default method of [`Registry`] walks a listing.
+const LIST_PAGE: usize = 500;
 
 /// Checks what every [`Registry::transition`] must check before touching storage: that the
 /// model allows `expected.status → next.status`. Backends call it first.

@@ -89,7 +89,7 @@ pub struct ClaimSpec {
 impl ClaimSpec {
     /// The state a claim at `now` writes over `found`: RUNNING, attempt + 1 (the new fencing
     /// token), this worker, leased until `now + lease`, no result, no finish time; the last
-    /// error is kept.
+    /// error and the last progress report are kept.
     pub fn claimed_state(&self, found: &TaskState, now: DateTime<Utc>) -> TaskState {
         TaskState {
             status: TaskStatus::Running,
@@ -103,6 +103,7 @@ impl ClaimSpec {
             started_at: Some(now),
             finished_at: None,
             ready_at: found.ready_at,
+            progress: found.progress.clone(),
             updated_at: now,
         }
     }

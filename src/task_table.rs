@@ -137,8 +137,8 @@ impl<R: Row> TaskTable<R> {
         self.rows.get(id)
     }
 
-    /// Every row, in no particular order (for a snapshot of the view).
-    #[cfg(feature = "rabbitmq")]
+    /// Every row, in no particular order (a snapshot of the view, the queues of the memory
+    /// registry).
     pub(crate) fn rows(&self) -> impl Iterator<Item = &R> {
         self.rows.values()
     }

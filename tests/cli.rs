@@ -1,5 +1,7 @@
 //! Behaviour of the `orchestra` binary: exit codes, output formats, secrets, the demo and the
-//! bench, all on the in-memory backend (no broker needed).
+//! bench, on the in-memory backend (no broker needed); and, with the features `redis` and
+//! `testkit`, the queue controls across processes on the test Redis (module `on_redis`); and a
+//! rate limit across two worker processes on each broker (module `rate_across_processes`).
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -746,5 +748,680 @@ fn worker_metrics_answer_behind_idle_connections() {
         "# EOF",
     ] {
         assert!(out.lines().any(|l| l == line), "no {line:?} in:\n{out}");
+    }
+}
+
+// ---- queues and dead letters ----
+
+#[test]
+fn queue_and_dead_letter_commands_refuse_bad_usage_with_exit_2() {
+    for args in [
+        &["dead-letters", "q", "--requeue"][..],
+        &["dead-letters", "q", "--delete"],
+        &["dead-letters", "q", "17"],
+        &["dead-letters", "q", "--all"],
+        &["dead-letters", "q", "--requeue", "--delete", "--all"],
+        &["dead-letters", "q", "--requeue", "17", "--all"],
+        &["dead-letters", "bad queue", "--requeue", "--all"],
+        &["dead-letters", "q", "--limit", "0"],
+        &["queues", "pause"],
+        &["queues", "pause", "bad queue"],
+        &["queues", "resume", "a/b"],
+        &["queues", "--queue", "bad queue"],
+        &["queues", "frobnicate", "q"],
+        &["queues", "limit", "q"],
+        &["queues", "limit", "q", "0/s"],
+        &["queues", "limit", "q", "ten/min"],
+        &["queues", "limit", "q", "10/fortnight"],
+        &["queues", "limit", "q", "10/s", "--clear"],
+        &["queues", "limit", "q", "--concurrency", "0"],
+        &["queues", "limit", "q", "--concurrency", "-1"],
+        &["queues", "limit", "bad queue", "10/s"],
+    ] {
+        let r = run(args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.all());
+    }
+    let r = run(&["--json", "dead-letters", "q", "--requeue"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    let v: serde_json::Value = serde_json::from_str(r.stderr.trim()).expect("JSON error");
+    assert!(v["error"].as_str().unwrap().contains("--all"), "{v}");
+}
+
+#[test]
+fn a_bad_rate_is_a_usage_error_that_says_how_to_write_one() {
+    let r = run(&["queues", "limit", "q", "0/min"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("between 1 and"), "{}", r.all());
+    let r = run(&["queues", "limit", "q", "sixty/min"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("COUNT/UNIT"), "{}", r.all());
+    let r = run(&["queues", "limit", "q"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("--clear"), "{}", r.all());
+}
+
+#[test]
+fn queues_on_an_empty_memory_namespace_lists_nothing() {
+    let r = run(&["--json", "queues"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("queues JSON");
+    assert_eq!(v["queues"], serde_json::json!([]));
+    // A queue named with --queue is listed, empty and active.
+    let r = run(&["--json", "queues", "--queue", "named"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("queues JSON");
+    assert_eq!(v["queues"][0]["queue"], "named");
+    assert_eq!(v["queues"][0]["paused"], false);
+    assert_eq!(v["queues"][0]["waiting"], 0);
+}
+
+#[test]
+fn deleting_a_dead_letter_that_is_not_there_exits_1() {
+    let r = run(&["dead-letters", "q", "--delete", "41"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stdout.contains("41: no such dead letter"), "{}", r.all());
+}
+
+#[test]
+fn retry_of_an_unknown_id_points_to_requeue() {
+    let r = run(&["retry", "42"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("not found"), "{}", r.stderr);
+    assert!(r.stderr.contains("--requeue"), "{}", r.stderr);
+}
+
+/// The queue controls across processes, on the test Redis.
+#[test]
+fn bad_dispatch_options_are_usage_errors() {
+    for (args, says) in [
+        (vec!["--task-timeout", "0s"], "timeout"),
+        (vec!["--deadline", "2020-01-01T00:00:00Z"], "has passed"),
+        (vec!["--deadline", "tomorrow"], "RFC 3339"),
+        (
+            vec!["--unique-key", "has space", "--unique-for", "1m"],
+            "unique_key",
+        ),
+        (vec!["--unique-key", "k"], "--unique-for"),
+        (
+            vec!["--unique-key", "k", "--unique-for", "0s"],
+            "unique_for",
+        ),
+    ] {
+        let mut all = vec!["dispatch", "q", "{}"];
+        all.extend_from_slice(&args);
+        let r = run(&all);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.all());
+        assert!(r.stderr.contains(says), "{args:?}: {}", r.stderr);
+    }
+}
+
+#[cfg(all(feature = "redis", feature = "testkit"))]
+mod on_redis {
+    use super::*;
+
+    /// On Redis, from separate processes: a queue paused by `queues pause` is not served by a worker
+    /// started afterwards (its task stays PENDING, its message queued) and `queues` shows it; after
+    /// `queues resume` the next worker runs it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pause_and_resume_hold_across_processes_on_redis() {
+        use agent_orchestra::testkit::harness::{broker_url, unique_prefix, BrokerKind};
+        let url = broker_url(BrokerKind::Redis).await;
+        let prefix = unique_prefix("cli_pause");
+        let b = redis_backends(&url, &prefix).await;
+        let q = "cli_paused";
+        let cli = |args: &[&str]| {
+            let mut all = vec!["--url", url.as_str(), "--prefix", prefix.as_str(), "--json"];
+            all.extend_from_slice(args);
+            run(&all)
+        };
+        let d = agent_orchestra::Dispatcher::new(b.clone());
+        let id = d
+            .dispatch(q, serde_json::json!({"n": 1}), 5, Default::default())
+            .await
+            .unwrap();
+        let r = cli(&["queues", "pause", q]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        assert_eq!(
+            (v["paused"].as_bool(), v["changed"].as_bool()),
+            (Some(true), Some(true)),
+            "{v}"
+        );
+        let r = cli(&["queues", "pause", q]);
+        assert!(r.stdout.contains("\"changed\":false"), "{}", r.all());
+        let r = cli(&["worker", "-q", &format!("{q}=echo"), "--for", "2s"]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let t = d.get(&id).await.unwrap();
+        assert_eq!(
+            (t.status(), t.state.attempt),
+            (agent_orchestra::TaskStatus::Pending, 0)
+        );
+        let r = cli(&["queues"]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        let row = &v["queues"][0];
+        assert_eq!(row["queue"], q, "{v}");
+        assert_eq!(row["paused"], true, "{v}");
+        assert_eq!(row["waiting"], 1, "{v}");
+        assert_eq!(row["delayed"], 0, "{v}");
+        assert_eq!(row["tasks"]["PENDING"], 1, "{v}");
+        let human = run(&["--url", &url, "--prefix", &prefix, "queues"]);
+        assert!(human.stdout.contains("paused"), "{}", human.all());
+        let r = cli(&["queues", "resume", q]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let r = cli(&["worker", "-q", &format!("{q}=echo"), "--for", "3s"]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let t = d.wait(&id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(t.status(), agent_orchestra::TaskStatus::Completed);
+        drop_namespace(&url, &prefix, q).await;
+    }
+
+    /// On Redis, from separate processes: `queues limit` stores a queue's limits where every
+    /// worker reads them, `queues` shows them, `--clear` removes them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queue_limits_are_set_shown_and_cleared_on_redis() {
+        use agent_orchestra::testkit::harness::{broker_url, unique_prefix, BrokerKind};
+        let url = broker_url(BrokerKind::Redis).await;
+        let prefix = unique_prefix("cli_limit");
+        let b = redis_backends(&url, &prefix).await;
+        let q = "cli_limited";
+        let queue = agent_orchestra::QueueName::parse(q).unwrap();
+        let cli = |args: &[&str]| {
+            let mut all = vec!["--url", url.as_str(), "--prefix", prefix.as_str(), "--json"];
+            all.extend_from_slice(args);
+            run(&all)
+        };
+        let r = cli(&["queues", "limit", q, "60/min", "--concurrency", "4"]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        assert_eq!(v["changed"], true, "{v}");
+        assert_eq!(v["limits"]["rate"], "60/min", "{v}");
+        assert_eq!(v["limits"]["concurrency"], 4, "{v}");
+        let stored = b.registry.queue_limits().await.unwrap();
+        let limits = stored.get(&queue).expect("stored in the registry");
+        assert_eq!(limits.to_string(), "rate 60/min, concurrency 4");
+        let r = cli(&["queues", "limit", q, "60/min", "--concurrency", "4"]);
+        assert!(r.stdout.contains("\"changed\":false"), "{}", r.all());
+        let r = cli(&["queues"]);
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        assert_eq!(v["queues"][0]["queue"], q, "{v}");
+        assert_eq!(v["queues"][0]["limits"]["rate"], "60/min", "{v}");
+        let human = run(&["--url", &url, "--prefix", &prefix, "queues"]);
+        assert!(
+            human.stdout.contains("rate 60/min, concurrency 4"),
+            "{}",
+            human.all()
+        );
+        let r = cli(&["queues", "limit", q, "5/30s"]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let stored = b.registry.queue_limits().await.unwrap();
+        assert_eq!(stored[&queue].to_string(), "rate 5/30s");
+        let r = cli(&["queues", "limit", q, "0/s"]);
+        assert_eq!(r.code, 2, "{}", r.all());
+        assert_eq!(
+            b.registry.queue_limits().await.unwrap()[&queue].to_string(),
+            "rate 5/30s"
+        );
+        let r = cli(&["queues", "limit", q, "--clear"]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        assert!(r.stdout.contains("\"changed\":true"), "{}", r.all());
+        assert!(b.registry.queue_limits().await.unwrap().is_empty());
+        drop_namespace(&url, &prefix, q).await;
+    }
+
+    /// On Redis, from separate processes: dead letters are listed with their task, reason and
+    /// delivery count, requeued by id (the task runs), deleted with --all, and a second delete of
+    /// a gone one exits 1.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requeue_and_delete_dead_letters_on_redis() {
+        use agent_orchestra::testkit::harness::{broker_url, unique_prefix, BrokerKind};
+        let url = broker_url(BrokerKind::Redis).await;
+        let prefix = unique_prefix("cli_dead");
+        let b = redis_backends(&url, &prefix).await;
+        let q = "cli_dead";
+        let queue = agent_orchestra::QueueName::parse(q).unwrap();
+        let cli = |args: &[&str]| {
+            let mut all = vec!["--url", url.as_str(), "--prefix", prefix.as_str(), "--json"];
+            all.extend_from_slice(args);
+            run(&all)
+        };
+        let d = agent_orchestra::Dispatcher::new(b.clone());
+        let id = d
+            .dispatch(q, serde_json::json!({"n": 1}), 5, Default::default())
+            .await
+            .unwrap();
+        let bury = || async {
+            let options = agent_orchestra::bus::FetchOptions {
+                max: 1,
+                wait: Duration::from_secs(5),
+                lease: Duration::from_secs(30),
+            };
+            let m = b
+                .bus
+                .fetch(&queue, options)
+                .await
+                .unwrap()
+                .pop()
+                .expect("a message");
+            b.bus.dead_letter(&m, "buried by the test").await.unwrap();
+            m.message_id
+        };
+        let msg = bury().await;
+        let r = cli(&["dead-letters", q]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        let l = &v["dead_letters"][0];
+        assert_eq!(l["message_id"], msg.as_str(), "{v}");
+        assert_eq!(l["task_id"], id.as_str(), "{v}");
+        assert_eq!(l["reason"], "buried by the test", "{v}");
+        assert_eq!(l["delivery_count"], 1, "{v}");
+        // retry takes task ids: the dead letter's message id is none.
+        let r = cli(&["retry", &msg]);
+        assert_eq!(r.code, 1, "{}", r.all());
+        assert!(r.stderr.contains("--requeue"), "{}", r.all());
+        let r = cli(&["dead-letters", q, "--requeue", &msg]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        let o = &v["outcomes"][0];
+        assert_eq!(o["outcome"], "requeued", "{v}");
+        assert_eq!(o["task_id"], id.as_str(), "{v}");
+        assert_eq!(o["task_status"], "PENDING", "{v}");
+        let r = cli(&["worker", "-q", &format!("{q}=echo"), "--for", "3s"]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let t = d.wait(&id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(t.status(), agent_orchestra::TaskStatus::Completed);
+        // A PENDING task's message buried and deleted: the task is left as it is.
+        let other = d
+            .dispatch(q, serde_json::json!({"n": 2}), 5, Default::default())
+            .await
+            .unwrap();
+        let gone = bury().await;
+        let r = cli(&["dead-letters", q, "--delete", "--all"]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        assert!(r.stdout.contains("\"outcome\":\"deleted\""), "{}", r.all());
+        let r = cli(&["dead-letters", q]);
+        assert!(r.stdout.contains("\"dead_letters\":[]"), "{}", r.all());
+        assert_eq!(
+            d.get(&other).await.unwrap().status(),
+            agent_orchestra::TaskStatus::Pending
+        );
+        let r = cli(&["dead-letters", q, "--delete", &gone]);
+        assert_eq!(r.code, 1, "{}", r.all());
+        assert!(r.stdout.contains("not_found"), "{}", r.all());
+        drop_namespace(&url, &prefix, q).await;
+    }
+
+    /// On Redis, from separate processes: `dispatch --task-timeout --deadline-in --unique-key
+    /// --unique-for` stores the timeout and deadline (`task get` shows them), a duplicate
+    /// dispatch prints the first id, and a worker stops the attempt at the task's timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dispatch_options_hold_across_processes_on_redis() {
+        use agent_orchestra::testkit::harness::{broker_url, unique_prefix, BrokerKind};
+        let url = broker_url(BrokerKind::Redis).await;
+        let prefix = unique_prefix("cli_options");
+        let q = "cli_options";
+        let cli = |args: &[&str]| {
+            let mut all = vec!["--url", url.as_str(), "--prefix", prefix.as_str(), "--json"];
+            all.extend_from_slice(args);
+            run(&all)
+        };
+        let dispatch = || {
+            let r = cli(&[
+                "dispatch",
+                q,
+                r#"{"ms": 60000}"#,
+                "--task-timeout",
+                "300ms",
+                "--max-attempts",
+                "1",
+                "--deadline-in",
+                "10m",
+                "--unique-key",
+                "cli-once",
+                "--unique-for",
+                "10m",
+            ]);
+            assert_eq!(r.code, 0, "{}", r.all());
+            let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+            v["task_id"].as_str().unwrap().to_string()
+        };
+        let id = dispatch();
+        assert_eq!(dispatch(), id, "a duplicate dispatch made another task");
+        let r = cli(&["task", "get", &id]);
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        assert_eq!(v["timeout"], "300ms", "{v}");
+        assert!(v["deadline"].is_string(), "{v}");
+        let human = run(&["--url", &url, "--prefix", &prefix, "task", "get", &id]);
+        assert!(
+            human.stdout.contains("timeout      300ms per attempt"),
+            "{}",
+            human.all()
+        );
+        assert!(human.stdout.contains("deadline"), "{}", human.all());
+        let r = cli(&["worker", "-q", &format!("{q}=sleep"), "--for", "3s"]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let r = cli(&["task", "get", &id]);
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        assert_eq!(v["status"], "FAILED", "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("timed out after 300ms"),
+            "{v}"
+        );
+        drop_namespace(&url, &prefix, q).await;
+    }
+
+    /// On Redis, from separate processes: `schedule add` stores a cron schedule in its zone and
+    /// an interval, `schedule list` shows both with their next time, bad input exits 2, a
+    /// `monitor` pass dispatches the interval's occurrences under their derived ids, and
+    /// `schedule remove` deletes one (a second remove exits 1).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn schedules_are_added_listed_fired_and_removed_on_redis() {
+        use agent_orchestra::testkit::harness::{broker_url, unique_prefix, BrokerKind};
+        let url = broker_url(BrokerKind::Redis).await;
+        let prefix = unique_prefix("cli_schedule");
+        let b = redis_backends(&url, &prefix).await;
+        let q = "cli_scheduled";
+        let cli = |args: &[&str]| {
+            let mut all = vec!["--url", url.as_str(), "--prefix", prefix.as_str(), "--json"];
+            all.extend_from_slice(args);
+            run(&all)
+        };
+        let r = cli(&[
+            "schedule",
+            "add",
+            "nightly",
+            "--cron",
+            "30 2 * * *",
+            "--tz",
+            "Europe/Paris",
+            "reports",
+            r#"{"kind": "nightly"}"#,
+            "--priority",
+            "2",
+            "--catch-up",
+            "all",
+        ]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        assert_eq!(v["added"], true, "{v}");
+        let r = cli(&[
+            "schedule",
+            "add",
+            "ticker",
+            "--every",
+            "1s",
+            q,
+            r#"{"n": 1}"#,
+        ]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        for bad in [
+            vec!["schedule", "add", "bad", "--cron", "* * *", q, "{}"],
+            vec![
+                "schedule",
+                "add",
+                "bad",
+                "--cron",
+                "@daily",
+                "--tz",
+                "Mars/Base",
+                q,
+                "{}",
+            ],
+            vec!["schedule", "add", "bad name", "--every", "1m", q, "{}"],
+            vec![
+                "schedule",
+                "add",
+                "bad",
+                "--every",
+                "1m",
+                "--catch-up",
+                "some",
+                q,
+                "{}",
+            ],
+            vec!["schedule", "add", "bad", q, "{}"],
+        ] {
+            let r = cli(&bad);
+            assert_eq!(r.code, 2, "{bad:?}: {}", r.all());
+        }
+        let r = cli(&["schedule", "list"]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        let list = v["schedules"].as_array().unwrap();
+        assert_eq!(list.len(), 2, "the bad ones were not stored: {v}");
+        assert_eq!(list[0]["name"], "nightly", "{v}");
+        assert_eq!(list[0]["time_zone"], "Europe/Paris", "{v}");
+        assert_eq!(list[0]["cron"], "30 2 * * *", "{v}");
+        assert_eq!(list[0]["catch_up"], "all", "{v}");
+        assert!(list[0]["next_at"].is_string(), "{v}");
+        assert_eq!(list[1]["name"], "ticker", "{v}");
+        assert_eq!(list[1]["every"], "1s", "{v}");
+        let human = run(&["--url", &url, "--prefix", &prefix, "schedule", "list"]);
+        assert!(human.stdout.contains("Europe/Paris"), "{}", human.all());
+        // A monitor pass dispatches the interval's occurrences (passes until one is due).
+        let queue = agent_orchestra::QueueName::parse(q).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let fired = loop {
+            let r = cli(&["monitor", "--once"]);
+            assert_eq!(r.code, 0, "{}", r.all());
+            let counts = b.registry.queue_counts(&queue).await.unwrap();
+            if counts.total() > 0 {
+                break counts.total();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no occurrence dispatched: {}",
+                r.all()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        let filter = agent_orchestra::TaskFilter {
+            status: Some(agent_orchestra::TaskStatus::Pending),
+            queue: Some(queue),
+        };
+        let page = b.registry.list(&filter, None, 100).await.unwrap();
+        assert_eq!(page.tasks.len() as u64, fired);
+        for t in &page.tasks {
+            assert!(
+                t.task_id.as_str().starts_with("sched:ticker:"),
+                "{}",
+                t.task_id
+            );
+            assert_eq!(t.payload, serde_json::json!({"n": 1}));
+        }
+        let r = cli(&["schedule", "remove", "ticker"]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let r = cli(&["schedule", "remove", "ticker"]);
+        assert_eq!(r.code, 1, "{}", r.all());
+        let r = cli(&["schedule", "list"]);
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        assert_eq!(v["schedules"].as_array().map(|l| l.len()), Some(1), "{v}");
+        drop_namespace(&url, &prefix, q).await;
+    }
+
+    async fn redis_backends(url: &str, prefix: &str) -> agent_orchestra::Backends {
+        let opts = agent_orchestra::ConnectOptions {
+            prefix: prefix.to_string(),
+            ..Default::default()
+        };
+        agent_orchestra::connect(&agent_orchestra::BackendUrls::all(url), &opts)
+            .await
+            .expect("connect to the test Redis")
+    }
+
+    async fn drop_namespace(url: &str, prefix: &str, queue: &str) {
+        let opts = agent_orchestra::ConnectOptions {
+            prefix: prefix.to_string(),
+            ..Default::default()
+        };
+        agent_orchestra::connect::drop_namespace(
+            &agent_orchestra::BackendUrls::all(url),
+            &opts,
+            &[agent_orchestra::QueueName::parse(queue).unwrap()],
+        )
+        .await
+        .expect("drop the test namespace");
+    }
+}
+
+/// Issue 20's measure with real processes, on each broker: a limit of 10/s set with `queues
+/// limit` holds across two `orchestra worker` processes draining a backlog far larger than the
+/// limit allows. Read back from the registry: no window of one second holds more than 10
+/// claims (a claim comes after its permit, so claims are as far apart as the permits), the
+/// 10 s after the first hold 100 ± 10 %, both processes took part, and no task was charged an
+/// extra attempt.
+#[cfg(feature = "testkit")]
+mod rate_across_processes {
+    use super::*;
+    use agent_orchestra::engine::{DispatchOptions, Dispatcher};
+    use agent_orchestra::testkit::harness::{broker_url, unique_prefix, BrokerKind};
+    use agent_orchestra::{BackendUrls, ConnectOptions, QueueName, TaskFilter, TaskStatus};
+    use chrono::{DateTime, Utc};
+
+    #[allow(dead_code)]
+    async fn holds(kind: BrokerKind, tag: &str) {
+        let url = broker_url(kind).await;
+        let prefix = unique_prefix(tag);
+        let q = "rate_procs";
+        let base = ["--url", url.as_str(), "--prefix", prefix.as_str()];
+        let with = |args: &[&str]| -> Vec<String> {
+            base.iter().chain(args).map(|a| a.to_string()).collect()
+        };
+        let limit = with(&["queues", "limit", q, "10/s"]);
+        let r = run(&limit.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(r.code, 0, "{}", r.all());
+        let opts = ConnectOptions {
+            prefix: prefix.clone(),
+            ..ConnectOptions::default()
+        };
+        let b = agent_orchestra::connect(&BackendUrls::all(&url), &opts)
+            .await
+            .expect("connect to the test broker");
+        let d = Dispatcher::new(b.clone());
+        let tasks: Vec<_> = (0..160)
+            .map(|i| {
+                d.build(
+                    q,
+                    serde_json::json!({ "i": i }),
+                    5,
+                    &DispatchOptions::default(),
+                )
+                .unwrap()
+            })
+            .collect();
+        for r in d.dispatch_many(tasks).await.unwrap() {
+            r.unwrap();
+        }
+        let spec = format!("{q}=echo");
+        let workers: Vec<std::process::Child> = (0..2)
+            .map(|_| {
+                let mut cmd = Command::new(BIN);
+                for (k, _) in std::env::vars() {
+                    if k.starts_with("ORCHESTRA_") || k == "RUST_LOG" {
+                        cmd.env_remove(k);
+                    }
+                }
+                cmd.args(with(&[
+                    "worker", "-q", &spec, "-c", "8", "--for", "14s", "--quiet",
+                ]))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("a worker starts")
+            })
+            .collect();
+        for mut w in workers {
+            let status = w.wait().expect("the worker exits");
+            assert!(
+                status.success(),
+                "a worker exited with {status} (its stderr is above)"
+            );
+        }
+        // Every task the workers ran, with its claim time, its worker and its attempt.
+        let mut claims: Vec<(DateTime<Utc>, String, u32)> = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let filter = TaskFilter {
+                status: Some(TaskStatus::Completed),
+                ..TaskFilter::default()
+            };
+            let page = b
+                .registry
+                .list(&filter, cursor.as_deref(), 500)
+                .await
+                .expect("list");
+            for t in page.tasks {
+                claims.push((
+                    t.state.started_at.expect("a completed task has started"),
+                    t.state.worker_id.clone().unwrap_or_default(),
+                    t.state.attempt,
+                ));
+            }
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        claims.sort();
+        assert!(claims.len() >= 100, "only {} tasks ran", claims.len());
+        let times: Vec<DateTime<Utc>> = claims.iter().map(|c| c.0).collect();
+        let second = chrono::Duration::seconds(1);
+        let busiest = times
+            .iter()
+            .map(|a| {
+                times
+                    .iter()
+                    .filter(|b| **b >= *a && **b - *a < second)
+                    .count()
+            })
+            .max()
+            .unwrap();
+        assert!(busiest <= 10, "{busiest} claims within one second");
+        let first = times[0];
+        let in_ten = times
+            .iter()
+            .filter(|t| **t - first < chrono::Duration::seconds(10))
+            .count();
+        assert!(
+            (90..=110).contains(&in_ten),
+            "{in_ten} claims in the first 10 s (100 ± 10 % expected)"
+        );
+        let workers: std::collections::BTreeSet<&str> =
+            claims.iter().map(|c| c.1.as_str()).collect();
+        assert_eq!(workers.len(), 2, "both processes claim: {workers:?}");
+        assert!(
+            claims.iter().all(|c| c.2 == 1),
+            "a task was charged an attempt for waiting"
+        );
+        drop(d);
+        drop(b);
+        agent_orchestra::connect::drop_namespace(
+            &BackendUrls::all(&url),
+            &opts,
+            &[QueueName::parse(q).unwrap()],
+        )
+        .await
+        .expect("drop the test namespace");
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rate_limit_holds_across_two_worker_processes_on_redis() {
+        holds(BrokerKind::Redis, "cli_rate_redis").await;
+    }
+
+    #[cfg(feature = "nats")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rate_limit_holds_across_two_worker_processes_on_nats() {
+        holds(BrokerKind::Nats, "cli_rate_nats").await;
+    }
+
+    #[cfg(feature = "rabbitmq")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rate_limit_holds_across_two_worker_processes_on_rabbitmq() {
+        holds(BrokerKind::Amqp, "cli_rate_amqp").await;
     }
 }

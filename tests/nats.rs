@@ -367,6 +367,66 @@ async fn each_queue_is_a_work_queue_stream_with_one_consumer_per_level() {
     cleanup(&prefix).await;
 }
 
+/// A pull answered 503 or not at all (the level's consumer has no leader, as while a replicated
+/// consumer elects one, or is gone for a moment) is retried within the fetch, not returned to
+/// the caller as an error: here the consumer is deleted and made again while a fetch waits.
+#[tokio::test]
+async fn a_fetch_rides_out_a_consumer_that_is_gone_for_a_moment() {
+    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    let url = broker_url(BrokerKind::Nats).await;
+    let prefix = agent_orchestra::testkit::harness::unique_prefix("pull_503");
+    let b = make_backends(&prefix).await;
+    let q = QueueName::parse("gone").expect("queue name");
+    let options = |wait| FetchOptions {
+        max: 1,
+        wait,
+        lease: Duration::from_secs(30),
+    };
+    // The first fetch makes the consumers.
+    let none = b.bus.fetch(&q, options(Duration::from_millis(100))).await;
+    assert!(none.expect("first fetch").is_empty());
+    let client = async_nats::connect(url.trim_start_matches("nats://"))
+        .await
+        .expect("raw client");
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(format!("{prefix}ORCH_Q_gone"))
+        .await
+        .expect("the queue's stream");
+    let mut level = stream
+        .get_consumer::<pull::Config>("p5")
+        .await
+        .expect("the consumer of priority 5");
+    let config = level.info().await.expect("consumer info").config.clone();
+    stream.delete_consumer("p5").await.expect("delete p5");
+    b.bus
+        .enqueue(&q, OutgoingMessage::new(&b"{}"[..], Priority::DEFAULT))
+        .await
+        .expect("enqueue");
+    let fetch = tokio::spawn({
+        let b = b.clone();
+        let q = q.clone();
+        async move { b.bus.fetch(&q, options(Duration::from_secs(20))).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some("p5".into()),
+            filter_subject: config.filter_subject.clone(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: config.ack_wait,
+            max_deliver: -1,
+            max_ack_pending: -1,
+            ..Default::default()
+        })
+        .await
+        .expect("make p5 again");
+    let got = fetch.await.expect("fetch task");
+    cleanup(&prefix).await;
+    let got = got.expect("the fetch failed while the consumer was gone");
+    assert_eq!(got.len(), 1, "the message was not fetched once p5 was back");
+}
+
 /// Polls `f` every 50 ms until it is true; false after 15 s (a liveness bound, not a timing).
 async fn eventually(mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -1015,3 +1015,202 @@ async fn an_enqueue_right_after_a_restart_waits_for_the_queues_home_node() {
         }
     }
 }
+
+/// The pids of the broker's connections whose name mentions `prefix`.
+async fn connection_pids(prefix: &str) -> HashSet<String> {
+    rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ])
+    .await
+    .into_iter()
+    .filter(|l| l.contains(prefix))
+    .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+    .collect()
+}
+
+/// A flood of malformed messages, a few of them multi-MiB, mixed with good tasks: the worker
+/// dead-letters every bad one exactly once and runs every good one, and the broker never closes
+/// its connection (it used to, with `FRAME_ERROR … invalid_frame_end_marker`, when several
+/// dead-letterings published large bodies at once; the held messages then came back and were
+/// dead-lettered twice).
+#[test]
+fn a_flood_of_malformed_and_huge_messages_drains_without_losing_the_connection() {
+    use agent_orchestra::engine::{
+        handler_fn, DispatchOptions, Dispatcher, TaskContext, TaskError, Worker, WorkerConfig,
+    };
+    with_cleanup("rmq_poison", |prefix| async move {
+        const BAD: usize = 500;
+        const HUGE_EVERY: usize = 25; // 20 bodies of 5 MiB among the 500
+        const GOOD: usize = 100;
+        let b = make_backends(&prefix).await;
+        let q = queue("poison_flood");
+        let w = Worker::new(
+            b.clone(),
+            WorkerConfig {
+                worker_id: "poison".into(),
+                concurrency: 16,
+                fetch_wait: Duration::from_millis(200),
+                ..WorkerConfig::default()
+            },
+        )
+        .handle(
+            q.as_str(),
+            handler_fn(|ctx: TaskContext| async move { Ok::<_, TaskError>(ctx.task.payload) }),
+        )
+        .expect("handler")
+        .start()
+        .expect("start the worker");
+        // The connections as they are once the worker runs; a broker-side close would replace one.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = connection_pids(&prefix).await;
+        // The flood comes from another process (its own connection) while the worker runs.
+        let injector = make_backends(&prefix).await;
+        let flood = {
+            let q = q.clone();
+            tokio::spawn(async move {
+                let mut bad = Vec::with_capacity(BAD);
+                for i in 0..BAD {
+                    let body = if i % HUGE_EVERY == 7 {
+                        let mut v = format!("not json, huge {i} ").into_bytes();
+                        v.extend(
+                            (0..5 * 1024 * 1024)
+                                .map(|n: usize| (n.wrapping_mul(2_654_435_761) >> 13) as u8),
+                        );
+                        v
+                    } else {
+                        format!("not json {i}").into_bytes()
+                    };
+                    bad.push(OutgoingMessage::new(body, Priority::DEFAULT));
+                }
+                for chunk in bad.chunks(25) {
+                    injector
+                        .bus
+                        .enqueue_many(&q, chunk.to_vec())
+                        .await
+                        .expect("enqueue the malformed messages");
+                }
+            })
+        };
+        let d = Dispatcher::new(b.clone());
+        let mut ids = Vec::with_capacity(GOOD);
+        for i in 0..GOOD {
+            let id = d
+                .dispatch(
+                    q.as_str(),
+                    serde_json::json!({ "good": i }),
+                    5,
+                    DispatchOptions::default(),
+                )
+                .await
+                .expect("dispatch");
+            ids.push(id);
+        }
+        flood.await.expect("the flood");
+        for id in &ids {
+            let t = d
+                .wait(id, Duration::from_secs(240))
+                .await
+                .unwrap_or_else(|e| panic!("good task {id} did not finish: {e}"));
+            assert_eq!(t.status(), TaskStatus::Completed, "{id}");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+        let dead = loop {
+            let s = b.bus.stats(&q).await.expect("stats");
+            if s.dead >= BAD as u64 && s.waiting == 0 && s.in_flight == 0 {
+                break s.dead;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the flood did not drain: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let after = connection_pids(&prefix).await;
+        w.shutdown().await;
+        assert_eq!(
+            dead, BAD as u64,
+            "each malformed message dead-lettered once"
+        );
+        let letters = b.bus.dead_letters(&q, 2 * BAD).await.expect("dead letters");
+        let distinct: HashSet<&str> = letters.iter().map(|l| l.message_id.as_str()).collect();
+        assert_eq!(letters.len(), BAD);
+        assert_eq!(
+            distinct.len(),
+            BAD,
+            "a malformed message was dead-lettered twice"
+        );
+        assert!(
+            letters
+                .iter()
+                .filter(|l| l.payload.len() > 5 * 1024 * 1024)
+                .count()
+                == BAD / HUGE_EVERY,
+            "the huge bodies are dead letters, whole"
+        );
+        assert!(
+            !before.is_empty(),
+            "rabbitmqctl lists the backend's connections"
+        );
+        assert!(
+            before.is_subset(&after),
+            "the broker closed (and the backend reopened) a connection of the worker during the \
+             flood: {before:?} before, {after:?} after"
+        );
+    });
+}
+
+/// `rabbitmqctl` against a private node (`PrivateBroker::rabbitmq`), panicking when it fails.
+fn private_ctl(node: &PrivateBroker, args: &[&str]) -> String {
+    let dir = node.dir();
+    let out = Command::new("/usr/lib/rabbitmq/bin/rabbitmqctl")
+        .arg("-n")
+        .arg(format!("rabbit_{}@localhost", node.port()))
+        .args(args)
+        .env("HOME", dir)
+        .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+        .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+        .output()
+        .expect("run rabbitmqctl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {text}");
+    text
+}
+
+/// A broker that keeps the connection open but stops answering (here: a memory alarm, which
+/// blocks every publishing connection; a quorum queue without a leader does the same to a
+/// confirm) makes `enqueue` fail with a temporary error naming the missing answer, instead of
+/// waiting forever; once the alarm clears, the next `enqueue` goes through on a new channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_answering_gives_a_temporary_error_not_a_hang() {
+    let node = PrivateBroker::rabbitmq().await;
+    // A long heartbeat: what ends the call must be the backend's own time limit, not a
+    // connection lost for missed heartbeats.
+    let url = format!("{}?heartbeat=120", brokers::BrokerControl::url(&node));
+    let prefix = unique_prefix("rmq_silent");
+    let b = connect(&BackendUrls::all(url), &options(&prefix))
+        .await
+        .expect("connect to the private node");
+    let q = queue("silent");
+    let message = || OutgoingMessage::new(&b"{\"x\":1}"[..], Priority::DEFAULT);
+    b.bus
+        .enqueue(&q, message())
+        .await
+        .expect("enqueue before the alarm");
+    private_ctl(&node, &["set_vm_memory_high_watermark", "0"]);
+    let blocked = tokio::time::timeout(Duration::from_secs(120), b.bus.enqueue(&q, message()))
+        .await
+        .expect("enqueue on a blocked connection never returned");
+    private_ctl(&node, &["set_vm_memory_high_watermark", "0.4"]);
+    let e = blocked.expect_err("a publish on a blocked connection cannot be confirmed");
+    assert!(e.is_temporary(), "{e}");
+    assert!(e.to_string().contains("did not answer within"), "{e}");
+    retrying("enqueue after the alarm", || b.bus.enqueue(&q, message())).await;
+}

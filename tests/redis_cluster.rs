@@ -9,7 +9,7 @@
 //!
 //! Run: `cargo test --features full --test redis_cluster`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -265,6 +265,8 @@ fn failover_loses_no_acknowledged_dispatch() {
     let prefix = unique_prefix("failover");
     let queue = "fo";
     let victim = cluster.master_of(&format!("{{{queue}}}"));
+    // Dispatches acknowledged so far, read while the producer runs.
+    let acked = Arc::new(AtomicUsize::new(0));
     let (b, stop, producer, worker) = rt.block_on(async {
         let b = open_url(&url, &prefix).await;
         let stop = Arc::new(AtomicBool::new(false));
@@ -293,6 +295,7 @@ fn failover_loses_no_acknowledged_dispatch() {
         let producer = {
             let d = Dispatcher::new(b.clone());
             let stop = stop.clone();
+            let acked = acked.clone();
             tokio::spawn(async move {
                 let (mut ok, mut failed) = (Vec::new(), Vec::new());
                 let mut i = 0u64;
@@ -307,7 +310,10 @@ fn failover_loses_no_acknowledged_dispatch() {
                         )
                         .await
                     {
-                        Ok(id) => ok.push(id),
+                        Ok(id) => {
+                            ok.push(id);
+                            acked.fetch_add(1, Ordering::Relaxed);
+                        }
                         Err(e) => failed.push(e.to_string()),
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -335,12 +341,24 @@ fn failover_loses_no_acknowledged_dispatch() {
     // (until then dispatches to this queue fail: no replica would have them).
     cluster.nodes[victim].restart();
     cluster.wait_until_ok(deadline);
-    std::thread::sleep(Duration::from_secs(3));
+    // The producer carries on by itself: more dispatches are acknowledged after the failover
+    // (counted, not timed: the machine's speed decides how many).
+    let before = acked.load(Ordering::Relaxed);
+    let carry_on = std::time::Instant::now() + Duration::from_secs(60);
+    while acked.load(Ordering::Relaxed) < before + 20 {
+        assert!(
+            std::time::Instant::now() < carry_on,
+            "the producer did not carry on after the failover: {} acknowledged before, {} now",
+            before,
+            acked.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     stop.store(true, Ordering::Relaxed);
     rt.block_on(async {
         let (ok, failed) = producer.await.expect("producer");
         assert!(
-            ok.len() > 100,
+            ok.len() >= before + 20,
             "too few dispatches: {} ok, {} failed: {:?}",
             ok.len(),
             failed.len(),

@@ -37,6 +37,11 @@ const SUBSCRIBER_BUFFER: usize = 65_536;
 const PULL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Delayed messages moved per round.
 const DELAYED_BATCH: usize = 256;
+/// How long after being told of a new message a level of a replicated stream is asked again
+/// when its consumer answers with nothing (see `fetch`).
+const VISIBILITY_WAIT: Duration = Duration::from_millis(100);
+/// Dead-letter sequences read at once by `dead_letters`.
+const DEAD_READ_WINDOW: usize = 256;
 /// How long [`server_has_processed`] waits for its own message to come back.
 const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -499,6 +504,26 @@ impl NatsBus {
             }
         }
         let mut out = Vec::new();
+        if let Err(e) = self.fetch_levels(q, consumers, max, lease, &mut out).await {
+            if out.is_empty() {
+                return Err(e);
+            }
+            // What was delivered before the failure is leased to this caller: hand it over
+            // rather than leave it to wait for its lease to end.
+            tracing::debug!(error = %e, delivered = out.len(), "a pull failed after others delivered");
+        }
+        Ok(out)
+    }
+
+    /// The levels' pulls of [`NatsBus::fetch_round`], most urgent first, into `out`.
+    async fn fetch_levels(
+        &self,
+        q: &Arc<QueueHandle>,
+        consumers: &super::queue::Consumers,
+        max: usize,
+        lease: Duration,
+        out: &mut Vec<Delivery>,
+    ) -> Result<()> {
         for level in 0..LEVELS {
             if out.len() >= max {
                 break;
@@ -511,17 +536,29 @@ impl NatsBus {
             while out.len() < max {
                 let want = max - out.len();
                 let sent_at = Instant::now();
-                let msgs = consumers.levels[level].pull(want, PULL_TIMEOUT).await?;
+                let mut msgs = consumers.levels[level].pull(want, PULL_TIMEOUT).await?;
+                // A replicated stream's consumer sees a message a moment after its enqueue
+                // was confirmed: a level just told of one is asked again for a short while
+                // before the lower levels are served, or a lower-priority message would go
+                // first (strict priority).
+                while msgs.is_empty()
+                    && self.shared.replicas > 1
+                    && q.wake
+                        .lock()
+                        .told_within(level, Instant::now(), VISIBILITY_WAIT)
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    msgs = consumers.levels[level].pull(want, PULL_TIMEOUT).await?;
+                }
                 let got = msgs.len();
-                self.deliver(q, level, msgs, sent_at, lease, &mut out)
-                    .await?;
+                self.deliver(q, level, msgs, sent_at, lease, out).await?;
                 if got < want {
                     q.wake.lock().clear_if(level, gens[level]);
                     break;
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     fn lease_ended(message_id: &str) -> Error {
@@ -637,12 +674,30 @@ impl Bus for NatsBus {
         }
         let q = self.queue(queue);
         let deadline = Instant::now() + crate::clock::capped(options.wait);
+        // A pull answered 503 or not at all (the consumer has no leader yet: just created on
+        // a replicated stream, or its node restarting) or a dropped connection is retried
+        // within the fetch's wait, never past it: a worker's stop waits for its fetch, and the
+        // worker's fetch loop retries failed fetches itself.
+        let mut pause = Duration::from_millis(50);
         loop {
             let notified = q.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let max = options.max.min(crate::bus::FETCH_MAX);
-            let out = self.fetch_round(&q, max, options.lease).await?;
+            let out = match self.fetch_round(&q, max, options.lease).await {
+                Ok(out) => out,
+                Err(e) if e.is_temporary() => {
+                    if Instant::now() + pause >= deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!(queue = %queue, error = %e, "fetch failed for now; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            pause = Duration::from_millis(50);
             let now = Instant::now();
             if !out.is_empty() || now >= deadline {
                 return Ok(out);
@@ -764,25 +819,43 @@ impl Bus for NatsBus {
         if state.messages == 0 {
             return Ok(Vec::new());
         }
+        // Newest first, a window of sequences at a time: removed dead letters leave gaps, so
+        // the `limit` newest are not always in the last `limit` sequences.
         let first = state.first_sequence.max(1);
-        let last = state.last_sequence;
-        let from = last.saturating_sub(limit as u64 - 1).max(first);
+        let want = limit.min(usize::try_from(state.messages).unwrap_or(usize::MAX));
         let stream = &stream;
-        let got = join_all((from..=last).rev().map(|seq| async move {
-            match stream.direct_get(seq).await {
-                Ok(m) => Ok(Some(m)),
-                Err(e)
-                    if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound =>
-                {
-                    Ok(None)
+        let mut got = Vec::new();
+        let mut hi = state.last_sequence;
+        while got.len() < want && hi >= first {
+            let lo = hi
+                .saturating_sub((want - got.len()).min(DEAD_READ_WINDOW) as u64 - 1)
+                .max(first);
+            let window = join_all((lo..=hi).rev().map(|seq| async move {
+                match stream.direct_get(seq).await {
+                    Ok(m) => Ok(Some(m)),
+                    Err(e)
+                        if e.kind()
+                            == async_nats::jetstream::stream::DirectGetErrorKind::NotFound =>
+                    {
+                        Ok(None)
+                    }
+                    Err(e) => Err(nats_err("cannot read a dead letter", e)),
                 }
-                Err(e) => Err(nats_err("cannot read a dead letter", e)),
+            }))
+            .await;
+            for m in window {
+                if let Some(m) = m? {
+                    got.push(m);
+                }
             }
-        }))
-        .await;
+            if lo == first {
+                break;
+            }
+            hi = lo - 1;
+        }
+        got.truncate(want);
         let mut out = Vec::new();
         for m in got {
-            let Some(m) = m? else { continue };
             let h = Some(&m.headers);
             let mut reason = header(h, REASON_HEADER).unwrap_or_default().to_string();
             // A dead letter whose blob cannot be read (buried for that reason) is listed with
@@ -862,6 +935,11 @@ impl Bus for NatsBus {
 
     fn max_deliveries(&self) -> u32 {
         self.max_deliveries
+    }
+
+    // The operator's controls: backends/nats/control.rs.
+    async fn remove_dead_letters(&self, queue: &QueueName, ids: &[String]) -> Result<Vec<String>> {
+        super::control::remove_dead_letters(&self.shared, &self.blobs, queue, ids).await
     }
 }
 

@@ -39,8 +39,13 @@ pub(crate) fn boxed_err(what: &str, e: async_nats::Error) -> Error {
 
 fn is_temporary_kind(kind: &str) -> bool {
     if let Some(rest) = kind.strip_prefix("JetStream(") {
-        // A JetStream API error: temporary only when the server says it is unavailable.
-        return rest.contains("code: 5") || rest.contains("ErrorCode(10008)");
+        // A JetStream API error: temporary only when the server says it is unavailable
+        // (5xx, 10008 "JetStream system temporarily unavailable"), or when too few servers are
+        // up to place a replicated stream (10005 "no suitable peers for placement": a node of
+        // the cluster is down or restarting; retried within the caller's budget).
+        return rest.contains("code: 5")
+            || rest.contains("ErrorCode(10008)")
+            || rest.contains("ErrorCode(10005)");
     }
     const TEMPORARY: [&str; 14] = [
         "TimedOut",
@@ -77,4 +82,27 @@ pub(crate) fn is_wrong_last_sequence(e: &async_nats::jetstream::context::Publish
             "error code {}",
             ErrorCode::STREAM_WRONG_LAST_SEQUENCE.0
         ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_temporary_kind;
+
+    #[test]
+    fn placement_without_enough_servers_is_temporary() {
+        let kind = |code: u16, err: u64| {
+            format!("JetStream(Error {{ code: {code}, err_code: ErrorCode({err}), description: Some(\"x\") }})")
+        };
+        assert!(is_temporary_kind(&kind(400, 10005)), "no suitable peers");
+        assert!(is_temporary_kind(&kind(503, 10008)), "unavailable");
+        assert!(is_temporary_kind(&kind(500, 10118)), "a 5xx");
+        assert!(
+            !is_temporary_kind(&kind(400, 10058)),
+            "name in use is permanent"
+        );
+        assert!(
+            !is_temporary_kind(&kind(404, 10059)),
+            "stream not found (API) is permanent"
+        );
+    }
 }

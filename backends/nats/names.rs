@@ -54,11 +54,14 @@ impl Names {
     }
 
     /// Whether `stream` is one this prefix's backend makes: a queue's work or dead-letter
-    /// stream, the blob stream, or the stream of the task, dependents or lock bucket.
+    /// stream, the blob stream, or the stream of the task, dependents, control or lock bucket.
     pub(crate) fn owns_stream(&self, stream: &str) -> bool {
         if let Some(bucket) = stream.strip_prefix("KV_") {
             let tasks = self.task_bucket();
-            if bucket == tasks || bucket == format!("{tasks}_deps") || bucket == self.lock_bucket()
+            if bucket == tasks
+                || bucket == format!("{tasks}_deps")
+                || bucket == format!("{tasks}_control")
+                || bucket == self.lock_bucket()
             {
                 return true;
             }

@@ -96,6 +96,9 @@ pub(crate) struct Epitaph<'a> {
 pub(crate) struct WakeState {
     maybe: u16,
     gens: [u64; LEVELS + 1],
+    /// When each level was last told of a new message (a local enqueue or a wake-up), as
+    /// opposed to a rescan or a timer: see [`WakeState::told_within`].
+    told: [Option<Instant>; LEVELS + 1],
     timers: BTreeMap<Instant, u16>,
     next_rescan: Instant,
 }
@@ -105,6 +108,7 @@ impl WakeState {
         WakeState {
             maybe: ALL,
             gens: [0; LEVELS + 1],
+            told: [None; LEVELS + 1],
             timers: BTreeMap::new(),
             next_rescan: Instant::now() + RESCAN,
         }
@@ -134,6 +138,22 @@ impl WakeState {
                 *g += 1;
             }
         }
+    }
+
+    /// Marks `bits` for a message just enqueued (here or, through a wake-up, elsewhere).
+    pub(crate) fn mark_told(&mut self, bits: u16, now: Instant) {
+        self.mark_bits(bits);
+        for (i, t) in self.told.iter_mut().enumerate() {
+            if bits & (1 << i) != 0 {
+                *t = Some(now);
+            }
+        }
+    }
+
+    /// Whether `level` was told of a new message less than `window` ago: on a replicated
+    /// stream the consumer may not see that message yet.
+    pub(crate) fn told_within(&self, level: usize, now: Instant, window: Duration) -> bool {
+        self.told[level].is_some_and(|t| now.saturating_duration_since(t) < window)
     }
 
     /// Forgets a level's bit unless a wake-up for it arrived since `gen` was read.
@@ -485,7 +505,7 @@ impl QueueHandle {
     pub(crate) async fn announce(&self, levels: u16, due: &[i64]) {
         {
             let mut wake = self.wake.lock();
-            wake.mark_bits(levels);
+            wake.mark_told(levels, Instant::now());
             for at in due {
                 wake.add_timer(instant_at_unix_ms(*at) + TIMER_SLACK, DELAYED);
             }
@@ -668,7 +688,7 @@ impl QueueHandle {
         }
         if let Ok(level) = token.parse::<usize>() {
             if (1..=LEVELS).contains(&level) {
-                self.wake.lock().mark_bits(1 << (level - 1));
+                self.wake.lock().mark_told(1 << (level - 1), Instant::now());
                 self.notify.notify_waiters();
             }
         }

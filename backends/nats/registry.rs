@@ -645,4 +645,40 @@ impl Registry for NatsRegistry {
             .await?;
         Ok(purged)
     }
+
+    // The operator's controls: backends/nats/control.rs.
+    async fn paused_queues(&self) -> Result<std::collections::BTreeSet<crate::model::QueueName>> {
+        super::control::paused_queues(&self.shared).await
+    }
+    async fn set_queue_paused(
+        &self,
+        queue: &crate::model::QueueName,
+        paused: bool,
+    ) -> Result<bool> {
+        super::control::set_paused(&self.shared, queue, paused).await
+    }
+    async fn queue_limits(
+        &self,
+    ) -> Result<std::collections::BTreeMap<crate::model::QueueName, crate::queue_limits::QueueLimits>>
+    {
+        super::control::queue_limits(&self.shared).await
+    }
+    async fn set_queue_limits(
+        &self,
+        queue: &crate::model::QueueName,
+        limits: &crate::queue_limits::QueueLimits,
+    ) -> Result<bool> {
+        super::control::set_limits(&self.shared, queue, limits).await
+    }
+
+    // Schedules: backends/nats/schedules.rs.
+    async fn schedules(&self) -> Result<Vec<crate::schedule::Schedule>> {
+        super::schedules::schedules(&self.shared).await
+    }
+    async fn put_schedule(&self, schedule: &crate::schedule::Schedule) -> Result<bool> {
+        super::schedules::put(&self.shared, schedule).await
+    }
+    async fn remove_schedule(&self, name: &crate::schedule::ScheduleName) -> Result<bool> {
+        super::schedules::remove(&self.shared, name).await
+    }
 }

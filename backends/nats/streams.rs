@@ -17,6 +17,9 @@ use crate::error::{Error, Result};
 /// `replicas > 1 not supported in non-clustered mode` (JSStreamReplicasNotSupportedErr).
 const REPLICAS_NOT_SUPPORTED: u64 = 10074;
 
+/// `no suitable peers for placement` (JSClusterNoPeersErr): fewer servers are up than replicas.
+const NO_SUITABLE_PEERS: u64 = 10005;
+
 /// `stream name already in use with a different configuration`.
 const STREAM_NAME_IN_USE: u64 = 10058;
 
@@ -63,6 +66,16 @@ pub(crate) async fn open(
                     "cannot create {what} ({name}) with {wanted} replicas: the server is not \
                      part of a JetStream cluster ({e})"
                 ),
+            ))
+        }
+        Err(e) if js_code(&e.kind()) == Some(NO_SUITABLE_PEERS) => {
+            return Err(Error::temporary(
+                super::BACKEND,
+                format!(
+                    "cannot create {what} ({name}) with {wanted} replicas: fewer than {wanted} \
+                     servers of the cluster are up with JetStream ({e})"
+                ),
+                None,
             ))
         }
         Err(e) => return Err(nats_err(&format!("cannot open {what}"), e)),

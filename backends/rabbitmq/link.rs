@@ -247,14 +247,70 @@ impl CachedChannel {
             }
         }
         let session = self.link.session().await?;
-        let ch = session.channel(self.confirms).await?;
-        if let Some(prefetch) = self.prefetch {
-            ch.basic_qos(prefetch, Default::default())
-                .await
-                .map_err(|e| amqp_error("set the prefetch", e))?;
-        }
+        let opening = async {
+            let ch = session.channel(self.confirms).await?;
+            if let Some(prefetch) = self.prefetch {
+                ch.basic_qos(prefetch, Default::default())
+                    .await
+                    .map_err(|e| amqp_error("set the prefetch", e))?;
+            }
+            Ok::<_, Error>(ch)
+        };
+        let ch = tokio::time::timeout(ROUND_TRIP_TIMEOUT, opening)
+            .await
+            .map_err(|_| {
+                Error::temporary(
+                    BACKEND,
+                    format!(
+                        "open a channel: the broker did not answer within {ROUND_TRIP_TIMEOUT:?}"
+                    ),
+                    None,
+                )
+            })??;
         *slot = Some((session.generation, ch.clone()));
         Ok((ch, session.generation, true))
+    }
+}
+
+/// How long one broker round trip (a get, a publisher confirm, a declaration, a consume) may
+/// take before the call gives up with a temporary error. Without it a call could wait forever
+/// on a broker that keeps the connection open but does not answer: a quorum queue without a
+/// leader, a channel still addressing a lost leader, a connection blocked by a resource alarm.
+pub(crate) const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Runs `call`, one or more pipelined round trips on `ch`, for at most `limit`. When the broker
+/// does not answer in time the channel is closed (in the background: the close is a round trip
+/// too), so that late answers cannot arrive on it (messages a late `basic.get` hands out are
+/// requeued by the broker), and a temporary error naming `what` is returned; the channel's
+/// owner opens a new one on its next use.
+pub(crate) async fn bounded<T>(
+    ch: &Channel,
+    what: &str,
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => {
+            let stale = ch.clone();
+            tokio::spawn(async move {
+                let closing = stale.close(200, "no answer in time".into());
+                if tokio::time::timeout(ROUND_TRIP_TIMEOUT, closing)
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!("a channel that timed out did not close in time either");
+                }
+            });
+            Err(Error::temporary(
+                BACKEND,
+                format!(
+                    "{what}: the broker did not answer within {limit:?} (the channel was closed; \
+                     retrying is safe)"
+                ),
+                None,
+            ))
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 //! and its costs.
 
 mod bus;
+mod control;
 mod events;
 mod leases;
 mod link;
@@ -20,6 +21,7 @@ mod lock;
 mod log;
 mod names;
 mod registry;
+mod schedules;
 mod snapshot;
 mod view;
 mod writer;
@@ -107,6 +109,8 @@ pub async fn drop_namespace(url: &Url, opts: &ConnectOptions, queues: &[QueueNam
     doomed.extend([
         names.registry_log(),
         names.registry_snapshots(),
+        control::stream_name(&names),
+        schedules::stream_name(&names),
         names.lock_log(),
     ]);
     let per_channel = doomed.len().div_ceil(DROP_CHANNELS).max(1);

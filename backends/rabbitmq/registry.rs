@@ -17,13 +17,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use lapin::types::AMQPValue;
 
 use super::link::{short, CachedChannel, Link, BACKEND};
-use super::log::{stream_arguments, Log, Writer};
+use super::log::{stream_arguments, Log, Start, Writer};
 use super::names::Names;
 use super::snapshot::{self, Catalog};
 use super::view::{RegistryOp, RegistryOutcome, TaskView, Victim};
@@ -40,15 +41,30 @@ const SNAPSHOT_EVERY: u64 = 100_000;
 /// process that finds none replays the whole registry log.
 const SNAPSHOT_MAX_AGE: &str = "7D";
 const SNAPSHOT_SEGMENT_BYTES: i64 = 8_000_000;
+/// How far back a new process looks for the latest snapshot, widening until a window holds a
+/// complete one (`None`: the whole stream, which keeps [`SNAPSHOT_MAX_AGE`]).
+const SNAPSHOT_WINDOWS: [Option<Duration>; 3] = [
+    Some(Duration::from_secs(15 * 60)),
+    Some(Duration::from_secs(24 * 3600)),
+    None,
+];
 
 /// The RabbitMQ [`Registry`]. See the module documentation and docs/backends/rabbitmq.md.
 pub struct RabbitRegistry {
     log: Log<TaskView>,
     snapshots: Writer,
-    /// Records applied (view counter) when the last snapshot was loaded or written.
+    /// Records applied (view counter) when this process last wrote a snapshot (0 at open: the
+    /// view counts only records applied after the snapshot it loaded).
     records_at_snapshot: AtomicU64,
     /// Records replayed from the log when this registry opened (after its snapshot, if any).
     replayed: u64,
+    /// Snapshot parts read when this registry opened (the snapshot loaded, and any other
+    /// snapshot written in the window read to find it).
+    snapshot_parts_read: u64,
+    /// The paused queues (control.rs).
+    control: super::control::Pauses,
+    /// The schedules (schedules.rs).
+    schedules: super::schedules::Schedules,
 }
 
 impl std::fmt::Debug for RabbitRegistry {
@@ -66,22 +82,8 @@ impl RabbitRegistry {
     /// Loads the latest snapshot, replays the registry log after it, and returns once the view
     /// is complete.
     pub(crate) async fn open(link: Arc<Link>, names: &Names) -> Result<Self> {
-        let snapshot_args = stream_arguments(&[
-            ("x-max-age", AMQPValue::LongString(SNAPSHOT_MAX_AGE.into())),
-            (
-                "x-stream-max-segment-size-bytes",
-                AMQPValue::LongLongInt(SNAPSHOT_SEGMENT_BYTES),
-            ),
-        ]);
-        let catalog = Log::open(
-            link.clone(),
-            names.registry_snapshots(),
-            snapshot_args,
-            Catalog::default(),
-        )
-        .await?;
-        let latest = catalog.read_mut(Catalog::take_latest);
-        drop(catalog);
+        let (latest, snapshot_parts_read) =
+            load_latest_snapshot(&link, names, &SNAPSHOT_WINDOWS).await?;
         let (view, start) = match latest {
             Some((through, tasks)) => {
                 let view = snapshot::restore(tasks);
@@ -103,6 +105,8 @@ impl RabbitRegistry {
         )
         .await?;
         let replayed = log.read(|v| v.records);
+        let control = super::control::Pauses::new(link.clone(), names);
+        let schedules = super::schedules::Schedules::new(link.clone(), names);
         let snapshots = Writer::new(
             short(names.registry_snapshots())?,
             CachedChannel::new(link, true, None),
@@ -110,8 +114,13 @@ impl RabbitRegistry {
         Ok(RabbitRegistry {
             log,
             snapshots,
-            records_at_snapshot: AtomicU64::new(replayed),
+            // Records replayed after the loaded snapshot count towards the next one: a monitor
+            // that opens on a long log writes a snapshot at its first pass.
+            records_at_snapshot: AtomicU64::new(0),
             replayed,
+            snapshot_parts_read,
+            control,
+            schedules,
         })
     }
 
@@ -155,6 +164,12 @@ impl RabbitRegistry {
         Ok(tasks)
     }
 
+    /// Snapshot parts this registry read when it opened: the latest snapshot's, plus those of
+    /// other snapshots written in the time window it read. Diagnostic.
+    pub fn snapshot_parts_read_at_open(&self) -> u64 {
+        self.snapshot_parts_read
+    }
+
     /// Records this registry replayed from the log when it opened (after its snapshot, if it
     /// loaded one). Diagnostic.
     pub fn records_replayed_at_open(&self) -> u64 {
@@ -175,6 +190,60 @@ impl RabbitRegistry {
             other => Err(unexpected(other)),
         }
     }
+}
+
+fn snapshot_arguments() -> lapin::types::FieldTable {
+    stream_arguments(&[
+        ("x-max-age", AMQPValue::LongString(SNAPSHOT_MAX_AGE.into())),
+        (
+            "x-stream-max-segment-size-bytes",
+            AMQPValue::LongLongInt(SNAPSHOT_SEGMENT_BYTES),
+        ),
+    ])
+}
+
+/// The latest complete snapshot (the log offset it runs through, its tasks) and the number of
+/// snapshot parts read to find it. The snapshot stream keeps a week of snapshots: it is read
+/// from a timestamp, `windows[0]` back from now, widening to the next window until one holds a
+/// complete snapshot (`None`: the whole stream), so a new process reads the latest snapshot and
+/// those written shortly before it, not every snapshot of the week.
+async fn load_latest_snapshot(
+    link: &Arc<Link>,
+    names: &Names,
+    windows: &[Option<Duration>],
+) -> Result<(Option<(u64, Vec<serde_json::Value>)>, u64)> {
+    let now = u64::try_from(Utc::now().timestamp()).unwrap_or(0);
+    let mut parts_read = 0;
+    for (n, window) in windows.iter().enumerate() {
+        let start = match window {
+            Some(w) => Start::Since(now.saturating_sub(w.as_secs())),
+            None => Start::First,
+        };
+        let catalog = match Log::open_at(
+            link.clone(),
+            names.registry_snapshots(),
+            snapshot_arguments(),
+            Catalog::default(),
+            None,
+            start,
+        )
+        .await
+        {
+            Ok(catalog) => catalog,
+            // Snapshots only spare a replay: when their stream cannot be read now, the caller
+            // replays the registry log from its first record, which is slower but complete.
+            Err(e) if e.is_temporary() => {
+                tracing::warn!(error = %e, "the snapshot stream could not be read; replaying the registry log from its start");
+                return Ok((None, parts_read));
+            }
+            Err(e) => return Err(e),
+        };
+        parts_read += catalog.read(|c| c.parts_read);
+        if catalog.read(Catalog::has_latest) || window.is_none() || n + 1 == windows.len() {
+            return Ok((catalog.read_mut(Catalog::take_latest), parts_read));
+        }
+    }
+    Ok((None, parts_read))
 }
 
 fn unexpected(outcome: RegistryOutcome) -> Error {
@@ -333,5 +402,114 @@ impl Registry for RabbitRegistry {
             }
         }
         Ok(())
+    }
+
+    // The operator's controls: control.rs.
+    async fn paused_queues(&self) -> Result<std::collections::BTreeSet<crate::model::QueueName>> {
+        self.control.paused().await
+    }
+    async fn set_queue_paused(
+        &self,
+        queue: &crate::model::QueueName,
+        paused: bool,
+    ) -> Result<bool> {
+        self.control.set(queue, paused).await
+    }
+    async fn queue_limits(
+        &self,
+    ) -> Result<std::collections::BTreeMap<crate::model::QueueName, crate::queue_limits::QueueLimits>>
+    {
+        self.control.limits().await
+    }
+    async fn set_queue_limits(
+        &self,
+        queue: &crate::model::QueueName,
+        limits: &crate::queue_limits::QueueLimits,
+    ) -> Result<bool> {
+        self.control.set_limits(queue, limits).await
+    }
+
+    // Schedules: schedules.rs.
+    async fn schedules(&self) -> Result<Vec<crate::schedule::Schedule>> {
+        self.schedules.list().await
+    }
+    async fn put_schedule(&self, schedule: &crate::schedule::Schedule) -> Result<bool> {
+        self.schedules.put(schedule).await
+    }
+    async fn remove_schedule(&self, name: &crate::schedule::ScheduleName) -> Result<bool> {
+        self.schedules.remove(name).await
+    }
+}
+
+#[cfg(test)]
+#[cfg(feature = "testkit")]
+mod tests {
+    use super::*;
+    use crate::model::{Limits, Priority, QueueName};
+    use crate::testkit::harness::{broker_url, unique_prefix, BrokerKind};
+
+    fn task(i: usize) -> Task {
+        let mut t = Task::new(
+            QueueName::parse("q").expect("queue"),
+            serde_json::json!({"blob": "x".repeat(2000), "i": i}),
+            Priority::DEFAULT,
+            3,
+            vec![],
+            &Limits::default(),
+        )
+        .expect("task");
+        t.task_id = TaskId::parse(&format!("snap_{i}")).expect("id");
+        t
+    }
+
+    /// A new process looks for the latest snapshot in the recent end of the snapshot stream
+    /// (from a timestamp), not in every snapshot the stream keeps: with an older snapshot
+    /// outside the window, it reads only the newer one's parts.
+    #[tokio::test]
+    async fn the_latest_snapshot_is_found_without_reading_older_ones() {
+        let prefix = unique_prefix("snap_window");
+        let url = url::Url::parse(&broker_url(BrokerKind::Amqp).await).expect("test URL");
+        let opts = crate::bundle::ConnectOptions {
+            prefix: prefix.clone(),
+            ..Default::default()
+        };
+        let (link, names) = super::super::link_for(&url, &opts, "snapshot-test").expect("link");
+        let registry = RabbitRegistry::open(link.clone(), &names)
+            .await
+            .expect("open");
+        let tasks: Vec<Task> = (0..300).map(task).collect();
+        registry.create_many(&tasks[..200]).await.expect("create");
+        registry.snapshot().await.expect("first snapshot");
+        // The stream's timestamps are in seconds: the second snapshot is written 3 s later.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        registry.create_many(&tasks[200..]).await.expect("create");
+        registry.snapshot().await.expect("second snapshot");
+        let window = [Some(Duration::from_secs(2)), None];
+        let (recent, recent_parts) = load_latest_snapshot(&link, &names, &window)
+            .await
+            .expect("load from the window");
+        let (all, all_parts) = load_latest_snapshot(&link, &names, &[None])
+            .await
+            .expect("load from the start");
+        drop(registry);
+        let session = link.session().await.expect("session");
+        let ch = session.channel(false).await.expect("channel");
+        for stream in [names.registry_log(), names.registry_snapshots()] {
+            let _ = ch
+                .queue_delete(stream.as_str().into(), Default::default())
+                .await;
+        }
+        let (recent_through, recent_tasks) = recent.expect("a snapshot in the window");
+        let (all_through, all_tasks) = all.expect("a snapshot in the stream");
+        assert_eq!(
+            recent_through, all_through,
+            "both found the same, latest snapshot"
+        );
+        assert_eq!(recent_tasks.len(), 300);
+        assert_eq!(all_tasks.len(), 300);
+        assert!(
+            recent_parts < all_parts,
+            "the window read {recent_parts} parts, the whole stream {all_parts}"
+        );
     }
 }

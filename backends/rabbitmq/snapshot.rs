@@ -34,9 +34,16 @@ pub(crate) struct SnapshotPart {
 pub(crate) struct Catalog {
     building: HashMap<String, (u64, u32, Vec<serde_json::Value>)>,
     latest: Option<(u64, Vec<serde_json::Value>)>,
+    /// Parts read (diagnostic: what loading cost).
+    pub(crate) parts_read: u64,
 }
 
 impl Catalog {
+    /// True once a complete snapshot was read.
+    pub(crate) fn has_latest(&self) -> bool {
+        self.latest.is_some()
+    }
+
     /// The latest complete snapshot: the offset it runs through and its tasks.
     pub(crate) fn take_latest(&mut self) -> Option<(u64, Vec<serde_json::Value>)> {
         self.building.clear();
@@ -49,6 +56,7 @@ impl Machine for Catalog {
     type Outcome = ();
 
     fn apply(&mut self, _position: u64, part: SnapshotPart) {
+        self.parts_read += 1;
         let expected = self.building.get(&part.id).map_or(0, |(_, next, _)| *next);
         if part.part != expected {
             // A part out of sequence (a writer that died and a retry that reused nothing can

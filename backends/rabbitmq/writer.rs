@@ -10,7 +10,7 @@ use lapin::types::ShortString;
 use lapin::BasicProperties;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::link::{amqp_error, CachedChannel, BACKEND};
+use super::link::{amqp_error, bounded, CachedChannel, BACKEND, ROUND_TRIP_TIMEOUT};
 use crate::error::{Error, Result};
 
 /// Stream messages a writer has published but not yet had confirmed; further records wait and
@@ -146,22 +146,26 @@ async fn write_batches(
         let body = encode(&batch);
         let sent = async {
             let (ch, _, _) = publisher.get().await?;
-            ch.basic_publish(
-                ShortString::default(),
-                stream.clone(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &body,
-                BasicProperties::default(),
-            )
-            .await
-            .map_err(|e| amqp_error("append to the log", e))
+            let publishing = async {
+                ch.basic_publish(
+                    ShortString::default(),
+                    stream.clone(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &body,
+                    BasicProperties::default(),
+                )
+                .await
+                .map_err(|e| amqp_error("append to the log", e))
+            };
+            let confirm = bounded(&ch, "append to the log", ROUND_TRIP_TIMEOUT, publishing).await?;
+            Ok::<_, Error>((ch, confirm))
         }
         .await;
-        let confirm = match sent {
-            Ok(confirm) => confirm,
+        let (ch, confirm) = match sent {
+            Ok(sent) => sent,
             Err(e) => {
                 report(batch, Err((e.is_temporary(), e.to_string())));
                 continue;
@@ -169,8 +173,18 @@ async fn write_batches(
         };
         let stream = stream.clone();
         tokio::spawn(async move {
-            let outcome = match confirm.await {
-                Ok(c) => {
+            // A confirm that never comes would hold the writer's only slot, and every later
+            // append, forever: past the limit the batch fails (temporary; whether it reached
+            // the log is settled by the caller's sync) and the channel is replaced.
+            let confirmed = bounded(
+                &ch,
+                "wait for a log append confirm",
+                ROUND_TRIP_TIMEOUT,
+                async { Ok(confirm.await) },
+            );
+            let outcome = match confirmed.await {
+                Err(e) => Err((true, e.to_string())),
+                Ok(Ok(c)) => {
                     let nacked = c.is_nack();
                     if c.take_message().is_some() {
                         Err((
@@ -183,7 +197,7 @@ async fn write_batches(
                         Ok(())
                     }
                 }
-                Err(e) => Err((true, format!("waiting for a log append confirm: {e}"))),
+                Ok(Err(e)) => Err((true, format!("waiting for a log append confirm: {e}"))),
             };
             report(batch, outcome);
             drop(permit);

@@ -45,6 +45,8 @@ pub struct RedisBus {
     queues: Mutex<HashMap<QueueName, Arc<QueueKeys>>>,
     pubsub: OnceCell<Arc<PubSub>>,
     dead_reason: String,
+    /// Queues whose last waiting fetch emptied the ready set (see `fetch_waiting`).
+    drained: Mutex<HashMap<QueueName, Drained>>,
 }
 
 impl std::fmt::Debug for RedisBus {
@@ -123,6 +125,7 @@ impl RedisBus {
             dead_reason: format!(
                 "exceeded the maximum of {max_deliveries} deliveries without an ack"
             ),
+            drained: Mutex::new(HashMap::new()),
         }
     }
 
@@ -224,9 +227,42 @@ impl RedisBus {
             let notified = wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let now = Instant::now();
+            // The last fetch of this queue emptied its ready set, and no wake-up came since
+            // that script was sent: the set is still empty (everything that fills it publishes
+            // a wake-up, but what the hint's due time covers), so wait for the wake-up instead
+            // of asking Redis again. One fetch a task less when tasks come one at a time.
+            let skip =
+                self.drained.lock().remove(queue).and_then(|d| {
+                    (d.generation == wake.generation() && now < d.due).then_some(d.due)
+                });
+            if let Some(due) = skip {
+                let until = deadline.min(due).min(now + IDLE_RECHECK);
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+                // The script runs next (the hint is gone), also at the deadline: a fetch never
+                // returns empty without having looked.
+                continue;
+            }
+            let generation = wake.generation();
             let (got, next) = once(k.clone()).await?;
             let now = Instant::now();
-            if !got.is_empty() || now >= deadline {
+            if !got.is_empty() {
+                // `next` with deliveries: the script emptied the ready set (fetch_reply).
+                if let Some(next) = next {
+                    self.drained.lock().insert(
+                        queue.clone(),
+                        Drained {
+                            generation,
+                            due: now + next,
+                        },
+                    );
+                }
+                return Ok(got);
+            }
+            if now >= deadline {
                 return Ok(got);
             }
             let mut until = deadline.min(now + IDLE_RECHECK);
@@ -241,8 +277,16 @@ impl RedisBus {
     }
 }
 
+/// What a fetch that emptied a queue's ready set learnt: the wake-up count when its script was
+/// sent, and when the next delayed or leased message is due (an hour when none is).
+struct Drained {
+    generation: u64,
+    due: Instant,
+}
+
 /// Decodes a fetch script's reply: the deliveries, and how long until something is due when
-/// nothing was delivered.
+/// nothing was delivered, or (with deliveries) when the fetch emptied the ready set (`None`:
+/// it may hold more).
 pub(crate) fn fetch_reply(
     queue: &QueueName,
     reply: Vec<Value>,
@@ -468,6 +512,14 @@ impl Bus for RedisBus {
 
     fn max_deliveries(&self) -> u32 {
         self.max_deliveries
+    }
+
+    // The operator's controls: backends/redis/control.rs.
+    async fn delayed(&self, queue: &QueueName) -> Result<Option<u64>> {
+        super::control::delayed(&self.conn, &self.keys(queue)).await
+    }
+    async fn remove_dead_letters(&self, queue: &QueueName, ids: &[String]) -> Result<Vec<String>> {
+        super::control::remove_dead_letters(&self.conn, &self.keys(queue), ids).await
     }
 }
 

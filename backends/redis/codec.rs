@@ -5,7 +5,9 @@
 //! JSON string, else its JSON), `worker_id`, `created_at` and `updated_at` (ISO-8601 in UTC with
 //! `+00:00`, like Python's `datetime.isoformat()`). Our own fields: `queue`, `attempt`,
 //! `max_attempts`, `depends_on` (JSON array of ids), `error`, `lease_until`, `heartbeat_at`,
-//! `started_at`, `finished_at`, `ready_at` (ISO-8601) and `result_json` (the exact JSON of `result`, so a
+//! `started_at`, `finished_at`, `ready_at`, `deadline` (ISO-8601), `timeout_ms` (decimal
+//! milliseconds), `traceparent` (W3C), `progress_json` (the last progress report) and
+//! `result_json` (the exact JSON of `result`, so a
 //! non-string result round-trips while the lab still reads a string). A field whose value is
 //! `None` is absent.
 //!
@@ -98,6 +100,15 @@ pub(crate) fn task_fields(task: &Task) -> Vec<(&'static str, String)> {
         ("max_attempts", task.max_attempts.to_string()),
         ("created_at", format_time(task.created_at)),
     ];
+    if let Some(t) = task.timeout {
+        out.push(("timeout_ms", t.as_millis().to_string()));
+    }
+    if let Some(d) = task.deadline {
+        out.push(("deadline", format_time(d)));
+    }
+    if let Some(tp) = &task.traceparent {
+        out.push(("traceparent", tp.clone()));
+    }
     if !task.depends_on.is_empty() {
         let ids: Vec<&str> = task.depends_on.iter().map(TaskId::as_str).collect();
         out.push((
@@ -136,6 +147,7 @@ pub(crate) fn state_fields(s: &TaskState) -> (Vec<(&'static str, String)>, Vec<&
     opt("started_at", s.started_at.map(format_time));
     opt("finished_at", s.finished_at.map(format_time));
     opt("ready_at", s.ready_at.map(format_time));
+    opt("progress_json", s.progress.as_ref().map(Value::to_string));
     (set, del)
 }
 
@@ -209,6 +221,13 @@ pub(crate) fn decode(id: &TaskId, fields: &HashMap<String, String>) -> Result<Ta
         (Some(json), None) => serde_json::from_str(json).ok(),
         (None, _) => lab("result").map(|t| Value::String(t.to_string())),
     };
+    let timeout = match get("timeout_ms") {
+        None => None,
+        Some(_) => Some(std::time::Duration::from_millis(
+            u64::try_from(int("timeout_ms", 0)?)
+                .map_err(|_| corrupt("timeout_ms", "is negative".into()))?,
+        )),
+    };
     Ok(Task {
         task_id,
         queue,
@@ -217,6 +236,9 @@ pub(crate) fn decode(id: &TaskId, fields: &HashMap<String, String>) -> Result<Ta
         max_attempts: u32_field("max_attempts", 1)?,
         depends_on,
         created_at,
+        timeout,
+        deadline: time("deadline")?,
+        traceparent: get("traceparent").map(str::to_string),
         state: TaskState {
             status: parse_status(need("status")?)?,
             attempt: u32_field("attempt", 0)?,
@@ -229,6 +251,7 @@ pub(crate) fn decode(id: &TaskId, fields: &HashMap<String, String>) -> Result<Ta
             started_at: time("started_at")?,
             finished_at: time("finished_at")?,
             ready_at: time("ready_at")?,
+            progress: get("progress_json").and_then(|j| serde_json::from_str(j).ok()),
             updated_at,
         },
     })
@@ -300,6 +323,9 @@ mod tests {
         t.state.result = Some(json!({"answer": 42}));
         t.state.worker_id = Some("w1".into());
         t.state.lease_until = Some(Utc::now());
+        t.timeout = Some(std::time::Duration::from_millis(2_500));
+        t.deadline = Some(Utc::now());
+        t.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
         t
     }
 

@@ -20,11 +20,14 @@
 mod bus;
 mod codec;
 mod conn;
+mod control;
 mod keys;
 mod lock;
+mod migrate;
 mod pubsub;
 mod records;
 mod registry;
+mod schedules;
 mod scripts;
 mod tasks;
 
@@ -46,6 +49,10 @@ use crate::error::Result;
 pub async fn open(url: &url::Url, roles: &Roles, opts: &ConnectOptions) -> Result<Parts> {
     let target = conn::Target::parse(url)?;
     let conn = conn::Conn::open(target, opts).await?;
+    if roles.registry {
+        // A namespace of the global-index layout (before 2026-12-07) is moved first.
+        migrate::migrate_global_indexes(&conn).await?;
+    }
     let bus = roles
         .bus
         .then(|| Arc::new(RedisBus::new(conn.clone(), opts.max_deliveries)));

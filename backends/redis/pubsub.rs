@@ -33,7 +33,7 @@ type Subscribers = Vec<(u64, mpsc::Sender<Vec<u8>>)>;
 #[derive(Default)]
 struct Routes {
     events: Mutex<HashMap<Vec<u8>, Subscribers>>,
-    wakes: Mutex<HashMap<Vec<u8>, Arc<Notify>>>,
+    wakes: Mutex<HashMap<Vec<u8>, Arc<Wake>>>,
     reconnecting: AtomicBool,
     hub: OnceLock<Weak<PubSub>>,
 }
@@ -49,8 +49,8 @@ impl Routes {
                 let (Some(channel), Some(payload)) = (bytes(channel), bytes(payload)) else {
                     return;
                 };
-                if let Some(n) = self.wakes.lock().get(&channel) {
-                    n.notify_waiters();
+                if let Some(w) = self.wakes.lock().get(&channel) {
+                    w.fire();
                     return;
                 }
                 let mut events = self.events.lock();
@@ -69,6 +69,11 @@ impl Routes {
             }
             PushKind::Disconnection => {
                 tracing::warn!(backend = BACKEND, "pub/sub connection lost; reconnecting");
+                // Wake-ups are lost from now on: what a fetch learnt about a queue being
+                // empty no longer holds (see `Wake::generation`).
+                for w in self.wakes.lock().values() {
+                    w.generation.fetch_add(1, Ordering::AcqRel);
+                }
                 if !self.reconnecting.swap(true, Ordering::AcqRel) {
                     match tokio::runtime::Handle::try_current() {
                         Ok(rt) => {
@@ -107,9 +112,36 @@ impl Routes {
             }
         }
         self.reconnecting.store(false, Ordering::Release);
-        for n in self.wakes.lock().values() {
-            n.notify_waiters();
+        for w in self.wakes.lock().values() {
+            w.fire();
         }
+    }
+}
+
+/// The wake-ups of one queue: a [`Notify`] for the consumers waiting now, and a count of the
+/// wake-ups (and of the losses of the connection that carries them), with which a consumer
+/// knows that none came since a given moment.
+#[derive(Default)]
+pub(crate) struct Wake {
+    notify: Notify,
+    generation: AtomicU64,
+}
+
+impl Wake {
+    fn fire(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+
+    /// Completes at the next wake-up after it is enabled (as [`Notify::notified`]).
+    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+
+    /// Wake-ups (and connection losses) so far: unchanged between two readings means no
+    /// wake-up came between them.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 }
 
@@ -245,9 +277,9 @@ impl PubSub {
         }
     }
 
-    /// The [`Notify`] fired when `channel` (a queue's wake channel) gets a message, after a
+    /// The [`Wake`] fired when `channel` (a queue's wake channel) gets a message, after a
     /// reconnect, subscribing on first use.
-    pub async fn wake(&self, channel: &str) -> Result<Arc<Notify>> {
+    pub async fn wake(&self, channel: &str) -> Result<Arc<Wake>> {
         let key = channel.as_bytes();
         if let Some(n) = self.routes.wakes.lock().get(key) {
             return Ok(n.clone());
@@ -260,7 +292,7 @@ impl PubSub {
         m.subscribe(channel.as_bytes())
             .await
             .map_err(|e| self.conn.error("SUBSCRIBE", e))?;
-        let n = Arc::new(Notify::new());
+        let n = Arc::new(Wake::default());
         self.routes.wakes.lock().insert(key.to_vec(), n.clone());
         Ok(n)
     }

@@ -35,6 +35,9 @@ struct Immutable {
     max_attempts: u32,
     depends_on: Vec<TaskId>,
     created_at: DateTime<Utc>,
+    timeout: Option<std::time::Duration>,
+    deadline: Option<DateTime<Utc>>,
+    traceparent: Option<String>,
     /// `created_at` as stored, compared with what the transition script reads.
     created_at_text: String,
 }
@@ -48,6 +51,9 @@ impl Immutable {
             max_attempts: task.max_attempts,
             depends_on: task.depends_on.clone(),
             created_at: task.created_at,
+            timeout: task.timeout,
+            deadline: task.deadline,
+            traceparent: task.traceparent.clone(),
             created_at_text: codec::format_time(task.created_at),
         }
     }
@@ -61,6 +67,9 @@ impl Immutable {
             max_attempts: self.max_attempts,
             depends_on: self.depends_on.clone(),
             created_at: self.created_at,
+            timeout: self.timeout,
+            deadline: self.deadline,
+            traceparent: self.traceparent.clone(),
             state,
         }
     }
@@ -896,6 +905,43 @@ impl Registry for RedisRegistry {
             tracing::info!(deleted = total, "purged finished tasks");
         }
         Ok(total)
+    }
+
+    // The operator's controls: backends/redis/control.rs.
+    async fn queues(&self) -> Result<Vec<QueueName>> {
+        self.conn.task_queues().await
+    }
+    async fn queue_counts(&self, queue: &QueueName) -> Result<StatusCounts> {
+        super::control::queue_counts(&self.conn, &self.qk(queue)).await
+    }
+    async fn paused_queues(&self) -> Result<std::collections::BTreeSet<QueueName>> {
+        super::control::paused_queues(&self.conn).await
+    }
+    async fn set_queue_paused(&self, queue: &QueueName, paused: bool) -> Result<bool> {
+        super::control::set_paused(&self.conn, queue, paused).await
+    }
+    async fn queue_limits(
+        &self,
+    ) -> Result<std::collections::BTreeMap<QueueName, crate::queue_limits::QueueLimits>> {
+        super::control::queue_limits(&self.conn).await
+    }
+    async fn set_queue_limits(
+        &self,
+        queue: &QueueName,
+        limits: &crate::queue_limits::QueueLimits,
+    ) -> Result<bool> {
+        super::control::set_limits(&self.conn, queue, limits).await
+    }
+
+    // Schedules: backends/redis/schedules.rs.
+    async fn schedules(&self) -> Result<Vec<crate::schedule::Schedule>> {
+        super::schedules::schedules(&self.conn).await
+    }
+    async fn put_schedule(&self, schedule: &crate::schedule::Schedule) -> Result<bool> {
+        super::schedules::put(&self.conn, schedule).await
+    }
+    async fn remove_schedule(&self, name: &crate::schedule::ScheduleName) -> Result<bool> {
+        super::schedules::remove(&self.conn, name).await
     }
 }
 

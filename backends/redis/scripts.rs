@@ -99,8 +99,13 @@ lua_script!(
     LOCK_HOLDER = include_str!("lua/lock_holder.lua")
 );
 
+lua_script!(
+    /// Moves one key of the global-index layout (before 2026-12-07) to the per-queue keys.
+    MIGRATE_GLOBAL = include_str!("lua/migrate_global.lua")
+);
+
 /// Every script, for `SCRIPT LOAD` at connect time.
-pub(crate) static ALL: [&LuaScript; 19] = [
+pub(crate) static ALL: [&LuaScript; 20] = [
     &ENQUEUE,
     &FETCH,
     &ACK,
@@ -120,4 +125,5 @@ pub(crate) static ALL: [&LuaScript; 19] = [
     &LOCK_EXTEND,
     &LOCK_RELEASE,
     &LOCK_HOLDER,
+    &MIGRATE_GLOBAL,
 ];

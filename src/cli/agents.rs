@@ -1,7 +1,7 @@
 //! `orchestra worker`: built-in agents for trying things out.
 //!
 //! * `echo` returns its payload;
-//! * `sleep` sleeps `{"ms": N}` milliseconds;
+//! * `sleep` sleeps `{"ms": N}` milliseconds (and stops when the task is cancelled);
 //! * `fail` fails (retryably) with probability `{"p": 0.3}` (else `--fail-probability`, else
 //!   0.5) and otherwise returns its payload.
 
@@ -56,7 +56,7 @@ pub struct WorkerArgs {
 pub enum Agent {
     /// Returns the payload.
     Echo,
-    /// Sleeps `{"ms": N}`.
+    /// Sleeps `{"ms": N}`, reporting its progress each second.
     Sleep,
     /// Fails with a probability.
     Fail,
@@ -98,8 +98,23 @@ impl Agent {
                             "the sleep agent expects a payload like {\"ms\": 250} (at most an hour)",
                         )
                     })?;
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                Ok(json!({ "slept_ms": ms }))
+                // Reports how far it got each second (`dispatch --wait` and `task get` show it).
+                let started = tokio::time::Instant::now();
+                let end = started + Duration::from_millis(ms);
+                loop {
+                    let tick = end.min(tokio::time::Instant::now() + Duration::from_secs(1));
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(tick) => {}
+                        // Cancelled while running: stop sleeping (the outcome is discarded).
+                        _ = ctx.cancelled() => return Err(TaskError::permanent("cancelled")),
+                    }
+                    if tick >= end {
+                        return Ok(json!({ "slept_ms": ms }));
+                    }
+                    let slept = started.elapsed().as_millis() as u64;
+                    ctx.progress(json!({ "slept_ms": slept, "of_ms": ms }))
+                        .map_err(|e| TaskError::permanent(e.to_string()))?;
+                }
             }),
             Agent::Fail => handler_fn(move |ctx| async move {
                 let p = match ctx.task.payload.get("p") {
@@ -278,15 +293,17 @@ pub async fn run(ctx: &Ctx, a: WorkerArgs) -> Result<(), CliError> {
             "completed": completed,
             "retried": retried,
             "failed": failed,
+            "cancelled": report.metrics.cancelled,
         }));
     } else {
         println!(
-            "worker {worker_id} stopped ({}): completed {completed}, retried {retried}, failed {failed}, handed back {}",
+            "worker {worker_id} stopped ({}): completed {completed}, retried {retried}, failed {failed}, cancelled {}, handed back {}",
             match (report.clean, report.deadline_passed) {
                 (true, false) => "clean",
                 (true, true) => "deadline passed",
                 (false, _) => "not clean",
             },
+            report.metrics.cancelled,
             report.handed_back,
         );
     }

@@ -10,8 +10,15 @@ use agent_orchestra::{Priority, QueueName, Task, TaskFilter, TaskId, TaskStatus}
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::output::{short_json, task_block, task_row, TASK_HEADER};
+use super::output::{task_block, task_row, TASK_HEADER};
 use super::{duration_arg, shutdown_signal, CliError, Ctx};
+
+/// A time given on the command line: RFC 3339 (`2026-12-08T10:00:00Z`, any offset).
+fn time_arg(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s.trim())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time such as 2026-12-08T10:00:00Z: {e}"))
+}
 
 /// `orchestra dispatch`.
 #[derive(Args)]
@@ -36,6 +43,24 @@ pub struct DispatchArgs {
     /// Use this id instead of a generated one.
     #[arg(long)]
     id: Option<String>,
+    /// Run each attempt at most this long (e.g. 30s): the handler is then stopped and the
+    /// attempt fails and is retried. Overrides the worker's handler_timeout.
+    #[arg(long, value_parser = duration_arg, value_name = "DURATION")]
+    task_timeout: Option<Duration>,
+    /// Start no attempt after this time (RFC 3339, e.g. 2026-12-08T10:00:00Z): a task not
+    /// started by then fails instead of running late.
+    #[arg(long, value_parser = time_arg, value_name = "TIME", conflicts_with = "deadline_in")]
+    deadline: Option<chrono::DateTime<chrono::Utc>>,
+    /// The deadline as a duration from now (e.g. 10m).
+    #[arg(long, value_parser = duration_arg, value_name = "DURATION")]
+    deadline_in: Option<Duration>,
+    /// An idempotency key: while it lives (--unique-for), a dispatch with the same key
+    /// registers nothing and prints the id of the task that took it.
+    #[arg(long, value_name = "KEY", requires = "unique_for")]
+    unique_key: Option<String>,
+    /// How long the --unique-key lives from this dispatch (e.g. 10m).
+    #[arg(long, value_parser = duration_arg, value_name = "DURATION", requires = "unique_key")]
+    unique_for: Option<Duration>,
     /// Wait for the outcome and print it (exit 1 if the task fails).
     #[arg(long)]
     wait: bool,
@@ -112,16 +137,6 @@ pub struct MonitorArgs {
     queues: Vec<String>,
 }
 
-/// `orchestra dead-letters`.
-#[derive(Args)]
-pub struct DeadLettersArgs {
-    /// The queue.
-    queue: String,
-    /// How many, most recent first.
-    #[arg(long, default_value_t = 20)]
-    limit: usize,
-}
-
 /// `orchestra purge`.
 #[derive(Args)]
 pub struct PurgeArgs {
@@ -171,14 +186,33 @@ pub async fn dispatch(ctx: &Ctx, a: DispatchArgs) -> Result<(), CliError> {
         depends_on.clone(),
         &ctx.config.limits(),
     )?;
-    let d = dispatcher(ctx, ctx.connect_shared().await?);
     let has_parents = !depends_on.is_empty();
+    let deadline = match (a.deadline, a.deadline_in) {
+        (Some(at), _) => Some(at),
+        (None, Some(d)) => Some(
+            chrono::TimeDelta::from_std(d)
+                .ok()
+                .and_then(|d| chrono::Utc::now().checked_add_signed(d))
+                .ok_or_else(|| CliError::Usage("--deadline-in: too far in the future".into()))?,
+        ),
+        (None, None) => None,
+    };
     let options = DispatchOptions {
         max_attempts: a.max_attempts,
         depends_on,
         delay: a.delay,
         task_id,
+        timeout: a.task_timeout,
+        deadline,
+        unique: a
+            .unique_key
+            .zip(a.unique_for)
+            .map(|(key, ttl)| agent_orchestra::engine::Unique { key, ttl }),
+        traceparent: None,
     };
+    // Bad timeouts, deadlines and keys are usage errors even when the broker is down.
+    options.validate()?;
+    let d = dispatcher(ctx, ctx.connect_shared().await?);
     let id = d
         .dispatch(queue.as_str(), payload, priority.get().into(), options)
         .await?;
@@ -205,7 +239,24 @@ pub async fn dispatch(ctx: &Ctx, a: DispatchArgs) -> Result<(), CliError> {
             agent_orchestra::config::format_duration(a.timeout)
         );
     }
-    let task = match d.wait(&id, a.timeout).await {
+    // Without --json, what changes while it waits goes to stderr: the attempt that started,
+    // and each progress report its handler makes (read at most once a second).
+    let quiet = ctx.out.json;
+    let mut shown_attempt = 0;
+    let watching = d.wait_watching(&id, a.timeout, Duration::from_secs(1), |t| {
+        let s = &t.state;
+        if quiet || s.status != TaskStatus::Running {
+            return;
+        }
+        if s.attempt != shown_attempt {
+            shown_attempt = s.attempt;
+            eprintln!("running (attempt {})", s.attempt);
+        }
+        if let Some(p) = &s.progress {
+            eprintln!("progress (attempt {}): {p}", s.attempt);
+        }
+    });
+    let task = match watching.await {
         Ok(t) => t,
         Err(agent_orchestra::Error::Timeout(m)) => return Err(CliError::Failed(m)),
         Err(e) => return Err(e.into()),
@@ -218,7 +269,7 @@ pub async fn dispatch(ctx: &Ctx, a: DispatchArgs) -> Result<(), CliError> {
 /// for `-`. A file or stdin is read up to `max_bytes` (the payload limit): past it, the read
 /// stops and the error says so (exit 2), so `/dev/zero` or an endless pipe cannot exhaust
 /// memory.
-fn payload_text(arg: &str, max_bytes: usize) -> Result<String, CliError> {
+pub(super) fn payload_text(arg: &str, max_bytes: usize) -> Result<String, CliError> {
     use std::io::Read;
     let (source, reader): (String, Box<dyn Read>) = if arg == "-" {
         ("stdin".into(), Box::new(std::io::stdin().lock()))
@@ -413,60 +464,21 @@ pub async fn cancel(ctx: &Ctx, id: &str) -> Result<(), CliError> {
 pub async fn retry(ctx: &Ctx, id: &str) -> Result<(), CliError> {
     let id = TaskId::parse(id)?;
     let d = dispatcher(ctx, ctx.connect_shared().await?);
-    let task = d.retry(&id).await?;
+    let task = match d.retry(&id).await {
+        // The id a dead-letter listing shows first is its message's, not a task's.
+        Err(e @ agent_orchestra::Error::TaskNotFound(_)) => {
+            return Err(CliError::Failed(format!(
+                "{e}; retry takes a task id (a dead letter's message id is not one: put a dead letter back with `orchestra dead-letters QUEUE --requeue ID`)"
+            )))
+        }
+        r => r?,
+    };
     if ctx.out.json {
         ctx.out.json(&task);
     } else {
         println!(
             "task {id} is {} again on {} (attempts used so far: {})",
             task.state.status, task.queue, task.state.attempt
-        );
-    }
-    Ok(())
-}
-
-pub async fn dead_letters(ctx: &Ctx, a: DeadLettersArgs) -> Result<(), CliError> {
-    let queue = QueueName::parse(&a.queue)?;
-    if a.limit == 0 {
-        return Err(CliError::Usage("--limit must be at least 1".into()));
-    }
-    let (backends, found) = ctx.connect_to_read(std::slice::from_ref(&queue)).await?;
-    // A queue that does not exist has no dead letters; asking the bus would declare it.
-    let letters = match found[0] {
-        true => backends.bus.dead_letters(&queue, a.limit).await?,
-        false => Vec::new(),
-    };
-    if ctx.out.json {
-        let list: Vec<_> = letters
-            .iter()
-            .map(|l| {
-                json!({
-                    "queue": l.queue,
-                    "message_id": l.message_id,
-                    "payload": String::from_utf8_lossy(&l.payload),
-                    "reason": l.reason,
-                    "delivery_count": l.delivery_count,
-                    "dead_at": l.dead_at,
-                })
-            })
-            .collect();
-        ctx.out.json(&json!({"queue": queue, "dead_letters": list}));
-        return Ok(());
-    }
-    if letters.is_empty() {
-        println!("no dead letters on {queue}");
-    }
-    for l in &letters {
-        let payload = String::from_utf8_lossy(&l.payload);
-        let preview = short_json(&serde_json::Value::String(payload.into_owned()), 80);
-        println!(
-            "{}  {}  deliveries {}  {}\n  reason   {}\n  payload  {}",
-            l.message_id,
-            l.dead_at.format("%Y-%m-%d %H:%M:%S%.3fZ"),
-            l.delivery_count,
-            l.queue,
-            l.reason,
-            preview
         );
     }
     Ok(())
@@ -494,6 +506,8 @@ pub(super) fn report_line(r: &MonitorReport) -> String {
         ("unblocked", r.unblocked),
         ("reannounced", r.reannounced),
         ("purged", r.purged),
+        ("scheduled", r.scheduled),
+        ("skipped_occurrences", r.skipped_occurrences),
     ] {
         if n > 0 {
             line.push_str(&format!("  {name}={n}"));

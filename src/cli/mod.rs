@@ -7,9 +7,13 @@
 mod agents;
 mod bench;
 mod commands;
+#[cfg(feature = "dashboard")]
+mod dashboard;
 mod demo;
 mod metrics;
 mod output;
+mod queues;
+mod schedule;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -126,18 +130,28 @@ enum Command {
     Monitor(commands::MonitorArgs),
     /// Runs built-in agents (echo, sleep, fail) on named queues until Ctrl-C.
     Worker(agents::WorkerArgs),
-    /// Cancels a WAITING or PENDING task.
+    /// Cancels a WAITING, PENDING or RUNNING task (a running handler is asked to stop).
     Cancel {
         /// The task's id.
         id: String,
     },
-    /// Puts a FAILED or CANCELLED task back on its queue.
+    /// Puts a FAILED or CANCELLED task back on its queue (a PENDING one is announced again).
     Retry {
         /// The task's id.
         id: String,
     },
-    /// The dead letters of a queue.
-    DeadLetters(commands::DeadLettersArgs),
+    /// The dead letters of a queue: lists them, or puts them back (--requeue) or deletes them
+    /// (--delete).
+    DeadLetters(queues::DeadLettersArgs),
+    /// Lists the queues (sizes, paused or not, limits, tasks by status); pauses, resumes or
+    /// limits one.
+    Queues(queues::QueuesArgs),
+    /// Schedules: tasks dispatched on a cron expression or at a fixed interval by the acting
+    /// monitor (add, list, pause, resume, remove).
+    Schedule {
+        #[command(subcommand)]
+        command: schedule::ScheduleCommand,
+    },
     /// Deletes finished (COMPLETED, FAILED, CANCELLED) tasks beyond a retention.
     Purge(commands::PurgeArgs),
     /// Deletes everything under --prefix on the brokers: queues, messages, dead letters, tasks,
@@ -147,6 +161,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Prints the effective configuration (secrets redacted).
     Config,
+    /// Serves the web dashboard (live tasks, queues, workers, dead letters) until Ctrl-C.
+    #[cfg(feature = "dashboard")]
+    Dashboard(dashboard::DashboardArgs),
 }
 
 /// What a command needs: the effective configuration and the output mode.
@@ -423,10 +440,14 @@ async fn run(ctx: &Ctx, command: Command) -> Result<(), CliError> {
         Command::Worker(a) => agents::run(ctx, a).await,
         Command::Cancel { id } => commands::cancel(ctx, &id).await,
         Command::Retry { id } => commands::retry(ctx, &id).await,
-        Command::DeadLetters(a) => commands::dead_letters(ctx, a).await,
+        Command::DeadLetters(a) => queues::dead_letters(ctx, a).await,
+        Command::Queues(a) => queues::queues(ctx, a).await,
+        Command::Schedule { command } => schedule::schedule(ctx, command).await,
         Command::Purge(a) => commands::purge(ctx, a).await,
         Command::DropNamespace(a) => commands::drop_namespace(ctx, a).await,
         Command::Bench(a) => bench::run(ctx, a).await,
+        #[cfg(feature = "dashboard")]
+        Command::Dashboard(a) => dashboard::run(ctx, a).await,
         Command::Config => {
             if ctx.out.json {
                 ctx.out.json(&ctx.config.redacted());

@@ -77,12 +77,22 @@ pub fn task_block(t: &Task) -> String {
         lines.push(format!("  depends on   {}", deps.join(", ")));
     }
     lines.push(format!("  created      {}", stamp(Some(t.created_at))));
+    if let Some(timeout) = t.timeout {
+        let t = agent_orchestra::config::format_duration(timeout);
+        lines.push(format!("  timeout      {t} per attempt"));
+    }
+    if t.deadline.is_some() {
+        lines.push(format!("  deadline     {}", stamp(t.deadline)));
+    }
     lines.push(format!("  updated      {}", stamp(Some(s.updated_at))));
     if s.started_at.is_some() {
         lines.push(format!("  started      {}", stamp(s.started_at)));
     }
     if s.status == TaskStatus::Running {
         lines.push(format!("  lease until  {}", stamp(s.lease_until)));
+    }
+    if let Some(p) = &s.progress {
+        lines.push(format!("  progress     {p}"));
     }
     if s.status == TaskStatus::Pending && s.ready_at.is_some_and(|r| r > s.updated_at) {
         lines.push(format!("  ready at     {}", stamp(s.ready_at)));

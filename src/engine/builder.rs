@@ -11,7 +11,7 @@ use crate::model::{Priority, TaskId};
 use super::dispatcher::{DispatchOptions, Dispatcher};
 
 /// A task being described for [`Dispatcher::task`]: its payload (any `Serialize` type), its
-/// priority, delay, attempts, id and dependencies, each named. Nothing is stored before
+/// priority, delay, attempts, id, dependencies, timeout, deadline and unique key, each named. Nothing is stored before
 /// [`send`](TaskBuilder::send), which validates everything and reports the first problem as
 /// [`Error::InvalidInput`].
 ///
@@ -89,6 +89,26 @@ impl<'d> TaskBuilder<'d> {
     /// Run no earlier than `delay` from now (not with [`after`](TaskBuilder::after)).
     pub fn delay(mut self, delay: Duration) -> Self {
         self.options.delay = delay;
+        self
+    }
+
+    /// Run each attempt at most `timeout` (see [`DispatchOptions::timeout`]): overrides the
+    /// worker's `handler_timeout`.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.options.timeout = Some(timeout);
+        self
+    }
+
+    /// Start no attempt after `at` (see [`DispatchOptions::deadline`]).
+    pub fn deadline(mut self, at: chrono::DateTime<chrono::Utc>) -> Self {
+        self.options.deadline = Some(at);
+        self
+    }
+
+    /// At most one task per `key` while it lives, `ttl` from now: a duplicate returns the id
+    /// of the task that took the key (see [`DispatchOptions::unique`]).
+    pub fn unique(mut self, key: impl Into<String>, ttl: Duration) -> Self {
+        self.options = self.options.unique(key, ttl);
         self
     }
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use crate::bundle::Backends;
@@ -13,8 +13,12 @@ use crate::model::{Limits, Priority, QueueName, Task, TaskId, TaskState, TaskSta
 
 use super::builder::TaskBuilder;
 use super::flow;
+use super::trace;
+use super::unique::{self, Unique};
+use super::worker::{CancelNotice, CANCELS_TOPIC};
 use crate::task_queue::{withdraw, NOT_ANNOUNCED};
 use crate::wire::{TaskEvent, EVENTS_TOPIC};
+use tracing::Instrument;
 
 /// Options of [`Dispatcher::dispatch`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,8 +34,25 @@ pub struct DispatchOptions {
     /// taken by a task with the same queue, payload, priority, attempts and dependencies, the
     /// dispatch returns that task's id (announcing it again if it was never claimed, so a
     /// caller who retries a dispatch that failed loses nothing and creates no duplicate);
-    /// when the id is taken by another task, it fails with [`Error::TaskExists`].
+    /// when the id is taken by another task, it fails with [`Error::TaskExists`]. (The
+    /// deadline is not compared: a deadline given as "in 10 minutes" differs from one call
+    /// to the next.)
     pub task_id: Option<TaskId>,
+    /// Run each attempt at most this long (whole milliseconds, more than zero): past it the
+    /// handler's cancellation signal is set, the handler is dropped after the worker's
+    /// `cancel_grace`, and the attempt fails retryably ("timed out after T"). Overrides the
+    /// worker's `handler_timeout`. See docs/design.md, "Per-task timeout and deadline".
+    pub timeout: Option<Duration>,
+    /// Start no attempt after this time: a task still unstarted then fails ("deadline ...
+    /// passed before a worker started it") instead of running late, and a failed attempt is
+    /// not retried when the retry would start after it. Must be in the future at dispatch.
+    pub deadline: Option<DateTime<Utc>>,
+    /// Dispatch at most one task per key while the key lives: see [`DispatchOptions::unique`].
+    pub unique: Option<Unique>,
+    /// A W3C `traceparent` to continue (from an incoming request, say): the dispatch span is
+    /// its child. Without it the dispatch span continues the current span's trace (feature
+    /// `otel`). Without the feature it is stored with the task as given.
+    pub traceparent: Option<String>,
 }
 
 impl Default for DispatchOptions {
@@ -41,6 +62,10 @@ impl Default for DispatchOptions {
             depends_on: Vec::new(),
             delay: Duration::ZERO,
             task_id: None,
+            timeout: None,
+            deadline: None,
+            unique: None,
+            traceparent: None,
         }
     }
 }
@@ -61,6 +86,65 @@ impl DispatchOptions {
     /// Sets `delay`.
     pub fn delay(mut self, d: Duration) -> Self {
         self.delay = d;
+        self
+    }
+
+    /// Sets `timeout`: each attempt runs at most `t`.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+
+    /// Sets `deadline`: no attempt starts after `at`.
+    pub fn deadline(mut self, at: DateTime<Utc>) -> Self {
+        self.deadline = Some(at);
+        self
+    }
+
+    /// Checks the timeout, the deadline (not passed, and not before the end of the delay) and
+    /// the unique key and TTL, as [`Dispatcher::dispatch`] does; errors are
+    /// [`Error::InvalidInput`] naming the option (`timeout`, `deadline`, `unique_key`,
+    /// `unique_for`).
+    pub fn validate(&self) -> Result<()> {
+        if let Some(t) = self.timeout {
+            check_timeout(t)?;
+        }
+        if let Some(at) = self.deadline {
+            check_deadline(at, crate::clock::after(Utc::now(), self.delay))?;
+        }
+        if let Some(u) = &self.unique {
+            u.validate()?;
+        }
+        if let Some(tp) = &self.traceparent {
+            crate::model::validate_traceparent(tp)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the dispatch unique by `key` for `ttl`: while the key lives, a dispatch with the
+    /// same key registers nothing and returns the id of the task that took the key. The key
+    /// lives for `ttl` from the dispatch that took it, whatever becomes of that task (an
+    /// idempotency key: a duplicate within the TTL gets the first id even after that task
+    /// finished); after it, the next dispatch creates a new task. Keys are namespace-wide
+    /// (not per queue): 1..=192 characters from `[A-Za-z0-9_.:-]`; the TTL is more than zero
+    /// and at most 365 days. See docs/design.md, "Unique tasks".
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use agent_orchestra::{Backends, DispatchOptions, Dispatcher};
+    /// let d = Dispatcher::new(Backends::memory());
+    /// let once = || DispatchOptions::default().unique("report-2026-12-07", Duration::from_secs(600));
+    /// let first = d.dispatch("reports", serde_json::json!({}), 5, once()).await.unwrap();
+    /// let again = d.dispatch("reports", serde_json::json!({}), 5, once()).await.unwrap();
+    /// assert_eq!(first, again);
+    /// # });
+    /// ```
+    pub fn unique(mut self, key: impl Into<String>, ttl: Duration) -> Self {
+        self.unique = Some(Unique {
+            key: key.into(),
+            ttl,
+        });
         self
     }
 }
@@ -131,6 +215,9 @@ impl Dispatcher {
         if let Some(id) = &options.task_id {
             task.task_id = id.clone();
         }
+        options.validate()?;
+        task.timeout = options.timeout.map(check_timeout).transpose()?;
+        task.deadline = options.deadline;
         if task.depends_on.contains(&task.task_id) {
             return Err(Error::invalid(
                 "depends_on",
@@ -160,6 +247,29 @@ impl Dispatcher {
         Ok(task)
     }
 
+    /// Checks a task handed to [`Dispatcher::dispatch_many`] as [`Dispatcher::build`] checks
+    /// what it builds (its fields are public, so it may come from anywhere): the limits on
+    /// payload, attempts and dependencies, the timeout, the deadline, the traceparent and the
+    /// delivery budget.
+    fn check_task(&self, task: &Task) -> Result<()> {
+        crate::model::check_limits(
+            &task.payload,
+            task.max_attempts,
+            &task.depends_on,
+            &self.limits,
+        )?;
+        if let Some(t) = task.timeout {
+            check_timeout(t)?;
+        }
+        if let Some(at) = task.deadline {
+            check_deadline(at, Utc::now())?;
+        }
+        if let Some(tp) = &task.traceparent {
+            crate::model::validate_traceparent(tp)?;
+        }
+        self.check_budget(task)
+    }
+
     /// Refuses a task whose attempts the bus cannot deliver: every attempt is a delivery of its
     /// message, and past the bus's `max_deliveries` the message is dead-lettered while the task
     /// still has attempts left (it would stay PENDING with no message).
@@ -178,7 +288,8 @@ impl Dispatcher {
     }
 
     /// Registers a task and announces it (or parks it in WAITING until its dependencies
-    /// complete). Returns its id once it is durably registered and queued.
+    /// complete). Returns its id once it is durably registered and queued; with
+    /// [`DispatchOptions::unique`], the id of the task that holds the key when one does.
     pub async fn dispatch(
         &self,
         queue: &str,
@@ -187,6 +298,30 @@ impl Dispatcher {
         options: DispatchOptions,
     ) -> Result<TaskId> {
         let mut task = self.build(queue, payload, priority, &options)?;
+        let span = trace::publish_span(self.backends.bus.backend(), &task);
+        if let Some(tp) = &options.traceparent {
+            trace::set_remote_parent(&span, tp);
+        }
+        // The dispatch span's own context when traces are on, else what the caller gave.
+        task.traceparent = trace::traceparent_of(&span).or_else(|| options.traceparent.clone());
+        if !task.depends_on.is_empty() {
+            trace::link_parents(&span, self.backends.registry.as_ref(), &task.depends_on).await;
+        }
+        let run = async {
+            match &options.unique {
+                Some(u) => unique::dispatch(self, u, task, &options).await,
+                None => self.dispatch_built(task, &options).await,
+            }
+        };
+        run.instrument(span).await
+    }
+
+    /// [`Dispatcher::dispatch`] of a task already built and validated.
+    pub(super) async fn dispatch_built(
+        &self,
+        mut task: Task,
+        options: &DispatchOptions,
+    ) -> Result<TaskId> {
         if !options.delay.is_zero() {
             // The monitor must not take a delayed task for one whose message was lost.
             task.state.ready_at = Some(crate::clock::after(task.created_at, options.delay));
@@ -246,11 +381,13 @@ impl Dispatcher {
     /// A dependency must exist, or come earlier in the batch (so a batch cannot hold a cycle);
     /// a task that depends on itself, on a task that does not exist, on a later one in the
     /// batch, or on one refused here gets `Error::InvalidInput` as its result (it would wait
-    /// forever) and is not registered.
+    /// forever) and is not registered. So does a task that [`Dispatcher::build`] would not
+    /// have built: a payload, attempts or dependencies over the limits, a timeout out of
+    /// bounds, a deadline that has passed, a malformed traceparent.
     pub async fn dispatch_many(&self, tasks: Vec<Task>) -> Result<Vec<Result<TaskId>>> {
         if tasks
             .iter()
-            .all(|t| t.depends_on.is_empty() && self.check_budget(t).is_ok())
+            .all(|t| t.depends_on.is_empty() && self.check_task(t).is_ok())
         {
             let submitted = self.backends.tasks().submit(&tasks).await?;
             let mut out = Vec::with_capacity(tasks.len());
@@ -267,7 +404,7 @@ impl Dispatcher {
             .collect();
         let mut exists: HashMap<&TaskId, bool> = HashMap::new();
         for (i, t) in tasks.iter().enumerate() {
-            if let Err(e) = self.check_budget(t) {
+            if let Err(e) = self.check_task(t) {
                 out[i] = Some(Err(e));
                 continue;
             }
@@ -336,7 +473,7 @@ impl Dispatcher {
     }
 
     /// A dispatch of `wanted` whose id is taken. The same request again (same queue, payload,
-    /// priority, attempts and dependencies) returns the id: a task whose dispatch was undone
+    /// priority, attempts, dependencies and timeout) returns the id: a task whose dispatch was undone
     /// (FAILED, "not announced") is put back to PENDING and announced; a PENDING task never
     /// claimed is announced again (its message may be the one that was lost; if not, the worker
     /// that finds the task already claimed drops the extra one); any other is left as it is.
@@ -350,7 +487,8 @@ impl Dispatcher {
             && found.payload == wanted.payload
             && found.priority == wanted.priority
             && found.max_attempts == wanted.max_attempts
-            && found.depends_on == wanted.depends_on;
+            && found.depends_on == wanted.depends_on
+            && found.timeout == wanted.timeout;
         if !same {
             return Err(Error::TaskExists(id.clone()));
         }
@@ -411,10 +549,49 @@ impl Dispatcher {
     pub async fn wait(&self, id: &TaskId, timeout: Duration) -> Result<Task> {
         /// The longest a wait goes without reading the task, whatever other events arrive.
         const REREAD: Duration = Duration::from_secs(5);
+        self.wait_watching(id, timeout, REREAD, |_| {}).await
+    }
+
+    /// [`wait`](Self::wait), also reading the task at least every `every` and calling `seen`
+    /// with it whenever its status, attempt or progress ([`TaskState::progress`]) changed:
+    /// how a caller shows a running task's progress while it waits. `seen` is called with
+    /// the first read too, and with the terminal task before it is returned. `every` is at
+    /// least 100 ms.
+    ///
+    /// ```no_run
+    /// # async fn f(d: agent_orchestra::engine::Dispatcher, id: agent_orchestra::TaskId) -> agent_orchestra::Result<()> {
+    /// use std::time::Duration;
+    /// let done = d
+    ///     .wait_watching(&id, Duration::from_secs(60), Duration::from_secs(1), |t| {
+    ///         if let Some(p) = &t.state.progress {
+    ///             eprintln!("{}: {p}", t.task_id);
+    ///         }
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn wait_watching(
+        &self,
+        id: &TaskId,
+        timeout: Duration,
+        every: Duration,
+        mut seen: impl FnMut(&Task) + Send,
+    ) -> Result<Task> {
+        let every = every.max(Duration::from_millis(100));
         let mut sub = self.backends.bus.subscribe(EVENTS_TOPIC).await?;
         let deadline = tokio::time::Instant::now() + crate::clock::capped(timeout);
+        let mut last: Option<(TaskStatus, u32, Option<Value>)> = None;
         loop {
             let task = self.get(id).await?;
+            let now = (
+                task.state.status,
+                task.state.attempt,
+                task.state.progress.clone(),
+            );
+            if last.as_ref() != Some(&now) {
+                seen(&task);
+                last = Some(now);
+            }
             if task.state.status.is_terminal() {
                 return Ok(task);
             }
@@ -426,7 +603,7 @@ impl Dispatcher {
             }
             // Until this task's terminal event, the next re-read, or the deadline (which reads
             // once more before giving up): other tasks' events do not put the re-read off.
-            let until = deadline.min(tokio::time::Instant::now() + REREAD);
+            let until = deadline.min(tokio::time::Instant::now() + every);
             loop {
                 match tokio::time::timeout_at(until, sub.recv()).await {
                     Ok(Some(bytes)) => match TaskEvent::decode(&bytes) {
@@ -443,14 +620,30 @@ impl Dispatcher {
         }
     }
 
-    /// Cancels a WAITING or PENDING task. Its dependents fail. A RUNNING task cannot be
-    /// cancelled (its handler is already running): [`Error::IllegalTransition`].
+    /// Cancels a WAITING, PENDING or RUNNING task. Its dependents fail.
+    ///
+    /// A RUNNING task becomes CANCELLED at once, by compare-and-set on its attempt: that
+    /// attempt's outcome can no longer be recorded (a late completion is refused like any
+    /// outcome of a lost lease). Its worker is told on the bus ([`CANCELS_TOPIC`]), or finds
+    /// out at the attempt's next heartbeat if the notice is lost; it sets the handler's
+    /// [`TaskContext::cancelled`](crate::engine::TaskContext::cancelled) signal and drops a
+    /// handler that has not returned after [`WorkerConfig::cancel_grace`](crate::engine::WorkerConfig).
+    /// A finished task cannot be cancelled: [`Error::IllegalTransition`].
     pub async fn cancel(&self, id: &TaskId) -> Result<Task> {
         let task = self.get(id).await?;
         let now = Utc::now();
+        let running = task.state.status == TaskStatus::Running;
         let next = TaskState {
             status: TaskStatus::Cancelled,
-            error: Some("cancelled by an operator".into()),
+            error: Some(match running {
+                true => format!(
+                    "cancelled by an operator while running (attempt {} on worker {})",
+                    task.state.attempt,
+                    task.state.worker_id.as_deref().unwrap_or("?")
+                ),
+                false => "cancelled by an operator".into(),
+            }),
+            lease_until: None,
             finished_at: Some(now),
             updated_at: now,
             ..task.state.clone()
@@ -460,6 +653,18 @@ impl Dispatcher {
             .registry
             .transition(id, task.expect(), next)
             .await?;
+        if running {
+            let notice = CancelNotice {
+                task_id: id.clone(),
+                attempt: task.state.attempt,
+            };
+            let bus = self.backends.bus.as_ref();
+            if bus.may_have_subscribers(CANCELS_TOPIC) {
+                if let Err(e) = bus.publish(CANCELS_TOPIC, &notice.encode()).await {
+                    tracing::warn!(task_id = %id, error = %e, "could not tell the worker now; it stops the handler at its next heartbeat");
+                }
+            }
+        }
         crate::bus::publish_event(self.backends.bus.as_ref(), &updated).await;
         flow::parent_finished(&self.backends, &updated).await?;
         Ok(updated)
@@ -499,4 +704,58 @@ impl Dispatcher {
         flow::announce(&self.backends, &updated, Duration::ZERO).await?;
         Ok(updated)
     }
+}
+
+/// The longest per-task timeout: a longer one is a typo (a task's lease is renewed anyway).
+pub const MAX_TASK_TIMEOUT: Duration = Duration::from_secs(365 * 86_400);
+
+/// Checks a per-task timeout and keeps it in whole milliseconds (what every registry stores).
+fn check_timeout(t: Duration) -> Result<Duration> {
+    let ms = Duration::from_millis(u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
+    if ms.is_zero() {
+        return Err(Error::invalid(
+            "timeout",
+            format!(
+                "must be at least 1ms, got {}",
+                crate::clock::format_duration(t)
+            ),
+        ));
+    }
+    if ms > MAX_TASK_TIMEOUT {
+        return Err(Error::invalid(
+            "timeout",
+            format!(
+                "must be at most 365 days, got {}",
+                crate::clock::format_duration(t)
+            ),
+        ));
+    }
+    Ok(ms)
+}
+
+/// Refuses a deadline that has passed, or that comes before the task's first possible start
+/// (`ready`: now plus its delay): such a task could only fail.
+fn check_deadline(at: DateTime<Utc>, ready: DateTime<Utc>) -> Result<()> {
+    let now = Utc::now();
+    if at <= now {
+        return Err(Error::invalid(
+            "deadline",
+            format!(
+                "{} has passed (now is {})",
+                at.to_rfc3339(),
+                now.to_rfc3339()
+            ),
+        ));
+    }
+    if at < ready {
+        return Err(Error::invalid(
+            "deadline",
+            format!(
+                "{} comes before the task may start ({}, after its delay)",
+                at.to_rfc3339(),
+                ready.to_rfc3339()
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -127,8 +127,45 @@ impl<T> TaskResultExt<T> for Option<T> {
     }
 }
 
-/// What a handler gets: the task, and read access to the registry (to read a parent's result,
-/// as the lab's Writer reads the Researcher's).
+/// The cancellation signal of one running attempt: set when an operator cancels the task
+/// ([`Dispatcher::cancel`](crate::engine::Dispatcher::cancel), `orchestra cancel`) while it
+/// runs, or when the attempt runs over its timeout ([`Task::timeout`](crate::Task::timeout),
+/// else the worker's `handler_timeout`: the attempt then fails retryably). A handler that does long work polls [`is_cancelled`](Self::is_cancelled) between steps
+/// or races its work against [`cancelled`](Self::cancelled), and returns early (what it returns
+/// then is discarded: the task is already CANCELLED, or the attempt timed out). A handler that
+/// ignores the signal is dropped by its worker after [`WorkerConfig::cancel_grace`](crate::engine::WorkerConfig).
+#[derive(Clone, Debug)]
+pub struct Cancellation(tokio::sync::watch::Receiver<bool>);
+
+impl Cancellation {
+    /// A signal and the sender that sets it (the worker keeps the sender).
+    pub(crate) fn channel() -> (tokio::sync::watch::Sender<bool>, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (tx, Cancellation(rx))
+    }
+
+    /// A signal that is never set (a context built outside a worker).
+    pub fn never() -> Self {
+        Cancellation::channel().1
+    }
+
+    /// True once the task was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves when the task is cancelled; never, if it is not.
+    pub async fn cancelled(&self) {
+        let mut rx = self.0.clone();
+        let sender_gone = rx.wait_for(|set| *set).await.is_err();
+        if sender_gone {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// What a handler gets: the task, read access to the registry (to read a parent's result,
+/// as the lab's Writer reads the Researcher's), and the attempt's cancellation signal.
 #[derive(Clone)]
 pub struct TaskContext {
     /// The task as claimed (status RUNNING, `attempt` = this attempt).
@@ -136,7 +173,12 @@ pub struct TaskContext {
     /// The id of the worker running it.
     pub worker_id: Arc<str>,
     registry: Arc<dyn Registry>,
+    cancellation: Cancellation,
+    progress: Arc<tokio::sync::watch::Sender<Option<Value>>>,
 }
+
+/// The largest progress report, in bytes of its JSON encoding.
+pub const MAX_PROGRESS_BYTES: usize = 4096;
 
 impl fmt::Debug for TaskContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -155,7 +197,83 @@ impl TaskContext {
             task,
             worker_id,
             registry,
+            cancellation: Cancellation::never(),
+            progress: Arc::new(tokio::sync::watch::channel(None).0),
         }
+    }
+
+    /// The same context reporting progress to `sender` (the worker keeps its receiver).
+    pub(crate) fn with_progress(
+        mut self,
+        sender: Arc<tokio::sync::watch::Sender<Option<Value>>>,
+    ) -> Self {
+        self.progress = sender;
+        self
+    }
+
+    /// Reports how far the task has got: a small JSON value (at most [`MAX_PROGRESS_BYTES`]),
+    /// shown by `orchestra task get` and the dashboard, and kept on the task. It costs nothing
+    /// at the call: the worker writes the latest report with the attempt's next write, at most
+    /// once a second (earlier reports in between are replaced, not queued). A value that does
+    /// not encode, or is too large, is an [`Error::InvalidInput`](crate::Error::InvalidInput)
+    /// and changes nothing.
+    ///
+    /// ```
+    /// use agent_orchestra::prelude::*;
+    /// let h = handler_fn(|ctx: TaskContext| async move {
+    ///     for step in 1..=3 {
+    ///         ctx.progress(serde_json::json!({ "step": step, "of": 3 }))?;
+    ///     }
+    ///     Ok(serde_json::json!("done"))
+    /// });
+    /// # let _ = h;
+    /// ```
+    pub fn progress(&self, value: impl Serialize) -> Result<()> {
+        let value = serde_json::to_value(value)
+            .map_err(|e| crate::Error::invalid("progress", format!("does not encode: {e}")))?;
+        let size = value.to_string().len();
+        if size > MAX_PROGRESS_BYTES {
+            return Err(crate::Error::invalid(
+                "progress",
+                format!("is {size} bytes of JSON; at most {MAX_PROGRESS_BYTES} are kept"),
+            ));
+        }
+        self.progress.send_replace(Some(value));
+        Ok(())
+    }
+
+    /// The same context with `signal` as its cancellation signal.
+    pub fn with_cancellation(mut self, signal: Cancellation) -> Self {
+        self.cancellation = signal;
+        self
+    }
+
+    /// The attempt's cancellation signal (a clone can be moved into spawned work).
+    pub fn cancellation(&self) -> &Cancellation {
+        &self.cancellation
+    }
+
+    /// True once an operator cancelled the task while this attempt runs, or the attempt ran
+    /// over its timeout.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancellation.is_cancelled()
+    }
+
+    /// Resolves when an operator cancels the task while this attempt runs, or when the attempt
+    /// runs over its timeout; never otherwise.
+    ///
+    /// ```
+    /// use agent_orchestra::prelude::*;
+    /// let h = handler_fn(|ctx: TaskContext| async move {
+    ///     tokio::select! {
+    ///         _ = ctx.cancelled() => Err(TaskError::permanent("cancelled")),
+    ///         _ = tokio::time::sleep(std::time::Duration::from_secs(600)) => Ok(serde_json::json!("done")),
+    ///     }
+    /// });
+    /// # let _ = h;
+    /// ```
+    pub async fn cancelled(&self) {
+        self.cancellation.cancelled().await
     }
 
     /// The results of the tasks in `depends_on`, in order. All of them are COMPLETED when a

@@ -34,6 +34,10 @@ pub struct WorkerMetrics {
     pub failed: AtomicU64,
     /// Handler panics caught.
     pub panics: AtomicU64,
+    /// Attempts stopped at their timeout (the task's own, else the worker's).
+    pub timed_out: AtomicU64,
+    /// Tasks failed unrun because their deadline had passed when this worker claimed them.
+    pub expired_deadline: AtomicU64,
     /// Messages dead-lettered (malformed, unknown task).
     pub dead_lettered: AtomicU64,
     /// Deliveries dropped because the task was not claimable (duplicate, already finished).
@@ -45,6 +49,8 @@ pub struct WorkerMetrics {
     pub lease_lost: AtomicU64,
     /// Tasks handed back on shutdown.
     pub handed_back: AtomicU64,
+    /// Attempts ended because an operator cancelled their task while they ran.
+    pub cancelled: AtomicU64,
     /// Temporary backend errors seen.
     pub backend_errors: AtomicU64,
     /// Total handler run time, in microseconds.
@@ -52,6 +58,9 @@ pub struct WorkerMetrics {
     /// Fetch loops restarted after a panic (a bug in a backend or in the engine: the loop is
     /// started again so that its queue is still served).
     pub fetch_restarts: AtomicU64,
+    /// Time fetch loops waited for a permit of a limited queue (its rate or its concurrency
+    /// cap across workers), in microseconds.
+    pub limit_wait_micros: AtomicU64,
     /// Attempts per bucket of [`ATTEMPT_SECONDS_BUCKETS`] (not cumulative), `+Inf` last.
     attempt_buckets: [AtomicU64; BUCKETS],
 }
@@ -82,6 +91,12 @@ impl WorkerMetrics {
         }
     }
 
+    /// Adds a wait for a limited queue's permit to `limit_wait_micros`.
+    pub(crate) fn record_limit_wait(&self, took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.limit_wait_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
     /// A consistent-enough copy of the counters.
     pub fn snapshot(&self) -> MetricsSnapshot {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -92,14 +107,18 @@ impl WorkerMetrics {
             retried: g(&self.retried),
             failed: g(&self.failed),
             panics: g(&self.panics),
+            timed_out: g(&self.timed_out),
+            expired_deadline: g(&self.expired_deadline),
             dead_lettered: g(&self.dead_lettered),
             skipped: g(&self.skipped),
             deferred: g(&self.deferred),
             lease_lost: g(&self.lease_lost),
             handed_back: g(&self.handed_back),
+            cancelled: g(&self.cancelled),
             backend_errors: g(&self.backend_errors),
             handler_micros: g(&self.handler_micros),
             fetch_restarts: g(&self.fetch_restarts),
+            limit_wait_micros: g(&self.limit_wait_micros),
         }
     }
 }
@@ -131,14 +150,18 @@ pub struct MetricsSnapshot {
     pub retried: u64,
     pub failed: u64,
     pub panics: u64,
+    pub timed_out: u64,
+    pub expired_deadline: u64,
     pub dead_lettered: u64,
     pub skipped: u64,
     pub deferred: u64,
     pub lease_lost: u64,
     pub handed_back: u64,
+    pub cancelled: u64,
     pub backend_errors: u64,
     pub handler_micros: u64,
     pub fetch_restarts: u64,
+    pub limit_wait_micros: u64,
 }
 
 /// The engine's metrics in a `prometheus_client` registry (feature `metrics`).
@@ -198,7 +221,7 @@ pub mod prometheus {
     /// Each counter's name (without `_total`), help and value.
     type CounterRow = (&'static str, &'static str, fn(&MetricsSnapshot) -> u64);
 
-    const COUNTERS: [CounterRow; 13] = [
+    const COUNTERS: [CounterRow; 16] = [
         (
             "orchestra_worker_fetched",
             "Messages fetched from the bus.",
@@ -230,6 +253,16 @@ pub mod prometheus {
             |s| s.panics,
         ),
         (
+            "orchestra_worker_timed_out",
+            "Attempts stopped at their timeout.",
+            |s| s.timed_out,
+        ),
+        (
+            "orchestra_worker_expired_deadline",
+            "Tasks failed unrun because their deadline had passed when claimed.",
+            |s| s.expired_deadline,
+        ),
+        (
             "orchestra_worker_dead_lettered",
             "Messages dead-lettered (malformed, unknown task).",
             |s| s.dead_lettered,
@@ -253,6 +286,11 @@ pub mod prometheus {
             "orchestra_worker_handed_back",
             "Tasks handed back on shutdown.",
             |s| s.handed_back,
+        ),
+        (
+            "orchestra_worker_cancelled",
+            "Attempts ended because an operator cancelled their task while they ran.",
+            |s| s.cancelled,
         ),
         (
             "orchestra_worker_fetch_restarts",
@@ -326,6 +364,19 @@ pub mod prometheus {
             for (id, snapshot, _) in &workers {
                 let labels = [("worker", id.as_str())];
                 let seconds = snapshot.handler_micros as f64 / 1e6;
+                metric
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&seconds, None)?;
+            }
+            let mut metric = encoder.encode_descriptor(
+                "orchestra_worker_limit_wait",
+                "Total time fetch loops waited for a permit of a limited queue.",
+                Some(&Unit::Seconds),
+                MetricType::Counter,
+            )?;
+            for (id, snapshot, _) in &workers {
+                let labels = [("worker", id.as_str())];
+                let seconds = snapshot.limit_wait_micros as f64 / 1e6;
                 metric
                     .encode_family(&labels)?
                     .encode_counter::<NoLabelSet, _, u64>(&seconds, None)?;

@@ -2,6 +2,7 @@
 //! `Arc<dyn LockManager>`: the [`Dispatcher`], the [`Worker`] and the [`Monitor`].
 
 mod builder;
+mod control;
 mod dispatcher;
 mod flow;
 mod handler;
@@ -9,15 +10,27 @@ pub mod metrics;
 mod monitor;
 mod retry;
 mod roster;
+mod schedule;
+mod trace;
+mod unique;
 mod worker;
 
 pub use builder::TaskBuilder;
-pub use dispatcher::{DispatchOptions, Dispatcher};
-pub use handler::{handler_fn, typed, Handler, TaskContext, TaskError, TaskResultExt};
+pub use control::{Control, DeadLetterOutcome, DeadLetterSelection, QueueInfo, CONTROL_TOPIC};
+pub use dispatcher::{DispatchOptions, Dispatcher, MAX_TASK_TIMEOUT};
+pub use handler::{
+    handler_fn, typed, Cancellation, Handler, TaskContext, TaskError, TaskResultExt,
+    MAX_PROGRESS_BYTES,
+};
 #[cfg(feature = "metrics")]
 pub use metrics::prometheus::backend_gauges;
 pub use metrics::{MetricsSnapshot, WorkerMetrics};
 pub use monitor::{Monitor, MonitorConfig, MonitorHandle, MonitorReport};
 pub use retry::Backoff;
 pub use roster::{list_workers, RunningTask, WorkerInfo, MAX_LISTEN, WORKERS_TOPIC};
-pub use worker::{default_worker_id, Finished, ShutdownReport, Worker, WorkerConfig, WorkerHandle};
+pub use schedule::{ScheduleInfo, SchedulePass, Schedules};
+pub use unique::{Unique, MAX_UNIQUE_KEY};
+pub use worker::{
+    default_worker_id, CancelNotice, Finished, ShutdownReport, Worker, WorkerConfig, WorkerHandle,
+    CANCELS_TOPIC,
+};

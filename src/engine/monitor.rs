@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -17,6 +17,7 @@ use crate::model::{TaskState, TaskStatus};
 use crate::registry::{Retention, StatusCounts, TaskFilter};
 
 use super::flow;
+use super::schedule::{SchedulePass, Scheduler};
 
 /// How a monitor behaves.
 #[derive(Clone, Debug, PartialEq)]
@@ -34,6 +35,10 @@ pub struct MonitorConfig {
     pub retention: Retention,
     /// Most tasks handled per kind per pass.
     pub batch: usize,
+    /// How late a schedule's occurrence may be fired as on time (default 60 s; at least four
+    /// intervals are used, the time a standby monitor takes to act after the acting one
+    /// died). Older ones are late: their schedule's [`CatchUp`](crate::CatchUp) decides.
+    pub schedule_grace: Duration,
 }
 
 impl Default for MonitorConfig {
@@ -45,6 +50,7 @@ impl Default for MonitorConfig {
             reannounce_pending_after: Some(Duration::from_secs(600)),
             retention: Retention::default(),
             batch: 500,
+            schedule_grace: Duration::from_secs(60),
         }
     }
 }
@@ -93,6 +99,10 @@ pub struct MonitorReport {
     pub reannounced: u64,
     /// Finished tasks deleted by retention.
     pub purged: u64,
+    /// Schedules' occurrences dispatched.
+    pub scheduled: u64,
+    /// Schedules' late occurrences skipped by their catch-up policy.
+    pub skipped_occurrences: u64,
 }
 
 /// Watches the registry and repairs what crashed workers and dispatchers left behind.
@@ -101,6 +111,7 @@ pub struct Monitor {
     backends: Backends,
     config: MonitorConfig,
     lease: Arc<tokio::sync::Mutex<Option<Lease>>>,
+    scheduler: Arc<Scheduler>,
 }
 
 impl Monitor {
@@ -110,6 +121,7 @@ impl Monitor {
             backends,
             config,
             lease: Arc::new(tokio::sync::Mutex::new(None)),
+            scheduler: Arc::default(),
         }
     }
 
@@ -172,6 +184,16 @@ impl Monitor {
             ..Default::default()
         };
         if report.leader {
+            // Schedules that cannot be read do not hold the repairs back.
+            match self.fire_schedules(Utc::now()).await {
+                Ok(fired) => {
+                    report.scheduled = fired.fired;
+                    report.skipped_occurrences = fired.skipped;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the schedules; trying again next pass")
+                }
+            }
             self.recover_stale(&mut report).await?;
             self.unblock_waiting(&mut report).await?;
             self.reannounce_pending(&mut report).await?;
@@ -182,9 +204,26 @@ impl Monitor {
             // Snapshots and the like, retention or not (RabbitMQ's view was never snapshotted
             // without one, and every new process replayed the whole log).
             self.backends.registry.maintain().await?;
+        } else {
+            // Another monitor acts: what this one handled of the schedules may be old when
+            // it acts again.
+            self.scheduler.forget();
         }
         report.counts = self.snapshot().await?;
         Ok(report)
+    }
+
+    /// Dispatches the schedules' occurrences due at `now` (docs/design.md, "Schedules"), as
+    /// the acting monitor does at the start of every pass, with this monitor's memory of what
+    /// it handled. It does not check the monitor lock: dispatching an occurrence twice is
+    /// harmless (its task id is fixed), only wasted work. Public for tests and for a service
+    /// that keeps its own clock.
+    pub async fn fire_schedules(&self, now: DateTime<Utc>) -> Result<SchedulePass> {
+        let grace = self
+            .config
+            .schedule_grace
+            .max(self.config.interval.saturating_mul(4));
+        self.scheduler.fire_due(&self.backends, now, grace).await
     }
 
     async fn recover_stale(&self, report: &mut MonitorReport) -> Result<()> {

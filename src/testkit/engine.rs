@@ -1022,7 +1022,7 @@ pub async fn hand_back_on_shutdown_costs_no_attempt(b: &Backends) {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
-/// Cancelling a PENDING task stops it from running; a RUNNING one cannot be cancelled.
+/// Cancelling a PENDING task stops it from running.
 pub async fn cancelled_task_never_runs(b: &Backends) {
     let d = Dispatcher::new(b.clone());
     let id = d
@@ -1204,6 +1204,41 @@ pub async fn dispatcher_rejects_bad_input_with_typed_errors(b: &Backends) {
     );
     assert_eq!(results[1].as_ref().unwrap(), &fine.task_id);
     assert!(b.registry.get(&too_many.task_id).await.unwrap().is_none());
+    // A batch's tasks are built by the caller (public fields): each is checked as `build`
+    // checks, and only the bad ones are refused, naming their field.
+    let bad = |field: &'static str, spoil: &dyn Fn(&mut crate::model::Task)| {
+        let mut t = d.build("q", json!({}), 5, &o()).unwrap();
+        spoil(&mut t);
+        (field, t)
+    };
+    let spoiled = [
+        bad("max_attempts", &|t| t.max_attempts = 0),
+        bad("timeout", &|t| t.timeout = Some(Duration::ZERO)),
+        bad("deadline", &|t| {
+            t.deadline = Some(chrono::Utc::now() - chrono::Duration::seconds(1))
+        }),
+        bad("traceparent", &|t| {
+            t.traceparent = Some("00-zz".to_string())
+        }),
+        bad("payload", &|t| t.payload = json!("x".repeat(2 << 20))),
+    ];
+    let good = d.build("q", json!({"good": 1}), 5, &o()).unwrap();
+    let mut batch: Vec<_> = spoiled.iter().map(|(_, t)| t.clone()).collect();
+    batch.push(good.clone());
+    let results = d.dispatch_many(batch).await.unwrap();
+    for ((field, t), r) in spoiled.iter().zip(&results) {
+        match r {
+            Err(e @ crate::Error::InvalidInput { .. }) => {
+                assert!(e.to_string().contains(field), "{field}: {e}")
+            }
+            other => panic!("a task with a bad {field} was not refused: {other:?}"),
+        }
+        assert!(
+            b.registry.get(&t.task_id).await.unwrap().is_none(),
+            "a task with a bad {field} was registered"
+        );
+    }
+    assert_eq!(results[spoiled.len()].as_ref().unwrap(), &good.task_id);
     // A delay with dependencies (the task is announced when they complete) is refused.
     let e = d
         .dispatch(
@@ -1658,7 +1693,242 @@ macro_rules! engine_suite {
                 monitor_fails_a_stale_task_with_no_attempts_left,
                 a_failed_dispatch_leaves_no_orphan_and_can_be_repeated,
                 workers_announce_themselves_with_their_running_tasks,
+                a_running_task_is_cancelled_and_its_handler_stopped,
+                a_running_task_reports_its_progress,
+            ];
+            engine_control: [
+                paused_queue_finishes_what_runs_and_claims_nothing_more,
+                pause_holds_for_a_worker_started_later,
+                requeued_dead_letters_run_their_tasks,
+                all_dead_letters_are_requeued_or_deleted,
+                pausing_one_queue_leaves_the_others_served,
+            ];
+            options: [
+                a_task_over_its_timeout_is_stopped_and_retried,
+                a_task_timeout_overrides_the_workers,
+                a_task_past_its_deadline_fails_unrun,
+                a_retry_after_the_deadline_is_not_made,
+                bad_timeouts_deadlines_and_unique_keys_are_typed_errors,
+                a_duplicate_unique_key_returns_the_first_id,
+                concurrent_dispatches_with_one_unique_key_make_one_task,
+                a_unique_key_makes_a_new_task_after_its_ttl,
+                a_failed_unique_dispatch_frees_its_key,
+            ];
+            engine_limits: [
+                a_rate_limit_holds_across_two_workers,
+                a_concurrency_cap_holds_across_two_workers,
+                a_limit_set_at_runtime_reaches_a_running_worker,
+            ];
+            schedule: [
+                schedules_are_stored_listed_replaced_and_removed,
+                bad_schedules_are_refused_with_typed_errors,
+                a_schedule_fires_each_occurrence_once_across_a_killed_monitor,
+                late_occurrences_follow_the_catch_up_policy,
+                a_paused_schedule_fires_nothing_and_resumes_without_the_past,
             ];
         }
     };
+}
+
+/// Cancelling a RUNNING task: the task is CANCELLED at once and its dependents fail; a handler
+/// that awaits its signal sees it and what it returns is refused; a handler that ignores it is
+/// dropped after the grace, freeing its slot; a worker that missed the notice (here: none was
+/// sent, the registry was changed directly) finds out at its next heartbeat.
+pub async fn a_running_task_is_cancelled_and_its_handler_stopped(b: &Backends) {
+    let started = Arc::new(tokio::sync::Notify::new());
+    let saw_cancel = Arc::new(AtomicU32::new(0));
+    let (st, saw) = (started.clone(), saw_cancel.clone());
+    let mut cfg = quick_config("cancel-running", 1);
+    cfg.cancel_grace = Duration::from_millis(300);
+    let w = Worker::new(b.clone(), cfg)
+        .handle(
+            "cancel_running",
+            handler_fn(move |ctx: TaskContext| {
+                let (st, saw) = (st.clone(), saw.clone());
+                async move {
+                    match ctx.task.payload["mode"].as_str() {
+                        Some("cooperative") => {
+                            st.notify_one();
+                            ctx.cancelled().await;
+                            saw.fetch_add(1, Ordering::SeqCst);
+                            Ok::<_, TaskError>(json!("a result after the cancel"))
+                        }
+                        Some("stubborn") => {
+                            st.notify_one();
+                            std::future::pending::<()>().await;
+                            Ok(json!("never"))
+                        }
+                        _ => Ok(json!("quick")),
+                    }
+                }
+            }),
+        )
+        .unwrap()
+        .start()
+        .unwrap();
+    let d = Dispatcher::new(b.clone());
+
+    // A handler that listens: cancelled through the dispatcher (a notice on the bus).
+    let id = d
+        .dispatch(
+            "cancel_running",
+            json!({"mode": "cooperative"}),
+            5,
+            DispatchOptions::default(),
+        )
+        .await
+        .unwrap();
+    let child = d
+        .dispatch(
+            "cancel_running",
+            json!({}),
+            5,
+            DispatchOptions {
+                depends_on: vec![id.clone()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(LIMIT, started.notified())
+        .await
+        .expect("the cooperative task never started");
+    let cancelled = d.cancel(&id).await.unwrap();
+    assert_eq!(cancelled.status(), TaskStatus::Cancelled);
+    assert!(
+        cancelled
+            .state
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("while running (attempt 1 on worker cancel-running)")),
+        "{cancelled:?}"
+    );
+    eventually("the handler saw its cancellation signal", LIMIT, || async {
+        match saw_cancel.load(Ordering::SeqCst) {
+            1 => Ok(()),
+            n => Err(format!("seen {n} times")),
+        }
+    })
+    .await;
+    eventually("the worker ended the cancelled attempt", LIMIT, || async {
+        match w.metrics().cancelled {
+            1 => Ok(()),
+            n => Err(format!("cancelled = {n}")),
+        }
+    })
+    .await;
+    let t = d.get(&id).await.unwrap();
+    assert_eq!(t.status(), TaskStatus::Cancelled, "{t:?}");
+    assert_eq!(
+        t.state.result, None,
+        "the cancelled attempt's result was recorded"
+    );
+    assert_eq!(wait_done(&d, &child).await.status(), TaskStatus::Failed);
+    // A finished task cannot be cancelled.
+    assert!(matches!(
+        d.cancel(&id).await,
+        Err(crate::Error::IllegalTransition { .. })
+    ));
+
+    // A handler that ignores the signal, on a worker that hears of the cancel only at its
+    // heartbeat: dropped after the grace, and its only slot runs the next task.
+    let stubborn = d
+        .dispatch(
+            "cancel_running",
+            json!({"mode": "stubborn"}),
+            5,
+            DispatchOptions::default(),
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(LIMIT, started.notified())
+        .await
+        .expect("the stubborn task never started");
+    let running = eventually("the stubborn task is RUNNING", LIMIT, || async {
+        let t = d.get(&stubborn).await.map_err(|e| e.to_string())?;
+        match t.status() {
+            TaskStatus::Running => Ok(t),
+            s => Err(format!("{s}")),
+        }
+    })
+    .await;
+    let now = chrono::Utc::now();
+    let next = crate::model::TaskState {
+        status: TaskStatus::Cancelled,
+        lease_until: None,
+        finished_at: Some(now),
+        updated_at: now,
+        ..running.state.clone()
+    };
+    b.registry
+        .transition(&stubborn, running.expect(), next)
+        .await
+        .unwrap();
+    let after = d
+        .dispatch("cancel_running", json!({}), 5, DispatchOptions::default())
+        .await
+        .unwrap();
+    let done = wait_done(&d, &after).await;
+    assert_eq!(done.status(), TaskStatus::Completed);
+    assert_eq!(w.metrics().cancelled, 2);
+    assert_eq!(
+        d.get(&stubborn).await.unwrap().status(),
+        TaskStatus::Cancelled
+    );
+    w.shutdown().await;
+}
+
+/// A handler's progress reports reach the registry while it runs (the latest one wins, at most
+/// one write a second) and the last one stays on the finished task; a report too large is
+/// refused and changes nothing.
+pub async fn a_running_task_reports_its_progress(b: &Backends) {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let refused = Arc::new(Mutex::new(None));
+    let (r, bad) = (release.clone(), refused.clone());
+    let w = Worker::new(b.clone(), quick_config("progress-worker", 1))
+        .handle(
+            "progress_q",
+            handler_fn(move |ctx: TaskContext| {
+                let (r, bad) = (r.clone(), bad.clone());
+                async move {
+                    ctx.progress(json!({"step": 0}))?;
+                    ctx.progress(json!({"step": 1, "of": 2}))?;
+                    *bad.lock() = Some(ctx.progress("x".repeat(5000)));
+                    r.notified().await;
+                    ctx.progress(json!({"step": 2, "of": 2}))?;
+                    Ok::<_, TaskError>(json!("done"))
+                }
+            }),
+        )
+        .unwrap()
+        .start()
+        .unwrap();
+    let d = Dispatcher::new(b.clone());
+    let id = d
+        .dispatch("progress_q", json!({}), 5, DispatchOptions::default())
+        .await
+        .unwrap();
+    let seen = eventually(
+        "the first progress report is on the task",
+        LIMIT,
+        || async {
+            let t = d.get(&id).await.map_err(|e| e.to_string())?;
+            match &t.state.progress {
+                Some(p) if *p == json!({"step": 1, "of": 2}) => Ok(t),
+                other => Err(format!("{} with progress {other:?}", t.status())),
+            }
+        },
+    )
+    .await;
+    assert_eq!(seen.status(), TaskStatus::Running);
+    assert!(matches!(
+        refused.lock().take(),
+        Some(Err(crate::Error::InvalidInput { .. }))
+    ));
+    release.notify_one();
+    let done = wait_done(&d, &id).await;
+    assert_eq!(done.status(), TaskStatus::Completed);
+    assert_eq!(done.state.progress, Some(json!({"step": 2, "of": 2})));
+    assert_eq!(done.state.result, Some(json!("done")));
+    w.shutdown().await;
 }

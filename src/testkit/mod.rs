@@ -44,15 +44,20 @@
 
 pub mod brokers;
 pub mod bus;
+pub mod control;
 pub mod engine;
+pub mod engine_control;
+pub mod engine_limits;
 pub mod harness;
 pub mod locks;
 #[cfg(feature = "nats")]
 pub mod nats_cluster;
+pub mod options;
 mod private_broker;
 pub mod rabbitmq_cluster;
 pub mod redis_cluster;
 pub mod registry;
+pub mod schedule;
 #[cfg(test)]
 mod suite_lists;
 pub mod tasks;
@@ -203,6 +208,14 @@ macro_rules! conformance_suite {
                 holder_reports_owner_and_token,
                 bad_lock_key_is_invalid_input,
             ];
+            control: [
+                paused_flag_is_stored_listed_and_cleared,
+                queues_and_their_counts_follow_the_tasks,
+                removed_dead_letters_are_gone_and_the_others_stay,
+                delayed_count_is_exact_when_reported,
+                removing_from_a_queue_without_dead_letters_removes_nothing,
+                queue_limits_are_stored_listed_and_cleared,
+            ];
         }
     };
 }
@@ -222,7 +235,16 @@ macro_rules! __suite_tests {
                     ::std::stringify!($name),
                     async move {
                         let backends: $crate::Backends = $make(&test_prefix).await;
-                        $crate::testkit::$module::$name(&backends).await;
+                        let again = ::std::clone::Clone::clone(&test_prefix);
+                        let reconnect: $crate::testkit::Reconnect = ::std::sync::Arc::new(move || {
+                            let p = ::std::clone::Clone::clone(&again);
+                            $crate::testkit::boxed_backends(async move { $make(&p).await })
+                        });
+                        $crate::testkit::with_reconnect(
+                            reconnect,
+                            $crate::testkit::$module::$name(&backends),
+                        )
+                        .await;
                     },
                     async move {
                         $cleanup(&prefix).await;
@@ -234,6 +256,45 @@ macro_rules! __suite_tests {
 }
 
 // ---- helpers shared by the suite modules ----
+
+/// Opens another connection to a suite test's brokers and namespace, as a second process has
+/// (the engine suite's tests of limits across workers use one).
+pub type Reconnect =
+    std::sync::Arc<dyn Fn() -> futures::future::BoxFuture<'static, crate::Backends> + Send + Sync>;
+
+tokio::task_local! {
+    static RECONNECT: Reconnect;
+}
+
+/// Runs a suite test with `reconnect` at hand for [`another_process`] (used by the suite
+/// macros).
+#[doc(hidden)]
+pub async fn with_reconnect<F: Future>(reconnect: Reconnect, test: F) -> F::Output {
+    RECONNECT.scope(reconnect, test).await
+}
+
+/// Boxes the future of a backends' maker (used by the suite macros).
+#[doc(hidden)]
+pub fn boxed_backends<F>(make: F) -> futures::future::BoxFuture<'static, crate::Backends>
+where
+    F: Future<Output = crate::Backends> + Send + 'static,
+{
+    Box::pin(make)
+}
+
+/// Backends over connections of their own to `b`'s brokers and namespace, as a second process
+/// has; `b` itself where a role is in memory (one process's memory is not shared) or outside a
+/// suite test.
+pub(crate) async fn another_process(b: &crate::Backends) -> crate::Backends {
+    let roles = [b.bus.backend(), b.registry.backend(), b.locks.backend()];
+    if roles.contains(&"memory") {
+        return b.clone();
+    }
+    match RECONNECT.try_with(|r| r.clone()) {
+        Ok(reconnect) => reconnect().await,
+        Err(_) => b.clone(),
+    }
+}
 
 /// Awaits `fut` for at most `limit`, panicking with `what` when it takes longer.
 pub(crate) async fn within<T>(

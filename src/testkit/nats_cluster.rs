@@ -1,5 +1,5 @@
 //! A local NATS cluster for tests (features `testkit` and `nats`): [`NatsCluster`] starts
-//! three `nats-server -js` nodes from the installed binary, on free ports, each with its own
+//! three `nats-server -js` nodes from the installed binary (or [`SERVER_VAR`]'s), on free ports, each with its own
 //! store directory under one temporary directory, routed to each other under one cluster
 //! name, and stops them by PID when dropped. [`cluster_url`] gives every test of a binary the
 //! same cluster (or `ORCHESTRA_TEST_NATS_CLUSTER_URL`).
@@ -27,6 +27,18 @@ const READY: Duration = Duration::from_secs(60);
 /// The name every node of a test cluster gives its cluster.
 const CLUSTER_NAME: &str = "orch_test";
 
+/// The variable naming the `nats-server` binary the clusters run (`.ci/nats-server` installs a
+/// release without the replicated compare-and-set race of 2.9.10, Debian bookworm's); unset,
+/// the one on `PATH`.
+pub const SERVER_VAR: &str = "ORCHESTRA_TEST_NATS_SERVER";
+
+fn server_binary() -> String {
+    std::env::var(SERVER_VAR)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "nats-server".into())
+}
+
 /// One node: its name (`n0`, `n1`, ...), ports, arguments and process.
 #[derive(Debug)]
 struct Node {
@@ -40,7 +52,7 @@ struct Node {
 impl Node {
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "{} is already running", self.name);
-        let mut command = Command::new("nats-server");
+        let mut command = Command::new(server_binary());
         command.args(&self.args);
         self.child = Some(spawn_logged(command, &self.log, "nats-server"));
     }

@@ -154,6 +154,12 @@ fn assert_same_task(want: &Task, got: &Task, context: &str) {
         got.created_at, want.created_at,
         "{context}: created_at of {id}"
     );
+    assert_eq!(got.timeout, want.timeout, "{context}: timeout of {id}");
+    assert_eq!(got.deadline, want.deadline, "{context}: deadline of {id}");
+    assert_eq!(
+        got.traceparent, want.traceparent,
+        "{context}: traceparent of {id}"
+    );
     let (w, g) = (&want.state, &got.state);
     assert_eq!(g.status, w.status, "{context}: status of {id}");
     assert_eq!(g.attempt, w.attempt, "{context}: attempt of {id}");
@@ -194,6 +200,9 @@ pub async fn create_then_get_round_trips_every_field(b: &Backends) {
         max_attempts: 7,
         depends_on: vec![tid("roundtrip_parent_a"), tid("roundtrip_parent_b")],
         created_at: t0 - secs(60),
+        timeout: Some(Duration::from_millis(90_250)),
+        deadline: Some(t0 + secs(3600)),
+        traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_string()),
         state: TaskState {
             status: TaskStatus::Waiting,
             attempt: 2,
@@ -206,6 +215,7 @@ pub async fn create_then_get_round_trips_every_field(b: &Backends) {
             started_at: Some(t0 - secs(10)),
             finished_at: Some(t0 - secs(1)),
             ready_at: Some(t0 + secs(45)),
+            progress: Some(json!({"step": "résumé", "done": 2, "of": 5})),
             updated_at: t0,
         },
     };

@@ -236,6 +236,83 @@ fn workers_lists_a_running_worker_and_its_task() {
     rt.block_on(cleanup(&prefix));
 }
 
+/// `cancel` of a RUNNING task: CANCELLED at once, the worker stops the handler (the sleep agent
+/// returns on the signal), so the worker then stops at once with nothing to hand back.
+#[test]
+fn cancel_stops_a_running_task_on_its_worker() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = rt.block_on(broker_url(BrokerKind::Redis));
+    let prefix = unique_prefix("cli_cancel_running");
+    let worker = worker_running_a_slow_task(&url, &prefix, "stop_me", "60s");
+    let (code, out, err) = orchestra_run(&url, &prefix, &["cancel", "stop_me"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("task stop_me is now CANCELLED"), "{out}");
+    let (_, out, _) = orchestra_run(&url, &prefix, &["--json", "task", "get", "stop_me"]);
+    let task: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(task["status"], "CANCELLED", "{out}");
+    assert!(
+        task["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cancelled by an operator while running (attempt 1")),
+        "{out}"
+    );
+    // The worker's slot is free: it stops at once, handing nothing back, with the
+    // attempt counted as cancelled in its metrics.
+    let started = std::time::Instant::now();
+    loop {
+        let (_, out, _) = orchestra_run(&url, &prefix, &["--json", "workers", "--listen", "3s"]);
+        if out.contains("\"running\":[]") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the worker still runs the cancelled task: {out}"
+        );
+    }
+    let (code, stdout, stderr) = interrupt(worker);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("stopped (clean)"), "{stdout}");
+    assert!(stdout.contains("cancelled 1, handed back 0"), "{stdout}");
+    // A finished task cannot be cancelled: exit 1 with the reason.
+    let (code, _, err) = orchestra_run(&url, &prefix, &["cancel", "stop_me"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("CANCELLED"), "{err}");
+    rt.block_on(cleanup(&prefix));
+}
+
+/// `dispatch --wait` prints each progress report of the running attempt to stderr while it
+/// waits (the sleep agent reports one each second), then the finished task.
+#[test]
+fn dispatch_wait_shows_the_progress_of_the_running_task() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = rt.block_on(broker_url(BrokerKind::Redis));
+    let prefix = unique_prefix("cli_wait_progress");
+    let worker = orchestra(&url, &prefix, &["worker", "-q", "slow=sleep"], &[])
+        .spawn()
+        .expect("the worker starts");
+    let (code, out, err) = orchestra_run(
+        &url,
+        &prefix,
+        &[
+            "dispatch",
+            "slow",
+            r#"{"ms": 3500}"#,
+            "--wait",
+            "--timeout",
+            "60s",
+        ],
+    );
+    let _ = interrupt(worker);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("running (attempt 1)"), "{err}");
+    assert!(
+        err.contains("progress (attempt 1): {\"of_ms\":3500,\"slept_ms\":"),
+        "{err}"
+    );
+    assert!(out.contains("COMPLETED"), "{out}");
+    rt.block_on(cleanup(&prefix));
+}
+
 /// Ctrl-C during a bench or the demo stops it, deletes its namespace (as a finished run does)
 /// and exits 130; before, everything it had created stayed.
 #[test]

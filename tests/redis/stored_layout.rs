@@ -228,3 +228,116 @@ fn a_header_with_a_priority_out_of_range_does_not_fail_the_batch() {
         assert_eq!(zcard(&mut con, format!("{base}:inflight")).await, 0);
     });
 }
+
+/// A namespace written by the layout before 2026-12-07, whose registry indexes were global
+/// (`orchestra:status:<S>`, `orchestra:leases`, `orchestra:dependents:<parent>`), is moved to
+/// the per-queue keys when a registry opens on it: counts, the stale-lease scan and a parent's
+/// dependents see its tasks again, and the old keys are gone.
+#[test]
+fn a_namespace_of_the_global_index_layout_is_migrated_at_open() {
+    use agent_orchestra::engine::{DispatchOptions, Dispatcher};
+    use agent_orchestra::TaskStatus;
+    on_shared_redis("global_layout", |b, prefix| async move {
+        let url = broker_url(BrokerKind::Redis).await;
+        let d = Dispatcher::new(b.clone());
+        let parent = d
+            .build(
+                "research",
+                serde_json::json!({"n": 1}),
+                5,
+                &DispatchOptions::default(),
+            )
+            .expect("build");
+        b.registry.create(&parent).await.expect("create parent");
+        let child = d
+            .dispatch(
+                "research",
+                serde_json::json!({"n": 2}),
+                5,
+                DispatchOptions {
+                    depends_on: vec![parent.task_id.clone()],
+                    ..DispatchOptions::default()
+                },
+            )
+            .await
+            .expect("dispatch child");
+        let running = crate::abandoned_task(&b, "writing").await;
+        drop(d);
+        drop(b);
+        // Rewrite today's per-queue indexes into the old global keys, as that version left them.
+        let mut con = raw_connection(&url).await;
+        let moves = [
+            ("research", "status:PENDING", "orchestra:status:PENDING"),
+            ("research", "status:WAITING", "orchestra:status:WAITING"),
+            ("writing", "leases", "orchestra:leases"),
+        ];
+        for (q, new, old) in moves {
+            let new = format!("{prefix}q:{{{q}}}:{new}");
+            let old = format!("{prefix}{old}");
+            let _: i64 = redis::cmd("ZUNIONSTORE")
+                .arg(&old)
+                .arg(2)
+                .arg(&old)
+                .arg(&new)
+                .query_async(&mut con)
+                .await
+                .expect("ZUNIONSTORE");
+            let _: i64 = redis::cmd("DEL")
+                .arg(&new)
+                .query_async(&mut con)
+                .await
+                .expect("DEL");
+        }
+        let _: () = redis::cmd("RENAME")
+            .arg(format!(
+                "{prefix}q:{{research}}:dependents:{}",
+                parent.task_id
+            ))
+            .arg(format!("{prefix}orchestra:dependents:{}", parent.task_id))
+            .query_async(&mut con)
+            .await
+            .expect("RENAME the dependents set");
+        let _: i64 = redis::cmd("DEL")
+            .arg(format!("{prefix}orchestra:queues"))
+            .query_async(&mut con)
+            .await
+            .expect("DEL");
+
+        let b = crate::make_backends(&prefix).await;
+        let counts = b.registry.counts().await.expect("counts");
+        assert_eq!(
+            (
+                counts.get(TaskStatus::Pending),
+                counts.get(TaskStatus::Waiting),
+                counts.get(TaskStatus::Running)
+            ),
+            (1, 1, 1),
+            "{counts:?}"
+        );
+        assert_eq!(
+            b.registry
+                .dependents(&parent.task_id)
+                .await
+                .expect("dependents"),
+            vec![child]
+        );
+        let stale = b
+            .registry
+            .stale_running(chrono::Utc::now(), 10)
+            .await
+            .expect("stale");
+        assert_eq!(
+            stale.iter().map(|t| &t.task_id).collect::<Vec<_>>(),
+            vec![&running]
+        );
+        let left: i64 = redis::cmd("EXISTS")
+            .arg(format!("{prefix}orchestra:status:PENDING"))
+            .arg(format!("{prefix}orchestra:status:WAITING"))
+            .arg(format!("{prefix}orchestra:leases"))
+            .arg(format!("{prefix}orchestra:dependents:{}", parent.task_id))
+            .query_async(&mut con)
+            .await
+            .expect("EXISTS");
+        assert_eq!(left, 0, "the old keys are gone");
+    });
+}

@@ -39,16 +39,19 @@ use lapin::{BasicProperties, Channel};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+mod control;
 mod publish;
 mod wire;
 
 use self::wire::{
     ack_quietly, collect_gets, get_batch, header_text, header_u64, long, our_priority, release,
-    work_properties, H_DEAD_AT, H_DELIVERIES, H_REASON,
+    work_properties, Scan, H_DEAD_AT, H_DELIVERIES, H_REASON,
 };
 use super::events::Events;
 use super::leases::{HeldMessage, LeaseEntry, LeaseTable};
-use super::link::{amqp_error, is_not_found, short, CachedChannel, Link, BACKEND};
+use super::link::{
+    amqp_error, bounded, is_not_found, short, CachedChannel, Link, BACKEND, ROUND_TRIP_TIMEOUT,
+};
 use super::names::{Names, QueueType};
 use crate::bus::{
     Bus, DeadLetter, Delivery, FetchOptions, OutgoingMessage, QueueStats, Subscription,
@@ -492,7 +495,13 @@ impl BusInner {
         loop {
             let slot = self.round_robin.fetch_add(1, Ordering::Relaxed) % GETTERS;
             let (ch, _, _) = self.getters[slot].get().await?;
-            let got = self.get_lanes(&ch, &lanes, max).await?;
+            let got = bounded(
+                &ch,
+                "get messages",
+                ROUND_TRIP_TIMEOUT,
+                self.get_lanes(&ch, &lanes, max),
+            )
+            .await?;
             let fetched_any = !got.is_empty();
             let out = self.admit(queue, got, options.lease).await;
             if !out.is_empty() {
@@ -516,7 +525,16 @@ impl BusInner {
                 return Ok(Vec::new());
             }
             tracing::trace!(queue = %queue, "queue empty; waiting for the first message");
-            let mut got = self.wait_for_first(&ch, &lanes, deadline).await?;
+            // The wait itself ends at `deadline`; the consume and cancel round trips around it
+            // are bounded too.
+            let waiting = deadline.saturating_duration_since(Instant::now());
+            let mut got = bounded(
+                &ch,
+                "wait for a message",
+                waiting + 2 * ROUND_TRIP_TIMEOUT,
+                self.wait_for_first(&ch, &lanes, deadline),
+            )
+            .await?;
             if got.is_empty() {
                 return Ok(Vec::new());
             }
@@ -526,7 +544,13 @@ impl BusInner {
                 release(got.split_off(max)).await;
             }
             if max > got.len() {
-                match self.get_lanes(&ch, &lanes, max - got.len()).await {
+                let more = bounded(
+                    &ch,
+                    "get messages",
+                    ROUND_TRIP_TIMEOUT,
+                    self.get_lanes(&ch, &lanes, max - got.len()),
+                );
+                match more.await {
                     Ok(more) => got.extend(more),
                     Err(e) => {
                         release(got).await;
@@ -696,17 +720,14 @@ impl Bus for RabbitBus {
         // A private channel: closing it puts every message read back in its place.
         let session = inner.link.session().await?;
         let ch = session.channel(false).await?;
-        let count = inner.declare(&ch, &target).await?.min(DEAD_SCAN_MAX);
-        let name = short(inner.names.dead(queue))?;
+        inner.declare(&ch, &target).await?;
+        let mut scan = Scan::new(short(inner.names.dead(queue))?, DEAD_SCAN_MAX);
         let mut newest: VecDeque<DeadLetter> = VecDeque::with_capacity(limit.min(1024));
-        let mut read = 0u64;
-        while read < count {
-            let n = (count - read).min(256) as usize;
-            let got = get_batch(&ch, &name, n).await?;
+        loop {
+            let got = scan.next(&ch).await?;
             if got.is_empty() {
                 break;
             }
-            read += got.len() as u64;
             for d in got {
                 let headers = d.properties.headers().as_ref();
                 let dead_at = header_u64(headers, H_DEAD_AT)
@@ -762,7 +783,10 @@ impl Bus for RabbitBus {
                 .into_iter()
                 .map(|(lane, ms)| Target::Delay(queue.clone(), lane, ms)),
         );
-        let counts = futures::future::join_all(targets.iter().map(|t| inner.declare(&ch, t))).await;
+        let counting = async {
+            Ok(futures::future::join_all(targets.iter().map(|t| inner.declare(&ch, t))).await)
+        };
+        let counts = bounded(&ch, "count messages", ROUND_TRIP_TIMEOUT, counting).await?;
         let mut counts = counts.into_iter();
         let dead = counts.next().unwrap_or(Ok(0))?;
         // Ready work (every lane) plus what waits in the delay queues this process used.
@@ -783,5 +807,10 @@ impl Bus for RabbitBus {
 
     fn max_delay(&self) -> Option<Duration> {
         Some(MAX_DELAY)
+    }
+
+    // The operator's controls: bus/control.rs.
+    async fn remove_dead_letters(&self, queue: &QueueName, ids: &[String]) -> Result<Vec<String>> {
+        self.remove_dead(queue, ids).await
     }
 }

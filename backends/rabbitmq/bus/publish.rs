@@ -11,7 +11,9 @@ use tokio::time::Instant;
 
 use lapin::protocol::AMQPSoftError;
 
-use super::super::link::{amqp_error, is_not_found, short, soft_error, BACKEND};
+use super::super::link::{
+    amqp_error, bounded, is_not_found, short, soft_error, BACKEND, ROUND_TRIP_TIMEOUT,
+};
 use super::super::names::{delay_bucket_ms, QueueType};
 use super::wire::long;
 use super::{BusInner, Outgoing, Target, DELAY_QUEUE_SPARE, DELAY_REDECLARE, PUBLISHERS};
@@ -128,7 +130,9 @@ impl BusInner {
         let deadline = Instant::now() + HOME_NODE_WAIT;
         loop {
             let (ch, generation, _) = self.topology.get().await?;
-            let e = match self.declare(&ch, target).await {
+            let what = format!("declare queue {}", self.queue_name(target));
+            let declared = bounded(&ch, &what, ROUND_TRIP_TIMEOUT, self.declare(&ch, target));
+            let e = match declared.await {
                 Ok(_) => return Ok(generation),
                 Err(e) if is_home_node_down(&e) => e,
                 Err(e) => return Err(e),
@@ -217,25 +221,36 @@ impl BusInner {
         for attempt in 0..2 {
             let slot = self.round_robin.fetch_add(1, Ordering::Relaxed) % PUBLISHERS;
             let (ch, _, _) = self.publishers[slot].get().await?;
-            let mut confirms = Vec::with_capacity(pending.len());
-            for &i in &pending {
-                let item = &items[i];
-                let confirm = ch
-                    .basic_publish(
-                        ShortString::default(),
-                        short(self.queue_name(&item.target))?,
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        item.payload,
-                        item.properties.clone(),
-                    )
-                    .await
-                    .map_err(|e| amqp_error("publish", e))?;
-                confirms.push(confirm);
-            }
-            let outcomes = futures::future::join_all(confirms).await;
+            let publish_all = async {
+                let mut confirms = Vec::with_capacity(pending.len());
+                for &i in &pending {
+                    let item = &items[i];
+                    let confirm = ch
+                        .basic_publish(
+                            ShortString::default(),
+                            short(self.queue_name(&item.target))?,
+                            BasicPublishOptions {
+                                mandatory: true,
+                                ..BasicPublishOptions::default()
+                            },
+                            item.payload,
+                            item.properties.clone(),
+                        )
+                        .await
+                        .map_err(|e| amqp_error("publish", e))?;
+                    confirms.push(confirm);
+                }
+                Ok(futures::future::join_all(confirms).await)
+            };
+            // No confirm in time: the messages may or may not be in the queue (at-least-once:
+            // the caller retries, a duplicate is harmless).
+            let outcomes = bounded(
+                &ch,
+                "publish and wait for confirms",
+                ROUND_TRIP_TIMEOUT,
+                publish_all,
+            )
+            .await?;
             let mut returned = Vec::new();
             for (&i, outcome) in pending.iter().zip(outcomes) {
                 let confirmation =

@@ -7,7 +7,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 
 use super::super::leases::LeaseEntry;
-use super::super::link::{amqp_error, short};
+use super::super::link::{amqp_error, bounded, short, ROUND_TRIP_TIMEOUT};
 use crate::error::Result;
 use crate::model::Priority;
 
@@ -95,6 +95,51 @@ pub(super) async fn release(deliveries: Vec<AmqpDelivery>) {
 }
 
 /// `n` pipelined `basic.get`s on one channel: one round trip, answered in queue order.
+/// A read of a queue from its oldest end on a private channel, in batches of `basic.get`s,
+/// until the queue has nothing more for this channel (what it read stays unacked, so nothing
+/// is read twice) or `max` messages were read. The count `queue.declare` answers is not the
+/// bound: a quorum queue's count follows its log a moment later, so a queue it calls empty
+/// may hold the dead letter just confirmed.
+pub(super) struct Scan {
+    name: ShortString,
+    read: u64,
+    max: u64,
+    done: bool,
+}
+
+/// `basic.get`s sent at once by a [`Scan`].
+const SCAN_BATCH: u64 = 64;
+
+impl Scan {
+    pub(super) fn new(name: ShortString, max: u64) -> Self {
+        Scan {
+            name,
+            read: 0,
+            max,
+            done: false,
+        }
+    }
+
+    /// The next messages, none when the scan is over.
+    pub(super) async fn next(&mut self, ch: &Channel) -> Result<Vec<AmqpDelivery>> {
+        if self.done || self.read >= self.max {
+            return Ok(Vec::new());
+        }
+        let n = (self.max - self.read).min(SCAN_BATCH) as usize;
+        let got = bounded(
+            ch,
+            "read dead letters",
+            ROUND_TRIP_TIMEOUT,
+            get_batch(ch, &self.name, n),
+        )
+        .await?;
+        // A get that came back empty found the queue drained for this channel.
+        self.done = got.len() < n;
+        self.read += got.len() as u64;
+        Ok(got)
+    }
+}
+
 pub(super) async fn get_batch(
     ch: &Channel,
     queue: &ShortString,

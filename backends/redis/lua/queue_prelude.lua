@@ -237,7 +237,11 @@ local function lease_batch(ready, delayed, inflight, seq, dead, bodies, max, lea
       redis.call('ZADD', inflight, unpack(leased))
     end
   end
-  if #out == 3 then
+  -- out[3]: when nothing was delivered, ms until the next delayed or leased message is due
+  -- (-1: none); when something was and the ready set is now empty (fewer than `max` taken),
+  -- the same, an hour when none is due, so that the client waits for a wake-up before it asks
+  -- again (bus.rs: fetch_waiting); -1 when the ready set may hold more.
+  if #out == 3 or #ids < max then
     local next_at = -1
     local nd = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
     if #nd > 0 then
@@ -249,6 +253,8 @@ local function lease_batch(ready, delayed, inflight, seq, dead, bodies, max, lea
     end
     if next_at >= 0 then
       out[3] = num(math.max(0, next_at - now))
+    elseif #out > 3 then
+      out[3] = '3600000'
     end
   elseif moved > 0 and redis.call('ZCARD', ready) > 0 then
     -- Promoted messages this fetch could not take: wake the other consumers.

@@ -408,6 +408,28 @@ impl Bus for MemoryBus {
     fn max_deliveries(&self) -> u32 {
         self.max_deliveries
     }
+
+    async fn delayed(&self, queue: &QueueName) -> Result<Option<u64>> {
+        let q = self.queue(queue);
+        let mut st = q.state.lock();
+        st.promote(Instant::now());
+        Ok(Some(st.delayed.len() as u64))
+    }
+
+    async fn remove_dead_letters(&self, queue: &QueueName, ids: &[String]) -> Result<Vec<String>> {
+        let wanted: std::collections::BTreeSet<&str> = ids.iter().map(|i| i.as_str()).collect();
+        let q = self.queue(queue);
+        let mut st = q.state.lock();
+        let mut removed = Vec::new();
+        st.dead.retain(|l| {
+            let hit = wanted.contains(l.message_id.as_str());
+            if hit {
+                removed.push(l.message_id.clone());
+            }
+            !hit
+        });
+        Ok(removed)
+    }
 }
 
 #[cfg(test)]

@@ -1,21 +1,31 @@
 //! In-memory [`Registry`]: a [`TaskTable`] of tasks, whose indexes change in the same critical
 //! section as each compare-and-set.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::model::{Expected, Task, TaskId, TaskState};
+use crate::model::{Expected, QueueName, Task, TaskId, TaskState};
+use crate::queue_limits::{apply_limits, QueueLimits};
 use crate::registry::{
     check_transition, conflict, Registry, Retention, StatusCounts, TaskFilter, TaskPage,
 };
+use crate::schedule::{Schedule, ScheduleName};
 use crate::task_table::TaskTable;
 
 /// The in-memory registry.
 #[derive(Default)]
 pub struct MemoryRegistry {
     table: Mutex<TaskTable<Task>>,
+    /// The paused queues.
+    paused: Mutex<BTreeSet<QueueName>>,
+    /// The limits set at runtime.
+    limits: Mutex<BTreeMap<QueueName, QueueLimits>>,
+    /// The schedules, by name.
+    schedules: Mutex<BTreeMap<ScheduleName, Schedule>>,
 }
 
 impl std::fmt::Debug for MemoryRegistry {
@@ -103,5 +113,55 @@ impl Registry for MemoryRegistry {
 
     async fn purge_finished(&self, retention: &Retention) -> Result<u64> {
         Ok(self.table.lock().purge(retention, Utc::now()))
+    }
+
+    async fn queues(&self) -> Result<Vec<QueueName>> {
+        let table = self.table.lock();
+        let found: BTreeSet<&QueueName> = table.rows().map(|t| &t.queue).collect();
+        Ok(found.into_iter().cloned().collect())
+    }
+
+    async fn queue_counts(&self, queue: &QueueName) -> Result<StatusCounts> {
+        let mut counts = StatusCounts::default();
+        for t in self.table.lock().rows().filter(|t| &t.queue == queue) {
+            *counts.0.entry(t.state.status).or_default() += 1;
+        }
+        Ok(counts)
+    }
+
+    async fn paused_queues(&self) -> Result<BTreeSet<QueueName>> {
+        Ok(self.paused.lock().clone())
+    }
+
+    async fn set_queue_paused(&self, queue: &QueueName, paused: bool) -> Result<bool> {
+        let mut set = self.paused.lock();
+        Ok(match paused {
+            true => set.insert(queue.clone()),
+            false => set.remove(queue),
+        })
+    }
+
+    async fn queue_limits(&self) -> Result<BTreeMap<QueueName, QueueLimits>> {
+        Ok(self.limits.lock().clone())
+    }
+
+    async fn set_queue_limits(&self, queue: &QueueName, limits: &QueueLimits) -> Result<bool> {
+        limits.validate()?;
+        Ok(apply_limits(&mut self.limits.lock(), queue, limits))
+    }
+
+    async fn schedules(&self) -> Result<Vec<Schedule>> {
+        Ok(self.schedules.lock().values().cloned().collect())
+    }
+
+    async fn put_schedule(&self, schedule: &Schedule) -> Result<bool> {
+        let mut all = self.schedules.lock();
+        Ok(all
+            .insert(schedule.name.clone(), schedule.clone())
+            .is_none())
+    }
+
+    async fn remove_schedule(&self, name: &ScheduleName) -> Result<bool> {
+        Ok(self.schedules.lock().remove(name).is_some())
     }
 }

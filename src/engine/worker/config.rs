@@ -1,6 +1,7 @@
 //! How a worker behaves: [`WorkerConfig`], and the worker's default id.
 
 use super::*;
+use crate::queue_limits::QueueLimits;
 
 /// How a worker behaves.
 #[derive(Clone, Debug, PartialEq)]
@@ -20,7 +21,10 @@ pub struct WorkerConfig {
     pub fetch_wait: Duration,
     /// Backoff between a task's attempts.
     pub retry: Backoff,
-    /// Fails an attempt that runs longer than this (retryable), if set.
+    /// Stops an attempt that runs longer than this, if set: the handler's cancellation signal
+    /// is set ([`TaskContext::cancelled`]), it is dropped after `cancel_grace` if it has not
+    /// returned, and the attempt fails retryably ("timed out after T"). A task's own
+    /// [`timeout`](crate::Task::timeout) overrides it.
     pub handler_timeout: Option<Duration>,
     /// How long a graceful shutdown waits for running tasks before handing them back.
     pub shutdown_timeout: Duration,
@@ -30,6 +34,16 @@ pub struct WorkerConfig {
     /// How often the worker announces itself (id, host, queues, running tasks) on the bus, for
     /// `orchestra workers` and [`list_workers`](crate::engine::list_workers); `None`: never.
     pub announce_every: Option<Duration>,
+    /// How long a handler whose task was cancelled while running, or whose attempt ran over its
+    /// timeout, may take to return after its cancellation signal is set
+    /// ([`TaskContext::cancelled`]); then it is dropped (its future is not polled again). What
+    /// it returns either way is discarded: the task is CANCELLED, or the attempt timed out.
+    pub cancel_grace: Duration,
+    /// Limits of the served queues that hold across every worker (a rate, a concurrency cap),
+    /// enforced through the lock manager. A limit set at runtime
+    /// ([`Control::set_limits`](crate::engine::Control::set_limits)) replaces a queue's entry
+    /// here; every worker of a queue should be configured alike.
+    pub queue_limits: BTreeMap<QueueName, QueueLimits>,
 }
 
 impl Default for WorkerConfig {
@@ -45,12 +59,20 @@ impl Default for WorkerConfig {
             shutdown_timeout: Duration::from_secs(30),
             backend_retry_budget: Duration::from_secs(60),
             announce_every: Some(DEFAULT_ANNOUNCE_EVERY),
+            cancel_grace: DEFAULT_CANCEL_GRACE,
+            queue_limits: BTreeMap::new(),
         }
     }
 }
 
 /// How often a worker announces itself by default.
 pub const DEFAULT_ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
+
+/// How long a cancelled handler may take to return by default.
+pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+/// The longest grace a cancelled handler may be given.
+pub const MAX_CANCEL_GRACE: Duration = Duration::from_secs(3600);
 
 /// `worker-<pid>-<4 hex>`.
 pub fn default_worker_id() -> String {
@@ -104,6 +126,20 @@ impl WorkerConfig {
                     ),
                 ));
             }
+        }
+        if self.cancel_grace > MAX_CANCEL_GRACE {
+            return Err(Error::config(
+                "worker.cancel_grace",
+                format!(
+                    "must be at most 1h, got {}",
+                    crate::clock::format_duration(self.cancel_grace)
+                ),
+            ));
+        }
+        for (queue, limits) in &self.queue_limits {
+            limits
+                .validate()
+                .map_err(|e| Error::config("queues", format!("queue {queue}: {e}")))?;
         }
         self.retry.validate("worker.retry")
     }

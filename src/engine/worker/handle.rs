@@ -8,6 +8,8 @@ pub struct WorkerHandle {
     pub(super) slots: Arc<Semaphore>,
     pub(super) loops: Vec<tokio::task::JoinHandle<()>>,
     pub(super) announcer: Option<tokio::task::JoinHandle<()>>,
+    /// Listens for cancellations of running tasks (until the end of the shutdown).
+    pub(super) canceller: Option<tokio::task::JoinHandle<()>>,
     pub(super) stop_tx: watch::Sender<bool>,
     pub(super) abandon_tx: watch::Sender<bool>,
     pub(super) kill_tx: watch::Sender<bool>,
@@ -53,6 +55,29 @@ impl WorkerHandle {
     /// runs (they stay readable after [`WorkerHandle::shutdown`] consumed the handle).
     pub fn live_metrics(&self) -> Arc<WorkerMetrics> {
         self.inner.metrics.clone()
+    }
+
+    /// The limits this worker enforces on `queue` now: set at runtime (as it last read them
+    /// from the registry), else configured; `None`: unlimited.
+    pub fn queue_limits(&self, queue: &QueueName) -> Option<crate::queue_limits::QueueLimits> {
+        self.inner.limits_of(queue)
+    }
+
+    /// This worker's queues that are paused, as it last read them from the registry; `None`
+    /// before its first read (it claims nothing until then). See
+    /// [`Control::pause`](crate::engine::Control::pause).
+    pub fn paused_queues(&self) -> Option<Vec<QueueName>> {
+        let known = self.inner.paused.borrow();
+        let set = known.as_ref()?;
+        let mut mine: Vec<QueueName> = self
+            .inner
+            .handlers
+            .keys()
+            .filter(|q| set.contains(*q))
+            .cloned()
+            .collect();
+        mine.sort();
+        Some(mine)
     }
 
     /// Deliveries being processed right now (claimed or being claimed, running, or being
@@ -109,7 +134,7 @@ impl WorkerHandle {
                 .await
                 .is_ok();
         }
-        for l in self.loops.iter() {
+        for l in self.loops.iter().chain(&self.canceller) {
             l.abort();
         }
         if let Some(a) = self.announcer.take() {
@@ -143,7 +168,12 @@ impl WorkerHandle {
     /// hands them to another worker. For tests and demonstrations.
     pub fn kill(self) {
         let _ = self.kill_tx.send(true);
-        for l in self.loops.iter().chain(&self.announcer) {
+        for l in self
+            .loops
+            .iter()
+            .chain(&self.announcer)
+            .chain(&self.canceller)
+        {
             l.abort();
         }
         tracing::warn!(worker_id = %self.inner.worker_id, "worker killed");
@@ -153,7 +183,12 @@ impl WorkerHandle {
 impl Drop for WorkerHandle {
     fn drop(&mut self) {
         let _ = self.kill_tx.send(true);
-        for l in self.loops.iter().chain(&self.announcer) {
+        for l in self
+            .loops
+            .iter()
+            .chain(&self.announcer)
+            .chain(&self.canceller)
+        {
             l.abort();
         }
     }

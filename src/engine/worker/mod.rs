@@ -6,9 +6,10 @@
 //! - `handle`: the running [`WorkerHandle`] and its graceful shutdown;
 //! - `fetch`: one supervised fetch loop per queue;
 //! - `process`: one delivery, from claim to recorded outcome;
-//! - `lease`: running the handler under a renewed lease.
+//! - `lease`: running the handler under a renewed lease;
+//! - `permits`: the permits of a limited queue (rate, concurrency cap across workers).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,25 +23,32 @@ use crate::bundle::Backends;
 use crate::bus::{Delivery, FetchOptions};
 use crate::error::{Error, Result};
 use crate::model::{QueueName, Task, TaskId, TaskState, TaskStatus};
+use crate::queue_limits::QueueLimits;
 use crate::task_queue::{Claim, ClaimSpec, Recorded, Settle};
 
+use super::control::{pause_read_every, CONTROL_TOPIC};
 use super::flow;
-use super::handler::{Handler, TaskContext, TaskError};
+use super::handler::{Cancellation, Handler, TaskContext, TaskError};
 use super::metrics::{MetricsSnapshot, WorkerMetrics};
 use super::retry::{with_backend_retry, Backoff};
 use super::roster::{host_name, RunningTask, WorkerInfo, WORKERS_TOPIC};
 
+mod cancel;
 mod config;
 mod fetch;
 mod handle;
 mod lease;
+mod permits;
 mod process;
 
+pub use cancel::{CancelNotice, CANCELS_TOPIC};
 pub use config::{default_worker_id, WorkerConfig};
 pub use handle::{ShutdownReport, WorkerHandle};
 
+use cancel::*;
 use fetch::*;
 use lease::*;
+use permits::*;
 use process::*;
 
 /// What happened to a task this worker finished or gave up on; passed to
@@ -69,8 +77,15 @@ struct Inner {
     recording: Arc<Semaphore>,
     /// The tasks running now, for the worker's announcements.
     running: parking_lot::Mutex<BTreeMap<TaskId, RunningTask>>,
+    /// The cancellation signals of the running attempts.
+    cancels: Signals,
     /// When the worker was created.
     started_at: chrono::DateTime<Utc>,
+    /// The paused queues as last read from the registry; `None` until the first read.
+    paused: watch::Sender<Option<Arc<BTreeSet<QueueName>>>>,
+    /// The limits set at runtime as last read from the registry (read before the paused
+    /// queues, so a fetch loop that waited for those knows these).
+    limits: watch::Sender<Arc<BTreeMap<QueueName, QueueLimits>>>,
 }
 
 impl Inner {
@@ -110,6 +125,117 @@ impl Inner {
         {
             tracing::debug!(worker_id = %self.worker_id, error = %e, "could not announce the worker");
         }
+    }
+}
+
+impl Inner {
+    /// Whether `queue` is paused, as last read (not paused before the first read).
+    fn is_paused(&self, queue: &QueueName) -> bool {
+        self.paused
+            .borrow()
+            .as_ref()
+            .is_some_and(|set| set.contains(queue))
+    }
+
+    /// The limits `queue` is under now: set at runtime, else configured; `None`: unlimited.
+    fn limits_of(&self, queue: &QueueName) -> Option<QueueLimits> {
+        let runtime = self.limits.borrow().get(queue).copied();
+        runtime
+            .or_else(|| self.config.queue_limits.get(queue).copied())
+            .filter(|l| !l.is_unlimited())
+    }
+
+    /// Reads the limits set at runtime; keeps the last known ones when the read fails (a
+    /// backend that cannot store limits has none).
+    async fn read_limits(&self) -> Result<()> {
+        let map = match self.backends.registry.queue_limits().await {
+            Ok(map) => map,
+            Err(Error::Unsupported { .. }) => BTreeMap::new(),
+            Err(e) => return Err(e),
+        };
+        self.limits.send_if_modified(|known| {
+            if **known == map {
+                return false;
+            }
+            for q in self.handlers.keys() {
+                if known.get(q) != map.get(q) {
+                    let now = map.get(q).map_or("none".to_string(), |l| l.to_string());
+                    tracing::info!(worker_id = %self.worker_id, queue = %q, limits = %now, "queue limits read");
+                }
+            }
+            *known = Arc::new(map);
+            true
+        });
+        Ok(())
+    }
+}
+
+/// Reads the queues' limits and the paused queues at once, then every `every` and whenever a
+/// pause or limit change is published on [`CONTROL_TOPIC`], until `stop` or `kill` flips. A failed read keeps the last
+/// known set and is tried again sooner (the fetch loops wait for the first successful one).
+async fn pause_loop(
+    inner: Arc<Inner>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+    mut kill: watch::Receiver<bool>,
+) {
+    let mut hints = match inner.backends.bus.subscribe(CONTROL_TOPIC).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::debug!(worker_id = %inner.worker_id, error = %e, "no pause hints; reading the paused queues every {every:?} only");
+            None
+        }
+    };
+    let mut failures = 0u32;
+    loop {
+        let read = match inner.read_limits().await {
+            Ok(()) => inner.backends.registry.paused_queues().await,
+            Err(e) => Err(e),
+        };
+        let wait = match read {
+            Ok(set) => {
+                failures = 0;
+                let set = Arc::new(set);
+                inner.paused.send_if_modified(|known| {
+                    if known.as_deref() == Some(&*set) {
+                        return false;
+                    }
+                    for q in inner.handlers.keys() {
+                        let now = set.contains(q);
+                        if known.as_ref().map(|k| k.contains(q)) != Some(now) {
+                            tracing::info!(worker_id = %inner.worker_id, queue = %q, paused = now, "queue pause state read");
+                        }
+                    }
+                    *known = Some(set.clone());
+                    true
+                });
+                every
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(worker_id = %inner.worker_id, error = %e, "could not read the paused queues or the queues' limits; keeping the last known");
+                Backoff::backend().delay(failures).min(every)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = next_hint(&mut hints) => {}
+            _ = stop.changed() => return,
+            _ = kill.changed() => return,
+        }
+    }
+}
+
+/// The next pause hint; never, without a subscription (or once it closed).
+async fn next_hint(hints: &mut Option<crate::bus::Subscription>) {
+    match hints {
+        Some(sub) => {
+            if sub.recv().await.is_none() {
+                *hints = None;
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
     }
 }
 
@@ -178,7 +304,10 @@ impl Worker {
                     config.concurrency.min(Semaphore::MAX_PERMITS),
                 )),
                 running: Default::default(),
+                cancels: Default::default(),
                 started_at: Utc::now(),
+                paused: watch::channel(None).0,
+                limits: watch::channel(Arc::new(BTreeMap::new())).0,
                 claim: ClaimSpec {
                     worker_id: Arc::from(config.worker_id.as_str()),
                     lease: config.lease,
@@ -236,6 +365,12 @@ impl Worker {
                 kill_rx.clone(),
             )));
         }
+        loops.push(tokio::spawn(pause_loop(
+            inner.clone(),
+            pause_read_every(inner.config.announce_every, inner.config.heartbeat_every()),
+            stop_rx.clone(),
+            kill_rx.clone(),
+        )));
         let announcer = inner.config.announce_every.map(|every| {
             tokio::spawn(announce_loop(
                 inner.clone(),
@@ -244,6 +379,7 @@ impl Worker {
                 kill_rx.clone(),
             ))
         });
+        let canceller = Some(tokio::spawn(cancel::listen(inner.clone(), kill_rx.clone())));
         tracing::info!(
             worker_id = %inner.worker_id,
             queues = ?inner.handlers.keys().map(|q| q.as_str()).collect::<Vec<_>>(),
@@ -255,6 +391,7 @@ impl Worker {
             slots,
             loops,
             announcer,
+            canceller,
             stop_tx,
             abandon_tx,
             kill_tx,

@@ -1,6 +1,7 @@
 //! One delivery, from its claim to its recorded outcome and settled message.
 
 use super::*;
+use tracing::Instrument;
 
 /// How long after a running attempt's lease ends a redelivery given back meanwhile comes again
 /// (clocks of different machines differ a little).
@@ -16,13 +17,29 @@ pub(super) fn redelivered_early(bus: &dyn crate::bus::Bus, d: &Delivery, task: &
         && d.delivery_count < bus.max_deliveries()
 }
 
+/// Why a task is handed back: its worker shuts down.
+pub(super) const SHUTTING_DOWN: &str = "a worker shutting down";
+/// Why a task is handed back: its queue was paused while the fetch that claimed it was on its
+/// way.
+pub(super) const QUEUE_PAUSED: &str = "a worker whose queue was paused";
+
+/// Why a task is handed back: its queue's limits changed while the fetch that claimed it was
+/// on its way, and no permit of the new ones was free.
+pub(super) const QUEUE_LIMITED: &str = "a worker whose queue's limits changed";
+
 /// Hands a claimed task back to its queue (RUNNING → PENDING, message released at once) without
-/// charging the attempt: a worker shutting down.
-pub(super) async fn hand_back(inner: &Inner, d: &Delivery, running: &Task) -> Result<()> {
+/// charging the attempt: a worker shutting down ([`SHUTTING_DOWN`]), or a queue paused while a
+/// fetch was on its way ([`QUEUE_PAUSED`]).
+pub(super) async fn hand_back(
+    inner: &Inner,
+    d: &Delivery,
+    running: &Task,
+    why: &'static str,
+) -> Result<()> {
     let next = TaskState {
         status: TaskStatus::Pending,
         handed_back: running.state.handed_back.saturating_add(1),
-        error: Some("handed back by a worker shutting down".into()),
+        error: Some(format!("handed back by {why}")),
         lease_until: None,
         updated_at: Utc::now(),
         ..running.state.clone()
@@ -32,7 +49,7 @@ pub(super) async fn hand_back(inner: &Inner, d: &Delivery, running: &Task) -> Re
         .is_some()
     {
         WorkerMetrics::inc(&inner.metrics.handed_back);
-        tracing::info!(task_id = %running.task_id, "handed back on shutdown");
+        tracing::info!(task_id = %running.task_id, "handed back by {why}");
     }
     Ok(())
 }
@@ -99,8 +116,19 @@ pub(super) async fn process(
     claim: Option<Claim>,
     abandon: watch::Receiver<bool>,
     slot: OwnedSemaphorePermit,
+    queue_permit: QueuePermit,
 ) {
-    if let Err(e) = process_inner(inner, handler, &delivery, claim, abandon, slot).await {
+    if let Err(e) = process_inner(
+        inner,
+        handler,
+        &delivery,
+        claim,
+        abandon,
+        slot,
+        queue_permit,
+    )
+    .await
+    {
         // The message was neither acked nor nacked: its lease will end and it will be
         // delivered again; the registry lease likewise lets the monitor recover the task.
         tracing::error!(
@@ -119,6 +147,7 @@ pub(super) async fn process_inner(
     claim: Option<Claim>,
     abandon: watch::Receiver<bool>,
     slot: OwnedSemaphorePermit,
+    mut queue_permit: QueuePermit,
 ) -> Result<()> {
     let bus = inner.backends.bus.as_ref();
     let tasks = inner.backends.tasks().as_ref();
@@ -169,13 +198,25 @@ pub(super) async fn process_inner(
     };
     let id = running.task_id.clone();
     let attempt = running.state.attempt;
+    if running.past_deadline(running.state.started_at.unwrap_or_else(Utc::now)) {
+        // Claimed too late: failed unrun rather than started after its deadline.
+        return fail_late(inner, d, &running).await;
+    }
     let _listed = Listed::enter(inner, &running);
     WorkerMetrics::inc(&inner.metrics.claimed);
     tracing::debug!(task_id = %id, attempt, "claimed");
 
     let started = Instant::now();
-    let outcome = run_with_lease(inner, handler, &running, d, abandon).await;
+    let span = crate::engine::trace::process_span(bus.backend(), &running);
+    let outcome = run_with_lease(inner, handler, &running, d, abandon, &mut queue_permit)
+        .instrument(span.clone())
+        .await;
+    if matches!(outcome, Outcome::Done(Err(_), _)) {
+        crate::engine::trace::failed(&span);
+    }
     inner.metrics.record_attempt(started.elapsed());
+    // The queue's concurrency slot is free again as the handler returned.
+    drop(queue_permit);
     // The handler is done: the slot runs the next task while this outcome is recorded (the
     // recording permit bounds how many are, and a shutdown waits for them).
     let _recording = inner.recording.clone().acquire_owned().await;
@@ -187,11 +228,19 @@ pub(super) async fn process_inner(
             tracing::warn!(task_id = %id, attempt, "lease lost to a newer attempt; discarding this attempt");
             step(inner, "ack", || bus.ack(d)).await
         }
-        Outcome::Abandoned => hand_back(inner, d, &running).await,
-        Outcome::Done(Ok(result)) => {
+        Outcome::Abandoned => hand_back(inner, d, &running, SHUTTING_DOWN).await,
+        Outcome::Cancelled { dropped } => {
+            // The registry already says CANCELLED (that is how the worker learned it); its
+            // dependents were failed by the canceller. Only the message is left to settle.
+            WorkerMetrics::inc(&inner.metrics.cancelled);
+            tracing::info!(task_id = %id, attempt, dropped, "cancelled while running; attempt ended");
+            step(inner, "ack", || bus.ack(d)).await
+        }
+        Outcome::Done(Ok(result), progress) => {
             let next = TaskState {
                 status: TaskStatus::Completed,
                 result: Some(result),
+                progress,
                 error: None,
                 lease_until: None,
                 finished_at: Some(now),
@@ -204,16 +253,26 @@ pub(super) async fn process_inner(
             }
             Ok(())
         }
-        Outcome::Done(Err(err)) => {
-            let retry = err.retryable && running.attempts_left();
+        Outcome::Done(Err(err), progress) => {
             let backoff = inner.config.retry.delay(running.charged_attempts());
+            let late = running.past_deadline(crate::clock::after(now, backoff));
+            let retry = err.retryable && running.attempts_left() && !late;
+            let message = match err.retryable && running.attempts_left() && late {
+                true => format!(
+                    "{}; not retried: the retry would start after the task's deadline {}",
+                    err.message,
+                    running.deadline.map(|t| t.to_rfc3339()).unwrap_or_default()
+                ),
+                false => err.message.clone(),
+            };
             let next = TaskState {
                 status: if retry {
                     TaskStatus::Pending
                 } else {
                     TaskStatus::Failed
                 },
-                error: Some(err.message.clone()),
+                error: Some(message.clone()),
+                progress,
                 lease_until: None,
                 finished_at: (!retry).then_some(now),
                 // The monitor must not take a task whose retry waits out its backoff for one
@@ -230,7 +289,7 @@ pub(super) async fn process_inner(
             } else {
                 Settle::Ack
             };
-            tracing::info!(task_id = %id, attempt, retry, error = %err.message, "attempt failed");
+            tracing::info!(task_id = %id, attempt, retry, error = %message, "attempt failed");
             if let Some(r) = record(inner, d, &running, next, settle).await? {
                 if retry {
                     WorkerMetrics::inc(&inner.metrics.retried);
@@ -283,6 +342,30 @@ pub(super) async fn finished(inner: &Inner, r: Recorded) {
             at: Instant::now(),
         });
     }
+}
+
+/// Fails a task claimed after its deadline without running it, and acks its message.
+pub(super) async fn fail_late(inner: &Inner, d: &Delivery, running: &Task) -> Result<()> {
+    let now = Utc::now();
+    let deadline = running.deadline.map(|t| t.to_rfc3339()).unwrap_or_default();
+    let next = TaskState {
+        status: TaskStatus::Failed,
+        error: Some(format!(
+            "deadline {deadline} passed before a worker started it (claimed at {}); not run",
+            running.state.started_at.unwrap_or(now).to_rfc3339()
+        )),
+        lease_until: None,
+        finished_at: Some(now),
+        updated_at: now,
+        ..running.state.clone()
+    };
+    tracing::info!(task_id = %running.task_id, %deadline, "claimed after its deadline; failed unrun");
+    if let Some(r) = record(inner, d, running, next, Settle::Ack).await? {
+        WorkerMetrics::inc(&inner.metrics.expired_deadline);
+        WorkerMetrics::inc(&inner.metrics.failed);
+        finished(inner, r).await;
+    }
+    Ok(())
 }
 
 /// Fails a RUNNING task whose lease expired with no attempts left, and acks its message.
