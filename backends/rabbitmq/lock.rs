@@ -323,7 +323,8 @@ struct LockInner {
     next_conn: AtomicU64,
     names: Names,
     keys: parking_lot::Mutex<HashMap<String, Slot>>,
-    /// Test hook: acquisitions of a gated key wait at their gate, holding their key's mutex.
+    /// Test hook: acquisitions and extensions of a gated key wait at their gate, holding their
+    /// key's mutex.
     #[cfg(test)]
     gates: parking_lot::Mutex<HashMap<String, Arc<Gate>>>,
 }
@@ -468,25 +469,34 @@ impl LockInner {
         self.checkin(&h.conn);
     }
 
-    /// The lease ended without an extension: free the lock.
-    async fn expire(&self, key: &str, token: &str) {
+    /// The lease's deadline `due` passed: frees the lock, unless an extension moved the
+    /// deadline meanwhile (one in flight holds the key's mutex across its log append, so it may
+    /// complete after the timer fired and before this runs). Returns whether the timer is done:
+    /// false when the lock was extended and its new deadline is to be watched.
+    async fn expire(&self, key: &str, token: &str, due: Instant) -> bool {
         let Some(slot) = self.existing_slot(key) else {
-            return;
+            return true;
         };
-        {
+        let done = {
             // The queue is deleted under the key's mutex: an acquisition of the key by this
             // process on the same connection would otherwise redeclare the queue (its owner may)
             // and then lose it to this deletion.
             let mut held = slot.lock().await;
-            if held.as_ref().is_some_and(|h| h.lease.token == token) {
-                if let Some(h) = held.take() {
-                    tracing::debug!(key, owner = %h.lease.owner, "lock lease ended; releasing the lock queue");
-                    self.drop_held(key, h).await;
+            match held.as_ref() {
+                Some(h) if h.lease.token == token && *h.deadline.borrow() > due => false,
+                Some(h) if h.lease.token == token => {
+                    if let Some(h) = held.take() {
+                        tracing::debug!(key, owner = %h.lease.owner, "lock lease ended; releasing the lock queue");
+                        self.drop_held(key, h).await;
+                    }
+                    true
                 }
+                _ => true,
             }
-        }
+        };
         drop(slot);
         self.tidy(key);
+        done
     }
 
     async fn append(&self, conn: &LockConn, op: LockOp) -> Result<u64> {
@@ -622,8 +632,12 @@ async fn expire_when_due(
         let due = *deadline.borrow_and_update();
         tokio::select! {
             _ = tokio::time::sleep_until(due) => {
-                if *deadline.borrow() == due {
-                    break;
+                if *deadline.borrow() != due {
+                    continue;
+                }
+                let Some(inner) = inner.upgrade() else { return };
+                if inner.expire(&key, &token, due).await {
+                    return;
                 }
             }
             changed = deadline.changed() => {
@@ -632,9 +646,6 @@ async fn expire_when_due(
                 }
             }
         }
-    }
-    if let Some(inner) = inner.upgrade() {
-        inner.expire(&key, &token).await;
     }
 }
 
@@ -685,6 +696,8 @@ impl LockManager for RabbitLockManager {
         else {
             return Err(not_owner());
         };
+        #[cfg(test)]
+        inner.gate(&lease.key).await;
         let due = Instant::now() + ttl;
         let expires_at = Utc::now() + ttl_c;
         inner
@@ -906,6 +919,62 @@ mod tests {
             .expect("release y"));
 
         drop(manager);
+        let session = link.session().await.expect("session");
+        let ch = session.channel(false).await.expect("channel");
+        ch.queue_delete(names.lock_log().as_str().into(), Default::default())
+            .await
+            .expect("delete the lock log");
+    }
+
+    /// An extension that is on its way when the lease's timer fires (it holds the key's mutex
+    /// across its log append, here held at a test gate) keeps the lock: the timer finds the
+    /// deadline moved and watches the new one. Before, the timer deleted the lock queue after
+    /// the extension had succeeded, and another process acquired a lock its holder believed
+    /// it held (seen as two workers starting tasks under one rate slot).
+    #[tokio::test]
+    async fn an_extension_racing_the_expiry_timer_keeps_the_lock() {
+        let prefix = unique_prefix("lock_extend_race");
+        let (other, _other_link, _) = manager(&prefix).await;
+        let (manager, link, names) = manager(&prefix).await;
+        let manager = Arc::new(manager);
+        let lease = manager
+            .acquire("z", "first", Duration::from_millis(800))
+            .await
+            .expect("acquire z")
+            .expect("z is free");
+        let gate = Arc::new(Gate::default());
+        manager
+            .inner
+            .gates
+            .lock()
+            .insert("z".to_string(), gate.clone());
+        let extending = tokio::spawn({
+            let manager = manager.clone();
+            let lease = lease.clone();
+            async move { manager.extend(&lease, Duration::from_secs(30)).await }
+        });
+        gate.reached.notified().await;
+        // The timer fires meanwhile and waits for the key's mutex.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        gate.open.add_permits(1);
+        let extended = extending
+            .await
+            .expect("extension task")
+            .expect("the extension started before the lease ended, so it holds");
+        // Whatever the timer does, it has done it by now.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            other
+                .acquire("z", "second", Duration::from_secs(30))
+                .await
+                .expect("acquire z from another process"),
+            None,
+            "another process acquired a lock its holder had extended"
+        );
+        assert!(manager.release(&extended).await.expect("release z"));
+
+        drop(manager);
+        drop(other);
         let session = link.session().await.expect("session");
         let ch = session.channel(false).await.expect("channel");
         ch.queue_delete(names.lock_log().as_str().into(), Default::default())
