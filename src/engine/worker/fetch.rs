@@ -98,10 +98,29 @@ pub(super) async fn fetch_loop(
                 .map(|_| QueuePermit::none(inner.backends.locks.clone()))
                 .collect(),
             Some(limits) => {
-                match take_permits(&inner, &queue, &limits, permits.len(), looks, &mut hint).await {
+                match take_permits(
+                    &inner,
+                    &queue,
+                    &limits,
+                    permits.len(),
+                    looks,
+                    &mut hint,
+                    true,
+                )
+                .await
+                {
                     Ok(Ok(taken)) => {
                         looks = 0;
                         permits.truncate(taken.len());
+                        // A kept rate slot is taken a little before its last interval ends;
+                        // its fetch waits for the end.
+                        if let Some(at) = taken.iter().filter_map(QueuePermit::not_before).max() {
+                            let left = (at - Utc::now()).to_std().unwrap_or_default();
+                            tokio::select! {
+                                _ = stop.changed() => return,
+                                _ = tokio::time::sleep(left) => {}
+                            }
+                        }
                         taken
                     }
                     Ok(Err(wait)) => {

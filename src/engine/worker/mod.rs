@@ -86,6 +86,8 @@ struct Inner {
     /// The limits set at runtime as last read from the registry (read before the paused
     /// queues, so a fetch loop that waited for those knows these).
     limits: watch::Sender<Arc<BTreeMap<QueueName, QueueLimits>>>,
+    /// The rate slots of started tasks, kept for the next starts (see `permits`).
+    kept_slots: Arc<KeptSlots>,
 }
 
 impl Inner {
@@ -308,6 +310,7 @@ impl Worker {
                 started_at: Utc::now(),
                 paused: watch::channel(None).0,
                 limits: watch::channel(Arc::new(BTreeMap::new())).0,
+                kept_slots: Default::default(),
                 claim: ClaimSpec {
                     worker_id: Arc::from(config.worker_id.as_str()),
                     lease: config.lease,
