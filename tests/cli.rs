@@ -1379,12 +1379,36 @@ mod rate_across_processes {
             })
             .max()
             .unwrap();
-        assert!(busiest <= 10, "{busiest} claims within one second");
+        if busiest > 10 {
+            let at = times
+                .iter()
+                .find(|a| {
+                    times
+                        .iter()
+                        .filter(|b| **b >= **a && **b - **a < second)
+                        .count()
+                        == busiest
+                })
+                .unwrap();
+            let window: Vec<String> = claims
+                .iter()
+                .filter(|c| c.0 >= *at && c.0 - *at < second)
+                .map(|c| format!("{} {}", c.0.format("%H:%M:%S%.3f"), c.1))
+                .collect();
+            panic!(
+                "{busiest} claims within one second, {} ms after the first claim: {window:#?}",
+                (*at - times[0]).num_milliseconds()
+            );
+        }
         let first = times[0];
         let in_ten = times
             .iter()
             .filter(|t| **t - first < chrono::Duration::seconds(10))
             .count();
+        eprintln!(
+            "{kind:?}: {} tasks ran, {in_ten} in the first 10 s, at most {busiest} in one second",
+            claims.len()
+        );
         assert!(
             (90..=110).contains(&in_ten),
             "{in_ten} claims in the first 10 s (100 ± 10 % expected)"
