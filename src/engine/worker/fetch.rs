@@ -115,7 +115,7 @@ pub(super) async fn fetch_loop(
                         // A kept rate slot is taken a little before its last interval ends;
                         // its fetch waits for the end.
                         if let Some(at) = taken.iter().filter_map(QueuePermit::not_before).max() {
-                            let left = (at - Utc::now()).to_std().unwrap_or_default();
+                            let left = at.saturating_duration_since(Instant::now());
                             tokio::select! {
                                 _ = stop.changed() => return,
                                 _ = tokio::time::sleep(left) => {}

@@ -22,7 +22,7 @@
 //! spread the contention), then acquires one that looks free. When none is, it tells how long
 //! to wait: until the earliest rate slot ends, or a bounded backoff for the concurrency cap.
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use futures::future::join_all;
 use rand::Rng;
 
@@ -59,7 +59,7 @@ struct RateHold {
     lease: Lease,
     interval: Duration,
     /// A kept slot: its last start's interval ends then, and no fetch under it may come before.
-    not_before: Option<DateTime<Utc>>,
+    not_before: Option<Instant>,
     /// Where the slot is kept once its task started.
     kept: Arc<KeptSlots>,
     queue: QueueName,
@@ -72,7 +72,7 @@ pub(super) struct KeptSlots(parking_lot::Mutex<HashMap<QueueName, Vec<Kept>>>);
 /// A kept rate slot: its lease, and when its last start's interval ends.
 struct Kept {
     lease: Lease,
-    ends: DateTime<Utc>,
+    ends: Instant,
 }
 
 impl KeptSlots {
@@ -85,9 +85,9 @@ impl KeptSlots {
         count: u32,
         want: usize,
         lead: Duration,
-    ) -> (Vec<Kept>, Option<DateTime<Utc>>) {
-        let now = Utc::now();
-        let soon = now + chrono::Duration::from_std(lead).unwrap_or_default();
+    ) -> (Vec<Kept>, Option<Instant>) {
+        let now = Instant::now();
+        let soon = now + lead;
         let mut all = self.0.lock();
         let Some(slots) = all.get_mut(queue) else {
             return (Vec::new(), None);
@@ -115,8 +115,8 @@ fn slot_index(key: &str) -> Option<u32> {
 }
 
 /// The time from now until `at` (zero when it has passed).
-fn until(at: DateTime<Utc>) -> Duration {
-    (at - Utc::now()).to_std().unwrap_or_default()
+fn until(at: Instant) -> Duration {
+    at.saturating_duration_since(Instant::now())
 }
 
 impl std::fmt::Debug for QueuePermit {
@@ -149,11 +149,11 @@ impl QueuePermit {
 
     /// When the fetch under this permit may be sent: the end of a kept rate slot's last
     /// interval, if it has not passed.
-    pub(super) fn not_before(&self) -> Option<DateTime<Utc>> {
+    pub(super) fn not_before(&self) -> Option<Instant> {
         self.rate
             .as_ref()
             .and_then(|r| r.not_before)
-            .filter(|t| *t > Utc::now())
+            .filter(|t| *t > Instant::now())
     }
 
     /// Renews the concurrency slot with the task's lease.
@@ -215,7 +215,8 @@ impl StartMark {
     /// Extends the slot in the background (the handler runs meanwhile) and keeps it for the
     /// worker's next start.
     pub(super) fn fire(self) {
-        let ends = Utc::now() + chrono::Duration::from_std(self.hold.interval).unwrap_or_default();
+        // The monotonic clock: a step of the wall clock must not shorten an interval.
+        let ends = Instant::now() + self.hold.interval;
         tokio::spawn(async move {
             let RateHold {
                 lease,
@@ -355,7 +356,7 @@ pub(super) async fn take_permits(
     if let Some(rate) = limits.rate {
         let family = format!("limit:rate:{queue}");
         let ttl = rate.interval() + inner.config.fetch_wait + RATE_START_SLACK;
-        let hold = |lease: Lease, not_before: Option<DateTime<Utc>>| RateHold {
+        let hold = |lease: Lease, not_before: Option<Instant>| RateHold {
             lease,
             interval: rate.interval(),
             not_before,
@@ -385,7 +386,7 @@ pub(super) async fn take_permits(
             earliest: None,
         };
         if held.len() < permits.len() {
-            look = take_slots(
+            let taken = take_slots(
                 locks,
                 &family,
                 rate.count(),
@@ -395,7 +396,22 @@ pub(super) async fn take_permits(
                 rate.interval(),
                 hint.take().as_deref(),
             )
-            .await?;
+            .await;
+            look = match taken {
+                Ok(look) => look,
+                Err(e) => {
+                    // The kept slots extended above are given back (each at its interval's
+                    // end) as their permits drop.
+                    for hold in held {
+                        drop(QueuePermit {
+                            locks: inner.backends.locks.clone(),
+                            rate: Some(hold),
+                            running: None,
+                        });
+                    }
+                    return Err(e);
+                }
+            };
         }
         held.extend(look.taken.drain(..).map(|l| hold(l, None)));
         if held.is_empty() {
@@ -458,14 +474,16 @@ mod tests {
     use super::*;
 
     fn kept(k: u32, ends_in_ms: i64) -> Kept {
-        let ends = Utc::now() + chrono::Duration::milliseconds(ends_in_ms);
+        let now = Instant::now();
+        let d = Duration::from_millis(ends_in_ms.unsigned_abs());
+        let ends = if ends_in_ms < 0 { now - d } else { now + d };
         Kept {
             lease: Lease {
                 key: format!("limit:rate:q:{k}"),
                 owner: "w".into(),
                 token: format!("t{k}"),
                 fencing_token: 1,
-                expires_at: ends,
+                expires_at: Utc::now(),
             },
             ends,
         }
@@ -488,11 +506,11 @@ mod tests {
         let lead = Duration::from_millis(200);
         let (taken, next) = slots.take_ready(&q, 10, 2, lead);
         assert_eq!(keys(&taken), ["limit:rate:q:1", "limit:rate:q:4"]);
-        assert!(next.is_some_and(|n| n < Utc::now() + chrono::Duration::milliseconds(200)));
+        assert!(next.is_some_and(|n| n < Instant::now() + Duration::from_millis(200)));
         let (taken, next) = slots.take_ready(&q, 10, 8, lead);
         assert_eq!(keys(&taken), ["limit:rate:q:0"]);
         let next = next.expect("slot 2 is left");
-        assert!(next > Utc::now() + chrono::Duration::seconds(4));
+        assert!(next > Instant::now() + Duration::from_secs(4));
         let (taken, _) = slots.take_ready(&q, 10, 8, lead);
         assert!(taken.is_empty(), "slot 2 is not about to end");
         let other = QueueName::parse("other").unwrap();
