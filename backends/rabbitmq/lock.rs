@@ -449,6 +449,14 @@ impl LockInner {
     }
 
     #[cfg(test)]
+    /// Test hook: puts a gate on `key` (see `gates`).
+    fn gate_key(&self, key: &str) -> Arc<Gate> {
+        let gate = Arc::new(Gate::default());
+        self.gates.lock().insert(key.to_string(), gate.clone());
+        gate
+    }
+
+    #[cfg(test)]
     async fn gate(&self, key: &str) {
         let gate = self.gates.lock().get(key).cloned();
         if let Some(gate) = gate {
@@ -857,6 +865,14 @@ mod tests {
         (manager, link, names)
     }
 
+    async fn drop_lock_log(link: &Link, names: &Names) {
+        let session = link.session().await.expect("session");
+        let ch = session.channel(false).await.expect("channel");
+        ch.queue_delete(names.lock_log().as_str().into(), Default::default())
+            .await
+            .expect("delete the lock log");
+    }
+
     /// Bounds a call that must not wait for the stalled acquisition (which never ends by
     /// itself): a deadlock detector, not a timing requirement.
     async fn unblocked<T>(what: &str, call: impl std::future::Future<Output = T>) -> T {
@@ -880,12 +896,7 @@ mod tests {
             .await
             .expect("acquire y")
             .expect("y is free");
-        let gate = Arc::new(Gate::default());
-        manager
-            .inner
-            .gates
-            .lock()
-            .insert("x".to_string(), gate.clone());
+        let gate = manager.inner.gate_key("x");
         let stalled = tokio::spawn({
             let manager = manager.clone();
             async move { manager.acquire("x", "owner", ttl).await }
@@ -919,11 +930,7 @@ mod tests {
             .expect("release y"));
 
         drop(manager);
-        let session = link.session().await.expect("session");
-        let ch = session.channel(false).await.expect("channel");
-        ch.queue_delete(names.lock_log().as_str().into(), Default::default())
-            .await
-            .expect("delete the lock log");
+        drop_lock_log(&link, &names).await;
     }
 
     /// An extension that is on its way when the lease's timer fires (it holds the key's mutex
@@ -942,12 +949,7 @@ mod tests {
             .await
             .expect("acquire z")
             .expect("z is free");
-        let gate = Arc::new(Gate::default());
-        manager
-            .inner
-            .gates
-            .lock()
-            .insert("z".to_string(), gate.clone());
+        let gate = manager.inner.gate_key("z");
         let extending = tokio::spawn({
             let manager = manager.clone();
             let lease = lease.clone();
@@ -975,11 +977,7 @@ mod tests {
 
         drop(manager);
         drop(other);
-        let session = link.session().await.expect("session");
-        let ch = session.channel(false).await.expect("channel");
-        ch.queue_delete(names.lock_log().as_str().into(), Default::default())
-            .await
-            .expect("delete the lock log");
+        drop_lock_log(&link, &names).await;
     }
 
     #[test]
